@@ -1,0 +1,12 @@
+#pragma once
+// wick: everything. Include single headers to compile less.
+#include <wick/version.h>
+#include <wick/amp.h>
+#include <wick/checkpoint.h>
+#include <wick/data.h>
+#include <wick/grad_accumulator.h>
+
+namespace wick {
+/// The library's version string, e.g. "0.1.0".
+const char* version();
+}  // namespace wick
