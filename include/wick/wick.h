@@ -5,6 +5,9 @@
 #include <wick/checkpoint.h>
 #include <wick/data.h>
 #include <wick/grad_accumulator.h>
+#include <wick/lr_scheduler.h>
+#include <wick/callbacks.h>
+#include <wick/trainer.h>
 
 namespace wick {
 /// The library's version string, e.g. "0.1.0".

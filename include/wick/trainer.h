@@ -1,0 +1,232 @@
+#pragma once
+// The Trainer: owns the training loop and composes wick's components
+// (GradAccumulator, AutocastGuard/AmpScaler, checkpoints, callbacks).
+//
+//   auto model = torch::nn::Sequential(torch::nn::Flatten(), torch::nn::Linear(784, 10));
+//   wick::SupervisedTask task(model);                              // cross-entropy, accuracy
+//   torch::optim::Adam optimizer(model->parameters(), 1e-3);
+//   wick::TensorBatchSource train(x_train, y_train, 64), val(x_val, y_val, 256);
+//   wick::Trainer trainer(wick::TrainerOptions()
+//                             .max_epochs(2)
+//                             .precision(wick::Precision::kBF16)
+//                             .grad_accum_steps(2)
+//                             .checkpoint_dir("runs/a/checkpoints"));
+//   trainer.add_callback(std::make_shared<wick::ProgressBar>());
+//   auto result = trainer.fit(task, optimizer, train, &val);
+//
+// One training step (one optimizer step) is grad_accum_steps micro-batches:
+// each runs task.training_step under autocast, its loss is weighted by the
+// GradAccumulator, scaled by the AmpScaler (fp16 only) and back-propagated; at
+// the group's end the gradients are unscaled, clipped, and the optimizer steps
+// (skipped by the scaler on inf/NaN). Callbacks see the events in between.
+
+#include <wick/amp.h>
+#include <wick/callbacks.h>
+#include <wick/checkpoint.h>
+#include <wick/data.h>
+#include <wick/grad_accumulator.h>
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace wick {
+
+/// What training_step returns: the micro-batch's mean-reduced loss, plus any
+/// scalars to log (kept as tensors so the step needs no device sync; they are
+/// read only on logging steps). Implicit from a Tensor: `return loss;`.
+struct StepOutput {
+  /* implicit */ StepOutput(torch::Tensor loss) : loss(std::move(loss)) {}
+  StepOutput(torch::Tensor loss, std::map<std::string, torch::Tensor> scalars)
+      : loss(std::move(loss)), scalars(std::move(scalars)) {}
+  torch::Tensor loss;
+  std::map<std::string, torch::Tensor> scalars;
+};
+
+/// What a Trainer trains: the module, its training loss and its validation metrics.
+class Task {
+ public:
+  virtual ~Task() = default;
+  /// The module whose parameters are trained, checkpointed and restored.
+  virtual torch::nn::Module& module() = 0;
+  /// The mean-reduced loss of one micro-batch (and scalars to log).
+  virtual StepOutput training_step(const Batch& batch) = 0;
+  /// Metrics of one validation batch, each the mean over the batch's samples;
+  /// the Trainer averages them over the validation set weighted by batch size.
+  virtual std::map<std::string, torch::Tensor> validation_step(const Batch& batch) = 0;
+  /// Samples in `batch` (default: batch.data.size(0)); weights accumulation and metrics.
+  virtual int64_t batch_size(const Batch& batch) const { return batch.data.size(0); }
+};
+
+/// The common case: `loss_fn(model(batch.data), batch.target)`. Validation
+/// reports "loss" and, when the output is [N, C] and targets are class
+/// indices, "accuracy".
+class SupervisedTask : public Task {
+ public:
+  using LossFn = std::function<torch::Tensor(const torch::Tensor& output, const torch::Tensor& target)>;
+
+  /// `model`: any module holder or shared_ptr whose forward takes one tensor.
+  /// `loss_fn` defaults to cross-entropy (mean).
+  template <typename ModuleType>
+  explicit SupervisedTask(ModuleType model, LossFn loss_fn = {})
+      : SupervisedTask(torch::nn::AnyModule(model), std::move(loss_fn)) {}
+  SupervisedTask(torch::nn::AnyModule model, LossFn loss_fn);
+
+  torch::nn::Module& module() override { return *module_; }
+  StepOutput training_step(const Batch& batch) override;
+  std::map<std::string, torch::Tensor> validation_step(const Batch& batch) override;
+  /// The model's output for `input`.
+  torch::Tensor forward(const torch::Tensor& input) { return model_.forward(input); }
+
+ private:
+  torch::nn::AnyModule model_;
+  std::shared_ptr<torch::nn::Module> module_;
+  LossFn loss_fn_;
+};
+
+/// Options of a Trainer. Every field is also part of the run's fingerprint
+/// where it changes the numbers (resuming with different ones is an error).
+struct TrainerOptions {
+  /// Epochs to train; >= 1.
+  TORCH_ARG(int64_t, max_epochs) = 1;
+  /// Stop after this many optimizer steps (-1: no limit).
+  TORCH_ARG(int64_t, max_steps) = -1;
+  /// Micro-batches per optimizer step (gradient accumulation); >= 1.
+  TORCH_ARG(int64_t, grad_accum_steps) = 1;
+  /// Arithmetic of the forward pass: fp32, bf16 autocast, or fp16 autocast with loss scaling.
+  TORCH_ARG(Precision, precision) = Precision::kFP32;
+  /// Loss-scaling options for fp16 (ignored otherwise).
+  TORCH_ARG(AmpScalerOptions, scaler) = {};
+  /// Device the model lives on; batches are moved there.
+  TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// Clip the global gradient 2-norm to this value before each step (<= 0: off).
+  TORCH_ARG(double, grad_clip_norm) = 0.0;
+  /// Emit training logs (on_log) every this many optimizer steps; >= 1.
+  TORCH_ARG(int64_t, log_every_n_steps) = 50;
+  /// Validate every this many epochs (0: never; only when a validation source is given).
+  TORCH_ARG(int64_t, val_every_n_epochs) = 1;
+  /// Seed of torch's generators at the start of a fresh run.
+  TORCH_ARG(uint64_t, seed) = 0;
+  /// Deterministic algorithms only (at::Context::setDeterministicAlgorithms).
+  TORCH_ARG(bool, deterministic) = false;
+  /// Where checkpoints go ("" = none). A Checkpointer is added for it.
+  TORCH_ARG(std::string, checkpoint_dir) = "";
+  /// Checkpoint every this many optimizer steps (0: only at the end of each epoch and of fit).
+  TORCH_ARG(int64_t, checkpoint_every_n_steps) = 0;
+  /// Keep only the newest this many periodic checkpoints (<= 0: keep all).
+  TORCH_ARG(int64_t, keep_last_k) = 3;
+  /// "" starts fresh; "latest" resumes from the newest checkpoint in
+  /// checkpoint_dir (an error when there is none); anything else is the path
+  /// of a checkpoint to resume from.
+  TORCH_ARG(std::string, resume) = "";
+};
+
+/// What fit() returns.
+struct FitResult {
+  TrainState state;                     ///< where training ended
+  std::map<std::string, double> last_logs;        ///< the last training logs
+  std::map<std::string, double> last_val_metrics; ///< the last validation metrics (empty if none)
+  std::string stop_reason;              ///< "max_epochs", "max_steps", or a callback's reason
+  double seconds = 0.0;                 ///< wall time of fit
+};
+
+class Trainer {
+ public:
+  explicit Trainer(TrainerOptions options = {});
+  ~Trainer();
+
+  /// Adds a callback; they run in the order added.
+  Trainer& add_callback(std::shared_ptr<Callback> callback);
+
+  /// Trains `task` with `optimizer` on `train`, validating on `val` (optional)
+  /// every val_every_n_epochs. Resumes first when options().resume() says so.
+  FitResult fit(Task& task, torch::optim::Optimizer& optimizer, BatchSource& train,
+                BatchSource* val = nullptr);
+
+  /// fit() over LibTorch data loaders (make_data_loader with Stack<>).
+  template <typename TrainLoader>
+  FitResult fit(Task& task, torch::optim::Optimizer& optimizer, TrainLoader& train) {
+    DataLoaderSource<TrainLoader> source(train);
+    return fit(task, optimizer, source, nullptr);
+  }
+  template <typename TrainLoader, typename ValLoader>
+  FitResult fit(Task& task, torch::optim::Optimizer& optimizer, TrainLoader& train, ValLoader& val) {
+    DataLoaderSource<TrainLoader> train_source(train);
+    DataLoaderSource<ValLoader> val_source(val);
+    return fit(task, optimizer, train_source, &val_source);
+  }
+
+  /// Runs validation_step over `val` (eval mode, no grad, autocast as in
+  /// training) and returns the sample-weighted means, keys prefixed "val/".
+  std::map<std::string, double> validate(Task& task, BatchSource& val);
+
+  /// Writes the whole training state (model, optimizer, scaler, callbacks'
+  /// state, RNG, train state, fingerprint) to checkpoint directory `path`,
+  /// atomically. Only during fit (callbacks call it).
+  void save_checkpoint(const std::string& path, const std::map<std::string, std::string>& meta = {});
+  /// Restores everything save_checkpoint wrote into the running fit's task,
+  /// optimizer, scaler and callbacks. Throws naming the checkpoint when the
+  /// fingerprint or a parameter does not match.
+  void load_checkpoint(const std::string& path);
+
+  /// Asks the loop to stop after the current step (EarlyStopping, a signal handler).
+  void request_stop(const std::string& reason);
+  bool stop_requested() const { return !stop_reason_.empty(); }
+
+  const TrainerOptions& options() const { return options_; }
+  const TrainState& state() const { return state_; }
+  /// The run's fingerprint: options that change the numbers, plus the model's parameter shapes.
+  std::string fingerprint() const;
+
+  // During fit (callbacks):
+  Task& task();
+  torch::optim::Optimizer& optimizer();
+  /// The loss scaler (fp16), or nullptr.
+  AmpScaler* scaler() { return scaler_.get(); }
+  /// Batches per epoch when the source knows it.
+  std::optional<int64_t> batches_per_epoch() const { return batches_per_epoch_; }
+  /// The last training logs emitted (on_log) and validation metrics.
+  const std::map<std::string, double>& last_logs() const { return last_logs_; }
+  const std::map<std::string, double>& last_val_metrics() const { return last_val_metrics_; }
+  /// Whether the last optimizer step was skipped (inf/NaN gradients under fp16).
+  bool last_step_skipped() const { return last_step_skipped_; }
+  const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
+
+ private:
+  void run_epoch(BatchSource& train, BatchSource* val);
+  void optimizer_step();
+  void emit_logs();
+  template <typename F>
+  void each_callback(F&& f);
+
+  TrainerOptions options_;
+  std::vector<std::shared_ptr<Callback>> callbacks_;
+  TrainState state_;
+  std::unique_ptr<AmpScaler> scaler_;
+  std::unique_ptr<GradAccumulator> accumulator_;
+  Task* task_ = nullptr;
+  torch::optim::Optimizer* optimizer_ = nullptr;
+  std::optional<int64_t> batches_per_epoch_;
+  std::string stop_reason_;
+  bool last_step_skipped_ = false;
+  std::map<std::string, double> last_logs_;
+  std::map<std::string, double> last_val_metrics_;
+
+  // Sums since the last log, kept on the device to avoid a sync per step.
+  torch::Tensor loss_sum_;
+  std::map<std::string, torch::Tensor> scalar_sums_;
+  int64_t micro_batches_since_log_ = 0;
+  int64_t samples_since_log_ = 0;
+  int64_t steps_since_log_ = 0;
+  std::chrono::steady_clock::time_point log_window_start_;
+  double last_grad_norm_ = -1.0;
+};
+
+}  // namespace wick
