@@ -74,6 +74,7 @@ enum class Mode { kMin, kMax };
 // ---------------------------------------------------------------------------
 
 struct ProgressBarOptions {
+  using Stream = std::FILE*;
   /// When stderr is not a terminal: one line every this many optimizer steps; >= 1.
   TORCH_ARG(int64_t, print_every_n_steps) = 100;
   /// Width of the bar in characters on a terminal.
@@ -81,7 +82,7 @@ struct ProgressBarOptions {
   /// Force one-line-per-N mode even on a terminal.
   TORCH_ARG(bool, force_lines) = false;
   /// Where to write (default stderr).
-  TORCH_ARG(std::FILE*, stream) = stderr;
+  TORCH_ARG(Stream, stream) = stderr;
 };
 
 /// A live bar (epoch, step, loss, samples/s, ETA) on a terminal; one line per

@@ -201,8 +201,10 @@ class Trainer {
 
  private:
   void run_epoch(BatchSource& train, BatchSource* val);
+  std::map<std::string, double> run_validation(Task& task, BatchSource& val, bool with_callbacks);
   void optimizer_step();
   void emit_logs();
+  void reset_log_window();
   template <typename F>
   void each_callback(F&& f);
 
@@ -213,8 +215,10 @@ class Trainer {
   std::unique_ptr<GradAccumulator> accumulator_;
   Task* task_ = nullptr;
   torch::optim::Optimizer* optimizer_ = nullptr;
+  std::vector<torch::Tensor> params_;  // the optimizer's parameters
   std::optional<int64_t> batches_per_epoch_;
   std::string stop_reason_;
+  bool epoch_done_ = false;  // between an epoch's validation and its on_epoch_end
   bool last_step_skipped_ = false;
   std::map<std::string, double> last_logs_;
   std::map<std::string, double> last_val_metrics_;

@@ -5,6 +5,7 @@
 #include <wick/checkpoint.h>
 #include <wick/data.h>
 #include <wick/grad_accumulator.h>
+#include <wick/hash.h>
 #include <wick/lr_scheduler.h>
 #include <wick/callbacks.h>
 #include <wick/trainer.h>

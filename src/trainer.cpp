@@ -1,0 +1,433 @@
+#include "wick/trainer.h"
+
+#include <wick/lr_scheduler.h>
+
+#include <algorithm>
+#include <sstream>
+
+namespace wick {
+
+// ---------------------------------------------------------------------------
+// SupervisedTask
+
+SupervisedTask::SupervisedTask(torch::nn::AnyModule model, LossFn loss_fn)
+    : model_(std::move(model)), module_(model_.ptr()), loss_fn_(std::move(loss_fn)) {
+  if (!loss_fn_) {
+    loss_fn_ = [](const torch::Tensor& output, const torch::Tensor& target) {
+      return torch::nn::functional::cross_entropy(output, target);
+    };
+  }
+}
+
+StepOutput SupervisedTask::training_step(const Batch& batch) {
+  return loss_fn_(model_.forward(batch.data), batch.target);
+}
+
+std::map<std::string, torch::Tensor> SupervisedTask::validation_step(const Batch& batch) {
+  auto output = model_.forward(batch.data);
+  std::map<std::string, torch::Tensor> metrics{{"loss", loss_fn_(output, batch.target)}};
+  const auto& target = batch.target;
+  if (output.dim() == 2 && target.dim() == 1 && !c10::isFloatingType(target.scalar_type())) {
+    metrics["accuracy"] = output.argmax(1).eq(target).to(torch::kFloat64).mean();
+  }
+  return metrics;
+}
+
+// ---------------------------------------------------------------------------
+// Trainer
+
+namespace {
+
+// Clears the Trainer's per-fit pointers however fit() ends.
+template <typename F>
+struct ScopeExit {
+  F f;
+  ~ScopeExit() { f(); }
+};
+template <typename F>
+ScopeExit(F) -> ScopeExit<F>;
+
+void check_options(const TrainerOptions& o) {
+  TORCH_CHECK(o.max_epochs() >= 1, "Trainer: max_epochs must be >= 1, got ", o.max_epochs());
+  TORCH_CHECK(o.max_steps() == -1 || o.max_steps() >= 1,
+              "Trainer: max_steps must be -1 (no limit) or >= 1, got ", o.max_steps());
+  TORCH_CHECK(o.grad_accum_steps() >= 1, "Trainer: grad_accum_steps must be >= 1, got ",
+              o.grad_accum_steps());
+  TORCH_CHECK(o.log_every_n_steps() >= 1, "Trainer: log_every_n_steps must be >= 1, got ",
+              o.log_every_n_steps());
+  TORCH_CHECK(o.val_every_n_epochs() >= 0, "Trainer: val_every_n_epochs must be >= 0, got ",
+              o.val_every_n_epochs());
+  TORCH_CHECK(o.checkpoint_every_n_steps() >= 0,
+              "Trainer: checkpoint_every_n_steps must be >= 0, got ", o.checkpoint_every_n_steps());
+  TORCH_CHECK(o.grad_clip_norm() >= 0.0,
+              "Trainer: grad_clip_norm must be >= 0 (0 = off), got ", o.grad_clip_norm());
+  TORCH_CHECK(o.resume().empty() || !o.checkpoint_dir().empty() || o.resume() != "latest",
+              "Trainer: resume=\"latest\" needs checkpoint_dir");
+  if (o.precision() != Precision::kFP32) {
+    // Fails early, naming the device, when autocast cannot run there.
+    AutocastGuard probe(o.device(), o.precision());
+  }
+}
+
+Batch to_device(Batch batch, const torch::Device& device) {
+  if (batch.data.device() != device) batch.data = batch.data.to(device, /*non_blocking=*/true);
+  if (batch.target.defined() && batch.target.device() != device) {
+    batch.target = batch.target.to(device, /*non_blocking=*/true);
+  }
+  return batch;
+}
+
+}  // namespace
+
+Trainer::Trainer(TrainerOptions options) : options_(std::move(options)) { check_options(options_); }
+
+Trainer::~Trainer() = default;
+
+Trainer& Trainer::add_callback(std::shared_ptr<Callback> callback) {
+  TORCH_CHECK(callback != nullptr, "Trainer: add_callback got a null callback");
+  TORCH_CHECK(task_ == nullptr, "Trainer: add_callback during fit");
+  if (callback->has_state()) {
+    for (const auto& other : callbacks_) {
+      TORCH_CHECK(!other->has_state() || other->name() != callback->name(),
+                  "Trainer: two stateful callbacks named '", callback->name(),
+                  "'; their checkpoint state would collide");
+    }
+  }
+  callbacks_.push_back(std::move(callback));
+  return *this;
+}
+
+template <typename F>
+void Trainer::each_callback(F&& f) {
+  for (auto& cb : callbacks_) f(*cb);
+}
+
+Task& Trainer::task() {
+  TORCH_CHECK(task_ != nullptr, "Trainer: task() is only available during fit");
+  return *task_;
+}
+
+torch::optim::Optimizer& Trainer::optimizer() {
+  TORCH_CHECK(optimizer_ != nullptr, "Trainer: optimizer() is only available during fit");
+  return *optimizer_;
+}
+
+void Trainer::request_stop(const std::string& reason) {
+  if (stop_reason_.empty()) stop_reason_ = reason.empty() ? "stop requested" : reason;
+}
+
+std::string Trainer::fingerprint() const {
+  // Only what changes the numbers of steps already taken: extending
+  // max_epochs or changing logging on resume is fine, changing these is not.
+  const auto& o = options_;
+  const auto& s = o.scaler();
+  std::ostringstream out;
+  out << "grad_accum_steps=" << o.grad_accum_steps() << ";precision=" << to_string(o.precision())
+      << ";grad_clip_norm=" << o.grad_clip_norm() << ";seed=" << o.seed()
+      << ";deterministic=" << o.deterministic();
+  if (o.precision() == Precision::kFP16) {
+    out << ";scaler.growth_factor=" << s.growth_factor() << ";scaler.backoff_factor=" << s.backoff_factor()
+        << ";scaler.growth_interval=" << s.growth_interval() << ";scaler.enabled=" << s.enabled();
+  }
+  return out.str();
+}
+
+namespace {
+
+std::map<std::string, std::string> split_fingerprint(const std::string& fp) {
+  std::map<std::string, std::string> kv;
+  std::istringstream in(fp);
+  std::string item;
+  while (std::getline(in, item, ';')) {
+    auto eq = item.find('=');
+    kv[item.substr(0, eq)] = eq == std::string::npos ? "" : item.substr(eq + 1);
+  }
+  return kv;
+}
+
+std::string fingerprint_diff(const std::string& saved, const std::string& now) {
+  auto a = split_fingerprint(saved), b = split_fingerprint(now);
+  std::ostringstream out;
+  for (const auto& [k, v] : a) {
+    auto it = b.find(k);
+    if (it == b.end()) {
+      out << " " << k << ": " << v << " in the checkpoint, absent now;";
+    } else if (it->second != v) {
+      out << " " << k << ": " << v << " in the checkpoint, " << it->second << " now;";
+    }
+  }
+  for (const auto& [k, v] : b) {
+    if (!a.count(k)) out << " " << k << ": absent in the checkpoint, " << v << " now;";
+  }
+  return out.str();
+}
+
+}  // namespace
+
+void Trainer::save_checkpoint(const std::string& path, const std::map<std::string, std::string>& meta) {
+  TORCH_CHECK(task_ != nullptr && optimizer_ != nullptr,
+              "Trainer: save_checkpoint is only available during fit");
+  Checkpoint ckpt;
+  ckpt.put_module("model", task_->module());
+  ckpt.put_optimizer("optimizer", *optimizer_);
+  if (scaler_) ckpt.put("scaler", [&](auto& a) { scaler_->save(a); });
+  for (const auto& cb : callbacks_) {
+    if (cb->has_state()) ckpt.put("callback." + cb->name(), [&](auto& a) { cb->save(a); });
+  }
+  ckpt.put_rng_state();
+  TrainState s = state_;
+  if (epoch_done_) {  // the epoch and its validation are complete: resume at the next one
+    s.epoch += 1;
+    s.batch_in_epoch = 0;
+  }
+  ckpt.set_train_state(s);
+  ckpt.set_fingerprint(fingerprint());
+  for (const auto& [k, v] : meta) ckpt.set_meta(k, v);
+  ckpt.save(path);
+}
+
+void Trainer::load_checkpoint(const std::string& path) {
+  TORCH_CHECK(task_ != nullptr && optimizer_ != nullptr,
+              "Trainer: load_checkpoint is only available during fit (set TrainerOptions::resume)");
+  auto ckpt = Checkpoint::load(path);
+  TORCH_CHECK(ckpt.fingerprint() == fingerprint(), "Trainer: checkpoint ", path,
+              " was written with other training options:", fingerprint_diff(ckpt.fingerprint(), fingerprint()),
+              " resuming would not continue the same run");
+  ckpt.restore_module("model", task_->module());
+  ckpt.restore_optimizer("optimizer", *optimizer_);
+  if (scaler_) ckpt.get("scaler", [&](auto& a) { scaler_->load(a); });
+  for (const auto& cb : callbacks_) {
+    // A callback added since the checkpoint starts from its own fresh state.
+    if (cb->has_state() && ckpt.has("callback." + cb->name())) {
+      ckpt.get("callback." + cb->name(), [&](auto& a) { cb->load(a); });
+    }
+  }
+  ckpt.restore_rng_state();
+  state_ = ckpt.train_state();
+}
+
+FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSource& train,
+                       BatchSource* val) {
+  TORCH_CHECK(task_ == nullptr, "Trainer: fit is already running");
+  TORCH_CHECK(!optimizer.param_groups().empty(), "Trainer: the optimizer has no parameter groups");
+  const auto start = std::chrono::steady_clock::now();
+  task_ = &task;
+  optimizer_ = &optimizer;
+  ScopeExit clear{[this] {
+    task_ = nullptr;
+    optimizer_ = nullptr;
+  }};
+
+  if (options_.deterministic()) at::globalContext().setDeterministicAlgorithms(true, false);
+  task.module().to(options_.device());
+  params_.clear();
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) params_.push_back(p);
+  }
+  scaler_ = options_.precision() == Precision::kFP16 ? std::make_unique<AmpScaler>(options_.scaler())
+                                                     : nullptr;
+  accumulator_ = std::make_unique<GradAccumulator>(options_.grad_accum_steps());
+  state_ = TrainState{};
+  stop_reason_.clear();
+  epoch_done_ = false;
+  last_logs_.clear();
+  last_val_metrics_.clear();
+  batches_per_epoch_ = train.size();
+
+  if (!options_.checkpoint_dir().empty()) {
+    bool have = std::any_of(callbacks_.begin(), callbacks_.end(),
+                            [](const auto& cb) { return cb->name() == "Checkpointer"; });
+    if (!have) {
+      callbacks_.push_back(std::make_shared<Checkpointer>(
+          CheckpointerOptions(options_.checkpoint_dir())
+              .every_n_steps(options_.checkpoint_every_n_steps())
+              .keep_last_k(options_.keep_last_k())));
+    }
+  }
+
+  if (!options_.resume().empty()) {
+    std::string path = options_.resume();
+    if (path == "latest") {
+      auto latest = latest_checkpoint(options_.checkpoint_dir());
+      TORCH_CHECK(latest.has_value(), "Trainer: resume=\"latest\" but ", options_.checkpoint_dir(),
+                  " holds no complete checkpoint");
+      path = *latest;
+    }
+    load_checkpoint(path);
+  } else {
+    torch::manual_seed(options_.seed());
+  }
+
+  reset_log_window();
+  each_callback([&](Callback& cb) { cb.on_fit_start(*this); });
+  if (options_.max_steps() > 0 && state_.step >= options_.max_steps()) request_stop("max_steps");
+  while (state_.epoch < options_.max_epochs() && !stop_requested()) {
+    run_epoch(train, val);
+  }
+  if (steps_since_log_ > 0) emit_logs();
+  if (stop_reason_.empty()) stop_reason_ = "max_epochs";
+  each_callback([&](Callback& cb) { cb.on_fit_end(*this); });
+
+  FitResult result;
+  result.state = state_;
+  result.last_logs = last_logs_;
+  result.last_val_metrics = last_val_metrics_;
+  result.stop_reason = stop_reason_;
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return result;
+}
+
+void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
+  Task& task = *task_;
+  epoch_done_ = false;
+  train.reset(state_.epoch);
+  if (state_.batch_in_epoch > 0) train.skip(state_.batch_in_epoch);
+  task.module().train();
+  each_callback([&](Callback& cb) { cb.on_epoch_start(*this); });
+
+  // One batch of look-ahead tells whether the current one ends the data, so
+  // the accumulator closes a partial last group on it.
+  auto next = train.next();
+  while (next.has_value() && !stop_requested()) {
+    Batch batch = to_device(std::move(*next), options_.device());
+    next = train.next();
+    const int64_t size = task.batch_size(batch);
+    const double weight = accumulator_->begin(size, /*ends_data=*/!next.has_value());
+
+    each_callback([&](Callback& cb) { cb.on_batch_start(*this); });
+    StepOutput out = [&] {
+      AutocastGuard autocast(options_.device(), options_.precision());
+      return task.training_step(batch);
+    }();
+    TORCH_CHECK(out.loss.defined() && out.loss.numel() == 1,
+                "Trainer: training_step must return a scalar loss, got ",
+                out.loss.defined() ? out.loss.sizes() : c10::IntArrayRef{});
+    torch::Tensor loss = weight == 1.0 ? out.loss : out.loss * weight;
+    if (scaler_) loss = scaler_->scale(loss);
+    loss.backward();
+
+    // Sample-weighted sums for the logs, on the device: no sync per step.
+    auto detached = out.loss.detach().to(torch::kFloat64) * static_cast<double>(size);
+    loss_sum_ = loss_sum_.defined() ? loss_sum_ + detached : detached;
+    for (const auto& [name, value] : out.scalars) {
+      auto v = value.detach().to(torch::kFloat64).mean() * static_cast<double>(size);
+      auto& sum = scalar_sums_[name];
+      sum = sum.defined() ? sum + v : v;
+    }
+    samples_since_log_ += size;
+    state_.batch_in_epoch += 1;
+    state_.samples_seen += size;
+    each_callback([&](Callback& cb) { cb.on_batch_end(*this); });
+
+    if (accumulator_->end(params_)) {
+      optimizer_step();
+      state_.step += 1;
+      steps_since_log_ += 1;
+      if (state_.step % options_.log_every_n_steps() == 0) emit_logs();
+      if (options_.max_steps() > 0 && state_.step >= options_.max_steps()) request_stop("max_steps");
+      each_callback([&](Callback& cb) { cb.on_step_end(*this); });
+    }
+  }
+  if (stop_requested() && next.has_value()) return;  // stopped inside the epoch
+
+  if (val != nullptr && options_.val_every_n_epochs() > 0 &&
+      (state_.epoch + 1) % options_.val_every_n_epochs() == 0) {
+    run_validation(task, *val, /*with_callbacks=*/true);
+  }
+  epoch_done_ = true;
+  each_callback([&](Callback& cb) { cb.on_epoch_end(*this); });
+  state_.epoch += 1;
+  state_.batch_in_epoch = 0;
+  epoch_done_ = false;
+}
+
+void Trainer::optimizer_step() {
+  if (scaler_ && options_.grad_clip_norm() > 0.0) scaler_->unscale_(*optimizer_);
+  if (options_.grad_clip_norm() > 0.0) {
+    last_grad_norm_ = torch::nn::utils::clip_grad_norm_(params_, options_.grad_clip_norm());
+  }
+  bool stepped = true;
+  if (scaler_) {
+    stepped = scaler_->step(*optimizer_);
+    scaler_->update();
+  } else {
+    optimizer_->step();
+  }
+  optimizer_->zero_grad();
+  last_step_skipped_ = !stepped;
+}
+
+void Trainer::reset_log_window() {
+  loss_sum_ = torch::Tensor();
+  scalar_sums_.clear();
+  samples_since_log_ = 0;
+  steps_since_log_ = 0;
+  log_window_start_ = std::chrono::steady_clock::now();
+}
+
+void Trainer::emit_logs() {
+  const auto now = std::chrono::steady_clock::now();
+  const double seconds = std::chrono::duration<double>(now - log_window_start_).count();
+  Metrics logs;
+  if (samples_since_log_ > 0) {
+    const double n = static_cast<double>(samples_since_log_);
+    logs["train/loss"] = loss_sum_.item<double>() / n;
+    for (const auto& [name, sum] : scalar_sums_) logs["train/" + name] = sum.item<double>() / n;
+    if (seconds > 0.0) logs["train/samples_per_s"] = n / seconds;
+  }
+  logs["lr"] = get_lrs(*optimizer_).front();
+  logs["step"] = static_cast<double>(state_.step);
+  logs["epoch"] = static_cast<double>(state_.epoch);
+  if (options_.grad_clip_norm() > 0.0) logs["train/grad_norm"] = last_grad_norm_;
+  if (scaler_) {
+    logs["amp/scale"] = scaler_->get_scale();
+    logs["amp/skipped_steps"] = static_cast<double>(scaler_->skipped_steps());
+  }
+  last_logs_ = logs;
+  reset_log_window();
+  each_callback([&](Callback& cb) { cb.on_log(*this, logs); });
+}
+
+std::map<std::string, double> Trainer::validate(Task& task, BatchSource& val) {
+  return run_validation(task, val, /*with_callbacks=*/task_ == &task);
+}
+
+std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& val, bool with_callbacks) {
+  auto& module = task.module();
+  const bool was_training = module.is_training();
+  module.eval();
+  if (with_callbacks) each_callback([&](Callback& cb) { cb.on_validation_start(*this); });
+
+  std::map<std::string, torch::Tensor> sums;
+  int64_t samples = 0;
+  {
+    torch::NoGradGuard no_grad;
+    val.reset(0);
+    while (auto next = val.next()) {
+      Batch batch = to_device(std::move(*next), options_.device());
+      const int64_t size = task.batch_size(batch);
+      std::map<std::string, torch::Tensor> metrics;
+      {
+        AutocastGuard autocast(options_.device(), options_.precision());
+        metrics = task.validation_step(batch);
+      }
+      for (const auto& [name, value] : metrics) {
+        auto v = value.detach().to(torch::kFloat64).mean() * static_cast<double>(size);
+        auto& sum = sums[name];
+        sum = sum.defined() ? sum + v : v;
+      }
+      samples += size;
+    }
+  }
+  TORCH_CHECK(samples > 0, "Trainer: the validation source yielded no batches");
+  Metrics result;
+  for (const auto& [name, sum] : sums) result["val/" + name] = sum.item<double>() / samples;
+  module.train(was_training);
+  if (with_callbacks) {
+    last_val_metrics_ = result;
+    each_callback([&](Callback& cb) { cb.on_validation_end(*this, result); });
+  }
+  return result;
+}
+
+}  // namespace wick
