@@ -86,7 +86,11 @@ struct ProgressBarOptions {
 };
 
 /// A live bar (epoch, step, loss, samples/s, ETA) on a terminal; one line per
-/// N steps when piped. Validation results print as a line.
+/// N steps when piped. Validation results print as a line, and every finished
+/// epoch as a summary line. Piped output is therefore, per finished epoch:
+/// one line per step with step % print_every_n_steps == 0, one line per
+/// validation, one summary line. Values missing from the logs are left out.
+/// Construction throws for print_every_n_steps < 1, width < 1 or a null stream.
 class ProgressBar : public Callback {
  public:
   explicit ProgressBar(ProgressBarOptions options = {});
@@ -100,11 +104,18 @@ class ProgressBar : public Callback {
   void on_fit_end(Trainer& trainer) override;
 
  private:
+  void draw_bar(Trainer& trainer, bool force);
+  void close_bar();
+  void print_line(const std::string& line);
   ProgressBarOptions options_;
   bool tty_ = false;
   Metrics last_logs_;
   int64_t epoch_first_step_ = 0;
-  std::chrono::steady_clock::time_point epoch_start_;
+  int64_t epoch_first_batch_ = 0;    // batch_in_epoch at on_epoch_start (> 0 after a mid-epoch resume)
+  int64_t epoch_first_samples_ = 0;  // samples_seen at on_epoch_start
+  bool bar_open_ = false;            // a bar is drawn and its line not yet ended
+  size_t bar_length_ = 0;            // characters of the last bar drawn (to blank leftovers)
+  std::chrono::steady_clock::time_point epoch_start_, last_draw_;
 };
 
 // ---------------------------------------------------------------------------
@@ -259,6 +270,8 @@ class ThroughputMonitor : public Callback {
   void on_validation_start(Trainer& trainer) override;
   void on_validation_end(Trainer& trainer, const Metrics& metrics) override;
   void on_epoch_end(Trainer& trainer) override;
+  /// Counts an epoch cut short (max_steps, a stop request) into the totals.
+  void on_fit_end(Trainer& trainer) override;
 
   /// samples/s of each finished epoch.
   const std::vector<double>& epoch_samples_per_s() const { return per_epoch_; }
@@ -273,6 +286,8 @@ class ThroughputMonitor : public Callback {
   double epoch_val_seconds_ = 0.0;
   double train_seconds_ = 0.0;
   int64_t train_samples_ = 0;
+  bool in_epoch_ = false;
+  void close_epoch(Trainer& trainer, bool finished);
 };
 
 }  // namespace wick
