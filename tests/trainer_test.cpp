@@ -1,0 +1,290 @@
+#include <wick/wick.h>
+
+#include "support.h"
+
+#include <cmath>
+
+namespace {
+
+using wick::testing::TempDir;
+using wick::testing::tensors_close;
+using wick::testing::tensors_equal;
+
+struct Data {
+  torch::Tensor x, y;
+};
+
+Data make_data(int64_t n, torch::Dtype dtype = torch::kFloat64) {
+  auto gen = at::detail::createCPUGenerator(123);
+  auto x = torch::randn({n, 6}, gen, torch::TensorOptions().dtype(dtype));
+  auto y = torch::randint(0, 3, {n}, gen, torch::TensorOptions().dtype(torch::kLong));
+  return {x, y};
+}
+
+torch::nn::Sequential make_model(torch::Dtype dtype = torch::kFloat64, double dropout = 0.0) {
+  torch::manual_seed(7);
+  torch::nn::Sequential m(torch::nn::Linear(6, 16), torch::nn::Tanh(), torch::nn::Dropout(dropout),
+                          torch::nn::Linear(16, 3));
+  m->to(dtype);
+  return m;
+}
+
+std::vector<torch::Tensor> snapshot(const torch::nn::Module& m) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : m.parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+wick::TrainerOptions quiet() { return wick::TrainerOptions().log_every_n_steps(1000000); }
+
+class TrainerTest : public wick::testing::SeededTest {};
+
+// Reference: the loop a user writes by hand with LibTorch alone.
+TEST_F(TrainerTest, MatchesHandWrittenLoop) {
+  auto data = make_data(64);
+  auto reference = make_model();
+  {
+    torch::optim::SGD opt(reference->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    for (int epoch = 0; epoch < 2; ++epoch) {
+      for (int64_t i = 0; i < 64; i += 16) {
+        opt.zero_grad();
+        auto loss = torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, 16)),
+                                                         data.y.narrow(0, i, 16));
+        loss.backward();
+        opt.step();
+      }
+    }
+  }
+  auto model = make_model();
+  wick::SupervisedTask task(model);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(16).shuffle(false));
+  wick::Trainer trainer(quiet().max_epochs(2));
+  auto result = trainer.fit(task, opt, source);
+  EXPECT_EQ(result.state.step, 8);
+  EXPECT_EQ(result.state.epoch, 2);
+  EXPECT_EQ(result.stop_reason, "max_epochs");
+  auto a = snapshot(*model), b = snapshot(*reference);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_close(a[i], b[i], 1e-12, 1e-14));
+}
+
+// k micro-batches of b through the Trainer equal one batch of k*b by hand,
+// including the epoch's last, partial group (100 = 3*32 + 4).
+TEST_F(TrainerTest, AccumulationMatchesLargeBatches) {
+  auto data = make_data(100);
+  auto reference = make_model();
+  {
+    torch::optim::SGD opt(reference->parameters(), 0.5);
+    for (int64_t i = 0; i < 100; i += 32) {
+      const int64_t n = std::min<int64_t>(32, 100 - i);
+      opt.zero_grad();
+      torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, n)), data.y.narrow(0, i, n))
+          .backward();
+      opt.step();
+    }
+  }
+  auto model = make_model();
+  wick::SupervisedTask task(model);
+  torch::optim::SGD opt(model->parameters(), 0.5);
+  wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(8).shuffle(false));
+  wick::Trainer trainer(quiet().grad_accum_steps(4));
+  auto result = trainer.fit(task, opt, source);
+  EXPECT_EQ(result.state.step, 4);  // 13 micro-batches: groups of 4, 4, 4, 1
+  auto a = snapshot(*model), b = snapshot(*reference);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_close(a[i], b[i], 1e-6));
+}
+
+// N steps straight equal N/2 steps + resume + N/2 steps, bit for bit: with
+// dropout (RNG state), shuffling, Adam state, an LR schedule and accumulation.
+TEST_F(TrainerTest, ResumeIsBitIdentical) {
+  auto data = make_data(100, torch::kFloat32);
+  auto run = [&](const std::string& dir, int64_t max_steps, const std::string& resume) {
+    auto model = make_model(torch::kFloat32, 0.2);
+    wick::SupervisedTask task(model);
+    torch::optim::Adam opt(model->parameters(), 1e-2);
+    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(10).shuffle(true).seed(3));
+    wick::Trainer trainer(quiet()
+                              .max_epochs(3)
+                              .max_steps(max_steps)
+                              .grad_accum_steps(2)
+                              .seed(11)
+                              .checkpoint_dir(dir)
+                              .resume(resume));
+    trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(
+        std::make_shared<wick::CosineWarmupLR>(opt, 3, 15)));
+    auto result = trainer.fit(task, opt, source);
+    return std::make_pair(result, wick::parameters_sha256(*model));
+  };
+  TempDir straight, split;
+  auto [full, full_hash] = run(straight.str(), -1, "");
+  EXPECT_EQ(full.state.step, 15);
+
+  auto [first, first_hash] = run(split.str(), 7, "");  // stops inside epoch 1
+  EXPECT_EQ(first.state.step, 7);
+  EXPECT_EQ(first.stop_reason, "max_steps");
+  EXPECT_NE(first_hash, full_hash);
+  auto [second, second_hash] = run(split.str(), -1, "latest");
+  EXPECT_EQ(second.state.step, 15);
+  EXPECT_EQ(second.state.epoch, 3);
+  EXPECT_EQ(second_hash, full_hash);
+}
+
+TEST_F(TrainerTest, ResumeWithOtherOptionsNamesTheDifference) {
+  auto data = make_data(40, torch::kFloat32);
+  TempDir dir;
+  auto run = [&](int64_t accum, const std::string& resume) {
+    auto model = make_model(torch::kFloat32);
+    wick::SupervisedTask task(model);
+    torch::optim::SGD opt(model->parameters(), 0.1);
+    wick::TensorBatchSource source(data.x, data.y, 10);
+    wick::Trainer trainer(quiet().grad_accum_steps(accum).checkpoint_dir(dir.str()).resume(resume));
+    trainer.fit(task, opt, source);
+  };
+  run(1, "");
+  EXPECT_THROWS_WITH(run(2, "latest"), "grad_accum_steps: 1 in the checkpoint, 2 now");
+}
+
+TEST_F(TrainerTest, ResumeLatestWithoutCheckpointIsAnError) {
+  auto data = make_data(20, torch::kFloat32);
+  TempDir dir;
+  auto model = make_model(torch::kFloat32);
+  wick::SupervisedTask task(model);
+  torch::optim::SGD opt(model->parameters(), 0.1);
+  wick::TensorBatchSource source(data.x, data.y, 10);
+  wick::Trainer trainer(quiet().checkpoint_dir(dir.str()).resume("latest"));
+  EXPECT_THROWS_WITH(trainer.fit(task, opt, source), "holds no complete checkpoint");
+}
+
+// Validation metrics are sample-weighted means over uneven batches (4, 4, 2).
+TEST_F(TrainerTest, ValidationWeightsBySampleCount) {
+  auto data = make_data(10);
+  auto model = make_model();
+  wick::SupervisedTask task(model);
+  wick::TensorBatchSource val(data.x, data.y, wick::TensorBatchSourceOptions(4).shuffle(false));
+  wick::Trainer trainer;
+  auto metrics = trainer.validate(task, val);
+  torch::NoGradGuard no_grad;
+  model->eval();
+  auto out = model->forward(data.x);
+  double loss = torch::nn::functional::cross_entropy(out, data.y).item<double>();
+  double acc = out.argmax(1).eq(data.y).to(torch::kFloat64).mean().item<double>();
+  EXPECT_NEAR(metrics.at("val/loss"), loss, 1e-12);
+  EXPECT_NEAR(metrics.at("val/accuracy"), acc, 1e-12);
+}
+
+// fp16: a step whose gradients overflow is skipped and counted; the others run.
+TEST_F(TrainerTest, Fp16SkipsStepsWithNonFiniteGradients) {
+  auto data = make_data(40, torch::kFloat32);
+  auto model = make_model(torch::kFloat32);
+  int64_t calls = 0;
+  wick::SupervisedTask task(model, [&](const torch::Tensor& out, const torch::Tensor& target) {
+    auto loss = torch::nn::functional::cross_entropy(out, target);
+    return ++calls == 2 ? loss * std::numeric_limits<float>::infinity() : loss;
+  });
+  torch::optim::SGD opt(model->parameters(), 0.1);
+  wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(10).shuffle(false));
+  struct Recorder : wick::Callback {
+    std::vector<bool> skipped;
+    std::string name() const override { return "Recorder"; }
+    void on_step_end(wick::Trainer& t) override { skipped.push_back(t.last_step_skipped()); }
+  };
+  auto recorder = std::make_shared<Recorder>();
+  wick::Trainer trainer(quiet().precision(wick::Precision::kFP16));
+  trainer.add_callback(recorder);
+  trainer.fit(task, opt, source);
+  EXPECT_EQ(recorder->skipped, (std::vector<bool>{false, true, false, false}));
+  ASSERT_NE(trainer.scaler(), nullptr);
+  EXPECT_EQ(trainer.scaler()->skipped_steps(), 1);
+  EXPECT_EQ(trainer.scaler()->get_scale(), 32768.0);  // backed off once from 2^16
+  for (const auto& p : model->parameters()) EXPECT_TRUE(torch::isfinite(p).all().item<bool>());
+}
+
+// The forward runs under autocast: a Linear's output is bf16 inside training_step.
+TEST_F(TrainerTest, Bf16RunsTheForwardUnderAutocast) {
+  auto data = make_data(20, torch::kFloat32);
+  auto model = make_model(torch::kFloat32);
+  std::vector<c10::ScalarType> seen;
+  wick::SupervisedTask task(model, [&](const torch::Tensor& out, const torch::Tensor& target) {
+    seen.push_back(out.scalar_type());
+    return torch::nn::functional::cross_entropy(out, target);
+  });
+  torch::optim::SGD opt(model->parameters(), 0.1);
+  wick::TensorBatchSource source(data.x, data.y, 10);
+  wick::Trainer trainer(quiet().precision(wick::Precision::kBF16));
+  trainer.fit(task, opt, source);
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_EQ(seen[0], torch::kBFloat16);
+  EXPECT_FALSE(at::autocast::is_autocast_enabled(torch::kCPU));  // restored after the step
+  for (const auto& p : model->parameters()) EXPECT_EQ(p.scalar_type(), torch::kFloat32);
+}
+
+// LibTorch's own data loader (Stack<>) feeds the Trainer directly.
+TEST_F(TrainerTest, TrainsFromLibTorchDataLoader) {
+  auto data = make_data(50, torch::kFloat32);
+  auto dataset = torch::data::datasets::TensorDataset({data.x, data.y});
+  struct Pairs : torch::data::datasets::Dataset<Pairs> {
+    torch::Tensor x, y;
+    Pairs(torch::Tensor x, torch::Tensor y) : x(x), y(y) {}
+    torch::data::Example<> get(size_t i) override { return {x[i], y[i]}; }
+    torch::optional<size_t> size() const override { return x.size(0); }
+  };
+  auto loader = torch::data::make_data_loader<torch::data::samplers::SequentialSampler>(
+      Pairs(data.x, data.y).map(torch::data::transforms::Stack<>()), 16);
+  auto model = make_model(torch::kFloat32);
+  wick::SupervisedTask task(model);
+  torch::optim::SGD opt(model->parameters(), 0.1);
+  wick::Trainer trainer(quiet().max_epochs(2));
+  auto before = snapshot(*model);
+  auto result = trainer.fit(task, opt, *loader);
+  EXPECT_EQ(result.state.step, 8);  // 16, 16, 16, 2 per epoch
+  EXPECT_EQ(result.state.samples_seen, 100);
+  EXPECT_FALSE(tensors_equal(snapshot(*model)[0], before[0]));
+}
+
+TEST_F(TrainerTest, MaxStepsStopsInsideAnEpoch) {
+  auto data = make_data(100, torch::kFloat32);
+  auto model = make_model(torch::kFloat32);
+  wick::SupervisedTask task(model);
+  torch::optim::SGD opt(model->parameters(), 0.1);
+  wick::TensorBatchSource source(data.x, data.y, 10);
+  wick::Trainer trainer(quiet().max_epochs(5).max_steps(13));
+  auto result = trainer.fit(task, opt, source);
+  EXPECT_EQ(result.state.step, 13);
+  EXPECT_EQ(result.state.epoch, 1);
+  EXPECT_EQ(result.state.batch_in_epoch, 3);
+  EXPECT_EQ(result.stop_reason, "max_steps");
+}
+
+TEST_F(TrainerTest, LogsAreSampleWeightedMeans) {
+  auto data = make_data(30);
+  auto model = make_model();
+  wick::SupervisedTask task(model);
+  torch::optim::SGD opt(model->parameters(), 0.0);  // lr 0: the loss is the same at every step
+  wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(20).shuffle(false));
+  wick::Trainer trainer(wick::TrainerOptions().log_every_n_steps(2));
+  auto result = trainer.fit(task, opt, source);
+  torch::NoGradGuard no_grad;
+  double expected = torch::nn::functional::cross_entropy(model->forward(data.x), data.y).item<double>();
+  EXPECT_NEAR(result.last_logs.at("train/loss"), expected, 1e-12);  // batches of 20 and 10
+  EXPECT_EQ(result.last_logs.at("step"), 2.0);
+}
+
+TEST_F(TrainerTest, RejectsBadOptions) {
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().grad_accum_steps(0)),
+                     "grad_accum_steps must be >= 1, got 0");
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().max_epochs(0)), "max_epochs must be >= 1, got 0");
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().grad_clip_norm(-1)), "grad_clip_norm must be >= 0");
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().resume("latest")), "needs checkpoint_dir");
+}
+
+TEST_F(TrainerTest, RejectsNonScalarLoss) {
+  auto data = make_data(10, torch::kFloat32);
+  auto model = make_model(torch::kFloat32);
+  wick::SupervisedTask task(model, [](const torch::Tensor& out, const torch::Tensor&) { return out; });
+  torch::optim::SGD opt(model->parameters(), 0.1);
+  wick::TensorBatchSource source(data.x, data.y, 10);
+  wick::Trainer trainer(quiet());
+  EXPECT_THROWS_WITH(trainer.fit(task, opt, source), "training_step must return a scalar loss");
+}
+
+}  // namespace
