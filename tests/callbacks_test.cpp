@@ -551,4 +551,82 @@ TEST_F(ThroughputMonitorTest, CountsAnEpochCutShort) {
   EXPECT_NEAR(monitor->samples_per_s() * monitor->train_seconds(), 5.0 * kBatch, 1e-6);
 }
 
+
+// ---------------------------------------------------------------------------
+// The examples of docs/callbacks.md.
+
+namespace docs {
+
+// docs/callbacks.md, "Writing a callback".
+class StopWhenLossBelow : public wick::Callback {
+ public:
+  explicit StopWhenLossBelow(double target) : target_(target) {}
+  std::string name() const override { return "StopWhenLossBelow"; }
+  void on_log(wick::Trainer& trainer, const wick::Metrics& logs) override {
+    auto it = logs.find("train/loss");
+    if (it != logs.end() && it->second < target_) {
+      trainer.request_stop("train/loss below " + std::to_string(target_));
+    }
+  }
+
+ private:
+  double target_;
+};
+
+}  // namespace docs
+
+class DocsExampleTest : public SeededTest {};
+
+TEST_F(DocsExampleTest, TrainsWithEveryCallback) {
+  TempDir tmp;
+  const std::string run_dir = tmp.str();
+  auto x = torch::randn({64, 4});
+  auto y = (x.select(1, 0) > 0).to(torch::kLong) + (x.select(1, 1) > 0).to(torch::kLong);
+  // ---- docs/callbacks.md example begins
+  torch::nn::Linear model(4, 3);
+  wick::SupervisedTask task(model);
+  torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(0.05));
+  wick::TensorBatchSource train(x, y, wick::TensorBatchSourceOptions(8).seed(1));
+  wick::TensorBatchSource val(x, y, wick::TensorBatchSourceOptions(64).shuffle(false));
+
+  const int64_t epochs = 5;
+  const int64_t total_steps = epochs * train.size().value();
+  auto throughput = std::make_shared<wick::ThroughputMonitor>();
+  wick::Trainer trainer(wick::TrainerOptions().max_epochs(epochs).log_every_n_steps(4));
+  trainer
+      .add_callback(std::make_shared<wick::ProgressBar>(wick::ProgressBarOptions().print_every_n_steps(10)))
+      .add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(run_dir + "/logs")))
+      .add_callback(std::make_shared<wick::Checkpointer>(
+          wick::CheckpointerOptions(run_dir + "/checkpoints").keep_last_k(2).monitor("val/loss")))
+      .add_callback(std::make_shared<wick::EarlyStopping>(
+          wick::EarlyStoppingOptions("val/loss").patience(2).min_delta(1e-4)))
+      .add_callback(std::make_shared<wick::LRSchedulerCallback>(std::make_shared<wick::CosineWarmupLR>(
+          optimizer, /*warmup_steps=*/total_steps / 10, total_steps)))
+      .add_callback(throughput);
+  auto result = trainer.fit(task, optimizer, train, &val);
+  std::printf("%s after %lld steps: val/loss %.4f, %.0f samples/s\n", result.stop_reason.c_str(),
+              static_cast<long long>(result.state.step), result.last_val_metrics.at("val/loss"),
+              throughput->samples_per_s());
+  // ---- example ends
+  EXPECT_EQ(result.stop_reason, "max_epochs");
+  EXPECT_EQ(result.state.step, total_steps);
+  EXPECT_LT(result.last_val_metrics.at("val/loss"), 1.0);
+  EXPECT_EQ(wick::list_checkpoints(run_dir + "/checkpoints").size(), 2u);
+  EXPECT_TRUE(std::filesystem::exists(run_dir + "/checkpoints/best/meta.json"));
+  EXPECT_EQ(read_lines(run_dir + "/logs/metrics.jsonl").size(), 10u + 5u);
+  EXPECT_EQ(throughput->epoch_samples_per_s().size(), 5u);
+  EXPECT_NEAR(wick::get_lrs(optimizer)[0], 0.0, 1e-15);  // the cosine reached its end
+}
+
+TEST_F(DocsExampleTest, CustomCallbackStopsTheFit) {
+  Data d;
+  ScriptedTask task;
+  torch::optim::SGD opt(task.module().parameters(), 0.1);
+  wick::Trainer trainer(wick::TrainerOptions().max_epochs(3).log_every_n_steps(2));
+  trainer.add_callback(std::make_shared<docs::StopWhenLossBelow>(100.0));
+  auto result = trainer.fit(task, opt, d.train, nullptr);
+  EXPECT_EQ(result.stop_reason, "train/loss below 100.000000");
+  EXPECT_EQ(result.state.step, 2);  // the first log
+}
+
 }  // namespace
