@@ -3,24 +3,25 @@
 #include <wick/checkpoint.h>
 #include <wick/trainer.h>
 
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cmath>
+#include <cstdarg>
 #include <cstring>
-#include <filesystem>
 #include <limits>
 #include <utility>
 
+#include <sys/stat.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 namespace wick {
 
 namespace {
 
-namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) {
@@ -65,14 +66,65 @@ std::optional<double> read_optional(torch::serialize::InputArchive& archive, con
   return read_value(archive, owner, key).toDouble();
 }
 
+// printf-style formatting. (fmt is not used here: LibTorch's include directory
+// carries fmt 12 headers that shadow the system's fmt 9 library.)
+std::string format(const char* pattern, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* pattern, ...) {
+  va_list args;
+  va_start(args, pattern);
+  va_list copy;
+  va_copy(copy, args);
+  const int n = std::vsnprintf(nullptr, 0, pattern, copy);
+  va_end(copy);
+  std::string out(n > 0 ? static_cast<size_t>(n) : 0, '\0');
+  if (n > 0) std::vsnprintf(out.data(), out.size() + 1, pattern, args);
+  va_end(args);
+  return out;
+}
+
+/// The shortest text that reads back as the same double ("0.1", "nan", "inf").
+std::string exact(double v) {
+  char buf[64];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf, v);
+  TORCH_INTERNAL_ASSERT(ec == std::errc());
+  return std::string(buf, end);
+}
+
+long long ll(int64_t v) { return static_cast<long long>(v); }
+
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--";
   auto s = static_cast<int64_t>(seconds + 0.5);
-  if (s >= 3600) return fmt::format("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60);
-  return fmt::format("{:02}:{:02}", s / 60, s % 60);
+  if (s >= 3600) return format("%lld:%02lld:%02lld", ll(s / 3600), ll((s / 60) % 60), ll(s % 60));
+  return format("%02lld:%02lld", ll(s / 60), ll(s % 60));
 }
 
-std::string format_value(double v) { return fmt::format("{:.4g}", v); }
+// Paths are handled with POSIX calls, not std::filesystem: the torch wheel's
+// libtorch.so exports its own copy of the std::filesystem functions, which
+// binds ahead of libstdc++'s.
+std::string join(const std::string& dir, const std::string& name) {
+  return !dir.empty() && dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+/// mkdir -p; the error text, or "" on success.
+std::string make_directories(const std::string& path) {
+  for (size_t pos = 1; pos <= path.size(); ++pos) {
+    if (pos != path.size() && path[pos] != '/') continue;
+    const std::string prefix = path.substr(0, pos);
+    if (::mkdir(prefix.c_str(), 0777) != 0 && errno != EEXIST) return std::strerror(errno);
+  }
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return std::strerror(errno);
+  if (!S_ISDIR(st.st_mode)) return "exists and is not a directory";
+  return "";
+}
+
+bool non_empty_file(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
+}
+
+std::string format_value(double v) { return format("%.4g", v); }
 
 /// Steps of an epoch of `batches` micro-batches (the last group may be partial).
 int64_t steps_for(int64_t batches, int64_t accum) { return (batches + accum - 1) / accum; }
@@ -118,6 +170,7 @@ void ProgressBar::on_epoch_start(Trainer& trainer) {
   epoch_first_batch_ = s.batch_in_epoch;
   epoch_first_samples_ = s.samples_seen;
   epoch_start_ = Clock::now();
+  last_step_end_ = epoch_start_;
   last_draw_ = Clock::time_point{};
 }
 
@@ -132,7 +185,7 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
   const double samples_per_s =
       elapsed > 0 ? static_cast<double>(s.samples_seen - epoch_first_samples_) / elapsed : 0.0;
 
-  std::string text = fmt::format("epoch {}/{} ", s.epoch + 1, trainer.options().max_epochs());
+  std::string text = format("epoch %lld/%lld ", ll(s.epoch + 1), ll(trainer.options().max_epochs()));
   const int64_t step_in_epoch = steps_for(s.batch_in_epoch, accum);
   if (batches.has_value() && *batches > 0) {
     const int64_t total_steps = steps_for(*batches, accum);
@@ -145,27 +198,27 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
       if (filled < width) bar[filled] = '>';
       text += "[" + bar + "] ";
     }
-    text += fmt::format("step {}/{}", step_in_epoch, total_steps);
+    text += format("step %lld/%lld", ll(step_in_epoch), ll(total_steps));
     auto it = last_logs_.find("train/loss");
     if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
     if (!tty_) {
       auto lr = last_logs_.find("lr");
-      if (lr != last_logs_.end()) text += "  lr " + fmt::format("{:.3g}", lr->second);
+      if (lr != last_logs_.end()) text += "  lr " + format("%.3g", lr->second);
     }
-    text += fmt::format("  {:.0f} samples/s", samples_per_s);
+    text += format("  %.0f samples/s", samples_per_s);
     const int64_t remaining = *batches - s.batch_in_epoch;
     const double eta = batches_done > 0 ? elapsed / batches_done * remaining
                                         : std::numeric_limits<double>::quiet_NaN();
     text += "  ETA " + format_duration(eta);
   } else {
-    text += fmt::format("step {}", step_in_epoch);
+    text += format("step %lld", ll(step_in_epoch));
     auto it = last_logs_.find("train/loss");
     if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
     if (!tty_) {
       auto lr = last_logs_.find("lr");
-      if (lr != last_logs_.end()) text += "  lr " + fmt::format("{:.3g}", lr->second);
+      if (lr != last_logs_.end()) text += "  lr " + format("%.3g", lr->second);
     }
-    text += fmt::format("  {:.0f} samples/s", samples_per_s);
+    text += format("  %.0f samples/s", samples_per_s);
   }
 
   if (!tty_) {
@@ -186,6 +239,7 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
 }
 
 void ProgressBar::on_step_end(Trainer& trainer) {
+  last_step_end_ = Clock::now();
   if (tty_) {
     const auto batches = trainer.batches_per_epoch();
     const bool last = batches.has_value() && trainer.state().batch_in_epoch >= *batches;
@@ -196,20 +250,20 @@ void ProgressBar::on_step_end(Trainer& trainer) {
 }
 
 void ProgressBar::on_validation_end(Trainer& trainer, const Metrics& metrics) {
-  std::string text = fmt::format("epoch {}/{} validation:", trainer.state().epoch + 1,
-                                 trainer.options().max_epochs());
+  std::string text = format("epoch %lld/%lld validation:", ll(trainer.state().epoch + 1),
+                             ll(trainer.options().max_epochs()));
   for (const auto& [name, value] : metrics) text += "  " + name + " " + format_value(value);
   print_line(text);
 }
 
 void ProgressBar::on_epoch_end(Trainer& trainer) {
   const auto& s = trainer.state();
-  const double elapsed = seconds_since(epoch_start_);
+  const double elapsed = std::chrono::duration<double>(last_step_end_ - epoch_start_).count();
   const int64_t steps = s.step - epoch_first_step_;
   const int64_t samples = s.samples_seen - epoch_first_samples_;
-  std::string text = fmt::format("epoch {}/{} done: {} steps in {}", s.epoch + 1,
-                                 trainer.options().max_epochs(), steps, format_duration(elapsed));
-  if (elapsed > 0) text += fmt::format(", {:.0f} samples/s", samples / elapsed);
+  std::string text = format("epoch %lld/%lld done: %lld steps in %s", ll(s.epoch + 1),
+                             ll(trainer.options().max_epochs()), ll(steps), format_duration(elapsed).c_str());
+  if (elapsed > 0) text += format(", %.0f samples/s", samples / elapsed);
   auto it = last_logs_.find("train/loss");
   if (it != last_logs_.end()) text += ", loss " + format_value(it->second);
   print_line(text);
@@ -224,13 +278,12 @@ MetricLogger::MetricLogger(MetricLoggerOptions options) : options_(std::move(opt
   TORCH_CHECK(!options_.dir().empty(), "MetricLogger: dir must not be empty");
 }
 
-std::string MetricLogger::jsonl_path() const { return (fs::path(options_.dir()) / "metrics.jsonl").string(); }
-std::string MetricLogger::csv_path() const { return (fs::path(options_.dir()) / "metrics.csv").string(); }
+std::string MetricLogger::jsonl_path() const { return join(options_.dir(), "metrics.jsonl"); }
+std::string MetricLogger::csv_path() const { return join(options_.dir(), "metrics.csv"); }
 
 void MetricLogger::on_fit_start(Trainer& trainer) {
-  std::error_code ec;
-  fs::create_directories(options_.dir(), ec);
-  TORCH_CHECK(!ec, "MetricLogger: cannot create directory ", options_.dir(), ": ", ec.message());
+  const std::string error = make_directories(options_.dir());
+  TORCH_CHECK(error.empty(), "MetricLogger: cannot create directory ", options_.dir(), ": ", error);
   const bool append = trainer.state().step > 0 && options_.append_on_resume();
   const auto mode = std::ios::out | (append ? std::ios::app : std::ios::trunc);
   start_ = Clock::now();
@@ -241,7 +294,7 @@ void MetricLogger::on_fit_start(Trainer& trainer) {
     TORCH_CHECK(jsonl_.is_open(), "MetricLogger: cannot open ", jsonl_path(), ": ", std::strerror(errno));
   }
   if (options_.csv()) {
-    const bool had_rows = append && fs::exists(csv_path()) && fs::file_size(csv_path(), ec) > 0;
+    const bool had_rows = append && non_empty_file(csv_path());
     csv_.open(csv_path(), mode);
     TORCH_CHECK(csv_.is_open(), "MetricLogger: cannot open ", csv_path(), ": ", std::strerror(errno));
     if (!had_rows) {
@@ -294,7 +347,7 @@ void MetricLogger::write(Trainer& trainer, const char* kind, const Metrics& metr
     for (const auto& [name, value] : metrics) {
       if (reserved_key(name)) continue;
       csv_ << kind << ',' << s.step << ',' << s.epoch << ',' << csv_field(name) << ','
-           << fmt::format("{}", value) << '\n';
+           << exact(value) << '\n';
     }
     csv_.flush();
     TORCH_CHECK(csv_.good(), "MetricLogger: writing ", csv_path(), " failed");
@@ -324,7 +377,7 @@ Checkpointer::Checkpointer(CheckpointerOptions options) : options_(std::move(opt
 void Checkpointer::save_step(Trainer& trainer) {
   const int64_t step = trainer.state().step;
   if (step == last_saved_step_) return;
-  const std::string path = (fs::path(options_.dir()) / checkpoint_name(step)).string();
+  const std::string path = join(options_.dir(), checkpoint_name(step));
   // Recorded before saving, so the checkpoint's own copy of this callback's
   // state knows it was written (a resume from it does not write it again).
   const auto previous = std::make_pair(last_saved_step_, last_path_);
@@ -337,7 +390,7 @@ void Checkpointer::save_step(Trainer& trainer) {
     throw;
   }
   prune_checkpoints(options_.dir(), options_.keep_last_k(),
-                    {(fs::path(options_.dir()) / "best").string()});
+                    {join(options_.dir(), "best")});
 }
 
 void Checkpointer::on_step_end(Trainer& trainer) {
@@ -360,9 +413,9 @@ void Checkpointer::on_validation_end(Trainer& trainer, const Metrics& metrics) {
   const auto previous = best_;
   best_ = value;
   try {
-    trainer.save_checkpoint((fs::path(options_.dir()) / "best").string(),
+    trainer.save_checkpoint(join(options_.dir(), "best"),
                             {{"monitor", options_.monitor()},
-                             {"value", fmt::format("{}", value)},
+                             {"value", exact(value)},
                              {"step", std::to_string(trainer.state().step)}});
   } catch (...) {
     best_ = previous;
@@ -401,8 +454,8 @@ void EarlyStopping::on_validation_end(Trainer& trainer, const Metrics& metrics) 
   }
   ++wait_;
   if (wait_ >= options_.patience()) {
-    trainer.request_stop(fmt::format("early stopping: {} did not improve for {} validations",
-                                     options_.monitor(), wait_));
+    trainer.request_stop(format("early stopping: %s did not improve for %lld validations",
+                                 options_.monitor().c_str(), ll(wait_)));
   }
 }
 
@@ -473,23 +526,21 @@ void ThroughputMonitor::on_fit_start(Trainer& trainer) {
 }
 
 void ThroughputMonitor::on_epoch_start(Trainer& trainer) {
-  epoch_start_ = Clock::now();
-  epoch_start_samples_ = trainer.state().samples_seen;
-  epoch_val_seconds_ = 0.0;
+  epoch_start_ = last_step_end_ = Clock::now();
+  epoch_start_samples_ = last_step_samples_ = trainer.state().samples_seen;
   in_epoch_ = true;
 }
 
-void ThroughputMonitor::on_validation_start(Trainer& trainer) { val_start_ = Clock::now(); }
-
-void ThroughputMonitor::on_validation_end(Trainer& trainer, const Metrics& metrics) {
-  epoch_val_seconds_ += seconds_since(val_start_);
+void ThroughputMonitor::on_step_end(Trainer& trainer) {
+  last_step_end_ = Clock::now();
+  last_step_samples_ = trainer.state().samples_seen;
 }
 
 void ThroughputMonitor::close_epoch(Trainer& trainer, bool finished) {
   if (!in_epoch_) return;
   in_epoch_ = false;
-  const double seconds = std::max(0.0, seconds_since(epoch_start_) - epoch_val_seconds_);
-  const int64_t samples = trainer.state().samples_seen - epoch_start_samples_;
+  const double seconds = std::chrono::duration<double>(last_step_end_ - epoch_start_).count();
+  const int64_t samples = last_step_samples_ - epoch_start_samples_;
   train_seconds_ += seconds;
   train_samples_ += samples;
   if (finished) per_epoch_.push_back(seconds > 0 ? samples / seconds : 0.0);

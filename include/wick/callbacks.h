@@ -115,7 +115,8 @@ class ProgressBar : public Callback {
   int64_t epoch_first_samples_ = 0;  // samples_seen at on_epoch_start
   bool bar_open_ = false;            // a bar is drawn and its line not yet ended
   size_t bar_length_ = 0;            // characters of the last bar drawn (to blank leftovers)
-  std::chrono::steady_clock::time_point epoch_start_, last_draw_;
+  // last_step_end_: the epoch's training time, for its summary, excludes validation.
+  std::chrono::steady_clock::time_point epoch_start_, last_draw_, last_step_end_;
 };
 
 // ---------------------------------------------------------------------------
@@ -260,34 +261,37 @@ class LRSchedulerCallback : public Callback {
 
 // ---------------------------------------------------------------------------
 
-/// Measures training throughput (samples/s) per epoch and over the fit, from
-/// wall time between epoch start and end (validation excluded).
+/// Measures training throughput (samples/s, from trainer.state().samples_seen)
+/// per epoch and over the fit. An epoch's training time runs from
+/// on_epoch_start to its last on_step_end, so validation and end-of-epoch work
+/// (epoch checkpoints, logs) are not counted; work done inside the steps
+/// (periodic checkpoints, logging) is.
 class ThroughputMonitor : public Callback {
  public:
   std::string name() const override { return "ThroughputMonitor"; }
   void on_fit_start(Trainer& trainer) override;
   void on_epoch_start(Trainer& trainer) override;
-  void on_validation_start(Trainer& trainer) override;
-  void on_validation_end(Trainer& trainer, const Metrics& metrics) override;
+  void on_step_end(Trainer& trainer) override;
   void on_epoch_end(Trainer& trainer) override;
   /// Counts an epoch cut short (max_steps, a stop request) into the totals.
   void on_fit_end(Trainer& trainer) override;
 
   /// samples/s of each finished epoch.
   const std::vector<double>& epoch_samples_per_s() const { return per_epoch_; }
-  /// Training samples over training seconds (validation excluded) since fit start.
+  /// Training samples over training seconds since fit start (finished epochs
+  /// and one cut short).
   double samples_per_s() const;
   double train_seconds() const { return train_seconds_; }
 
  private:
+  void close_epoch(Trainer& trainer, bool finished);
   std::vector<double> per_epoch_;
-  std::chrono::steady_clock::time_point epoch_start_, val_start_;
+  std::chrono::steady_clock::time_point epoch_start_, last_step_end_;
   int64_t epoch_start_samples_ = 0;
-  double epoch_val_seconds_ = 0.0;
+  int64_t last_step_samples_ = 0;  // samples_seen at the last on_step_end
   double train_seconds_ = 0.0;
   int64_t train_samples_ = 0;
   bool in_epoch_ = false;
-  void close_epoch(Trainer& trainer, bool finished);
 };
 
 }  // namespace wick
