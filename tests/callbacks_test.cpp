@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -485,6 +486,38 @@ TEST_F(LRSchedulerCallbackTest, StepsPerEpoch) {
       std::make_shared<wick::StepLR>(opt, /*step_size=*/1, /*gamma=*/0.5), wick::ScheduleInterval::kEpoch));
   trainer.fit(task, opt, d.train, nullptr);
   EXPECT_DOUBLE_EQ(wick::get_lrs(opt)[0], 0.1 * 0.125);
+}
+
+/// Makes the loss (and so every gradient) infinite on one micro-batch.
+class InfOnceTask : public ScriptedTask {
+ public:
+  explicit InfOnceTask(int64_t bad_batch) : bad_batch_(bad_batch) {}
+  wick::StepOutput training_step(const wick::Batch& batch) override {
+    auto loss = ScriptedTask::training_step(batch).loss;
+    return calls_++ == bad_batch_ ? loss * std::numeric_limits<float>::infinity() : loss;
+  }
+
+ private:
+  int64_t bad_batch_, calls_ = 0;
+};
+
+TEST_F(LRSchedulerCallbackTest, StepsTheScalerSkippedDoNotAdvanceTheSchedule) {
+  Data d;
+  InfOnceTask task(/*bad_batch=*/3);
+  torch::optim::SGD opt(task.module().parameters(), 0.1);
+  wick::Trainer trainer(wick::TrainerOptions().max_epochs(1).precision(wick::Precision::kFP16));
+  struct SkipCounter : wick::Callback {
+    std::string name() const override { return "SkipCounter"; }
+    void on_step_end(wick::Trainer& t) override { skipped += t.last_step_skipped(); }
+    int skipped = 0;
+  };
+  auto counter = std::make_shared<SkipCounter>();
+  trainer.add_callback(counter).add_callback(std::make_shared<wick::LRSchedulerCallback>(
+      std::make_shared<wick::StepLR>(opt, /*step_size=*/1, /*gamma=*/0.5)));
+  auto result = trainer.fit(task, opt, d.train, nullptr);
+  ASSERT_EQ(result.state.step, 8);
+  ASSERT_EQ(counter->skipped, 1);
+  EXPECT_DOUBLE_EQ(wick::get_lrs(opt)[0], 0.1 * std::pow(0.5, 7));  // 7 updates, not 8
 }
 
 TEST_F(LRSchedulerCallbackTest, PlateauStepsOnValidationLikePython) {
