@@ -9,9 +9,8 @@ GradAccumulator::GradAccumulator(int64_t steps) : steps_(steps) {
 }
 
 double GradAccumulator::begin(int64_t batch_size, bool ends_data) {
-  TORCH_CHECK(!in_micro_batch_,
-              "GradAccumulator: begin() called twice without end(): micro-batch ", count_,
-              " of the current group is still open; call end() after its backward first");
+  TORCH_CHECK(!in_micro_batch_, "GradAccumulator: begin() called twice without end(): micro-batch ",
+              count_, " of the current group is still open; call end() after its backward first");
   TORCH_CHECK(batch_size > 0, "GradAccumulator: batch_size must be > 0, got ", batch_size);
   if (count_ == 0) {
     first_size_ = batch_size;

@@ -38,7 +38,8 @@ Data make_data(int64_t n, Loss loss) {
 }
 
 torch::Tensor loss_of(Loss loss, const torch::Tensor& out, const torch::Tensor& y) {
-  return loss == Loss::kMse ? torch::mse_loss(out, y) : torch::nn::functional::cross_entropy(out, y);
+  return loss == Loss::kMse ? torch::mse_loss(out, y)
+                            : torch::nn::functional::cross_entropy(out, y);
 }
 
 std::vector<torch::Tensor> grads_of(torch::nn::Module& m) {
@@ -85,8 +86,7 @@ std::vector<torch::Tensor> accumulated_grads(torch::nn::Sequential& m, const Dat
   return ::testing::AssertionSuccess();
 }
 
-class GradAccumulatorTest : public SeededTest,
-                            public ::testing::WithParamInterface<Loss> {};
+class GradAccumulatorTest : public SeededTest, public ::testing::WithParamInterface<Loss> {};
 class GradAccumulatorTrainingTest : public SeededTest {};
 
 TEST_P(GradAccumulatorTest, EqualMicroBatchesMatchSingleBatchGradients) {
@@ -139,8 +139,7 @@ TEST_P(GradAccumulatorTest, NaiveAveragingOfMicroBatchLossesWouldFail) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Losses, GradAccumulatorTest,
-                         ::testing::Values(Loss::kMse, Loss::kCrossEntropy),
-                         [](const auto& info) {
+                         ::testing::Values(Loss::kMse, Loss::kCrossEntropy), [](const auto& info) {
                            return info.param == Loss::kMse ? "Mse" : "CrossEntropy";
                          });
 
@@ -149,7 +148,8 @@ TEST_F(GradAccumulatorTrainingTest, StepsOfOneIsAPlainStep) {
   auto plain = make_mlp();
   {
     torch::NoGradGuard g;
-    for (size_t i = 0; i < m->parameters().size(); ++i) plain->parameters()[i].copy_(m->parameters()[i]);
+    for (size_t i = 0; i < m->parameters().size(); ++i)
+      plain->parameters()[i].copy_(m->parameters()[i]);
   }
   auto d = make_data(12, Loss::kMse);
   torch::optim::SGD opt(m->parameters(), torch::optim::SGDOptions(0.1));
@@ -196,8 +196,9 @@ TEST_F(GradAccumulatorTrainingTest, DocLoopMatchesBigBatchTraining) {
   }
   const std::vector<int64_t> sizes{8, 8, 5, 8, 8, 8, 8, 3, 8, 6};
   std::vector<Batch> batches;
-  for (int64_t n : sizes) batches.push_back({torch::randn({n, kIn}, torch::kFloat64),
-                                             torch::randn({n, kOut}, torch::kFloat64)});
+  for (int64_t n : sizes)
+    batches.push_back(
+        {torch::randn({n, kIn}, torch::kFloat64), torch::randn({n, kOut}, torch::kFloat64)});
   auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& t) {
     return torch::mse_loss(out, t);
   };
