@@ -63,7 +63,7 @@ c10::IValue read_value(torch::serialize::InputArchive& archive, const char* owne
 std::optional<double> read_optional(torch::serialize::InputArchive& archive, const char* owner,
                                     const std::string& key) {
   if (!read_value(archive, owner, "has_" + key).toBool()) return std::nullopt;
-  return read_value(archive, owner, key).toDouble();
+  return read_value(archive, owner, key).to<double>();
 }
 
 // printf-style formatting. (fmt is not used here: LibTorch's include directory

@@ -76,7 +76,7 @@ void LRScheduler::load(torch::serialize::InputArchive& archive) {
   TORCH_CHECK(kind == name(), name(), ": saved state belongs to a ", kind, ", not a ", name());
   const int64_t step_count = read_value(archive, name(), "step_count").toInt();
   TORCH_CHECK(step_count >= 0, name(), ": saved step_count must be >= 0, got ", step_count);
-  std::vector<double> base_lrs = read_value(archive, name(), "base_lrs").toDoubleVector();
+  std::vector<double> base_lrs = read_value(archive, name(), "base_lrs").to<std::vector<double>>();
   TORCH_CHECK(base_lrs.size() == optimizer_.param_groups().size(), name(), ": saved state has ",
               base_lrs.size(), " base lrs but the optimizer has ",
               optimizer_.param_groups().size(), " parameter groups");
@@ -198,11 +198,11 @@ void ReduceLROnPlateau::load(torch::serialize::InputArchive& archive) {
   const std::string kind = read_value(archive, owner, "kind").toStringRef();
   TORCH_CHECK(kind == owner, owner, ": saved state belongs to a ", kind, ", not a ", owner);
   const bool has_best = read_value(archive, owner, "has_best").toBool();
-  const double best = read_value(archive, owner, "best").toDouble();
+  const double best = read_value(archive, owner, "best").to<double>();
   const int64_t num_bad = read_value(archive, owner, "num_bad").toInt();
   const int64_t cooldown_counter = read_value(archive, owner, "cooldown_counter").toInt();
   const int64_t last_epoch = read_value(archive, owner, "last_epoch").toInt();
-  const std::vector<double> lrs = read_value(archive, owner, "lrs").toDoubleVector();
+  const std::vector<double> lrs = read_value(archive, owner, "lrs").to<std::vector<double>>();
   auto& groups = optimizer_.param_groups();
   TORCH_CHECK(lrs.size() == groups.size(), owner, ": saved state has ", lrs.size(),
               " lrs but the optimizer has ", groups.size(), " parameter groups");

@@ -134,7 +134,10 @@ struct MetricLoggerOptions {
 /// Writes every on_log and on_validation_end as one JSON object per line
 /// ({"kind": "train"|"val", "step", "epoch", "time", metrics...}) to
 /// metrics.jsonl, and as long-format rows (kind,step,epoch,name,value) to metrics.csv.
-/// Flushed each write, so a crash loses nothing written before it.
+/// Flushed each write, so a crash loses nothing written before it. "step" and
+/// "epoch" come from trainer.state() (the logs' own copies are not repeated);
+/// "time" is seconds since this fit started. A fresh run truncates the files;
+/// a resumed one (state().step > 0 at fit start) appends when append_on_resume.
 class MetricLogger : public Callback {
  public:
   explicit MetricLogger(MetricLoggerOptions options);
@@ -172,8 +175,11 @@ struct CheckpointerOptions {
   TORCH_ARG(Mode, mode) = Mode::kMin;
 };
 
-/// Saves the Trainer's whole state (Trainer::save_checkpoint) on a schedule,
-/// prunes old checkpoints, and keeps the best one on a monitored metric.
+/// Saves the Trainer's whole state (Trainer::save_checkpoint) to
+/// dir/step-XXXXXXXX on a schedule (at most once per step), prunes all but the
+/// newest keep_last_k, and with `monitor` saves dir/best (meta "monitor",
+/// "value", "step") on every validation that improves on the best value. A
+/// missing monitored metric is an error naming the keys that exist.
 class Checkpointer : public Callback {
  public:
   explicit Checkpointer(CheckpointerOptions options);
@@ -236,7 +242,9 @@ class EarlyStopping : public Callback {
 enum class ScheduleInterval { kStep, kEpoch };
 
 /// Steps an LR scheduler from the loop: after every optimizer step or every
-/// epoch; a ReduceLROnPlateau steps on each validation with `monitor`'s value.
+/// epoch; a ReduceLROnPlateau steps on each validation with `monitor`'s value
+/// (missing: an error naming the keys that exist). Steps the fp16 loss scaler
+/// skipped do not advance a per-step schedule (it counts weight updates).
 /// The scheduler's state travels in checkpoints.
 class LRSchedulerCallback : public Callback {
  public:
