@@ -341,6 +341,7 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
     }
   }
   if (stop_requested() && next.has_value()) return;  // stopped inside the epoch
+  if (steps_since_log_ > 0) emit_logs();  // the epoch's tail, so its last logs are its own
 
   if (val != nullptr && options_.val_every_n_epochs() > 0 &&
       (state_.epoch + 1) % options_.val_every_n_epochs() == 0) {
