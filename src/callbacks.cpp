@@ -1,5 +1,7 @@
 #include <wick/callbacks.h>
 
+#include "fs.h"
+
 #include <wick/checkpoint.h>
 #include <wick/trainer.h>
 
@@ -99,25 +101,7 @@ std::string format_duration(double seconds) {
   return format("%02lld:%02lld", ll(s / 60), ll(s % 60));
 }
 
-// Paths are handled with POSIX calls, not std::filesystem: the torch wheel's
-// libtorch.so exports its own copy of the std::filesystem functions, which
-// binds ahead of libstdc++'s.
-std::string join(const std::string& dir, const std::string& name) {
-  return !dir.empty() && dir.back() == '/' ? dir + name : dir + "/" + name;
-}
-
-/// mkdir -p; the error text, or "" on success.
-std::string make_directories(const std::string& path) {
-  for (size_t pos = 1; pos <= path.size(); ++pos) {
-    if (pos != path.size() && path[pos] != '/') continue;
-    const std::string prefix = path.substr(0, pos);
-    if (::mkdir(prefix.c_str(), 0777) != 0 && errno != EEXIST) return std::strerror(errno);
-  }
-  struct stat st;
-  if (::stat(path.c_str(), &st) != 0) return std::strerror(errno);
-  if (!S_ISDIR(st.st_mode)) return "exists and is not a directory";
-  return "";
-}
+std::string join(const std::string& dir, const std::string& name) { return detail::join_path(dir, name); }
 
 bool non_empty_file(const std::string& path) {
   struct stat st;
@@ -282,8 +266,7 @@ std::string MetricLogger::jsonl_path() const { return join(options_.dir(), "metr
 std::string MetricLogger::csv_path() const { return join(options_.dir(), "metrics.csv"); }
 
 void MetricLogger::on_fit_start(Trainer& trainer) {
-  const std::string error = make_directories(options_.dir());
-  TORCH_CHECK(error.empty(), "MetricLogger: cannot create directory ", options_.dir(), ": ", error);
+  detail::make_directories(options_.dir(), "MetricLogger");
   const bool append = trainer.state().step > 0 && options_.append_on_resume();
   const auto mode = std::ios::out | (append ? std::ios::app : std::ios::trunc);
   start_ = Clock::now();

@@ -1,11 +1,11 @@
 #include "wick/checkpoint.h"
 
+#include "fs.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
-#include <dirent.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <limits.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -40,14 +40,12 @@ constexpr const char* kRngSection = "rng_state";
 
 // ---------------------------------------------------------------- errors
 
-std::string errno_text(int err) {
-  return c10::str(std::error_code(err, std::generic_category()).message(), " (errno ", err, ")");
-}
+using detail::errno_text;
 
 [[noreturn]] void fail(const std::string& msg) { C10_THROW_ERROR(Error, msg); }
 
 [[noreturn]] void fail_errno(const std::string& what, const fs::path& p, int err) {
-  fail(c10::str("Checkpoint: ", what, " '", p.string(), "': ", errno_text(err)));
+  detail::fail_errno("Checkpoint", what, p.string(), err);
 }
 
 std::string where(const std::string& path) { return path.empty() ? "<in memory>" : path; }
@@ -197,12 +195,7 @@ void write_file_synced(const fs::path& p, const std::string& data) {
   if (int err = fd.close()) fail_errno("cannot close", p, err);
 }
 
-void fsync_dir(const fs::path& p) {
-  Fd fd(::open(p.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (fd.get() < 0) fail_errno("cannot open directory", p, errno);
-  // Some file systems do not support fsync on directories (EINVAL): nothing to do there.
-  if (::fsync(fd.get()) != 0 && errno != EINVAL) fail_errno("cannot fsync directory", p, errno);
-}
+void fsync_dir(const fs::path& p) { detail::fsync_dir(p.string(), "Checkpoint"); }
 
 // Reads the whole of `p`, checking first that it holds `expected_size` bytes
 // (when given). Throws naming `p`.
@@ -243,73 +236,14 @@ std::string read_file(const fs::path& p, std::optional<uint64_t> expected_size,
   return data;
 }
 
-// File system operations go through POSIX, not std::filesystem: the torch
-// wheel's libtorch.so exports its own copies of several std::filesystem
-// functions, built against another libstdc++, and they bind ahead of the
-// system's (remove_all crashes). Only std::filesystem::path is used here.
+// File system operations through src/fs.h (POSIX, not std::filesystem; see there).
 
-enum class Kind { kMissing, kDirectory, kRegular, kOther };
-
-// What `p` is, without following a final symlink. Missing covers ENOENT and
-// ENOTDIR (a parent is not a directory).
-Kind kind_of(const fs::path& p) {
-  struct stat st {};
-  if (::lstat(p.c_str(), &st) != 0) {
-    const int err = errno;
-    if (err == ENOENT || err == ENOTDIR) return Kind::kMissing;
-    fail_errno("cannot stat", p, err);
-  }
-  if (S_ISDIR(st.st_mode)) return Kind::kDirectory;
-  if (S_ISREG(st.st_mode)) return Kind::kRegular;
-  return Kind::kOther;
-}
-
-// Names in directory `p` (without "." and "..").
-std::vector<std::string> list_dir(const fs::path& p) {
-  DIR* d = ::opendir(p.c_str());
-  if (d == nullptr) fail_errno("cannot list directory", p, errno);
-  std::vector<std::string> names;
-  errno = 0;
-  while (const dirent* e = ::readdir(d)) {
-    const std::string n = e->d_name;
-    if (n != "." && n != "..") names.push_back(n);
-    errno = 0;
-  }
-  const int err = errno;
-  ::closedir(d);
-  if (err != 0) fail_errno("cannot list directory", p, err);
-  return names;
-}
-
+using Kind = detail::PathKind;
+Kind kind_of(const fs::path& p) { return detail::path_kind(p.string(), "Checkpoint"); }
+std::vector<std::string> list_dir(const fs::path& p) { return detail::list_dir(p.string(), "Checkpoint"); }
 // mkdir -p, fsyncing the parent of every directory it creates.
-void make_directories(const fs::path& p) {
-  fs::path prefix;
-  for (const auto& part : p) {
-    prefix /= part;
-    if (part == "/" || part == "." || part.empty()) continue;
-    if (::mkdir(prefix.c_str(), 0755) == 0) {
-      fsync_dir(prefix.has_parent_path() ? prefix.parent_path() : fs::path("."));
-      continue;
-    }
-    const int err = errno;
-    if (err != EEXIST) fail_errno("cannot create directory", prefix, err);
-    struct stat st {};
-    if (::stat(prefix.c_str(), &st) != 0) fail_errno("cannot create directory", prefix, errno);
-    if (!S_ISDIR(st.st_mode)) fail_errno("cannot create directory", prefix, ENOTDIR);
-  }
-}
-
-// rm -rf; returns 0 or the first errno met. A missing `p` is no error.
-int remove_tree(const fs::path& p) {
-  const int r = ::nftw(
-      p.c_str(),
-      [](const char* f, const struct stat*, int, struct FTW*) {
-        return ::remove(f) == 0 ? 0 : errno;
-      },
-      16, FTW_DEPTH | FTW_PHYS);
-  if (r == -1) return errno == ENOENT ? 0 : errno;
-  return r;
-}
+void make_directories(const fs::path& p) { detail::make_directories(p.string(), "Checkpoint", true); }
+int remove_tree(const fs::path& p) { return detail::remove_tree(p.string()); }
 
 // `p` made absolute with symlinks resolved where it exists, else lexically.
 fs::path normalized(const fs::path& p) {

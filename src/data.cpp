@@ -1,5 +1,7 @@
 #include "wick/data.h"
 
+#include "fs.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <zlib.h>
 
@@ -10,7 +12,6 @@
 #include <memory>
 #include <vector>
 
-#include <sys/stat.h>
 
 namespace wick {
 
@@ -124,14 +125,8 @@ void TensorBatchSource::skip(int64_t n) {
 
 namespace {
 
-// POSIX stat rather than std::filesystem: the torch wheel's libtorch.so exports
-// its own std::filesystem functions, built against another libstdc++.
-enum class PathKind { kMissing, kDirectory, kOther };
-PathKind path_kind(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return PathKind::kMissing;
-  return S_ISDIR(st.st_mode) ? PathKind::kDirectory : PathKind::kOther;
-}
+using detail::PathKind;
+PathKind path_kind(const std::string& path) { return detail::path_kind(path, "wick data", /*follow_symlinks=*/true); }
 
 const char* idx_type_name(int type) {
   switch (type) {
