@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 namespace wick_bench {
@@ -64,12 +65,18 @@ double clock_s(clockid_t id) {
   clock_gettime(id, &ts);
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
+int64_t minor_faults_now() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<int64_t>(ru.ru_minflt);
+}
 }  // namespace
 
 Stopwatch::Stopwatch()
-    : wall0_(clock_s(CLOCK_MONOTONIC)), cpu0_(clock_s(CLOCK_PROCESS_CPUTIME_ID)) {}
+    : wall0_(clock_s(CLOCK_MONOTONIC)), cpu0_(clock_s(CLOCK_PROCESS_CPUTIME_ID)), faults0_(minor_faults_now()) {}
 double Stopwatch::wall_s() const { return clock_s(CLOCK_MONOTONIC) - wall0_; }
 double Stopwatch::cpu_s() const { return clock_s(CLOCK_PROCESS_CPUTIME_ID) - cpu0_; }
+int64_t Stopwatch::minor_faults() const { return minor_faults_now() - faults0_; }
 
 double median(std::vector<double> values) {
   TORCH_CHECK(!values.empty(), "wick-bench: median of no values");

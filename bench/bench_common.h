@@ -41,15 +41,19 @@ class JsonOut {
   std::string path_;
 };
 
-/// Wall and process-CPU time of a stretch of code, in seconds.
+/// Wall and process-CPU time of a stretch of code, in seconds, and the minor
+/// page faults taken meanwhile (fresh memory from the kernel: a sign of the
+/// allocator returning memory and taking it back).
 class Stopwatch {
  public:
   Stopwatch();
   double wall_s() const;
   double cpu_s() const;
+  int64_t minor_faults() const;
 
  private:
   double wall0_, cpu0_;
+  int64_t faults0_;
 };
 
 double median(std::vector<double> values);

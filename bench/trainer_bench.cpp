@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <iostream>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -44,6 +45,7 @@ struct TrainerBenchOptions {
   bool compile = false;
   int compile_repeats = 3;
   bool fused_adam = false;
+  std::string trainer_source = "tensor";
 };
 
 constexpr double kOverheadGoal = 1.03;  // trainer / raw, at most
@@ -93,18 +95,48 @@ double check_loss(Mlp& model, const Data& d, int64_t batch) {
 
 struct Run {
   double wall_s = 0, cpu_s = 0, check_loss = 0;
+  int64_t faults = 0;
 };
 
-// (a) wick::Trainer: SupervisedTask, TensorBatchSource in order, no callbacks,
-// logging only at the end of fit.
+Run measured(const Stopwatch& sw) { return Run{sw.wall_s(), sw.cpu_s(), 0.0, sw.minor_faults()}; }
+
+// Batches as views of consecutive slices, as the raw loop and the Python peer
+// take them (TensorBatchSource gathers each batch into a new tensor).
+class SliceSource : public wick::BatchSource {
+ public:
+  SliceSource(torch::Tensor x, torch::Tensor y, int64_t batch)
+      : x_(std::move(x)), y_(std::move(y)), batch_(batch) {}
+  void reset(int64_t) override { cursor_ = 0; }
+  std::optional<wick::Batch> next() override {
+    if (cursor_ + batch_ > x_.size(0)) return std::nullopt;
+    wick::Batch b(x_.narrow(0, cursor_, batch_), y_.narrow(0, cursor_, batch_));
+    cursor_ += batch_;
+    return b;
+  }
+  std::optional<int64_t> size() const override { return x_.size(0) / batch_; }
+
+ private:
+  torch::Tensor x_, y_;
+  int64_t batch_, cursor_ = 0;
+};
+
+// (a) wick::Trainer: SupervisedTask, batches in order (TensorBatchSource, or
+// SliceSource with --trainer-source slices), no callbacks, logging only at the
+// end of fit.
 Run run_trainer(const TrainerBenchOptions& o, const Data& d) {
   auto model = make_mlp(o.seed);
   torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(o.lr));
   wick::SupervisedTask task(model);
-  wick::TensorBatchSource tensors(d.x, d.y, wick::TensorBatchSourceOptions(o.batch).shuffle(false));
+  std::unique_ptr<wick::BatchSource> owned;
+  if (o.trainer_source == "slices") {
+    owned = std::make_unique<SliceSource>(d.x, d.y, o.batch);
+  } else {
+    owned = std::make_unique<wick::TensorBatchSource>(d.x, d.y,
+                                                      wick::TensorBatchSourceOptions(o.batch).shuffle(false));
+  }
   // As a BatchSource&: with the derived type, fit's data-loader template
   // overload would be the better match and fail to compile.
-  wick::BatchSource& source = tensors;
+  wick::BatchSource& source = *owned;
   const auto options = [&](int64_t max_steps) {
     return wick::TrainerOptions()
         .max_steps(max_steps)
@@ -118,7 +150,7 @@ Run run_trainer(const TrainerBenchOptions& o, const Data& d) {
   wick::Trainer trainer(options(o.steps));
   Stopwatch sw;
   auto result = trainer.fit(task, optimizer, source);
-  Run run{sw.wall_s(), sw.cpu_s(), 0.0};
+  Run run = measured(sw);
   TORCH_CHECK(result.state.step == o.steps, "wick-bench trainer: the Trainer took ", result.state.step,
               " steps, expected ", o.steps);
   run.check_loss = check_loss(model, d, o.batch);
@@ -141,7 +173,7 @@ Run run_raw(const TrainerBenchOptions& o, const Data& d) {
   for (int64_t i = 0; i < o.warmup; ++i) step(i % n_batches);
   Stopwatch sw;
   for (int64_t i = 0; i < o.steps; ++i) step(i % n_batches);
-  Run run{sw.wall_s(), sw.cpu_s(), 0.0};
+  Run run = measured(sw);
   run.check_loss = check_loss(model, d, o.batch);
   return run;
 }
@@ -175,7 +207,7 @@ Run run_raw_fused_adam(const TrainerBenchOptions& o, const Data& d) {
   for (int64_t i = 0; i < o.warmup; ++i) step(i % n_batches);
   Stopwatch sw;
   for (int64_t i = 0; i < o.steps; ++i) step(i % n_batches);
-  Run run{sw.wall_s(), sw.cpu_s(), 0.0};
+  Run run = measured(sw);
   run.check_loss = check_loss(model, d, o.batch);
   return run;
 }
@@ -184,17 +216,19 @@ Run run_raw_fused_adam(const TrainerBenchOptions& o, const Data& d) {
 struct CaseRuns {
   explicit CaseRuns(std::string case_name) : name(std::move(case_name)) {}
   std::string name;
-  std::vector<double> ms, cpu_ms;
+  std::vector<double> ms, cpu_ms, faults;
   std::optional<double> check_loss;
   Json extra = Json::object();  // fields the peer reported
   std::string error;
 
-  void add(double wall_ms, double cpu_ms_step) {
+  void add(double wall_ms, double cpu_ms_step, double faults_step) {
     ms.push_back(wall_ms);
     cpu_ms.push_back(cpu_ms_step);
+    faults.push_back(faults_step);
   }
   void add(const Run& r, int64_t steps) {
-    add(1e3 * r.wall_s / static_cast<double>(steps), 1e3 * r.cpu_s / static_cast<double>(steps));
+    const auto n = static_cast<double>(steps);
+    add(1e3 * r.wall_s / n, 1e3 * r.cpu_s / n, static_cast<double>(r.faults) / n);
     check_loss = r.check_loss;
   }
   bool measured() const { return !ms.empty(); }
@@ -209,6 +243,7 @@ Json case_line(const CaseRuns& c, const TrainerBenchOptions& o, int threads) {
   if (c.measured()) {
     j["ms_per_step"] = c.median_ms();
     j["cpu_ms_per_step"] = c.median_cpu_ms();
+    j["page_faults_per_step"] = median(c.faults);
   } else {
     j["ms_per_step"] = nullptr;
   }
@@ -216,6 +251,7 @@ Json case_line(const CaseRuns& c, const TrainerBenchOptions& o, int threads) {
   j["batch"] = o.batch;
   j["steps"] = o.steps;
   j["warmup"] = o.warmup;
+  if (c.name == "wick_trainer") j["source"] = o.trainer_source;
   j["repeats"] = c.ms.size();
   j["runs_ms_per_step"] = c.ms;
   j["runs_cpu_ms_per_step"] = c.cpu_ms;
@@ -245,7 +281,8 @@ bool take_peer(const PeerResult& r, CaseRuns& c) {
   if (line.contains("runs_ms_per_step")) {
     auto ms = line["runs_ms_per_step"].get<std::vector<double>>();
     auto cpu = line["runs_cpu_ms_per_step"].get<std::vector<double>>();
-    for (size_t i = 0; i < ms.size(); ++i) c.add(ms[i], cpu[i]);
+    auto faults = line.value("runs_page_faults_per_step", std::vector<double>(ms.size(), 0.0));
+    for (size_t i = 0; i < ms.size(); ++i) c.add(ms[i], cpu[i], faults[i]);
   }
   if (line.contains("check_loss")) c.check_loss = line["check_loss"].get<double>();
   for (const char* k : {"torch", "python", "compile_s", "adam"}) {
@@ -259,6 +296,8 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
   TORCH_CHECK(o.warmup >= 0, "wick-bench trainer: --warmup must be >= 0, got ", o.warmup);
   TORCH_CHECK(o.repeats >= 1, "wick-bench trainer: --repeats must be >= 1, got ", o.repeats);
   TORCH_CHECK(o.batch >= 1, "wick-bench trainer: --batch must be >= 1, got ", o.batch);
+  TORCH_CHECK(o.trainer_source == "tensor" || o.trainer_source == "slices",
+              "wick-bench trainer: --trainer-source must be tensor or slices, got ", o.trainer_source);
   const int threads = set_torch_threads(o.threads);
   JsonOut out(global.jsonl);
   const double load_start = load_average_1m();
@@ -320,6 +359,7 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
   s["steps"] = o.steps;
   s["warmup"] = o.warmup;
   s["repeats"] = o.repeats;
+  s["trainer_source"] = o.trainer_source;
   s["cpu_model"] = cpu_model();
   s["logical_cpus"] = logical_cpus();
   s["load_avg_1m_start"] = load_start;
@@ -345,6 +385,9 @@ void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_flag("!--no-python", o->python, "skip the Python peer");
   sub->add_flag("--compile", o->compile, "also time the peer under torch.compile (case python_compile)");
   sub->add_option("--compile-repeats", o->compile_repeats, "runs of the torch.compile case")
+      ->capture_default_str();
+  sub->add_option("--trainer-source", o->trainer_source,
+                  "the Trainer's batches: tensor (TensorBatchSource, gathers a copy) or slices (views)")
       ->capture_default_str();
   sub->add_flag("--fused-adam", o->fused_adam,
                 "also time the raw loop with at::_fused_adam_ instead of torch::optim::Adam (case raw_fused_adam)");

@@ -19,6 +19,7 @@ gets) passes fused=True to Adam, to see what the optimizer costs.
 import argparse
 import datetime
 import json
+import resource
 import statistics
 import sys
 import time
@@ -66,14 +67,16 @@ def one_run(torch, args, x, y):
         step(i % n_batches)
     warmup_s = time.perf_counter() - t0
 
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(args.steps):
         step(i % n_batches)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
     with torch.no_grad():  # the trained model's loss on the first batch
         check = torch.nn.functional.cross_entropy(model(x[:b]), y[:b]).item()
-    return 1e3 * wall / args.steps, 1e3 * cpu / args.steps, warmup_s, check
+    return 1e3 * wall / args.steps, 1e3 * cpu / args.steps, faults / args.steps, warmup_s, check
 
 
 def main():
@@ -115,28 +118,31 @@ def main():
     }
     x, y = make_data(torch, args.steps * args.batch, args.seed)
 
-    ms, cpu_ms, warmups = [], [], []
+    ms, cpu_ms, faults, warmups = [], [], [], []
     check = None
     for _ in range(args.repeats):
         try:
-            wall_ms, c_ms, warmup_s, check = one_run(torch, args, x, y)
+            wall_ms, c_ms, f, warmup_s, check = one_run(torch, args, x, y)
         except Exception as e:  # torch.compile needs a working C++ toolchain
             text = "".join(traceback.format_exception_only(type(e), e)).strip()
             line["error"] = text[-2000:]
             break
         ms.append(wall_ms)
         cpu_ms.append(c_ms)
+        faults.append(f)
         warmups.append(warmup_s)
 
     if ms:
         line["ms_per_step"] = statistics.median(ms)
         line["cpu_ms_per_step"] = statistics.median(cpu_ms)
+        line["page_faults_per_step"] = statistics.median(faults)
         line["check_loss"] = check
         if args.compile:
             line["compile_s"] = warmups[0]  # the first run's warmup holds the compilation
     line["repeats"] = len(ms)
     line["runs_ms_per_step"] = ms
     line["runs_cpu_ms_per_step"] = cpu_ms
+    line["runs_page_faults_per_step"] = faults
     line["warmup_s"] = warmups
     print(json.dumps(line), flush=True)
 
