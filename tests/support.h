@@ -9,6 +9,8 @@
 #include <random>
 #include <string>
 
+#include <ftw.h>
+#include <stdio.h>
 #include <unistd.h>
 
 namespace wick::testing {
@@ -77,9 +79,13 @@ class TempDir {
             ("wick-test-" + std::to_string(::getpid()) + "-" + std::to_string(rd()));
     std::filesystem::create_directories(path_);
   }
+  // Not std::filesystem::remove_all: the torch wheel's libtorch.so exports its
+  // own copy, which binds ahead of libstdc++ and crashes with GCC 12's
+  // recursive_directory_iterator. nftw + remove does the same with libc alone.
   ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
+    ::nftw(
+        path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); },
+        16, FTW_DEPTH | FTW_PHYS);
   }
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;

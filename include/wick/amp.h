@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <string>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace wick {
 
@@ -44,8 +46,8 @@ c10::ScalarType autocast_dtype(Precision precision);
 class AutocastGuard {
  public:
   /// Enables (or, with enabled=false, disables) autocast for `device_type` in `dtype`.
-  /// Throws for a device type autocast does not support, or a dtype other than
-  /// kHalf / kBFloat16.
+  /// Throws for a device type other than kCPU / kCUDA, or a dtype other than
+  /// kHalf / kBFloat16. The state is per thread, like LibTorch's autocast state.
   AutocastGuard(c10::DeviceType device_type, c10::ScalarType dtype, bool enabled = true);
   /// Autocast for `precision` on `device`'s type; kFP32 disables autocast in the scope.
   AutocastGuard(const torch::Device& device, Precision precision);
@@ -116,24 +118,37 @@ class AmpScaler {
   /// Whether the last update() saw an inf/NaN (the step was skipped).
   bool last_step_skipped() const { return last_step_skipped_; }
 
-  /// Serializes scale, growth tracker, counters and options.
+  /// Serializes scale, growth tracker, counters and options (growth_factor,
+  /// backoff_factor, growth_interval, enabled). Call it after update(), as
+  /// with Python's state_dict().
   void save(torch::serialize::OutputArchive& archive) const;
   /// Restores what save() wrote; throws naming a missing or malformed key.
+  /// Like Python's load_state_dict(): the saved scale, tracker and options
+  /// replace the current ones; a disabled scaler only restores the counters,
+  /// and an enabled one refuses a state saved by a disabled one.
   void load(torch::serialize::InputArchive& archive);
 
  private:
   enum class Stage { kReady, kUnscaled, kStepped };
   struct PerOptimizer {
     Stage stage = Stage::kReady;
-    torch::Tensor found_inf;  // float scalar on the scale's device
+    // One float scalar per device that holds gradients: 1 where an inf/NaN was seen.
+    std::vector<std::pair<torch::Device, torch::Tensor>> found_inf_per_device;
+    // Set by step(), which has to look at found_inf anyway: saves update() a sync.
+    c10::optional<bool> found_inf;
   };
 
   void lazy_init(const torch::Device& device);
+  void check_initialized(const char* method) const;
   PerOptimizer& state_of(const torch::optim::Optimizer& optimizer);
+  std::vector<std::pair<torch::Device, torch::Tensor>> unscale_grads(
+      torch::optim::Optimizer& optimizer, const torch::Tensor& inv_scale);
+  bool any_found_inf();
 
   AmpScalerOptions options_;
-  torch::Tensor scale_;           // float32 scalar
-  torch::Tensor growth_tracker_;  // int32 scalar
+  torch::Tensor scale_;           // float32 scalar; undefined until the first scale()
+  torch::Tensor growth_tracker_;  // int32 scalar; created with scale_
+  int64_t init_growth_tracker_ = 0;  // growth tracker to start from (load() sets it)
   std::unordered_map<const torch::optim::Optimizer*, PerOptimizer> per_optimizer_;
   int64_t skipped_steps_ = 0;
   int64_t taken_steps_ = 0;

@@ -70,11 +70,18 @@ class TensorBatchSource : public BatchSource {
 /// Stack<> transform) to a BatchSource. Each reset() restarts the loader; its
 /// sampler decides the order (a RandomSampler draws from torch's global
 /// generator, so mid-epoch resume replays the order only with a sequential one).
+/// A reset() in mid-epoch with workers > 0 first reads out the rest of the
+/// epoch: LibTorch refuses a new iterator while batches are in flight.
 template <typename Loader>
 class DataLoaderSource : public BatchSource {
  public:
   explicit DataLoaderSource(Loader& loader) : loader_(loader) {}
   void reset(int64_t) override {
+    if (it_.has_value() && loader_.options().workers > 0) {
+      auto end = loader_.end();
+      while (*it_ != end) ++*it_;
+    }
+    it_.reset();
     it_.emplace(loader_.begin());
   }
   std::optional<Batch> next() override {

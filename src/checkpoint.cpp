@@ -1,0 +1,849 @@
+#include "wick/checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <c10/util/Exception.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <limits.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <torch/version.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cstdio>
+#include <filesystem>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+#include <sstream>
+#include <system_error>
+#include <utility>
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace wick {
+
+namespace {
+
+constexpr int kFormatVersion = 1;
+constexpr const char* kFormatName = "wick-checkpoint";
+constexpr const char* kMetaFile = "meta.json";
+constexpr const char* kRngSection = "rng_state";
+
+// ---------------------------------------------------------------- errors
+
+std::string errno_text(int err) {
+  return c10::str(std::error_code(err, std::generic_category()).message(), " (errno ", err, ")");
+}
+
+[[noreturn]] void fail(const std::string& msg) { C10_THROW_ERROR(Error, msg); }
+
+[[noreturn]] void fail_errno(const std::string& what, const fs::path& p, int err) {
+  fail(c10::str("Checkpoint: ", what, " '", p.string(), "': ", errno_text(err)));
+}
+
+std::string where(const std::string& path) { return path.empty() ? "<in memory>" : path; }
+
+// ---------------------------------------------------------------- names
+
+void check_section_name(const std::string& name) {
+  bool ok = !name.empty() && name.size() <= 128 && name[0] != '.' && name[0] != '-';
+  for (char c : name) {
+    ok = ok && ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                c == '_' || c == '-' || c == '.');
+  }
+  TORCH_CHECK(ok,
+              "Checkpoint: section name must be 1-128 characters of [A-Za-z0-9_.-] not starting "
+              "with '.' or '-' (it names the file <section>.pt), got '",
+              name, "'");
+}
+
+// Temporary directories beside a checkpoint: ".<name>.tmp-<host>-<pid>-<hex>".
+// The host and pid let prune_checkpoints() tell a leftover of a dead writer
+// from a save in progress.
+std::string this_host() {
+  char buf[256] = {0};
+  if (::gethostname(buf, sizeof(buf) - 1) != 0) return "unknown";
+  std::string h(buf);
+  for (char& c : h) {
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-'))
+      c = '_';
+  }
+  return h.empty() ? "unknown" : h;
+}
+
+std::string random_hex() {
+  static thread_local std::mt19937_64 gen{std::random_device{}() ^
+                                          (static_cast<uint64_t>(::getpid()) << 32)};
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(gen()));
+  return buf;
+}
+
+std::string temp_name(const std::string& target_name) {
+  return c10::str(".", target_name, ".tmp-", this_host(), "-", ::getpid(), "-", random_hex());
+}
+
+struct TempInfo {
+  std::string host;
+  long pid = 0;
+};
+
+// Parses ".<anything>.tmp-<host>-<pid>-<16 hex>"; nullopt when `name` is not one.
+std::optional<TempInfo> parse_temp_name(const std::string& name) {
+  if (name.size() < 2 || name[0] != '.') return std::nullopt;
+  const auto tmp = name.rfind(".tmp-");
+  if (tmp == std::string::npos || tmp == 0) return std::nullopt;
+  const std::string rest = name.substr(tmp + 5);  // <host>-<pid>-<hex>
+  const auto dash_hex = rest.rfind('-');
+  if (dash_hex == std::string::npos || rest.size() - dash_hex - 1 != 16) return std::nullopt;
+  for (size_t i = dash_hex + 1; i < rest.size(); ++i) {
+    if (!std::isxdigit(static_cast<unsigned char>(rest[i]))) return std::nullopt;
+  }
+  const auto dash_pid = rest.rfind('-', dash_hex - 1);
+  if (dash_pid == std::string::npos || dash_pid == 0 || dash_pid + 1 == dash_hex)
+    return std::nullopt;
+  const std::string pid = rest.substr(dash_pid + 1, dash_hex - dash_pid - 1);
+  if (pid.size() > 10 || !std::all_of(pid.begin(), pid.end(), [](char c) {
+        return std::isdigit(static_cast<unsigned char>(c)) != 0;
+      })) {
+    return std::nullopt;
+  }
+  return TempInfo{rest.substr(0, dash_pid), std::stol(pid)};
+}
+
+// Parses "step-<digits>"; nullopt otherwise.
+std::optional<int64_t> parse_checkpoint_name(const std::string& name) {
+  if (name.size() < 6 || name.size() > 5 + 18 || name.compare(0, 5, "step-") != 0)
+    return std::nullopt;
+  for (size_t i = 5; i < name.size(); ++i) {
+    if (!std::isdigit(static_cast<unsigned char>(name[i]))) return std::nullopt;
+  }
+  const int64_t step = std::stoll(name.substr(5));
+  // Only the spelling checkpoint_name() gives: "step-7" or "step-000000007" are not ours.
+  if (name != checkpoint_name(step)) return std::nullopt;
+  return step;
+}
+
+// ---------------------------------------------------------------- files
+
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  /// Closes and reports the error (close can report a deferred write error).
+  int close() {
+    const int r = ::close(fd_);
+    fd_ = -1;
+    return r == 0 ? 0 : errno;
+  }
+
+ private:
+  int fd_;
+};
+
+uint32_t crc32_of(const std::string& data) {
+  uLong crc = ::crc32(0L, Z_NULL, 0);
+  const auto* p = reinterpret_cast<const Bytef*>(data.data());
+  size_t left = data.size();
+  while (left > 0) {
+    const uInt n = static_cast<uInt>(std::min<size_t>(left, 1u << 30));
+    crc = ::crc32(crc, p, n);
+    p += n;
+    left -= n;
+  }
+  return static_cast<uint32_t>(crc);
+}
+
+std::string crc_hex(uint32_t crc) {
+  char buf[9];
+  std::snprintf(buf, sizeof(buf), "%08x", static_cast<unsigned>(crc));
+  return buf;
+}
+
+// Creates `p` (which must not exist), writes `data`, fsyncs and closes it.
+void write_file_synced(const fs::path& p, const std::string& data) {
+  Fd fd(::open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  if (fd.get() < 0) fail_errno("cannot create", p, errno);
+  size_t off = 0;
+  while (off < data.size()) {
+    const size_t n = std::min<size_t>(data.size() - off, 1u << 30);
+    const ssize_t w = ::write(fd.get(), data.data() + off, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      fail(c10::str("Checkpoint: cannot write '", p.string(), "' (after ", off, " of ", data.size(),
+                    " bytes): ", errno_text(errno)));
+    }
+    if (w == 0) {
+      fail(c10::str("Checkpoint: cannot write '", p.string(),
+                    "': the write made no progress after ", off, " of ", data.size(), " bytes"));
+    }
+    off += static_cast<size_t>(w);
+  }
+  if (::fsync(fd.get()) != 0) fail_errno("cannot fsync", p, errno);
+  if (int err = fd.close()) fail_errno("cannot close", p, err);
+}
+
+void fsync_dir(const fs::path& p) {
+  Fd fd(::open(p.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (fd.get() < 0) fail_errno("cannot open directory", p, errno);
+  // Some file systems do not support fsync on directories (EINVAL): nothing to do there.
+  if (::fsync(fd.get()) != 0 && errno != EINVAL) fail_errno("cannot fsync directory", p, errno);
+}
+
+// Reads the whole of `p`, checking first that it holds `expected_size` bytes
+// (when given). Throws naming `p`.
+std::string read_file(const fs::path& p, std::optional<uint64_t> expected_size,
+                      const char* missing_what) {
+  Fd fd(::open(p.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    const int err = errno;
+    if (err == ENOENT) {
+      fail(c10::str("Checkpoint: ", missing_what, " '", p.string(),
+                    "' is missing: ", errno_text(err)));
+    }
+    fail_errno("cannot open", p, err);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) fail_errno("cannot stat", p, errno);
+  if (!S_ISREG(st.st_mode)) fail(c10::str("Checkpoint: '", p.string(), "' is not a regular file"));
+  const auto size = static_cast<uint64_t>(st.st_size);
+  if (expected_size && size != *expected_size) {
+    fail(c10::str("Checkpoint: '", p.string(), "' has ", size, " bytes but meta.json records ",
+                  *expected_size, " (",
+                  size < *expected_size ? "truncated" : "overwritten or appended to", ")"));
+  }
+  std::string data(size, '\0');
+  size_t off = 0;
+  while (off < size) {
+    const ssize_t r = ::read(fd.get(), data.data() + off, std::min<size_t>(size - off, 1u << 30));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      fail_errno("cannot read", p, errno);
+    }
+    if (r == 0) {
+      fail(c10::str("Checkpoint: '", p.string(), "' ended after ", off, " of ", size,
+                    " bytes (truncated while reading)"));
+    }
+    off += static_cast<size_t>(r);
+  }
+  return data;
+}
+
+// File system operations go through POSIX, not std::filesystem: the torch
+// wheel's libtorch.so exports its own copies of several std::filesystem
+// functions, built against another libstdc++, and they bind ahead of the
+// system's (remove_all crashes). Only std::filesystem::path is used here.
+
+enum class Kind { kMissing, kDirectory, kRegular, kOther };
+
+// What `p` is, without following a final symlink. Missing covers ENOENT and
+// ENOTDIR (a parent is not a directory).
+Kind kind_of(const fs::path& p) {
+  struct stat st {};
+  if (::lstat(p.c_str(), &st) != 0) {
+    const int err = errno;
+    if (err == ENOENT || err == ENOTDIR) return Kind::kMissing;
+    fail_errno("cannot stat", p, err);
+  }
+  if (S_ISDIR(st.st_mode)) return Kind::kDirectory;
+  if (S_ISREG(st.st_mode)) return Kind::kRegular;
+  return Kind::kOther;
+}
+
+// Names in directory `p` (without "." and "..").
+std::vector<std::string> list_dir(const fs::path& p) {
+  DIR* d = ::opendir(p.c_str());
+  if (d == nullptr) fail_errno("cannot list directory", p, errno);
+  std::vector<std::string> names;
+  errno = 0;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n != "." && n != "..") names.push_back(n);
+    errno = 0;
+  }
+  const int err = errno;
+  ::closedir(d);
+  if (err != 0) fail_errno("cannot list directory", p, err);
+  return names;
+}
+
+// mkdir -p, fsyncing the parent of every directory it creates.
+void make_directories(const fs::path& p) {
+  fs::path prefix;
+  for (const auto& part : p) {
+    prefix /= part;
+    if (part == "/" || part == "." || part.empty()) continue;
+    if (::mkdir(prefix.c_str(), 0755) == 0) {
+      fsync_dir(prefix.has_parent_path() ? prefix.parent_path() : fs::path("."));
+      continue;
+    }
+    const int err = errno;
+    if (err != EEXIST) fail_errno("cannot create directory", prefix, err);
+    struct stat st {};
+    if (::stat(prefix.c_str(), &st) != 0) fail_errno("cannot create directory", prefix, errno);
+    if (!S_ISDIR(st.st_mode)) fail_errno("cannot create directory", prefix, ENOTDIR);
+  }
+}
+
+// rm -rf; returns 0 or the first errno met. A missing `p` is no error.
+int remove_tree(const fs::path& p) {
+  const int r = ::nftw(
+      p.c_str(),
+      [](const char* f, const struct stat*, int, struct FTW*) {
+        return ::remove(f) == 0 ? 0 : errno;
+      },
+      16, FTW_DEPTH | FTW_PHYS);
+  if (r == -1) return errno == ENOENT ? 0 : errno;
+  return r;
+}
+
+// `p` made absolute with symlinks resolved where it exists, else lexically.
+fs::path normalized(const fs::path& p) {
+  char buf[PATH_MAX];
+  if (::realpath(p.c_str(), buf) != nullptr) return fs::path(buf);
+  fs::path abs = p;
+  if (p.is_relative() && ::getcwd(buf, sizeof(buf)) != nullptr) abs = fs::path(buf) / p;
+  return abs.lexically_normal();
+}
+
+// ---------------------------------------------------------------- archives
+
+std::string to_bytes(torch::serialize::OutputArchive& archive) {
+  std::string bytes;
+  archive.save_to([&bytes](const void* buf, size_t n) -> size_t {
+    bytes.append(static_cast<const char*>(buf), n);
+    return n;
+  });
+  return bytes;
+}
+
+// The layout of torch::nn::Module::save: own parameters and buffers by their
+// local names, children as nested archives. torch::load(module, "<section>.pt")
+// reads it too.
+void write_module(torch::serialize::OutputArchive& archive, const torch::nn::Module& module) {
+  for (const auto& p : module.named_parameters(/*recurse=*/false)) {
+    if (p.value().defined()) archive.write(p.key(), p.value().detach());
+  }
+  for (const auto& b : module.named_buffers(/*recurse=*/false)) {
+    if (b.value().defined()) archive.write(b.key(), b.value().detach(), /*is_buffer=*/true);
+  }
+  for (const auto& child : module.named_children()) {
+    torch::serialize::OutputArchive child_archive(archive.compilation_unit());
+    write_module(child_archive, *child.value());
+    archive.write(child.key(), child_archive);
+  }
+}
+
+// Every tensor in a module archive by dotted name.
+void read_module(torch::serialize::InputArchive& archive, const std::string& prefix,
+                 std::map<std::string, torch::Tensor>& out) {
+  for (const auto& key : archive.keys()) {
+    torch::Tensor t;
+    if (archive.try_read(key, t)) {
+      out[prefix + key] = t;
+      continue;
+    }
+    torch::serialize::InputArchive child;
+    if (archive.try_read(key, child)) read_module(child, prefix + key + ".", out);
+  }
+}
+
+std::string shape_str(c10::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << sizes;
+  return s.str();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- Checkpoint
+
+struct Checkpoint::Section {
+  std::string kind;   // "module", "optimizer", "archive", "rng"
+  std::string bytes;  // the serialized torch archive, exactly as in <section>.pt
+};
+
+Checkpoint::Checkpoint() = default;
+Checkpoint::~Checkpoint() = default;
+Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
+Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
+
+void Checkpoint::put_module(const std::string& section, const torch::nn::Module& module) {
+  check_section_name(section);
+  TORCH_CHECK(section != kRngSection, "Checkpoint: section name '", section,
+              "' is reserved for put_rng_state()");
+  torch::serialize::OutputArchive archive;
+  write_module(archive, module);
+  sections_[section] = std::make_unique<Section>(Section{"module", to_bytes(archive)});
+}
+
+void Checkpoint::put_optimizer(const std::string& section,
+                               const torch::optim::Optimizer& optimizer) {
+  check_section_name(section);
+  TORCH_CHECK(section != kRngSection, "Checkpoint: section name '", section,
+              "' is reserved for put_rng_state()");
+  torch::serialize::OutputArchive archive;
+  optimizer.save(archive);
+  sections_[section] = std::make_unique<Section>(Section{"optimizer", to_bytes(archive)});
+}
+
+void Checkpoint::put(const std::string& section, const Writer& write) {
+  check_section_name(section);
+  TORCH_CHECK(section != kRngSection, "Checkpoint: section name '", section,
+              "' is reserved for put_rng_state()");
+  TORCH_CHECK(write, "Checkpoint: put('", section, "') needs a writer function");
+  torch::serialize::OutputArchive archive;
+  write(archive);
+  sections_[section] = std::make_unique<Section>(Section{"archive", to_bytes(archive)});
+}
+
+void Checkpoint::put_rng_state() {
+  torch::serialize::OutputArchive archive;
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    archive.write("cpu", gen.get_state());
+  }
+  int64_t cuda_devices = 0;
+  if (torch::cuda::is_available()) {
+    cuda_devices = static_cast<int64_t>(torch::cuda::device_count());
+    for (int64_t i = 0; i < cuda_devices; ++i) {
+      auto gen = at::globalContext().defaultGenerator(
+          c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(i)));
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      archive.write("cuda/" + std::to_string(i), gen.get_state());
+    }
+  }
+  archive.write("cuda/count", torch::tensor(cuda_devices));
+  sections_[kRngSection] = std::make_unique<Section>(Section{"rng", to_bytes(archive)});
+}
+
+void Checkpoint::save(const std::string& path) const {
+  TORCH_CHECK(!path.empty(), "Checkpoint: save() needs a path, got an empty string");
+  fs::path target = fs::path(path).lexically_normal();
+  if (!target.has_filename()) target = target.parent_path();  // "dir/" -> "dir"
+  const std::string name = target.filename().string();
+  TORCH_CHECK(!name.empty() && name != "." && name != "..",
+              "Checkpoint: save() needs a path that ends in a directory name, got '", path, "'");
+  fs::path parent = target.parent_path();
+  if (parent.empty()) parent = ".";
+
+  // The parent may not exist yet on the first save of a run.
+  make_directories(parent);
+
+  // Refuse to replace something that is not a checkpoint: a mistyped path must
+  // not delete a run directory.
+  const Kind target_kind = kind_of(target);
+  const bool exists = target_kind != Kind::kMissing;
+  if (exists) {
+    TORCH_CHECK(target_kind == Kind::kDirectory, "Checkpoint: cannot save to '", target.string(),
+                "': it exists and is not a directory");
+    const bool is_checkpoint = kind_of(target / kMetaFile) == Kind::kRegular;
+    TORCH_CHECK(is_checkpoint || list_dir(target).empty(), "Checkpoint: refusing to replace '",
+                target.string(), "': it is a non-empty directory without ", kMetaFile,
+                ", so not a checkpoint");
+  }
+
+  // 1. Everything goes into a fresh temporary directory beside the target.
+  fs::path tmp;
+  for (int attempt = 0;; ++attempt) {
+    tmp = parent / temp_name(name);
+    if (::mkdir(tmp.c_str(), 0755) == 0) break;
+    const int err = errno;
+    if (err != EEXIST || attempt >= 8) fail_errno("cannot create temporary directory", tmp, err);
+  }
+  auto remove_tmp = [&tmp] { remove_tree(tmp); };
+
+  try {
+    json sections = json::object();
+    for (const auto& [section, s] : sections_) {
+      const std::string file = section + ".pt";
+      write_file_synced(tmp / file, s->bytes);
+      sections[section] = {{"file", file},
+                           {"kind", s->kind},
+                           {"size", s->bytes.size()},
+                           {"crc32", crc_hex(crc32_of(s->bytes))}};
+    }
+    json meta = {
+        {"format", kFormatName},
+        {"format_version", kFormatVersion},
+        {"torch_version", TORCH_VERSION},
+        {"train_state",
+         {{"step", train_state_.step},
+          {"epoch", train_state_.epoch},
+          {"batch_in_epoch", train_state_.batch_in_epoch},
+          {"samples_seen", train_state_.samples_seen}}},
+        {"fingerprint", fingerprint_},
+        {"meta", meta_},
+        {"sections", sections},
+    };
+    // meta.json last: a directory holding it holds every section.
+    write_file_synced(tmp / kMetaFile, meta.dump(2) + "\n");
+    fsync_dir(tmp);
+  } catch (const c10::Error& e) {
+    remove_tmp();
+    std::string why = e.msg();
+    if (why.rfind("Checkpoint: ", 0) == 0) why = why.substr(12);
+    fail(c10::str("Checkpoint: cannot save '", target.string(), "': ", why,
+                  "; nothing was changed at '", target.string(), "'"));
+  } catch (...) {
+    remove_tmp();
+    throw;
+  }
+
+  // 2. Into place. The target path always holds one complete checkpoint (the
+  // old or the new) when the file system can exchange two names atomically;
+  // see docs/checkpoints.md for the fallback's crash window.
+  if (!exists) {
+    if (::rename(tmp.c_str(), target.c_str()) != 0) {
+      const int err = errno;
+      remove_tmp();
+      fail(c10::str("Checkpoint: cannot rename '", tmp.string(), "' to '", target.string(),
+                    "': ", errno_text(err)));
+    }
+  } else {
+    bool swapped = false;
+#ifdef RENAME_EXCHANGE
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, target.c_str(), RENAME_EXCHANGE) == 0) {
+      swapped = true;  // tmp now holds the old checkpoint
+    } else if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) {
+      const int err = errno;
+      remove_tmp();
+      fail(c10::str("Checkpoint: cannot exchange '", tmp.string(), "' with '", target.string(),
+                    "': ", errno_text(err)));
+    }
+#endif
+    if (!swapped) {
+      // Old aside, new into place. A crash between the two renames leaves no
+      // directory at `target` but both complete copies under temporary names.
+      const fs::path old = parent / temp_name(name);
+      if (::rename(target.c_str(), old.c_str()) != 0) {
+        const int err = errno;
+        remove_tmp();
+        fail(c10::str("Checkpoint: cannot move the old checkpoint '", target.string(),
+                      "' aside to '", old.string(), "': ", errno_text(err)));
+      }
+      if (::rename(tmp.c_str(), target.c_str()) != 0) {
+        const int err = errno;
+        ::rename(old.c_str(), target.c_str());  // put the old one back
+        remove_tmp();
+        fail(c10::str("Checkpoint: cannot rename '", tmp.string(), "' to '", target.string(),
+                      "': ", errno_text(err)));
+      }
+      tmp = old;
+    }
+  }
+  // 3. Make the rename durable, then drop the old checkpoint (now under tmp).
+  fsync_dir(parent);
+  if (exists) remove_tree(tmp);  // a leftover is a stale temp dir for prune_checkpoints()
+}
+
+Checkpoint Checkpoint::load(const std::string& path) {
+  TORCH_CHECK(!path.empty(), "Checkpoint: load() needs a path, got an empty string");
+  const fs::path dir(path);
+  const Kind kind = kind_of(dir);
+  TORCH_CHECK(kind != Kind::kMissing, "Checkpoint: cannot load '", path, "': no such directory");
+  TORCH_CHECK(kind == Kind::kDirectory, "Checkpoint: cannot load '", path, "': not a directory");
+  const fs::path meta_path = dir / kMetaFile;
+  const std::string text = read_file(meta_path, std::nullopt, "metadata file");
+
+  Checkpoint ckpt;
+  ckpt.path_ = path;
+  json meta;
+  try {
+    meta = json::parse(text);
+  } catch (const json::exception& e) {
+    fail(c10::str("Checkpoint: '", meta_path.string(), "' is not valid JSON: ", e.what()));
+  }
+  std::vector<std::pair<std::string, json>> section_entries;
+  try {
+    TORCH_CHECK(meta.is_object(), "Checkpoint: '", meta_path.string(), "' is not a JSON object");
+    TORCH_CHECK(meta.value("format", std::string()) == kFormatName, "Checkpoint: '",
+                meta_path.string(), "' is not a wick checkpoint (\"format\" is not \"", kFormatName,
+                "\")");
+    TORCH_CHECK(meta.contains("format_version") && meta["format_version"].is_number_integer(),
+                "Checkpoint: '", meta_path.string(), "' has no integer format_version");
+    const auto version = meta["format_version"].get<int64_t>();
+    TORCH_CHECK(version == kFormatVersion, "Checkpoint: '", meta_path.string(),
+                "' has unknown format version ", version, "; this build of wick reads version ",
+                kFormatVersion);
+    const auto& ts = meta.at("train_state");
+    ckpt.train_state_.step = ts.at("step").get<int64_t>();
+    ckpt.train_state_.epoch = ts.at("epoch").get<int64_t>();
+    ckpt.train_state_.batch_in_epoch = ts.at("batch_in_epoch").get<int64_t>();
+    ckpt.train_state_.samples_seen = ts.at("samples_seen").get<int64_t>();
+    ckpt.fingerprint_ = meta.at("fingerprint").get<std::string>();
+    ckpt.meta_ = meta.at("meta").get<std::map<std::string, std::string>>();
+    for (const auto& [name, entry] : meta.at("sections").items())
+      section_entries.emplace_back(name, entry);
+  } catch (const json::exception& e) {
+    fail(c10::str("Checkpoint: '", meta_path.string(), "' is malformed: ", e.what()));
+  }
+
+  for (const auto& [name, entry] : section_entries) {
+    try {
+      check_section_name(name);
+    } catch (const c10::Error&) {
+      fail(c10::str("Checkpoint: '", meta_path.string(), "' lists an invalid section name '", name,
+                    "'"));
+    }
+    uint64_t size = 0;
+    std::string crc, kind;
+    try {
+      size = entry.at("size").get<uint64_t>();
+      crc = entry.at("crc32").get<std::string>();
+      kind = entry.at("kind").get<std::string>();
+    } catch (const json::exception& e) {
+      fail(c10::str("Checkpoint: '", meta_path.string(), "' has a malformed entry for section '",
+                    name, "': ", e.what()));
+    }
+    // The file name follows from the section name; meta.json's "file" is informative.
+    const fs::path file = dir / (name + ".pt");
+    std::string bytes = read_file(file, size, "section file");
+    const std::string actual = crc_hex(crc32_of(bytes));
+    if (actual != crc) {
+      fail(c10::str("Checkpoint: '", file.string(), "' is corrupted: its CRC-32 is ", actual,
+                    " but meta.json records ", crc));
+    }
+    ckpt.sections_[name] = std::make_unique<Section>(Section{kind, std::move(bytes)});
+  }
+  return ckpt;
+}
+
+bool Checkpoint::has(const std::string& section) const { return sections_.count(section) > 0; }
+
+std::vector<std::string> Checkpoint::sections() const {
+  std::vector<std::string> names;
+  for (const auto& s : sections_) names.push_back(s.first);
+  return names;
+}
+
+std::optional<std::string> Checkpoint::meta(const std::string& key) const {
+  auto it = meta_.find(key);
+  if (it == meta_.end()) return std::nullopt;
+  return it->second;
+}
+
+void Checkpoint::restore_module(const std::string& section, torch::nn::Module& module) const {
+  auto it = sections_.find(section);
+  TORCH_CHECK(it != sections_.end(), "Checkpoint '", where(path_), "' has no section '", section,
+              "'");
+  const auto& bytes = it->second->bytes;
+
+  std::map<std::string, torch::Tensor> saved;
+  try {
+    torch::serialize::InputArchive archive;
+    archive.load_from(bytes.data(), bytes.size(), torch::Device(torch::kCPU));
+    read_module(archive, "", saved);
+  } catch (const c10::Error& e) {
+    fail(c10::str("Checkpoint '", where(path_), "': cannot read section '", section,
+                  "' as a module: ", e.what_without_backtrace()));
+  }
+
+  // Check everything before touching the module.
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;  // (module's, saved)
+  std::vector<std::string> problems;
+  std::set<std::string> expected;
+  auto check = [&](const std::string& name, const torch::Tensor& mine, const char* what) {
+    if (!mine.defined()) return;
+    expected.insert(name);
+    auto s = saved.find(name);
+    if (s == saved.end()) {
+      problems.push_back(c10::str(what, " '", name, "' (shape ", shape_str(mine.sizes()),
+                                  ") is missing from the checkpoint"));
+    } else if (s->second.sizes() != mine.sizes()) {
+      problems.push_back(c10::str(what, " '", name, "' has shape ", shape_str(s->second.sizes()),
+                                  " in the checkpoint but ", shape_str(mine.sizes()),
+                                  " in the module"));
+    } else {
+      copies.emplace_back(mine, s->second);
+    }
+  };
+  for (const auto& p : module.named_parameters(/*recurse=*/true))
+    check(p.key(), p.value(), "parameter");
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) check(b.key(), b.value(), "buffer");
+  for (const auto& [name, t] : saved) {
+    if (!expected.count(name)) {
+      problems.push_back(c10::str("the checkpoint has '", name, "' (shape ", shape_str(t.sizes()),
+                                  ") which the module lacks"));
+    }
+  }
+  if (!problems.empty()) {
+    std::string msg = c10::str("Checkpoint '", where(path_), "': section '", section,
+                               "' does not fit the module: ");
+    for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
+    fail(msg + " (the module is unchanged)");
+  }
+
+  torch::NoGradGuard no_grad;
+  for (auto& [mine, src] : copies) mine.copy_(src);  // keeps the module's device and dtype
+}
+
+void Checkpoint::restore_optimizer(const std::string& section,
+                                   torch::optim::Optimizer& optimizer) const {
+  get(section, [&](torch::serialize::InputArchive& archive) { optimizer.load(archive); });
+}
+
+void Checkpoint::get(const std::string& section, const Reader& read) const {
+  auto it = sections_.find(section);
+  TORCH_CHECK(it != sections_.end(), "Checkpoint '", where(path_), "' has no section '", section,
+              "'");
+  TORCH_CHECK(read, "Checkpoint: get('", section, "') needs a reader function");
+  const auto& bytes = it->second->bytes;
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(bytes.data(), bytes.size());
+    read(archive);
+  } catch (const c10::Error& e) {
+    fail(c10::str("Checkpoint '", where(path_), "': cannot restore section '", section,
+                  "': ", e.what_without_backtrace()));
+  }
+}
+
+void Checkpoint::restore_rng_state() const {
+  auto it = sections_.find(kRngSection);
+  TORCH_CHECK(it != sections_.end() && it->second->kind == "rng", "Checkpoint '", where(path_),
+              "' holds no RNG state (put_rng_state() was not called before saving)");
+  const auto& bytes = it->second->bytes;
+  torch::serialize::InputArchive archive;
+  torch::Tensor cpu_state, count;
+  try {
+    archive.load_from(bytes.data(), bytes.size(), torch::Device(torch::kCPU));
+    archive.read("cpu", cpu_state);
+    archive.read("cuda/count", count);
+  } catch (const c10::Error& e) {
+    fail(c10::str("Checkpoint '", where(path_),
+                  "': cannot read the RNG state: ", e.what_without_backtrace()));
+  }
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(cpu_state);
+  }
+  const int64_t saved_devices = count.item<int64_t>();
+  if (saved_devices > 0 && torch::cuda::is_available()) {
+    // Devices this machine has beyond the saved ones keep their state; saved
+    // ones it lacks are ignored.
+    const int64_t n = std::min<int64_t>(saved_devices, torch::cuda::device_count());
+    for (int64_t i = 0; i < n; ++i) {
+      torch::Tensor state;
+      archive.read("cuda/" + std::to_string(i), state);
+      auto gen = at::globalContext().defaultGenerator(
+          c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(i)));
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(state);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- directories
+
+std::string checkpoint_name(int64_t step) {
+  TORCH_CHECK(step >= 0, "checkpoint_name: step must be >= 0, got ", step);
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "step-%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+namespace {
+
+struct Listed {
+  int64_t step;
+  fs::path path;
+};
+
+std::vector<Listed> list_sorted(const fs::path& dir) {
+  std::vector<Listed> found;
+  const Kind kind = kind_of(dir);
+  if (kind == Kind::kMissing) return found;  // no checkpoint written yet
+  TORCH_CHECK(kind == Kind::kDirectory, "Checkpoint: cannot list checkpoints in '", dir.string(),
+              "': not a directory");
+  for (const auto& name : list_dir(dir)) {
+    const auto step = parse_checkpoint_name(name);
+    if (!step || kind_of(dir / name) != Kind::kDirectory) continue;
+    if (kind_of(dir / name / kMetaFile) != Kind::kRegular) continue;  // incomplete
+    found.push_back({*step, dir / name});
+  }
+  std::sort(found.begin(), found.end(),
+            [](const Listed& a, const Listed& b) { return a.step < b.step; });
+  return found;
+}
+
+bool process_is_gone(long pid) {
+  if (pid <= 0) return false;
+  return ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+}
+
+}  // namespace
+
+std::vector<std::string> list_checkpoints(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& l : list_sorted(dir)) out.push_back(l.path.string());
+  return out;
+}
+
+std::optional<std::string> latest_checkpoint(const std::string& dir) {
+  auto all = list_sorted(dir);
+  if (all.empty()) return std::nullopt;
+  return all.back().path.string();
+}
+
+void prune_checkpoints(const std::string& dir, int64_t keep_last_k,
+                       const std::vector<std::string>& keep) {
+  const fs::path root(dir);
+  std::vector<fs::path> doomed;
+
+  const auto all = list_sorted(root);
+  if (keep_last_k > 0 && static_cast<int64_t>(all.size()) > keep_last_k) {
+    for (size_t i = 0; i < all.size() - static_cast<size_t>(keep_last_k); ++i) {
+      const auto& p = all[i].path;
+      const bool kept = std::any_of(keep.begin(), keep.end(), [&](const std::string& k) {
+        const fs::path kp(k);
+        return kp == p.filename() || normalized(kp) == normalized(p);
+      });
+      if (!kept) doomed.push_back(p);
+    }
+  }
+
+  // Stale temporary directories: left by a writer on this host that no longer runs.
+  if (kind_of(root) == Kind::kDirectory) {
+    const std::string host = this_host();
+    for (const auto& name : list_dir(root)) {
+      const auto info = parse_temp_name(name);
+      if (info && info->host == host && process_is_gone(info->pid) &&
+          kind_of(root / name) == Kind::kDirectory) {
+        doomed.push_back(root / name);
+      }
+    }
+  }
+
+  for (const auto& p : doomed) {
+    // Rename first so a crash mid-delete leaves a temp dir, never a half-deleted
+    // checkpoint that still has its meta.json.
+    fs::path victim = p;
+    if (parse_checkpoint_name(p.filename().string())) {
+      const fs::path aside = p.parent_path() / temp_name(p.filename().string());
+      if (::rename(p.c_str(), aside.c_str()) != 0) {
+        fail_errno("cannot rename for deletion", p, errno);
+      }
+      victim = aside;
+    }
+    if (const int err = remove_tree(victim)) fail_errno("cannot delete", victim, err);
+  }
+}
+
+}  // namespace wick
