@@ -82,6 +82,9 @@ std::string now_iso();
 std::string cpu_model();
 int logical_cpus();
 double load_average_1m();
+/// The environment variables that change these measurements (allocator,
+/// thread pools, preloaded libraries), those that are set.
+Json performance_env();
 /// "2.11.0" and the like.
 std::string torch_version();
 

@@ -362,6 +362,7 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
   s["trainer_source"] = o.trainer_source;
   s["cpu_model"] = cpu_model();
   s["logical_cpus"] = logical_cpus();
+  s["env"] = performance_env();
   s["load_avg_1m_start"] = load_start;
   s["load_avg_1m_end"] = load_average_1m();
   out.emit(s);
