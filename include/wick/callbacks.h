@@ -86,7 +86,11 @@ struct ProgressBarOptions {
 };
 
 /// A live bar (epoch, step, loss, samples/s, ETA) on a terminal; one line per
-/// N steps when piped. Validation results print as a line.
+/// N steps when piped. Validation results print as a line, and every finished
+/// epoch as a summary line. Piped output is therefore, per finished epoch:
+/// one line per step with step % print_every_n_steps == 0, one line per
+/// validation, one summary line. Values missing from the logs are left out.
+/// Construction throws for print_every_n_steps < 1, width < 1 or a null stream.
 class ProgressBar : public Callback {
  public:
   explicit ProgressBar(ProgressBarOptions options = {});
@@ -100,11 +104,19 @@ class ProgressBar : public Callback {
   void on_fit_end(Trainer& trainer) override;
 
  private:
+  void draw_bar(Trainer& trainer, bool force);
+  void close_bar();
+  void print_line(const std::string& line);
   ProgressBarOptions options_;
   bool tty_ = false;
   Metrics last_logs_;
   int64_t epoch_first_step_ = 0;
-  std::chrono::steady_clock::time_point epoch_start_;
+  int64_t epoch_first_batch_ = 0;    // batch_in_epoch at on_epoch_start (> 0 after a mid-epoch resume)
+  int64_t epoch_first_samples_ = 0;  // samples_seen at on_epoch_start
+  bool bar_open_ = false;            // a bar is drawn and its line not yet ended
+  size_t bar_length_ = 0;            // characters of the last bar drawn (to blank leftovers)
+  // last_step_end_: the epoch's training time, for its summary, excludes validation.
+  std::chrono::steady_clock::time_point epoch_start_, last_draw_, last_step_end_;
 };
 
 // ---------------------------------------------------------------------------
@@ -122,7 +134,10 @@ struct MetricLoggerOptions {
 /// Writes every on_log and on_validation_end as one JSON object per line
 /// ({"kind": "train"|"val", "step", "epoch", "time", metrics...}) to
 /// metrics.jsonl, and as long-format rows (kind,step,epoch,name,value) to metrics.csv.
-/// Flushed each write, so a crash loses nothing written before it.
+/// Flushed each write, so a crash loses nothing written before it. "step" and
+/// "epoch" come from trainer.state() (the logs' own copies are not repeated);
+/// "time" is seconds since this fit started. A fresh run truncates the files;
+/// a resumed one (state().step > 0 at fit start) appends when append_on_resume.
 class MetricLogger : public Callback {
  public:
   explicit MetricLogger(MetricLoggerOptions options);
@@ -160,8 +175,11 @@ struct CheckpointerOptions {
   TORCH_ARG(Mode, mode) = Mode::kMin;
 };
 
-/// Saves the Trainer's whole state (Trainer::save_checkpoint) on a schedule,
-/// prunes old checkpoints, and keeps the best one on a monitored metric.
+/// Saves the Trainer's whole state (Trainer::save_checkpoint) to
+/// dir/step-XXXXXXXX on a schedule (at most once per step), prunes all but the
+/// newest keep_last_k, and with `monitor` saves dir/best (meta "monitor",
+/// "value", "step") on every validation that improves on the best value. A
+/// missing monitored metric is an error naming the keys that exist.
 class Checkpointer : public Callback {
  public:
   explicit Checkpointer(CheckpointerOptions options);
@@ -224,7 +242,9 @@ class EarlyStopping : public Callback {
 enum class ScheduleInterval { kStep, kEpoch };
 
 /// Steps an LR scheduler from the loop: after every optimizer step or every
-/// epoch; a ReduceLROnPlateau steps on each validation with `monitor`'s value.
+/// epoch; a ReduceLROnPlateau steps on each validation with `monitor`'s value
+/// (missing: an error naming the keys that exist). Steps the fp16 loss scaler
+/// skipped do not advance a per-step schedule (it counts weight updates).
 /// The scheduler's state travels in checkpoints.
 class LRSchedulerCallback : public Callback {
  public:
@@ -249,30 +269,37 @@ class LRSchedulerCallback : public Callback {
 
 // ---------------------------------------------------------------------------
 
-/// Measures training throughput (samples/s) per epoch and over the fit, from
-/// wall time between epoch start and end (validation excluded).
+/// Measures training throughput (samples/s, from trainer.state().samples_seen)
+/// per epoch and over the fit. An epoch's training time runs from
+/// on_epoch_start to its last on_step_end, so validation and end-of-epoch work
+/// (epoch checkpoints, logs) are not counted; work done inside the steps
+/// (periodic checkpoints, logging) is.
 class ThroughputMonitor : public Callback {
  public:
   std::string name() const override { return "ThroughputMonitor"; }
   void on_fit_start(Trainer& trainer) override;
   void on_epoch_start(Trainer& trainer) override;
-  void on_validation_start(Trainer& trainer) override;
-  void on_validation_end(Trainer& trainer, const Metrics& metrics) override;
+  void on_step_end(Trainer& trainer) override;
   void on_epoch_end(Trainer& trainer) override;
+  /// Counts an epoch cut short (max_steps, a stop request) into the totals.
+  void on_fit_end(Trainer& trainer) override;
 
   /// samples/s of each finished epoch.
   const std::vector<double>& epoch_samples_per_s() const { return per_epoch_; }
-  /// Training samples over training seconds (validation excluded) since fit start.
+  /// Training samples over training seconds since fit start (finished epochs
+  /// and one cut short).
   double samples_per_s() const;
   double train_seconds() const { return train_seconds_; }
 
  private:
+  void close_epoch(Trainer& trainer, bool finished);
   std::vector<double> per_epoch_;
-  std::chrono::steady_clock::time_point epoch_start_, val_start_;
+  std::chrono::steady_clock::time_point epoch_start_, last_step_end_;
   int64_t epoch_start_samples_ = 0;
-  double epoch_val_seconds_ = 0.0;
+  int64_t last_step_samples_ = 0;  // samples_seen at the last on_step_end
   double train_seconds_ = 0.0;
   int64_t train_samples_ = 0;
+  bool in_epoch_ = false;
 };
 
 }  // namespace wick

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace wick {
@@ -21,6 +22,9 @@ class LRScheduler {
  public:
   explicit LRScheduler(torch::optim::Optimizer& optimizer);
   virtual ~LRScheduler() = default;
+  /// The schedule's name ("StepLR", ...): tags its saved state, so loading
+  /// another schedule's state is an error rather than a silent jump.
+  virtual std::string name() const { return "LRScheduler"; }
   /// Advances one step and sets every group's lr.
   void step();
   int64_t step_count() const { return step_count_; }
@@ -28,7 +32,9 @@ class LRScheduler {
   std::vector<double> get_last_lr() const;
   const std::vector<double>& base_lrs() const { return base_lrs_; }
   virtual void save(torch::serialize::OutputArchive& archive) const;
-  /// Restores the step count and base lrs and re-applies the lr.
+  /// Restores the step count and base lrs and re-applies the lr. The
+  /// schedule's parameters (step_size, total_steps, ...) come from the
+  /// constructor, not from the archive.
   virtual void load(torch::serialize::InputArchive& archive);
 
  protected:
@@ -42,7 +48,9 @@ class LRScheduler {
 /// lr = base * gamma^floor(step / step_size) (Python's StepLR).
 class StepLR : public LRScheduler {
  public:
+  /// step_size >= 1; gamma > 0.
   StepLR(torch::optim::Optimizer& optimizer, int64_t step_size, double gamma = 0.1);
+  std::string name() const override { return "StepLR"; }
 
  protected:
   double compute_lr(double base_lr, int64_t step) const override;
@@ -53,11 +61,17 @@ class StepLR : public LRScheduler {
 };
 
 /// Linear warm-up from base*warmup_start_factor to base over warmup_steps,
-/// then cosine decay to base*min_lr_ratio at total_steps (constant after).
+/// then cosine decay to base*min_lr_ratio at total_steps (constant after):
+///   n < warmup:          base * (s + (1 - s) * n / warmup)       (s = warmup_start_factor)
+///   warmup <= n < total: base * (m + (1 - m) * (1 + cos(pi * (n - warmup) / (total - warmup))) / 2)
+///   n >= total:          base * m                                 (m = min_lr_ratio)
 class CosineWarmupLR : public LRScheduler {
  public:
+  /// 0 <= warmup_steps <= total_steps, total_steps >= 1; min_lr_ratio and
+  /// warmup_start_factor in [0, 1].
   CosineWarmupLR(torch::optim::Optimizer& optimizer, int64_t warmup_steps, int64_t total_steps,
                  double min_lr_ratio = 0.0, double warmup_start_factor = 0.0);
+  std::string name() const override { return "CosineWarmupLR"; }
 
  protected:
   double compute_lr(double base_lr, int64_t step) const override;
@@ -86,9 +100,16 @@ struct ReduceLROnPlateauOptions {
 class ReduceLROnPlateau {
  public:
   ReduceLROnPlateau(torch::optim::Optimizer& optimizer, ReduceLROnPlateauOptions options = {});
-  /// Feeds one evaluation's metric; may reduce the lrs.
+  /// Feeds one evaluation's metric; may reduce the lrs (each group's lr
+  /// becomes max(lr * factor, min_lr), unless that changes it by <= eps).
   void step(double metric);
+  /// The optimizer's current lrs, one per parameter group.
   std::vector<double> get_last_lr() const;
+  /// Best metric so far (nullopt before the first step).
+  std::optional<double> best() const { return best_; }
+  /// Evaluations since the last improvement (reset by a reduction and during cooldown).
+  int64_t num_bad_evaluations() const { return num_bad_; }
+  /// Saves best, counters and the current lrs; load() restores them into the optimizer.
   void save(torch::serialize::OutputArchive& archive) const;
   void load(torch::serialize::InputArchive& archive);
 
