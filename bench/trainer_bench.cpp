@@ -41,7 +41,7 @@ struct TrainerBenchOptions {
   int64_t batch = 64;
   double lr = 1e-3;
   uint64_t seed = 0;
-  bool python = true;
+  bool no_python = false;
   bool compile = false;
   int compile_repeats = 3;
   bool fused_adam = false;
@@ -316,15 +316,15 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
       trainer.add(run_trainer(o, data), o.steps);
     }
     if (o.fused_adam) fused.add(run_raw_fused_adam(o, data), o.steps);
-    if (o.python && eager.error.empty()) {
+    if (!o.no_python && eager.error.empty()) {
       take_peer(run_peer(global, "trainer_peer.py", peer_args(o, 1)), eager);
     }
   }
   out.emit(case_line(trainer, o, threads));
   out.emit(case_line(raw, o, threads));
   if (o.fused_adam) out.emit(case_line(fused, o, threads));
-  if (o.python) out.emit(case_line(eager, o, threads));
-  if (o.python && o.compile) {
+  if (!o.no_python) out.emit(case_line(eager, o, threads));
+  if (!o.no_python && o.compile) {
     auto args = peer_args(o, o.compile_repeats);
     args.push_back("--compile");
     take_peer(run_peer(global, "trainer_peer.py", args), compiled);
@@ -340,7 +340,7 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
   s["python_ms_per_step"] = eager.measured() ? Json(eager.median_ms()) : Json(nullptr);
   s["overhead_ratio"] = t / b;
   s["python_ratio"] = eager.measured() ? Json(eager.median_ms() / t) : Json(nullptr);
-  if (o.python && o.compile) {
+  if (!o.no_python && o.compile) {
     s["python_compile_ms_per_step"] = compiled.measured() ? Json(compiled.median_ms()) : Json(nullptr);
     if (!compiled.error.empty()) s["python_compile_error"] = compiled.error;
   }
@@ -383,7 +383,7 @@ void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--lr", o->lr, "Adam's learning rate")->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the model's initialization and of the data")
       ->capture_default_str();
-  sub->add_flag("!--no-python", o->python, "skip the Python peer");
+  sub->add_flag("--no-python", o->no_python, "skip the Python peer");
   sub->add_flag("--compile", o->compile, "also time the peer under torch.compile (case python_compile)");
   sub->add_option("--compile-repeats", o->compile_repeats, "runs of the torch.compile case")
       ->capture_default_str();
