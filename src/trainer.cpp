@@ -10,8 +10,10 @@ namespace wick {
 // ---------------------------------------------------------------------------
 // SupervisedTask
 
-SupervisedTask::SupervisedTask(torch::nn::AnyModule model, LossFn loss_fn)
-    : model_(std::move(model)), module_(model_.ptr()), loss_fn_(std::move(loss_fn)) {
+SupervisedTask::SupervisedTask(std::shared_ptr<torch::nn::Module> module, ForwardFn forward, LossFn loss_fn)
+    : module_(std::move(module)), forward_(std::move(forward)), loss_fn_(std::move(loss_fn)) {
+  TORCH_CHECK(module_ != nullptr, "SupervisedTask: the module is null");
+  TORCH_CHECK(forward_ != nullptr, "SupervisedTask: the forward function is empty");
   if (!loss_fn_) {
     loss_fn_ = [](const torch::Tensor& output, const torch::Tensor& target) {
       return torch::nn::functional::cross_entropy(output, target);
@@ -20,11 +22,11 @@ SupervisedTask::SupervisedTask(torch::nn::AnyModule model, LossFn loss_fn)
 }
 
 StepOutput SupervisedTask::training_step(const Batch& batch) {
-  return loss_fn_(model_.forward(batch.data), batch.target);
+  return loss_fn_(forward_(batch.data), batch.target);
 }
 
 std::map<std::string, torch::Tensor> SupervisedTask::validation_step(const Batch& batch) {
-  auto output = model_.forward(batch.data);
+  auto output = forward_(batch.data);
   std::map<std::string, torch::Tensor> metrics{{"loss", loss_fn_(output, batch.target)}};
   const auto& target = batch.target;
   if (output.dim() == 2 && target.dim() == 1 && !c10::isFloatingType(target.scalar_type())) {

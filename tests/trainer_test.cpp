@@ -2,6 +2,8 @@
 
 #include "support.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <cmath>
 
 namespace {
@@ -221,7 +223,6 @@ TEST_F(TrainerTest, Bf16RunsTheForwardUnderAutocast) {
 // LibTorch's own data loader (Stack<>) feeds the Trainer directly.
 TEST_F(TrainerTest, TrainsFromLibTorchDataLoader) {
   auto data = make_data(50, torch::kFloat32);
-  auto dataset = torch::data::datasets::TensorDataset({data.x, data.y});
   struct Pairs : torch::data::datasets::Dataset<Pairs> {
     torch::Tensor x, y;
     Pairs(torch::Tensor x, torch::Tensor y) : x(x), y(y) {}

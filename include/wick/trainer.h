@@ -35,6 +35,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace wick {
@@ -71,23 +72,37 @@ class Task {
 class SupervisedTask : public Task {
  public:
   using LossFn = std::function<torch::Tensor(const torch::Tensor& output, const torch::Tensor& target)>;
+  using ForwardFn = std::function<torch::Tensor(const torch::Tensor& input)>;
 
-  /// `model`: any module holder or shared_ptr whose forward takes one tensor.
+  /// `model`: a module holder (torch::nn::Sequential, torch::nn::Linear, ...)
+  /// or a std::shared_ptr to a module, whose forward takes one tensor.
   /// `loss_fn` defaults to cross-entropy (mean).
   template <typename ModuleType>
   explicit SupervisedTask(ModuleType model, LossFn loss_fn = {})
-      : SupervisedTask(torch::nn::AnyModule(model), std::move(loss_fn)) {}
-  SupervisedTask(torch::nn::AnyModule model, LossFn loss_fn);
+      : SupervisedTask(module_ptr(model),
+                       [model](const torch::Tensor& input) mutable -> torch::Tensor { return model->forward(input); },
+                       std::move(loss_fn)) {}
+  /// Any module, with the function that runs its forward.
+  SupervisedTask(std::shared_ptr<torch::nn::Module> module, ForwardFn forward, LossFn loss_fn);
 
   torch::nn::Module& module() override { return *module_; }
   StepOutput training_step(const Batch& batch) override;
   std::map<std::string, torch::Tensor> validation_step(const Batch& batch) override;
   /// The model's output for `input`.
-  torch::Tensor forward(const torch::Tensor& input) { return model_.forward(input); }
+  torch::Tensor forward(const torch::Tensor& input) { return forward_(input); }
 
  private:
-  torch::nn::AnyModule model_;
+  template <typename M>
+  static std::shared_ptr<torch::nn::Module> module_ptr(const torch::nn::ModuleHolder<M>& holder) {
+    return holder.ptr();
+  }
+  template <typename M>
+  static std::shared_ptr<torch::nn::Module> module_ptr(const std::shared_ptr<M>& module) {
+    return module;
+  }
+
   std::shared_ptr<torch::nn::Module> module_;
+  ForwardFn forward_;
   LossFn loss_fn_;
 };
 
@@ -151,12 +166,15 @@ class Trainer {
                 BatchSource* val = nullptr);
 
   /// fit() over LibTorch data loaders (make_data_loader with Stack<>).
-  template <typename TrainLoader>
+  template <typename TrainLoader,
+            typename = std::enable_if_t<!std::is_base_of_v<BatchSource, TrainLoader>>>
   FitResult fit(Task& task, torch::optim::Optimizer& optimizer, TrainLoader& train) {
     DataLoaderSource<TrainLoader> source(train);
     return fit(task, optimizer, source, nullptr);
   }
-  template <typename TrainLoader, typename ValLoader>
+  template <typename TrainLoader, typename ValLoader,
+            typename = std::enable_if_t<!std::is_base_of_v<BatchSource, TrainLoader> &&
+                                        !std::is_base_of_v<BatchSource, ValLoader>>>
   FitResult fit(Task& task, torch::optim::Optimizer& optimizer, TrainLoader& train, ValLoader& val) {
     DataLoaderSource<TrainLoader> train_source(train);
     DataLoaderSource<ValLoader> val_source(val);
