@@ -51,24 +51,11 @@ struct TrainerBenchOptions {
 constexpr double kOverheadGoal = 1.03;  // trainer / raw, at most
 constexpr double kPythonGoal = 1.10;    // python eager / trainer, at least
 
-// The MLP as a module of its own: SupervisedTask stores its model in an
-// AnyModule, which cannot hold a torch::nn::Sequential (templated forward).
-// Layers are registered, and so initialized, in nn.Sequential's order.
-struct MlpImpl : torch::nn::Module {
-  MlpImpl()
-      : fc1(register_module("fc1", torch::nn::Linear(784, 512))),
-        fc2(register_module("fc2", torch::nn::Linear(512, 256))),
-        fc3(register_module("fc3", torch::nn::Linear(256, 10))) {}
-  torch::Tensor forward(torch::Tensor x) {
-    return fc3(torch::relu(fc2(torch::relu(fc1(x)))));
-  }
-  torch::nn::Linear fc1, fc2, fc3;
-};
-TORCH_MODULE(Mlp);
-
-Mlp make_mlp(uint64_t seed) {
+// nn.Sequential as in the peer; parameters are initialized in the same order.
+torch::nn::Sequential make_mlp(uint64_t seed) {
   torch::manual_seed(seed);
-  return Mlp();
+  return torch::nn::Sequential(torch::nn::Linear(784, 512), torch::nn::ReLU(), torch::nn::Linear(512, 256),
+                               torch::nn::ReLU(), torch::nn::Linear(256, 10));
 }
 
 struct Data {
@@ -87,7 +74,7 @@ Data make_data(int64_t samples, uint64_t seed) {
 
 // A value that depends on every step taken: the trained model's loss on the
 // first batch. Equal across the C++ cases when they do the same work.
-double check_loss(Mlp& model, const Data& d, int64_t batch) {
+double check_loss(torch::nn::Sequential& model, const Data& d, int64_t batch) {
   torch::NoGradGuard no_grad;
   auto out = model->forward(d.x.narrow(0, 0, batch));
   return torch::nn::functional::cross_entropy(out, d.y.narrow(0, 0, batch)).item<double>();
@@ -134,8 +121,6 @@ Run run_trainer(const TrainerBenchOptions& o, const Data& d) {
     owned = std::make_unique<wick::TensorBatchSource>(d.x, d.y,
                                                       wick::TensorBatchSourceOptions(o.batch).shuffle(false));
   }
-  // As a BatchSource&: with the derived type, fit's data-loader template
-  // overload would be the better match and fail to compile.
   wick::BatchSource& source = *owned;
   const auto options = [&](int64_t max_steps) {
     return wick::TrainerOptions()
