@@ -51,11 +51,15 @@ struct TrainerBenchOptions {
 constexpr double kOverheadGoal = 1.03;  // trainer / raw, at most
 constexpr double kPythonGoal = 1.10;    // python eager / trainer, at least
 
-// nn.Sequential as in the peer; parameters are initialized in the same order.
+// nn.Sequential as in the peer. The layers are built one statement each: as
+// arguments of one call their order of construction, and so of drawing their
+// initial weights, would be unspecified (GCC builds the last first).
 torch::nn::Sequential make_mlp(uint64_t seed) {
   torch::manual_seed(seed);
-  return torch::nn::Sequential(torch::nn::Linear(784, 512), torch::nn::ReLU(), torch::nn::Linear(512, 256),
-                               torch::nn::ReLU(), torch::nn::Linear(256, 10));
+  torch::nn::Linear fc1(784, 512);
+  torch::nn::Linear fc2(512, 256);
+  torch::nn::Linear fc3(256, 10);
+  return torch::nn::Sequential(fc1, torch::nn::ReLU(), fc2, torch::nn::ReLU(), fc3);
 }
 
 struct Data {
