@@ -15,10 +15,14 @@ every run's figure, wall and process-CPU milliseconds per step.
 usual); when compiling fails on this machine the line carries "error" instead
 of figures and the exit status stays 0. --adam-fused (not the default a user
 gets) passes fused=True to Adam, to see what the optimizer costs.
+--adam-libtorch updates with the operations of LibTorch's torch::optim::Adam
+(mul_/add_ where Python's Adam uses lerp_), to check that the C++ cases do the
+same work: its check_loss equals theirs bit for bit.
 """
 import argparse
 import datetime
 import json
+import math
 import resource
 import statistics
 import sys
@@ -44,11 +48,46 @@ def make_data(torch, samples, seed):
     return x, y
 
 
+class LibTorchOrderAdam:
+    """Adam with the operations, in the order, of LibTorch's torch::optim::Adam."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params = list(params)
+        self.lr, (self.beta1, self.beta2), self.eps = lr, betas, eps
+        self.state = [None] * len(self.params)
+        self.step_count = 0
+
+    def step(self):
+        import torch
+
+        self.step_count += 1
+        bc1 = 1 - self.beta1 ** self.step_count
+        bc2 = 1 - self.beta2 ** self.step_count
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if p.grad is None:
+                    continue
+                if self.state[i] is None:
+                    self.state[i] = (torch.zeros_like(p), torch.zeros_like(p))
+                exp_avg, exp_avg_sq = self.state[i]
+                g = p.grad
+                exp_avg.mul_(self.beta1).add_(g, alpha=1 - self.beta1)
+                exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(self.eps)
+                p.addcdiv_(exp_avg, denom, value=-self.lr / bc1)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
 def one_run(torch, args, x, y):
     model = make_model(torch, args.seed)
     train_model = torch.compile(model) if args.compile else model
     if args.adam_fused:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=True)
+    elif args.adam_libtorch:
+        optimizer = LibTorchOrderAdam(model.parameters(), lr=args.lr)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     b = args.batch
@@ -89,7 +128,10 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--adam-fused", action="store_true", help="Adam(fused=True) (not the default)")
+    adam = p.add_mutually_exclusive_group()
+    adam.add_argument("--adam-fused", action="store_true", help="Adam(fused=True) (not the default)")
+    adam.add_argument("--adam-libtorch", action="store_true",
+                      help="Adam with LibTorch's operations (to check the C++ cases' numbers)")
     args = p.parse_args()
 
     import torch
@@ -103,6 +145,8 @@ def main():
     case = "python_compile" if args.compile else "python_eager"
     if args.adam_fused:
         case += "_fused_adam"
+    elif args.adam_libtorch:
+        case += "_libtorch_adam"
     line = {
         "bench": "trainer",
         "case": case,
@@ -111,7 +155,7 @@ def main():
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,
-        "adam": "fused" if args.adam_fused else "default",
+        "adam": "fused" if args.adam_fused else "libtorch" if args.adam_libtorch else "default",
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "date": datetime.date.today().isoformat(),
