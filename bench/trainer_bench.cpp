@@ -9,8 +9,7 @@
 // `steps` steps. The Trainer and raw runs alternate (order flipped every
 // round), the Python peer runs in its own process each round, and every
 // figure is the median over the rounds. Wall time is the headline; process
-// CPU time is recorded too, since other work on the machine inflates wall
-// time but hardly CPU time.
+// CPU time is recorded too, since other work on the machine inflates it less.
 
 #include "bench_common.h"
 
@@ -255,7 +254,7 @@ Json case_line(const CaseRuns& c, const TrainerBenchOptions& o, int threads) {
 std::vector<std::string> peer_args(const TrainerBenchOptions& o, int repeats) {
   return {"--threads", std::to_string(o.threads), "--steps", std::to_string(o.steps),
           "--warmup", std::to_string(o.warmup), "--repeats", std::to_string(repeats),
-          "--batch", std::to_string(o.batch), "--lr", std::to_string(o.lr),
+          "--batch", std::to_string(o.batch), "--lr", Json(o.lr).dump(),
           "--seed", std::to_string(o.seed)};
 }
 
