@@ -1,5 +1,7 @@
 #include "wick/trainer.h"
 
+#include "batch_mover.h"
+
 #include <wick/lr_scheduler.h>
 
 #include <algorithm>
@@ -288,11 +290,19 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
   each_callback([&](Callback& cb) { cb.on_epoch_start(*this); });
 
   // One batch of look-ahead tells whether the current one ends the data, so
-  // the accumulator closes a partial last group on it.
-  auto next = train.next();
+  // the accumulator closes a partial last group on it; on CUDA its copy to
+  // the device overlaps the current batch's compute.
+  detail::BatchMover mover(options_.device());
+  auto fetch = [&]() -> std::optional<Batch> {
+    auto b = train.next();
+    if (b.has_value()) b = mover.start(std::move(*b));
+    return b;
+  };
+  auto next = fetch();
   while (next.has_value() && !stop_requested()) {
-    Batch batch = to_device(std::move(*next), options_.device());
-    next = train.next();
+    Batch batch = std::move(*next);
+    mover.ready(batch);
+    next = fetch();
     const int64_t size = task.batch_size(batch);
     const double weight = accumulator_->begin(size, /*ends_data=*/!next.has_value());
 

@@ -289,3 +289,30 @@ TEST_F(TrainerTest, RejectsNonScalarLoss) {
 }
 
 }  // namespace
+
+namespace {
+
+// On CUDA the batches are copied on a side stream one step ahead (BatchMover);
+// the result must equal the CPU run's (float64, so to rounding).
+TEST_F(TrainerTest, CudaTrainingMatchesCpu) {
+  if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  auto data = make_data(96);
+  auto run = [&](torch::Device device, bool pinned) {
+    auto model = make_model();
+    wick::SupervisedTask task(model);
+    model->to(device);
+    torch::optim::Adam opt(model->parameters(), 1e-2);
+    auto x = pinned ? data.x.pin_memory() : data.x;
+    auto y = pinned ? data.y.pin_memory() : data.y;
+    wick::TensorBatchSource source(x, y, wick::TensorBatchSourceOptions(16).shuffle(true).seed(5));
+    wick::Trainer trainer(quiet().max_epochs(3).device(device).grad_accum_steps(2));
+    trainer.fit(task, opt, source);
+    model->to(torch::kCPU);
+    return snapshot(*model);
+  };
+  auto cpu = run(torch::kCPU, false);
+  auto cuda = run(torch::Device(torch::kCUDA, 0), true);
+  for (size_t i = 0; i < cpu.size(); ++i) EXPECT_TRUE(tensors_close(cuda[i], cpu[i], 1e-9, 1e-12));
+}
+
+}  // namespace

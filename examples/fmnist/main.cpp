@@ -28,7 +28,7 @@ struct Args {
   int64_t batch_size = 64;
   int64_t accum = 1;
   std::string precision = "fp32";
-  double lr = 1e-3;
+  double lr = 2e-3;
   int threads = 0;
   std::string data_dir = wick::FashionMNIST::default_root();
   std::string run_dir = "runs/fmnist";
