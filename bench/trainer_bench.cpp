@@ -243,6 +243,7 @@ Json case_line(const CaseRuns& c, const TrainerBenchOptions& o, int threads) {
   j["repeats"] = c.ms.size();
   j["runs_ms_per_step"] = c.ms;
   j["runs_cpu_ms_per_step"] = c.cpu_ms;
+  j["runs_page_faults_per_step"] = c.faults;
   if (c.check_loss) j["check_loss"] = *c.check_loss;
   for (const auto& [k, v] : c.extra.items()) {
     if (!j.contains(k)) j[k] = v;
