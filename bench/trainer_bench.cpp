@@ -127,6 +127,7 @@ Run run_trainer(const TrainerBenchOptions& o, const Data& d) {
   wick::BatchSource& source = *owned;
   const auto options = [&](int64_t max_steps) {
     return wick::TrainerOptions()
+        .max_epochs(std::numeric_limits<int64_t>::max())  // max_steps ends the run, as i % n_batches does below
         .max_steps(max_steps)
         .log_every_n_steps(std::numeric_limits<int64_t>::max())
         .seed(o.seed);
