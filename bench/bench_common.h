@@ -1,0 +1,94 @@
+#pragma once
+// Shared pieces of wick-bench's subcommands: options every subcommand sees,
+// JSON-line output, timers that read wall and CPU time, medians, running a
+// Python peer and reading its JSON, and a description of the machine.
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace CLI {
+class App;
+}
+
+namespace wick_bench {
+
+using Json = nlohmann::ordered_json;
+
+/// Options of the wick-bench command itself (given before or after the subcommand).
+struct GlobalOptions {
+  /// Python that runs the peers ("": $WICK_PYTHON, else the build's default).
+  std::string python;
+  /// Folder of the peer scripts ("": $WICK_BENCH_PEERS_DIR, else bench/peers in the source tree).
+  std::string peers_dir;
+  /// Also append every JSON line to this file ("": stdout only).
+  std::string jsonl;
+
+  std::string resolved_python() const;
+  std::string resolved_peers_dir() const;
+};
+
+/// Prints JSON lines to stdout (flushed at once) and, when asked, appends them to a file.
+class JsonOut {
+ public:
+  explicit JsonOut(const std::string& jsonl_path);
+  void emit(const Json& line);
+
+ private:
+  std::string path_;
+};
+
+/// Wall and process-CPU time of a stretch of code, in seconds, and the minor
+/// page faults taken meanwhile (fresh memory from the kernel: a sign of the
+/// allocator returning memory and taking it back).
+class Stopwatch {
+ public:
+  Stopwatch();
+  double wall_s() const;
+  double cpu_s() const;
+  int64_t minor_faults() const;
+
+ private:
+  double wall0_, cpu0_;
+  int64_t faults0_;
+};
+
+double median(std::vector<double> values);
+
+/// Intra-op threads for torch (and OpenMP/MKL); inter-op threads too, once per
+/// process, as far as the runtime still allows it. Returns torch's intra-op count.
+int set_torch_threads(int threads);
+
+/// What a peer run returned: the JSON lines of its stdout, its exit status,
+/// and an error text when it failed or printed no JSON.
+struct PeerResult {
+  std::vector<Json> lines;
+  int exit_status = 0;
+  std::string error;
+  bool ok() const { return error.empty() && !lines.empty(); }
+};
+
+/// Runs `python <peers_dir>/<script> args...`, its stderr passing through.
+PeerResult run_peer(const GlobalOptions& global, const std::string& script,
+                    const std::vector<std::string>& args);
+
+/// Today's date (YYYY-MM-DD) and the time (ISO 8601, local).
+std::string today();
+std::string now_iso();
+/// The CPU model from /proc/cpuinfo, logical CPUs, and the 1-minute load average.
+std::string cpu_model();
+int logical_cpus();
+double load_average_1m();
+/// The environment variables that change these measurements (allocator,
+/// thread pools, preloaded libraries), those that are set.
+Json performance_env();
+/// "2.11.0" and the like.
+std::string torch_version();
+
+/// Subcommands: each adds itself to `app`; `global` is filled before they run.
+void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
+
+}  // namespace wick_bench

@@ -1,0 +1,43 @@
+// wick-bench: performance measurements of wick that print JSON lines.
+//
+//   wick-bench trainer --threads 1            # Trainer vs a raw LibTorch loop vs PyTorch eager
+//   wick-bench --jsonl results.jsonl trainer  # also append the lines to a file
+//
+// Each subcommand lives in its own file (trainer_bench.cpp, ...) and adds
+// itself through an add_<name>_command function declared in bench_common.h.
+
+#include "bench_common.h"
+
+#include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
+
+#include <iostream>
+#include <memory>
+
+int main(int argc, char** argv) {
+  CLI::App app{"wick-bench: performance measurements of wick, printed as JSON lines"};
+  auto global = std::make_shared<wick_bench::GlobalOptions>();
+  app.add_option("--python", global->python,
+                 "Python that runs the peers (default: $WICK_PYTHON, else " WICK_BENCH_PYTHON ")");
+  app.add_option("--peers-dir", global->peers_dir,
+                 "folder of the Python peer scripts (default: $WICK_BENCH_PEERS_DIR, else " WICK_BENCH_PEERS_DIR
+                 ")");
+  app.add_option("--jsonl", global->jsonl, "also append every JSON line to this file");
+  app.require_subcommand(1);
+  app.fallthrough();  // global options may also follow the subcommand
+
+  wick_bench::add_trainer_command(app, global);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const c10::Error& e) {
+    std::cerr << e.what_without_backtrace() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "wick-bench: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

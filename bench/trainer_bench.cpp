@@ -1,0 +1,388 @@
+// wick-bench trainer: what the Trainer costs over a hand-written LibTorch
+// loop, and how both compare with the same loop in PyTorch eager (and
+// torch.compile) from Python.
+//
+// The work: an MLP 784-512-256-10 (ReLU), cross-entropy, Adam(lr 1e-3), batch
+// 64, on random inputs and class targets drawn with a fixed seed into a
+// preallocated dataset of steps*batch samples, read in order. Each run builds
+// a fresh model and optimizer, takes `warmup` untimed steps, then times
+// `steps` steps. The Trainer and raw runs alternate (order flipped every
+// round), the Python peer runs in its own process each round, and every
+// figure is the median over the rounds. Wall time is the headline; process
+// CPU time is recorded too, since other work on the machine inflates it less.
+
+#include "bench_common.h"
+
+#include <wick/trainer.h>
+
+#include <CLI/CLI.hpp>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <iostream>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace wick_bench {
+
+namespace {
+
+struct TrainerBenchOptions {
+  int threads = 1;
+  int64_t steps = 300;
+  int64_t warmup = 20;
+  int repeats = 5;
+  int64_t batch = 64;
+  double lr = 1e-3;
+  uint64_t seed = 0;
+  bool no_python = false;
+  bool compile = false;
+  int compile_repeats = 3;
+  bool fused_adam = false;
+  std::string trainer_source = "tensor";
+};
+
+constexpr double kOverheadGoal = 1.03;  // trainer / raw, at most
+constexpr double kPythonGoal = 1.10;    // python eager / trainer, at least
+
+// nn.Sequential as in the peer. The layers are built one statement each: as
+// arguments of one call their order of construction, and so of drawing their
+// initial weights, would be unspecified (GCC builds the last first).
+torch::nn::Sequential make_mlp(uint64_t seed) {
+  torch::manual_seed(seed);
+  torch::nn::Linear fc1(784, 512);
+  torch::nn::Linear fc2(512, 256);
+  torch::nn::Linear fc3(256, 10);
+  return torch::nn::Sequential(fc1, torch::nn::ReLU(), fc2, torch::nn::ReLU(), fc3);
+}
+
+struct Data {
+  torch::Tensor x, y;
+};
+
+// Drawn as the Python peer draws them (a generator seeded seed+1: randn, then
+// randint), so every case trains on the same numbers.
+Data make_data(int64_t samples, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed + 1);
+  Data d;
+  d.x = torch::randn({samples, 784}, gen);
+  d.y = torch::randint(0, 10, {samples}, gen, torch::kLong);
+  return d;
+}
+
+// A value that depends on every step taken: the trained model's loss on the
+// first batch. Equal across the C++ cases when they do the same work.
+double check_loss(torch::nn::Sequential& model, const Data& d, int64_t batch) {
+  torch::NoGradGuard no_grad;
+  auto out = model->forward(d.x.narrow(0, 0, batch));
+  return torch::nn::functional::cross_entropy(out, d.y.narrow(0, 0, batch)).item<double>();
+}
+
+struct Run {
+  double wall_s = 0, cpu_s = 0, check_loss = 0;
+  int64_t faults = 0;
+};
+
+Run measured(const Stopwatch& sw) { return Run{sw.wall_s(), sw.cpu_s(), 0.0, sw.minor_faults()}; }
+
+// Batches as views of consecutive slices, as the raw loop and the Python peer
+// take them (TensorBatchSource gathers each batch into a new tensor).
+class SliceSource : public wick::BatchSource {
+ public:
+  SliceSource(torch::Tensor x, torch::Tensor y, int64_t batch)
+      : x_(std::move(x)), y_(std::move(y)), batch_(batch) {}
+  void reset(int64_t) override { cursor_ = 0; }
+  std::optional<wick::Batch> next() override {
+    if (cursor_ + batch_ > x_.size(0)) return std::nullopt;
+    wick::Batch b(x_.narrow(0, cursor_, batch_), y_.narrow(0, cursor_, batch_));
+    cursor_ += batch_;
+    return b;
+  }
+  std::optional<int64_t> size() const override { return x_.size(0) / batch_; }
+
+ private:
+  torch::Tensor x_, y_;
+  int64_t batch_, cursor_ = 0;
+};
+
+// (a) wick::Trainer: SupervisedTask, batches in order (TensorBatchSource, or
+// SliceSource with --trainer-source slices), no callbacks, logging only at the
+// end of fit.
+Run run_trainer(const TrainerBenchOptions& o, const Data& d) {
+  auto model = make_mlp(o.seed);
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(o.lr));
+  wick::SupervisedTask task(model);
+  std::unique_ptr<wick::BatchSource> owned;
+  if (o.trainer_source == "slices") {
+    owned = std::make_unique<SliceSource>(d.x, d.y, o.batch);
+  } else {
+    owned = std::make_unique<wick::TensorBatchSource>(d.x, d.y,
+                                                      wick::TensorBatchSourceOptions(o.batch).shuffle(false));
+  }
+  wick::BatchSource& source = *owned;
+  const auto options = [&](int64_t max_steps) {
+    return wick::TrainerOptions()
+        .max_epochs(std::numeric_limits<int64_t>::max())  // max_steps ends the run, as i % n_batches does below
+        .max_steps(max_steps)
+        .log_every_n_steps(std::numeric_limits<int64_t>::max())
+        .seed(o.seed);
+  };
+  if (o.warmup > 0) {
+    wick::Trainer warm(options(o.warmup));
+    warm.fit(task, optimizer, source);
+  }
+  wick::Trainer trainer(options(o.steps));
+  Stopwatch sw;
+  auto result = trainer.fit(task, optimizer, source);
+  Run run = measured(sw);
+  TORCH_CHECK(result.state.step == o.steps, "wick-bench trainer: the Trainer took ", result.state.step,
+              " steps, expected ", o.steps);
+  run.check_loss = check_loss(model, d, o.batch);
+  return run;
+}
+
+// (b) The loop a LibTorch user writes by hand for the same work.
+Run run_raw(const TrainerBenchOptions& o, const Data& d) {
+  auto model = make_mlp(o.seed);
+  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(o.lr));
+  const int64_t n_batches = d.x.size(0) / o.batch;
+  const auto step = [&](int64_t i) {
+    auto x = d.x.narrow(0, i * o.batch, o.batch);
+    auto y = d.y.narrow(0, i * o.batch, o.batch);
+    auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+    loss.backward();
+    optimizer.step();
+    optimizer.zero_grad();
+  };
+  for (int64_t i = 0; i < o.warmup; ++i) step(i % n_batches);
+  Stopwatch sw;
+  for (int64_t i = 0; i < o.steps; ++i) step(i % n_batches);
+  Run run = measured(sw);
+  run.check_loss = check_loss(model, d, o.batch);
+  return run;
+}
+
+// (investigation) The raw loop with Adam done by ATen's fused kernel, one call
+// for all parameters, instead of torch::optim::Adam's per-parameter ops.
+Run run_raw_fused_adam(const TrainerBenchOptions& o, const Data& d) {
+  auto model = make_mlp(o.seed);
+  std::vector<torch::Tensor> params = model->parameters();
+  std::vector<torch::Tensor> exp_avgs, exp_avg_sqs, state_steps;
+  for (const auto& p : params) {
+    exp_avgs.push_back(torch::zeros_like(p));
+    exp_avg_sqs.push_back(torch::zeros_like(p));
+    state_steps.push_back(torch::zeros({}, torch::kFloat));
+  }
+  const int64_t n_batches = d.x.size(0) / o.batch;
+  std::vector<torch::Tensor> grads(params.size());
+  const auto step = [&](int64_t i) {
+    auto x = d.x.narrow(0, i * o.batch, o.batch);
+    auto y = d.y.narrow(0, i * o.batch, o.batch);
+    auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+    loss.backward();
+    torch::NoGradGuard no_grad;
+    for (size_t k = 0; k < params.size(); ++k) grads[k] = params[k].grad();
+    at::_foreach_add_(state_steps, 1);
+    at::_fused_adam_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, state_steps, o.lr,
+                     /*beta1=*/0.9, /*beta2=*/0.999, /*weight_decay=*/0.0, /*eps=*/1e-8,
+                     /*amsgrad=*/false, /*maximize=*/false);
+    for (auto& p : params) p.mutable_grad().reset();
+  };
+  for (int64_t i = 0; i < o.warmup; ++i) step(i % n_batches);
+  Stopwatch sw;
+  for (int64_t i = 0; i < o.steps; ++i) step(i % n_batches);
+  Run run = measured(sw);
+  run.check_loss = check_loss(model, d, o.batch);
+  return run;
+}
+
+// One case's runs, as milliseconds per step.
+struct CaseRuns {
+  explicit CaseRuns(std::string case_name) : name(std::move(case_name)) {}
+  std::string name;
+  std::vector<double> ms, cpu_ms, faults;
+  std::optional<double> check_loss;
+  Json extra = Json::object();  // fields the peer reported
+  std::string error;
+
+  void add(double wall_ms, double cpu_ms_step, double faults_step) {
+    ms.push_back(wall_ms);
+    cpu_ms.push_back(cpu_ms_step);
+    faults.push_back(faults_step);
+  }
+  void add(const Run& r, int64_t steps) {
+    const auto n = static_cast<double>(steps);
+    add(1e3 * r.wall_s / n, 1e3 * r.cpu_s / n, static_cast<double>(r.faults) / n);
+    check_loss = r.check_loss;
+  }
+  bool measured() const { return !ms.empty(); }
+  double median_ms() const { return median(ms); }
+  double median_cpu_ms() const { return median(cpu_ms); }
+};
+
+Json case_line(const CaseRuns& c, const TrainerBenchOptions& o, int threads) {
+  Json j;
+  j["bench"] = "trainer";
+  j["case"] = c.name;
+  if (c.measured()) {
+    j["ms_per_step"] = c.median_ms();
+    j["cpu_ms_per_step"] = c.median_cpu_ms();
+    j["page_faults_per_step"] = median(c.faults);
+  } else {
+    j["ms_per_step"] = nullptr;
+  }
+  j["threads"] = threads;
+  j["batch"] = o.batch;
+  j["steps"] = o.steps;
+  j["warmup"] = o.warmup;
+  if (c.name == "wick_trainer") j["source"] = o.trainer_source;
+  j["repeats"] = c.ms.size();
+  j["runs_ms_per_step"] = c.ms;
+  j["runs_cpu_ms_per_step"] = c.cpu_ms;
+  j["runs_page_faults_per_step"] = c.faults;
+  if (c.check_loss) j["check_loss"] = *c.check_loss;
+  for (const auto& [k, v] : c.extra.items()) {
+    if (!j.contains(k)) j[k] = v;
+  }
+  if (!c.error.empty()) j["error"] = c.error;
+  return j;
+}
+
+std::vector<std::string> peer_args(const TrainerBenchOptions& o, int repeats) {
+  return {"--threads", std::to_string(o.threads), "--steps", std::to_string(o.steps),
+          "--warmup", std::to_string(o.warmup), "--repeats", std::to_string(repeats),
+          "--batch", std::to_string(o.batch), "--lr", Json(o.lr).dump(),
+          "--seed", std::to_string(o.seed)};
+}
+
+// Reads the peer's case line into `c`; false (with c.error set) when the peer failed.
+bool take_peer(const PeerResult& r, CaseRuns& c) {
+  if (!r.ok()) {
+    c.error = r.error;
+    return false;
+  }
+  const Json& line = r.lines.back();
+  if (line.contains("error")) c.error = line["error"].get<std::string>();
+  if (line.contains("runs_ms_per_step")) {
+    auto ms = line["runs_ms_per_step"].get<std::vector<double>>();
+    auto cpu = line["runs_cpu_ms_per_step"].get<std::vector<double>>();
+    auto faults = line.value("runs_page_faults_per_step", std::vector<double>(ms.size(), 0.0));
+    for (size_t i = 0; i < ms.size(); ++i) c.add(ms[i], cpu[i], faults[i]);
+  }
+  if (line.contains("check_loss")) c.check_loss = line["check_loss"].get<double>();
+  for (const char* k : {"torch", "python", "compile_s", "adam"}) {
+    if (line.contains(k)) c.extra[k] = line[k];
+  }
+  return c.error.empty();
+}
+
+void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global) {
+  TORCH_CHECK(o.steps >= 1, "wick-bench trainer: --steps must be >= 1, got ", o.steps);
+  TORCH_CHECK(o.warmup >= 0, "wick-bench trainer: --warmup must be >= 0, got ", o.warmup);
+  TORCH_CHECK(o.repeats >= 1, "wick-bench trainer: --repeats must be >= 1, got ", o.repeats);
+  TORCH_CHECK(o.batch >= 1, "wick-bench trainer: --batch must be >= 1, got ", o.batch);
+  TORCH_CHECK(o.trainer_source == "tensor" || o.trainer_source == "slices",
+              "wick-bench trainer: --trainer-source must be tensor or slices, got ", o.trainer_source);
+  const int threads = set_torch_threads(o.threads);
+  JsonOut out(global.jsonl);
+  const double load_start = load_average_1m();
+
+  const Data data = make_data(o.steps * o.batch, o.seed);
+  CaseRuns trainer("wick_trainer"), raw("raw_libtorch"), fused("raw_fused_adam"), eager("python_eager"),
+      compiled("python_compile");
+
+  for (int r = 0; r < o.repeats; ++r) {
+    // Alternate which C++ case goes first, so neither always follows the other.
+    if (r % 2 == 0) {
+      trainer.add(run_trainer(o, data), o.steps);
+      raw.add(run_raw(o, data), o.steps);
+    } else {
+      raw.add(run_raw(o, data), o.steps);
+      trainer.add(run_trainer(o, data), o.steps);
+    }
+    if (o.fused_adam) fused.add(run_raw_fused_adam(o, data), o.steps);
+    if (!o.no_python && eager.error.empty()) {
+      take_peer(run_peer(global, "trainer_peer.py", peer_args(o, 1)), eager);
+    }
+  }
+  out.emit(case_line(trainer, o, threads));
+  out.emit(case_line(raw, o, threads));
+  if (o.fused_adam) out.emit(case_line(fused, o, threads));
+  if (!o.no_python) out.emit(case_line(eager, o, threads));
+  if (!o.no_python && o.compile) {
+    auto args = peer_args(o, o.compile_repeats);
+    args.push_back("--compile");
+    take_peer(run_peer(global, "trainer_peer.py", args), compiled);
+    out.emit(case_line(compiled, o, threads));
+  }
+
+  Json s;
+  s["bench"] = "trainer";
+  s["summary"] = true;
+  const double t = trainer.median_ms(), b = raw.median_ms();
+  s["trainer_ms_per_step"] = t;
+  s["raw_ms_per_step"] = b;
+  s["python_ms_per_step"] = eager.measured() ? Json(eager.median_ms()) : Json(nullptr);
+  s["overhead_ratio"] = t / b;
+  s["python_ratio"] = eager.measured() ? Json(eager.median_ms() / t) : Json(nullptr);
+  if (!o.no_python && o.compile) {
+    s["python_compile_ms_per_step"] = compiled.measured() ? Json(compiled.median_ms()) : Json(nullptr);
+    if (!compiled.error.empty()) s["python_compile_error"] = compiled.error;
+  }
+  if (o.fused_adam) s["raw_fused_adam_ms_per_step"] = fused.median_ms();
+  // The same ratios from process CPU time, which load from other processes hardly moves.
+  s["overhead_ratio_cpu"] = trainer.median_cpu_ms() / raw.median_cpu_ms();
+  if (eager.measured()) s["python_ratio_cpu"] = eager.median_cpu_ms() / trainer.median_cpu_ms();
+  if (!eager.error.empty()) s["python_error"] = eager.error;
+  s["overhead_goal_met"] = t / b <= kOverheadGoal;
+  if (eager.measured()) s["python_goal_met"] = eager.median_ms() / t >= kPythonGoal;
+  s["date"] = today();
+  s["time"] = now_iso();
+  s["torch"] = torch_version();
+  s["threads"] = threads;
+  s["batch"] = o.batch;
+  s["steps"] = o.steps;
+  s["warmup"] = o.warmup;
+  s["repeats"] = o.repeats;
+  s["trainer_source"] = o.trainer_source;
+  s["cpu_model"] = cpu_model();
+  s["logical_cpus"] = logical_cpus();
+  s["env"] = performance_env();
+  s["load_avg_1m_start"] = load_start;
+  s["load_avg_1m_end"] = load_average_1m();
+  out.emit(s);
+}
+
+}  // namespace
+
+void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
+  auto o = std::make_shared<TrainerBenchOptions>();
+  CLI::App* sub = app.add_subcommand(
+      "trainer", "wick::Trainer vs a hand-written LibTorch loop vs PyTorch eager: MLP 784-512-256-10, Adam");
+  sub->add_option("--threads", o->threads, "intra-op threads for torch here and in the peer")
+      ->capture_default_str();
+  sub->add_option("--steps", o->steps, "timed optimizer steps per run")->capture_default_str();
+  sub->add_option("--warmup", o->warmup, "untimed steps before each run's timed ones")->capture_default_str();
+  sub->add_option("--repeats", o->repeats, "runs of each case; figures are medians")->capture_default_str();
+  sub->add_option("--batch", o->batch, "samples per batch")->capture_default_str();
+  sub->add_option("--lr", o->lr, "Adam's learning rate")->capture_default_str();
+  sub->add_option("--seed", o->seed, "seed of the model's initialization and of the data")
+      ->capture_default_str();
+  sub->add_flag("--no-python", o->no_python, "skip the Python peer");
+  sub->add_flag("--compile", o->compile, "also time the peer under torch.compile (case python_compile)");
+  sub->add_option("--compile-repeats", o->compile_repeats, "runs of the torch.compile case")
+      ->capture_default_str();
+  sub->add_option("--trainer-source", o->trainer_source,
+                  "the Trainer's batches: tensor (TensorBatchSource, gathers a copy) or slices (views)")
+      ->capture_default_str();
+  sub->add_flag("--fused-adam", o->fused_adam,
+                "also time the raw loop with at::_fused_adam_ instead of torch::optim::Adam (case raw_fused_adam)");
+  sub->callback([o, global] { run_trainer_bench(*o, *global); });
+}
+
+}  // namespace wick_bench
