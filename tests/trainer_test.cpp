@@ -5,6 +5,8 @@
 #include <ATen/autocast_mode.h>
 
 #include <cmath>
+#include <fstream>
+#include <iostream>
 
 namespace {
 
@@ -313,6 +315,32 @@ TEST_F(TrainerTest, CudaTrainingMatchesCpu) {
   auto cpu = run(torch::kCPU, false);
   auto cuda = run(torch::Device(torch::kCUDA, 0), true);
   for (size_t i = 0; i < cpu.size(); ++i) EXPECT_TRUE(tensors_close(cuda[i], cpu[i], 1e-9, 1e-12));
+}
+
+}  // namespace
+
+namespace {
+
+// docs/getting-started.md, "Your first program" (300 steps of a linear model).
+TEST(TrainerDocTest, GettingStartedFirstProgram) {
+  if (wick::FashionMNIST::default_root().empty() ||
+      !std::ifstream(wick::FashionMNIST::default_root() + "/train-images-idx3-ubyte.gz")) {
+    GTEST_SKIP() << "Fashion-MNIST not installed";
+  }
+  torch::manual_seed(0);
+  // --- begin docs/getting-started.md
+  auto model = torch::nn::Sequential(torch::nn::Flatten(), torch::nn::Linear(784, 10));
+  wick::SupervisedTask task(model);                          // cross-entropy; reports accuracy
+  torch::optim::Adam optimizer(model->parameters(), 1e-3);
+  wick::FashionMNIST data(wick::FashionMNIST::default_root(), wick::FashionMNIST::Split::kTrain);
+  wick::TensorBatchSource train(data.images(), data.targets(), 64);
+  wick::Trainer trainer(wick::TrainerOptions().max_epochs(1).max_steps(300));
+  trainer.add_callback(std::make_shared<wick::ProgressBar>());
+  auto result = trainer.fit(task, optimizer, train);
+  std::cout << "loss " << result.last_logs.at("train/loss") << "\n";
+  // --- end
+  EXPECT_EQ(result.state.step, 300);
+  EXPECT_LT(result.last_logs.at("train/loss"), 0.9);  // ln(10) = 2.30 at the start
 }
 
 }  // namespace
