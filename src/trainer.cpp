@@ -67,9 +67,9 @@ void check_options(const TrainerOptions& o) {
               "Trainer: grad_clip_norm must be >= 0 (0 = off), got ", o.grad_clip_norm());
   TORCH_CHECK(o.resume().empty() || !o.checkpoint_dir().empty() || o.resume() != "latest",
               "Trainer: resume=\"latest\" needs checkpoint_dir");
-  if (o.precision() != Precision::kFP32) {
+  if (o.precision() != Precision::kFP32 && o.device().has_value()) {
     // Fails early, naming the device, when autocast cannot run there.
-    AutocastGuard probe(o.device(), o.precision());
+    AutocastGuard probe(*o.device(), o.precision());
   }
 }
 
@@ -223,7 +223,8 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   }};
 
   if (options_.deterministic()) at::globalContext().setDeterministicAlgorithms(true, false);
-  task.module().to(options_.device());
+  device_ = resolve_device(task);
+  if (options_.device().has_value()) task.module().to(device_);
   params_.clear();
   for (const auto& group : optimizer.param_groups()) {
     for (const auto& p : group.params()) params_.push_back(p);
@@ -292,7 +293,7 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
   // One batch of look-ahead tells whether the current one ends the data, so
   // the accumulator closes a partial last group on it; on CUDA its copy to
   // the device overlaps the current batch's compute.
-  detail::BatchMover mover(options_.device());
+  detail::BatchMover mover(device_);
   auto fetch = [&]() -> std::optional<Batch> {
     auto b = train.next();
     if (b.has_value()) b = mover.start(std::move(*b));
@@ -308,7 +309,7 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
 
     each_callback([&](Callback& cb) { cb.on_batch_start(*this); });
     StepOutput out = [&] {
-      AutocastGuard autocast(options_.device(), options_.precision());
+      AutocastGuard autocast(device_, options_.precision());
       return task.training_step(batch);
     }();
     TORCH_CHECK(out.loss.defined() && out.loss.numel() == 1,
@@ -401,7 +402,14 @@ void Trainer::emit_logs() {
   each_callback([&](Callback& cb) { cb.on_log(*this, logs); });
 }
 
+torch::Device Trainer::resolve_device(Task& task) const {
+  if (options_.device().has_value()) return *options_.device();
+  const auto params = task.module().parameters();
+  return params.empty() ? torch::Device(torch::kCPU) : params.front().device();
+}
+
 std::map<std::string, double> Trainer::validate(Task& task, BatchSource& val) {
+  if (task_ != &task) device_ = resolve_device(task);  // outside fit: where the model is
   return run_validation(task, val, /*with_callbacks=*/task_ == &task);
 }
 
@@ -417,11 +425,11 @@ std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& v
     torch::NoGradGuard no_grad;
     val.reset(0);
     while (auto next = val.next()) {
-      Batch batch = to_device(std::move(*next), options_.device());
+      Batch batch = to_device(std::move(*next), device_);
       const int64_t size = task.batch_size(batch);
       std::map<std::string, torch::Tensor> metrics;
       {
-        AutocastGuard autocast(options_.device(), options_.precision());
+        AutocastGuard autocast(device_, options_.precision());
         metrics = task.validation_step(batch);
       }
       for (const auto& [name, value] : metrics) {

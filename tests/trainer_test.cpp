@@ -307,7 +307,7 @@ TEST_F(TrainerTest, CudaTrainingMatchesCpu) {
     auto x = pinned ? data.x.pin_memory() : data.x;
     auto y = pinned ? data.y.pin_memory() : data.y;
     wick::TensorBatchSource source(x, y, wick::TensorBatchSourceOptions(16).shuffle(true).seed(5));
-    wick::Trainer trainer(quiet().max_epochs(3).device(device).grad_accum_steps(2));
+    wick::Trainer trainer(quiet().max_epochs(3).grad_accum_steps(2));  // device: the model's
     trainer.fit(task, opt, source);
     model->to(torch::kCPU);
     return snapshot(*model);

@@ -119,8 +119,10 @@ struct TrainerOptions {
   TORCH_ARG(Precision, precision) = Precision::kFP32;
   /// Loss-scaling options for fp16 (ignored otherwise).
   TORCH_ARG(AmpScalerOptions, scaler) = {};
-  /// Device the model lives on; batches are moved there.
-  TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// Device to train on: the model is moved there at fit start and every batch
+  /// is copied there. Unset: the device of the model's first parameter (CPU
+  /// for a model without parameters).
+  TORCH_ARG(std::optional<torch::Device>, device) = std::nullopt;
   /// Clip the global gradient 2-norm to this value before each step (<= 0: off).
   TORCH_ARG(double, grad_clip_norm) = 0.0;
   /// Emit training logs (on_log) every this many optimizer steps; >= 1.
@@ -208,6 +210,8 @@ class Trainer {
   torch::optim::Optimizer& optimizer();
   /// The loss scaler (fp16), or nullptr.
   AmpScaler* scaler() { return scaler_.get(); }
+  /// The device training runs on (options().device(), or the model's).
+  const torch::Device& device() const { return device_; }
   /// Batches per epoch when the source knows it.
   std::optional<int64_t> batches_per_epoch() const { return batches_per_epoch_; }
   /// The last training logs emitted (on_log) and validation metrics.
@@ -223,6 +227,7 @@ class Trainer {
   void optimizer_step();
   void emit_logs();
   void reset_log_window();
+  torch::Device resolve_device(Task& task) const;
   template <typename F>
   void each_callback(F&& f);
 
@@ -234,6 +239,7 @@ class Trainer {
   Task* task_ = nullptr;
   torch::optim::Optimizer* optimizer_ = nullptr;
   std::vector<torch::Tensor> params_;  // the optimizer's parameters
+  torch::Device device_ = torch::kCPU;
   std::optional<int64_t> batches_per_epoch_;
   std::string stop_reason_;
   bool epoch_done_ = false;  // between an epoch's validation and its on_epoch_end
