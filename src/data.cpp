@@ -87,11 +87,14 @@ std::optional<Batch> TensorBatchSource::next() {
     cursor_ = n;
     return std::nullopt;
   }
+  const int64_t start = cursor_;
   auto idx = order_.slice(0, cursor_, end);
   cursor_ = end;
 
-  const torch::Device device = options_.device();
+  const torch::Device device = options_.device().value_or(data_.device());
   auto gather = [&](const torch::Tensor& src) -> torch::Tensor {
+    // In order and staying put: a view, no copy (the order is the identity).
+    if (!options_.shuffle() && device == src.device()) return src.narrow(0, start, end - start);
     if (device != src.device() && device.is_cuda() && src.is_pinned()) {
       // Gather into pinned memory so the host-to-device copy can be asynchronous.
       std::vector<int64_t> shape = src.sizes().vec();

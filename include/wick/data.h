@@ -46,12 +46,15 @@ struct TensorBatchSourceOptions {
   TORCH_ARG(uint64_t, seed) = 0;
   /// Drop the last batch when it is smaller than batch_size.
   TORCH_ARG(bool, drop_last) = false;
-  /// Moves each batch there (non-blocking when pinned).
-  TORCH_ARG(torch::Device, device) = torch::kCPU;
+  /// Moves each batch there (non-blocking when pinned). Unset: batches stay
+  /// on the device of the data.
+  TORCH_ARG(std::optional<torch::Device>, device) = std::nullopt;
 };
 
 /// Batches of in-memory tensors (first dimension = samples). The order of an
 /// epoch depends only on (seed, epoch), so skip() is O(1) and resume exact.
+/// Without shuffling (and without a device move) a batch is a view of the
+/// data (narrow), not a copy: do not modify batches in place.
 class TensorBatchSource : public BatchSource {
  public:
   TensorBatchSource(torch::Tensor data, torch::Tensor targets, TensorBatchSourceOptions options);
