@@ -13,6 +13,7 @@
 
 #include "bench_common.h"
 
+#include <wick/optim.h>
 #include <wick/trainer.h>
 
 #include <CLI/CLI.hpp>
@@ -113,9 +114,17 @@ class SliceSource : public wick::BatchSource {
 // (a) wick::Trainer: SupervisedTask, batches in order (TensorBatchSource, or
 // SliceSource with --trainer-source slices), no callbacks, logging only at the
 // end of fit.
-Run run_trainer(const TrainerBenchOptions& o, const Data& d) {
+// `fused`: wick::FusedAdam (one at::_fused_adam_ call per step) instead of
+// torch::optim::Adam (case wick_trainer_fused_adam).
+Run run_trainer(const TrainerBenchOptions& o, const Data& d, bool fused = false) {
   auto model = make_mlp(o.seed);
-  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(o.lr));
+  std::unique_ptr<torch::optim::Optimizer> owned_optimizer;
+  if (fused) {
+    owned_optimizer = std::make_unique<wick::FusedAdam>(model->parameters(), wick::FusedAdamOptions(o.lr));
+  } else {
+    owned_optimizer = std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(o.lr));
+  }
+  torch::optim::Optimizer& optimizer = *owned_optimizer;
   wick::SupervisedTask task(model);
   std::unique_ptr<wick::BatchSource> owned;
   if (o.trainer_source == "slices") {
@@ -240,7 +249,7 @@ Json case_line(const CaseRuns& c, const TrainerBenchOptions& o, int threads) {
   j["batch"] = o.batch;
   j["steps"] = o.steps;
   j["warmup"] = o.warmup;
-  if (c.name == "wick_trainer") j["source"] = o.trainer_source;
+  if (c.name == "wick_trainer" || c.name == "wick_trainer_fused_adam") j["source"] = o.trainer_source;
   j["repeats"] = c.ms.size();
   j["runs_ms_per_step"] = c.ms;
   j["runs_cpu_ms_per_step"] = c.cpu_ms;
@@ -293,8 +302,8 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
   const double load_start = load_average_1m();
 
   const Data data = make_data(o.steps * o.batch, o.seed);
-  CaseRuns trainer("wick_trainer"), raw("raw_libtorch"), fused("raw_fused_adam"), eager("python_eager"),
-      compiled("python_compile");
+  CaseRuns trainer("wick_trainer"), raw("raw_libtorch"), fused("raw_fused_adam"),
+      trainer_fused("wick_trainer_fused_adam"), eager("python_eager"), compiled("python_compile");
 
   for (int r = 0; r < o.repeats; ++r) {
     // Alternate which C++ case goes first, so neither always follows the other.
@@ -305,14 +314,20 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
       raw.add(run_raw(o, data), o.steps);
       trainer.add(run_trainer(o, data), o.steps);
     }
-    if (o.fused_adam) fused.add(run_raw_fused_adam(o, data), o.steps);
+    if (o.fused_adam) {
+      fused.add(run_raw_fused_adam(o, data), o.steps);
+      trainer_fused.add(run_trainer(o, data, /*fused=*/true), o.steps);
+    }
     if (!o.no_python && eager.error.empty()) {
       take_peer(run_peer(global, "trainer_peer.py", peer_args(o, 1)), eager);
     }
   }
   out.emit(case_line(trainer, o, threads));
   out.emit(case_line(raw, o, threads));
-  if (o.fused_adam) out.emit(case_line(fused, o, threads));
+  if (o.fused_adam) {
+    out.emit(case_line(fused, o, threads));
+    out.emit(case_line(trainer_fused, o, threads));
+  }
   if (!o.no_python) out.emit(case_line(eager, o, threads));
   if (!o.no_python && o.compile) {
     auto args = peer_args(o, o.compile_repeats);
@@ -334,7 +349,11 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
     s["python_compile_ms_per_step"] = compiled.measured() ? Json(compiled.median_ms()) : Json(nullptr);
     if (!compiled.error.empty()) s["python_compile_error"] = compiled.error;
   }
-  if (o.fused_adam) s["raw_fused_adam_ms_per_step"] = fused.median_ms();
+  if (o.fused_adam) {
+    s["raw_fused_adam_ms_per_step"] = fused.median_ms();
+    s["trainer_fused_adam_ms_per_step"] = trainer_fused.median_ms();
+    s["python_ratio_fused"] = eager.measured() ? Json(eager.median_ms() / trainer_fused.median_ms()) : Json(nullptr);
+  }
   // The same ratios from process CPU time, which load from other processes hardly moves.
   s["overhead_ratio_cpu"] = trainer.median_cpu_ms() / raw.median_cpu_ms();
   if (eager.measured()) s["python_ratio_cpu"] = eager.median_cpu_ms() / trainer.median_cpu_ms();
@@ -381,7 +400,8 @@ void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
                   "the Trainer's batches: tensor (TensorBatchSource, gathers a copy) or slices (views)")
       ->capture_default_str();
   sub->add_flag("--fused-adam", o->fused_adam,
-                "also time the raw loop with at::_fused_adam_ instead of torch::optim::Adam (case raw_fused_adam)");
+                "also time the raw loop with at::_fused_adam_ instead of torch::optim::Adam (case raw_fused_adam) "
+                "and the Trainer with wick::FusedAdam (case wick_trainer_fused_adam)");
   sub->callback([o, global] { run_trainer_bench(*o, *global); });
 }
 

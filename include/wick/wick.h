@@ -7,6 +7,7 @@
 #include <wick/grad_accumulator.h>
 #include <wick/hash.h>
 #include <wick/lr_scheduler.h>
+#include <wick/optim.h>
 #include <wick/callbacks.h>
 #include <wick/trainer.h>
 
