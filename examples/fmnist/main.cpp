@@ -40,6 +40,7 @@ struct Args {
   uint64_t seed = 1;
   double clip = 0.0;
   std::string schedule = "cosine";
+  std::string optimizer = "fused-adam";
   bool progress = true;
   bool json = false;
 };
@@ -91,7 +92,15 @@ int run(const Args& args) {
   torch::manual_seed(args.seed);  // the model's initial weights
   auto model = make_model(args.model);
   wick::SupervisedTask task(model);
-  torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(args.lr));
+  // wick::FusedAdam runs the update as one ATen kernel (Python's Adam(fused=True));
+  // torch::optim::Adam runs eight ops per parameter.
+  std::unique_ptr<torch::optim::Optimizer> optimizer_holder;
+  if (args.optimizer == "fused-adam") {
+    optimizer_holder = std::make_unique<wick::FusedAdam>(model->parameters(), wick::FusedAdamOptions(args.lr));
+  } else {
+    optimizer_holder = std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(args.lr));
+  }
+  torch::optim::Optimizer& optimizer = *optimizer_holder;
 
   const std::string checkpoint_dir =
       args.checkpoint_dir.empty() ? args.run_dir + "/checkpoints" : args.checkpoint_dir;
@@ -154,6 +163,7 @@ int run(const Args& args) {
     j["steps"] = result.state.step;
     j["batch_size"] = args.batch_size;
     j["accum"] = args.accum;
+    j["optimizer"] = args.optimizer;
     j["threads"] = torch::get_num_threads();
     j["test_accuracy"] = test_accuracy;
     j["test_loss"] = test_loss;
@@ -198,6 +208,9 @@ int main(int argc, char** argv) {
   app.add_option("--seed", args.seed, "seed of weights and shuffling")->capture_default_str();
   app.add_option("--clip", args.clip, "clip gradient norm (0: off)")->capture_default_str();
   app.add_option("--schedule", args.schedule, "cosine (with warm-up) or constant")->capture_default_str();
+  app.add_option("--optimizer", args.optimizer, "fused-adam (wick::FusedAdam) or adam (torch::optim::Adam)")
+      ->check(CLI::IsMember({"fused-adam", "adam"}))
+      ->capture_default_str();
   app.add_flag("!--no-progress", args.progress, "no progress bar");
   app.add_flag("--json", args.json, "print a final JSON line");
   CLI11_PARSE(app, argc, argv);
