@@ -35,11 +35,7 @@ torch::nn::Sequential make_mlp(torch::Dtype dtype = torch::kFloat64) {
   return m;
 }
 
-std::vector<torch::Tensor> snapshot(const torch::nn::Module& m) {
-  std::vector<torch::Tensor> out;
-  for (const auto& p : m.parameters()) out.push_back(p.detach().clone());
-  return out;
-}
+using wick::testing::clone_parameters;
 
 // `steps` steps of cross-entropy on consecutive batches of 8 (sign -1: maximize the loss's negative).
 void train(torch::nn::Sequential& model, torch::optim::Optimizer& opt, const Data& d, int64_t steps,
@@ -57,7 +53,7 @@ void train(torch::nn::Sequential& model, torch::optim::Optimizer& opt, const Dat
 class FusedAdamTest : public wick::testing::SeededTest {};
 
 void expect_models_close(const torch::nn::Module& a, const torch::nn::Module& b, double rtol, double atol) {
-  auto pa = snapshot(a), pb = snapshot(b);
+  auto pa = clone_parameters(a), pb = clone_parameters(b);
   ASSERT_EQ(pa.size(), pb.size());
   for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(tensors_close(pa[i], pb[i], rtol, atol)) << "parameter " << i;
 }
@@ -85,7 +81,7 @@ TEST_F(FusedAdamTest, MatchesTorchAdamInFloat64) {
     train(model, opt, data, 20);
     train(reference, ref, data, 20);
     expect_models_close(*model, *reference, 1e-10, 1e-14);
-    EXPECT_FALSE(tensors_close(snapshot(*model)[0], make_mlp()->parameters()[0], 1e-3)) << "did not train";
+    EXPECT_FALSE(tensors_close(clone_parameters(*model)[0], make_mlp()->parameters()[0], 1e-3)) << "did not train";
   }
 }
 
@@ -228,7 +224,7 @@ TEST_F(FusedAdamTest, SaveLoadMidRunContinuesBitIdentically) {
     torch::load(opt, opt_bytes);
     EXPECT_TRUE(static_cast<const wick::FusedAdamOptions&>(opt.param_groups()[0].options()) == options);
     train(second, opt, data, 6, /*first=*/6);
-    auto a = snapshot(*second), b = snapshot(*straight);
+    auto a = clone_parameters(*second), b = clone_parameters(*straight);
     for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_equal(a[i], b[i])) << "parameter " << i;
   }
 }
@@ -334,7 +330,7 @@ TEST_F(FusedAdamTest, CudaMatchesCpuReference) {
   wick::FusedAdam opt(model->parameters(), wick::FusedAdamOptions(1e-2).weight_decay(0.01));
   Data gpu{data.x.to(torch::kCUDA, torch::kFloat32), data.y.to(torch::kCUDA)};
   train(model, opt, gpu, 20);
-  auto a = snapshot(*model), b = snapshot(*reference);
+  auto a = clone_parameters(*model), b = clone_parameters(*reference);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_close(a[i], b[i], 1e-3, 1e-4)) << "parameter " << i;
   const auto& s = static_cast<const wick::FusedAdamParamState&>(*opt.state().begin()->second);
   EXPECT_TRUE(s.step().is_cuda());

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <random>
 #include <string>
+#include <vector>
 
 #include <ftw.h>
 #include <stdio.h>
@@ -95,6 +96,13 @@ class TempDir {
  private:
   std::filesystem::path path_;
 };
+
+/// Detached copies of `module`'s parameters, in parameters() order.
+inline std::vector<torch::Tensor> clone_parameters(const torch::nn::Module& module) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : module.parameters()) out.push_back(p.detach().clone());
+  return out;
+}
 
 /// True when CUDA tests can run; use with GTEST_SKIP().
 inline bool cuda_available() { return torch::cuda::is_available(); }

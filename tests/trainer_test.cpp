@@ -33,11 +33,7 @@ torch::nn::Sequential make_model(torch::Dtype dtype = torch::kFloat64, double dr
   return m;
 }
 
-std::vector<torch::Tensor> snapshot(const torch::nn::Module& m) {
-  std::vector<torch::Tensor> out;
-  for (const auto& p : m.parameters()) out.push_back(p.detach().clone());
-  return out;
-}
+using wick::testing::clone_parameters;
 
 wick::TrainerOptions quiet() { return wick::TrainerOptions().log_every_n_steps(1000000); }
 
@@ -68,7 +64,7 @@ TEST_F(TrainerTest, MatchesHandWrittenLoop) {
   EXPECT_EQ(result.state.step, 8);
   EXPECT_EQ(result.state.epoch, 2);
   EXPECT_EQ(result.stop_reason, "max_epochs");
-  auto a = snapshot(*model), b = snapshot(*reference);
+  auto a = clone_parameters(*model), b = clone_parameters(*reference);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_close(a[i], b[i], 1e-12, 1e-14));
 }
 
@@ -94,7 +90,7 @@ TEST_F(TrainerTest, AccumulationMatchesLargeBatches) {
   wick::Trainer trainer(quiet().grad_accum_steps(4));
   auto result = trainer.fit(task, opt, source);
   EXPECT_EQ(result.state.step, 4);  // 13 micro-batches: groups of 4, 4, 4, 1
-  auto a = snapshot(*model), b = snapshot(*reference);
+  auto a = clone_parameters(*model), b = clone_parameters(*reference);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_close(a[i], b[i], 1e-6));
 }
 
@@ -237,11 +233,11 @@ TEST_F(TrainerTest, TrainsFromLibTorchDataLoader) {
   wick::SupervisedTask task(model);
   torch::optim::SGD opt(model->parameters(), 0.1);
   wick::Trainer trainer(quiet().max_epochs(2));
-  auto before = snapshot(*model);
+  auto before = clone_parameters(*model);
   auto result = trainer.fit(task, opt, *loader);
   EXPECT_EQ(result.state.step, 8);  // 16, 16, 16, 2 per epoch
   EXPECT_EQ(result.state.samples_seen, 100);
-  EXPECT_FALSE(tensors_equal(snapshot(*model)[0], before[0]));
+  EXPECT_FALSE(tensors_equal(clone_parameters(*model)[0], before[0]));
 }
 
 TEST_F(TrainerTest, MaxStepsStopsInsideAnEpoch) {
@@ -310,7 +306,7 @@ TEST_F(TrainerTest, CudaTrainingMatchesCpu) {
     wick::Trainer trainer(quiet().max_epochs(3).grad_accum_steps(2));  // device: the model's
     trainer.fit(task, opt, source);
     model->to(torch::kCPU);
-    return snapshot(*model);
+    return clone_parameters(*model);
   };
   auto cpu = run(torch::kCPU, false);
   auto cuda = run(torch::Device(torch::kCUDA, 0), true);
