@@ -1,0 +1,137 @@
+#pragma once
+// Process groups for data-parallel training, on LibTorch's c10d (Gloo on CPU,
+// NCCL on CUDA), set up from torchrun's environment.
+//
+//   // torchrun --standalone --nproc_per_node=2 --no-python ./my_trainer
+//   auto pg = wick::init_process_group();          // RANK, WORLD_SIZE, MASTER_ADDR, ... from the env
+//   std::cout << pg->rank() << "/" << pg->world_size() << "\n";
+//   auto t = torch::ones({4});
+//   pg->allreduce_sum({t});                         // in place, on every rank
+//
+// Without torchrun's variables it is a world of one: every collective is a
+// no-op and training code runs unchanged.
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace c10d {
+class Backend;
+class Store;
+}  // namespace c10d
+
+namespace wick {
+
+enum class DistributedBackend {
+  kAuto,  ///< NCCL when the device is CUDA, else Gloo
+  kGloo,
+  kNccl,
+};
+
+struct ProcessGroupOptions {
+  /// Which collective library; kAuto picks from `device`.
+  TORCH_ARG(DistributedBackend, backend) = DistributedBackend::kAuto;
+  /// Device the collectives run on (CUDA: this rank's LOCAL_RANK device when unset).
+  TORCH_ARG(std::optional<torch::Device>, device) = std::nullopt;
+  /// Rendezvous and collective timeout: a peer that never joins or dies mid-step
+  /// ends in an error after this long, never a hang.
+  TORCH_ARG(std::chrono::milliseconds, timeout) = std::chrono::minutes(5);
+  /// Overrides of torchrun's variables (unset: read RANK, WORLD_SIZE, LOCAL_RANK,
+  /// LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment).
+  TORCH_ARG(std::optional<int64_t>, rank) = std::nullopt;
+  TORCH_ARG(std::optional<int64_t>, world_size) = std::nullopt;
+  TORCH_ARG(std::optional<std::string>, master_addr) = std::nullopt;
+  TORCH_ARG(std::optional<int64_t>, master_port) = std::nullopt;
+};
+
+/// A group of processes (ranks) and the collectives wick needs, each of which
+/// waits with the group's timeout and throws naming the operation on failure.
+class ProcessGroup {
+ public:
+  /// A world of one (no communication).
+  ProcessGroup();
+  ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend, int64_t rank,
+               int64_t world_size, int64_t local_rank, int64_t local_world_size, torch::Device device,
+               std::chrono::milliseconds timeout);
+  ~ProcessGroup();
+
+  int64_t rank() const { return rank_; }
+  int64_t world_size() const { return world_size_; }
+  int64_t local_rank() const { return local_rank_; }
+  int64_t local_world_size() const { return local_world_size_; }
+  bool is_main() const { return rank_ == 0; }
+  const torch::Device& device() const { return device_; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  /// "gloo", "nccl", or "none" (world of one).
+  std::string backend_name() const;
+
+  /// Sums `tensors` in place across ranks (any shapes; one coalesced collective).
+  void allreduce_sum(std::vector<torch::Tensor> tensors);
+  /// Copies rank `root`'s tensors into every rank's, in place.
+  void broadcast(std::vector<torch::Tensor> tensors, int64_t root = 0);
+  /// Waits until every rank arrives.
+  void barrier();
+  /// Starts an asynchronous sum of one flat tensor; wait on the returned handle.
+  class Work;
+  std::shared_ptr<Work> allreduce_sum_async(torch::Tensor flat);
+
+  /// The c10d backend (nullptr in a world of one), for what wick does not wrap.
+  const c10::intrusive_ptr<c10d::Backend>& backend() const { return backend_; }
+
+ private:
+  c10::intrusive_ptr<c10d::Store> store_;
+  c10::intrusive_ptr<c10d::Backend> backend_;
+  int64_t rank_ = 0, world_size_ = 1, local_rank_ = 0, local_world_size_ = 1;
+  torch::Device device_ = torch::kCPU;
+  std::chrono::milliseconds timeout_{std::chrono::minutes(5)};
+};
+
+class ProcessGroup::Work {
+ public:
+  virtual ~Work() = default;
+  /// Blocks until done (throws on failure or timeout).
+  virtual void wait() = 0;
+};
+
+/// Sets up the process group from torchrun's environment (or the options):
+/// rendezvous through c10d's TCPStore at MASTER_ADDR:MASTER_PORT (rank 0
+/// hosts it), then a Gloo or NCCL backend. Missing or malformed variables, an
+/// unreachable master, or a backend this build lacks: a clear error naming
+/// the variable or the address. Without RANK/WORLD_SIZE: a world of one.
+std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options = {});
+
+struct DistributedSamplerOptions {
+  /// Shuffle each epoch with a generator seeded by (seed, epoch), the same on every rank.
+  TORCH_ARG(bool, shuffle) = true;
+  TORCH_ARG(uint64_t, seed) = 0;
+  /// true: drop the tail so every rank gets floor(n / world) samples;
+  /// false: pad by repeating the first samples so every rank gets ceil(n / world).
+  TORCH_ARG(bool, drop_last) = false;
+};
+
+/// Which samples this rank reads: the epoch's order (shuffled by seed and
+/// epoch), padded or cut to a multiple of the world size, then every
+/// world_size-th index starting at rank (as torch.utils.data.DistributedSampler).
+class DistributedSampler {
+ public:
+  DistributedSampler(int64_t dataset_size, int64_t rank, int64_t world_size,
+                     DistributedSamplerOptions options = {});
+  void set_epoch(int64_t epoch) { epoch_ = epoch; }
+  int64_t epoch() const { return epoch_; }
+  /// This rank's indices for the current epoch (int64).
+  torch::Tensor indices() const;
+  /// Samples per rank per epoch.
+  int64_t num_samples() const;
+
+ private:
+  int64_t size_, rank_, world_size_;
+  DistributedSamplerOptions options_;
+  int64_t epoch_ = 0;
+};
+
+}  // namespace wick
