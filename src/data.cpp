@@ -2,6 +2,8 @@
 
 #include "fs.h"
 
+#include <wick/distributed.h>
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <zlib.h>
 
@@ -53,6 +55,9 @@ TensorBatchSource::TensorBatchSource(torch::Tensor data, torch::Tensor targets,
   TORCH_CHECK(targets_.dim() >= 1,
               "TensorBatchSource: targets must have a sample dimension, got a ", targets_.dim(),
               "-d tensor");
+  TORCH_CHECK(options_.world_size() >= 1 && options_.rank() >= 0 && options_.rank() < options_.world_size(),
+              "TensorBatchSource: rank must be in [0, world_size=", options_.world_size(), "), got ",
+              options_.rank());
   TORCH_CHECK(data_.size(0) == targets_.size(0),
               "TensorBatchSource: data and targets must have the same number of samples, got ",
               data_.size(0), " and ", targets_.size(0));
@@ -64,10 +69,20 @@ TensorBatchSource::TensorBatchSource(torch::Tensor data, torch::Tensor targets,
               data_.device(), " and ", targets_.device());
 }
 
+int64_t TensorBatchSource::epoch_samples() const {
+  if (options_.world_size() == 1) return data_.size(0);
+  return DistributedSampler(data_.size(0), options_.rank(), options_.world_size()).num_samples();
+}
+
 void TensorBatchSource::reset(int64_t epoch) {
   TORCH_CHECK(epoch >= 0, "TensorBatchSource: epoch must be >= 0, got ", epoch);
   const int64_t n = data_.size(0);
-  if (options_.shuffle()) {
+  if (options_.world_size() > 1) {
+    DistributedSampler sampler(n, options_.rank(), options_.world_size(),
+                               DistributedSamplerOptions().shuffle(options_.shuffle()).seed(options_.seed()));
+    sampler.set_epoch(epoch);
+    order_ = sampler.indices();
+  } else if (options_.shuffle()) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(epoch_seed(options_.seed(), epoch));
     order_ = torch::randperm(n, gen, torch::TensorOptions().dtype(torch::kLong));
   } else if (!order_.defined() || order_.size(0) != n) {
@@ -79,7 +94,7 @@ void TensorBatchSource::reset(int64_t epoch) {
 
 std::optional<Batch> TensorBatchSource::next() {
   TORCH_CHECK(order_.defined(), "TensorBatchSource: next() before reset()");
-  const int64_t n = data_.size(0);
+  const int64_t n = epoch_samples();
   const int64_t bs = options_.batch_size();
   if (cursor_ >= n) return std::nullopt;
   const int64_t end = std::min(cursor_ + bs, n);
@@ -92,9 +107,10 @@ std::optional<Batch> TensorBatchSource::next() {
   cursor_ = end;
 
   const torch::Device device = options_.device().value_or(data_.device());
+  const bool identity_order = !options_.shuffle() && options_.world_size() == 1;
   auto gather = [&](const torch::Tensor& src) -> torch::Tensor {
     // In order and staying put: a view, no copy (the order is the identity).
-    if (!options_.shuffle() && device == src.device()) return src.narrow(0, start, end - start);
+    if (identity_order && device == src.device()) return src.narrow(0, start, end - start);
     if (device != src.device() && device.is_cuda() && src.is_pinned()) {
       // Gather into pinned memory so the host-to-device copy can be asynchronous.
       std::vector<int64_t> shape = src.sizes().vec();
@@ -109,7 +125,7 @@ std::optional<Batch> TensorBatchSource::next() {
 }
 
 std::optional<int64_t> TensorBatchSource::size() const {
-  const int64_t n = data_.size(0);
+  const int64_t n = epoch_samples();
   const int64_t bs = options_.batch_size();
   return options_.drop_last() ? n / bs : (n + bs - 1) / bs;
 }
@@ -117,7 +133,7 @@ std::optional<int64_t> TensorBatchSource::size() const {
 void TensorBatchSource::skip(int64_t n) {
   TORCH_CHECK(n >= 0, "TensorBatchSource: skip count must be >= 0, got ", n);
   TORCH_CHECK(order_.defined(), "TensorBatchSource: skip() before reset()");
-  const int64_t samples = data_.size(0);
+  const int64_t samples = epoch_samples();
   const int64_t remaining_batches = (samples - cursor_ + options_.batch_size() - 1) /
                                     options_.batch_size();
   cursor_ = n >= remaining_batches ? samples : cursor_ + n * options_.batch_size();

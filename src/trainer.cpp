@@ -103,7 +103,10 @@ Trainer& Trainer::add_callback(std::shared_ptr<Callback> callback) {
 
 template <typename F>
 void Trainer::each_callback(F&& f) {
-  for (auto& cb : callbacks_) f(*cb);
+  const bool main = is_main();
+  for (auto& cb : callbacks_) {
+    if (main || !cb->main_rank_only()) f(*cb);
+  }
 }
 
 Task& Trainer::task() {
@@ -128,7 +131,7 @@ std::string Trainer::fingerprint() const {
   std::ostringstream out;
   out << "grad_accum_steps=" << o.grad_accum_steps() << ";precision=" << to_string(o.precision())
       << ";grad_clip_norm=" << o.grad_clip_norm() << ";seed=" << o.seed()
-      << ";deterministic=" << o.deterministic();
+      << ";deterministic=" << o.deterministic() << ";world_size=" << world_size();
   if (o.precision() == Precision::kFP16) {
     out << ";scaler.growth_factor=" << s.growth_factor() << ";scaler.backoff_factor=" << s.backoff_factor()
         << ";scaler.growth_interval=" << s.growth_interval() << ";scaler.enabled=" << s.enabled();
@@ -440,7 +443,19 @@ std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& v
       samples += size;
     }
   }
-  TORCH_CHECK(samples > 0, "Trainer: the validation source yielded no batches");
+  TORCH_CHECK(samples > 0, "Trainer: the validation source yielded no batches",
+              world_size() > 1 ? c10::str(" on rank ", rank()) : std::string());
+  if (world_size() > 1) {
+    // Every rank validated its shard: sum the sample-weighted sums and the
+    // counts, so the result is the mean over all ranks' samples.
+    std::vector<torch::Tensor> totals;
+    for (auto& [name, sum] : sums) totals.push_back(sum.to(torch::kCPU, torch::kFloat64).reshape({1}));
+    totals.push_back(torch::tensor({static_cast<double>(samples)}, torch::kFloat64));
+    options_.process_group()->allreduce_sum(totals);
+    size_t i = 0;
+    for (auto& [name, sum] : sums) sum = totals[i++];
+    samples = static_cast<int64_t>(totals.back().item<double>());
+  }
   Metrics result;
   for (const auto& [name, sum] : sums) result["val/" + name] = sum.item<double>() / samples;
   module.train(was_training);

@@ -1,3 +1,4 @@
+#include <wick/data.h>
 #include <wick/distributed.h>
 
 #include "sampler_baseline.h"
@@ -60,6 +61,29 @@ TEST(DistributedSamplerTest, RanksPartitionTheEpochAndEpochsDiffer) {
     twice += count == 2;
   }
   EXPECT_EQ(twice, 2);
+}
+
+// TensorBatchSource's shard of an epoch is what Python's DistributedSampler gives that rank.
+TEST(DistributedSamplerTest, TensorBatchSourceReadsItsRanksShard) {
+  for (const auto& c : wick::testing::sampler_baseline::cases()) {
+    if (c.drop_last || c.size > 100) continue;
+    auto data = torch::arange(c.size, torch::kLong).view({c.size, 1});
+    for (int64_t rank = 0; rank < c.world; ++rank) {
+      wick::TensorBatchSource source(
+          data, data.view(-1),
+          wick::TensorBatchSourceOptions(3).shuffle(c.shuffle).seed(c.seed).rank(rank).world_size(c.world));
+      source.reset(c.epoch);
+      std::vector<int64_t> read;
+      while (auto b = source.next()) {
+        for (int64_t i = 0; i < b->target.size(0); ++i) read.push_back(b->target[i].item<int64_t>());
+      }
+      EXPECT_EQ(read, c.per_rank[rank]) << "size " << c.size << " rank " << rank;
+      EXPECT_EQ(*source.size(), (c.num_samples + 2) / 3);
+    }
+  }
+  EXPECT_THROWS_WITH(wick::TensorBatchSource(torch::zeros({4, 1}), torch::zeros({4}),
+                                             wick::TensorBatchSourceOptions(2).rank(2).world_size(2)),
+                     "rank must be in [0, world_size=2), got 2");
 }
 
 TEST(DistributedSamplerTest, RejectsBadArguments) {

@@ -63,6 +63,10 @@ class Callback {
   /// Validation metrics: "val/loss", "val/accuracy", ...
   virtual void on_validation_end(Trainer& trainer, const Metrics& metrics) {}
 
+  /// Whether only the main rank (rank 0) runs this callback under data-parallel
+  /// training: true for those that write files or the terminal.
+  virtual bool main_rank_only() const { return false; }
+
   /// Whether save/load carry state that must survive a resume.
   virtual bool has_state() const { return false; }
   virtual void save(torch::serialize::OutputArchive& archive) const {}
@@ -95,6 +99,7 @@ class ProgressBar : public Callback {
  public:
   explicit ProgressBar(ProgressBarOptions options = {});
   std::string name() const override { return "ProgressBar"; }
+  bool main_rank_only() const override { return true; }
   void on_fit_start(Trainer& trainer) override;
   void on_epoch_start(Trainer& trainer) override;
   void on_step_end(Trainer& trainer) override;
@@ -142,6 +147,7 @@ class MetricLogger : public Callback {
  public:
   explicit MetricLogger(MetricLoggerOptions options);
   std::string name() const override { return "MetricLogger"; }
+  bool main_rank_only() const override { return true; }
   void on_fit_start(Trainer& trainer) override;
   void on_log(Trainer& trainer, const Metrics& logs) override;
   void on_validation_end(Trainer& trainer, const Metrics& metrics) override;
@@ -184,6 +190,7 @@ class Checkpointer : public Callback {
  public:
   explicit Checkpointer(CheckpointerOptions options);
   std::string name() const override { return "Checkpointer"; }
+  bool main_rank_only() const override { return true; }
   void on_step_end(Trainer& trainer) override;
   void on_epoch_end(Trainer& trainer) override;
   void on_validation_end(Trainer& trainer, const Metrics& metrics) override;

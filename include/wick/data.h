@@ -46,6 +46,12 @@ struct TensorBatchSourceOptions {
   TORCH_ARG(uint64_t, seed) = 0;
   /// Drop the last batch when it is smaller than batch_size.
   TORCH_ARG(bool, drop_last) = false;
+  /// Data-parallel sharding: this rank reads its share of every epoch, as
+  /// DistributedSampler(n, rank, world_size, {shuffle, seed}) gives it (the
+  /// order shuffled the same on every rank, padded to a multiple of
+  /// world_size). world_size 1: no sharding.
+  TORCH_ARG(int64_t, rank) = 0;
+  TORCH_ARG(int64_t, world_size) = 1;
   /// Moves each batch there (non-blocking when pinned). Unset: batches stay
   /// on the device of the data.
   TORCH_ARG(std::optional<torch::Device>, device) = std::nullopt;
@@ -64,6 +70,7 @@ class TensorBatchSource : public BatchSource {
   void skip(int64_t n) override;
 
  private:
+  int64_t epoch_samples() const;  // this rank's samples per epoch
   torch::Tensor data_, targets_, order_;
   TensorBatchSourceOptions options_;
   int64_t cursor_ = 0;  // next sample position in order_

@@ -24,6 +24,7 @@
 #include <wick/callbacks.h>
 #include <wick/checkpoint.h>
 #include <wick/data.h>
+#include <wick/distributed.h>
 #include <wick/grad_accumulator.h>
 
 #include <torch/torch.h>
@@ -129,6 +130,11 @@ struct TrainerOptions {
   TORCH_ARG(int64_t, log_every_n_steps) = 50;
   /// Validate every this many epochs (0: never; only when a validation source is given).
   TORCH_ARG(int64_t, val_every_n_epochs) = 1;
+  /// Data-parallel training over this group (init_process_group()): each rank
+  /// reads its shard, gradients are averaged across ranks, validation metrics
+  /// are reduced, and only rank 0 runs main_rank_only callbacks (logs,
+  /// progress, checkpoints). nullptr or a world of one: one process.
+  TORCH_ARG(std::shared_ptr<ProcessGroup>, process_group) = nullptr;
   /// Seed of torch's generators at the start of a fresh run.
   TORCH_ARG(uint64_t, seed) = 0;
   /// Deterministic algorithms only (at::Context::setDeterministicAlgorithms).
@@ -210,6 +216,11 @@ class Trainer {
   torch::optim::Optimizer& optimizer();
   /// The loss scaler (fp16), or nullptr.
   AmpScaler* scaler() { return scaler_.get(); }
+  /// This process's rank and the number of ranks (0 and 1 without a process group).
+  int64_t rank() const { return options_.process_group() ? options_.process_group()->rank() : 0; }
+  int64_t world_size() const { return options_.process_group() ? options_.process_group()->world_size() : 1; }
+  /// Whether this is rank 0, the one that writes logs and checkpoints.
+  bool is_main() const { return rank() == 0; }
   /// The device training runs on (options().device(), or the model's).
   const torch::Device& device() const { return device_; }
   /// Batches per epoch when the source knows it.
