@@ -193,7 +193,7 @@ TEST(DistributedDataParallelTest, TwoRanksMatchOneProcessWithTheWholeBatch) {
   wick::DistributedDataParallel ddp(net.ptr(), pg);
   torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(0.2));
   for (int64_t step = 0; step < steps; ++step) {
-    auto b = shard(global_batch(step, batch, torch::kFloat64), pg->rank(), 2);
+    auto b = shard(global_batch(step, batch, torch::kFloat64), pg->rank(), pg->world_size());
     ddp.prepare_forward();
     opt.zero_grad();
     torch::mse_loss(net->forward(b.x), b.y).backward();
