@@ -282,6 +282,35 @@ TEST(DistributedDataParallelTest, UnusedParametersNeedTheOption) {
   EXPECT_GT(ref->unused->weight.grad().abs().sum().item<double>(), 0.0);
 }
 
+// Buffers (BatchNorm's running statistics) are rank 0's after construction
+// and again after each prepare_forward(), unless broadcast_buffers is off.
+TEST(DistributedDataParallelTest, BuffersFollowRankZeroBeforeEachForward) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    ASSERT_TRUE(run_ranks(2, dir.str()));
+    return;
+  }
+  auto pg = child_group();
+  const double r = static_cast<double>(pg->rank());
+  auto make = [&] {
+    auto bn = torch::nn::BatchNorm1d(3);
+    bn->running_mean.fill_(r + 1);
+    return bn;
+  };
+  auto bn = make();
+  wick::DistributedDataParallel ddp(bn.ptr(), pg);
+  EXPECT_TRUE(torch::equal(bn->running_mean, torch::ones({3})));  // rank 0's value
+  bn->running_mean.fill_(10 * (r + 1));                          // as a forward on different data would
+  ddp.prepare_forward();
+  EXPECT_TRUE(torch::equal(bn->running_mean, torch::full({3}, 10.0)));
+
+  auto own = make();
+  wick::DistributedDataParallel keep(own.ptr(), pg, wick::DistributedDataParallelOptions().broadcast_buffers(false));
+  own->running_mean.fill_(10 * (r + 1));
+  keep.prepare_forward();
+  EXPECT_TRUE(torch::equal(own->running_mean, torch::full({3}, 10 * (r + 1))));
+}
+
 // Rank 1 builds a wider layer: both ranks throw at construction, naming it.
 TEST(DistributedDataParallelTest, MismatchedShapesFailOnEveryRank) {
   if (!is_rank_child()) {
