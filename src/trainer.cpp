@@ -221,6 +221,7 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   task_ = &task;
   optimizer_ = &optimizer;
   ScopeExit clear{[this] {
+    ddp_.reset();  // removes its autograd hooks from the parameters
     task_ = nullptr;
     optimizer_ = nullptr;
   }};
@@ -264,6 +265,12 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
     load_checkpoint(path);
   } else {
     torch::manual_seed(options_.seed());
+  }
+
+  if (world_size() > 1) {
+    // After a resume, so every rank starts from rank 0's (restored) parameters.
+    ddp_ = std::make_unique<DistributedDataParallel>(task.module().shared_from_this(), options_.process_group(),
+                                                     options_.ddp());
   }
 
   reset_log_window();
@@ -311,6 +318,11 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
     const double weight = accumulator_->begin(size, /*ends_data=*/!next.has_value());
 
     each_callback([&](Callback& cb) { cb.on_batch_start(*this); });
+    if (ddp_) {
+      // Gradients cross ranks only on the micro-batch that closes the group.
+      ddp_->set_sync(accumulator_->sync_gradients());
+      ddp_->prepare_forward();
+    }
     StepOutput out = [&] {
       AutocastGuard autocast(device_, options_.precision());
       return task.training_step(batch);
@@ -321,6 +333,7 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
     torch::Tensor loss = weight == 1.0 ? out.loss : out.loss * weight;
     if (scaler_) loss = scaler_->scale(loss);
     loss.backward();
+    if (ddp_) ddp_->finalize_backward();
 
     // Sample-weighted sums for the logs, on the device: no sync per step.
     auto detached = out.loss.detach().to(torch::kFloat64) * static_cast<double>(size);

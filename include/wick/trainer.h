@@ -24,6 +24,7 @@
 #include <wick/callbacks.h>
 #include <wick/checkpoint.h>
 #include <wick/data.h>
+#include <wick/ddp.h>
 #include <wick/distributed.h>
 #include <wick/grad_accumulator.h>
 
@@ -135,6 +136,8 @@ struct TrainerOptions {
   /// are reduced, and only rank 0 runs main_rank_only callbacks (logs,
   /// progress, checkpoints). nullptr or a world of one: one process.
   TORCH_ARG(std::shared_ptr<ProcessGroup>, process_group) = nullptr;
+  /// How the module is wrapped for data-parallel training (bucket size, buffers, unused parameters).
+  TORCH_ARG(DistributedDataParallelOptions, ddp) = {};
   /// Seed of torch's generators at the start of a fresh run.
   TORCH_ARG(uint64_t, seed) = 0;
   /// Deterministic algorithms only (at::Context::setDeterministicAlgorithms).
@@ -228,6 +231,8 @@ class Trainer {
   /// The last training logs emitted (on_log) and validation metrics.
   const std::map<std::string, double>& last_logs() const { return last_logs_; }
   const std::map<std::string, double>& last_val_metrics() const { return last_val_metrics_; }
+  /// The data-parallel wrapper of the task's module during a multi-rank fit, else nullptr.
+  DistributedDataParallel* ddp() { return ddp_.get(); }
   /// Whether the last optimizer step was skipped (inf/NaN gradients under fp16).
   bool last_step_skipped() const { return last_step_skipped_; }
   const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
@@ -247,6 +252,7 @@ class Trainer {
   TrainState state_;
   std::unique_ptr<AmpScaler> scaler_;
   std::unique_ptr<GradAccumulator> accumulator_;
+  std::unique_ptr<DistributedDataParallel> ddp_;
   Task* task_ = nullptr;
   torch::optim::Optimizer* optimizer_ = nullptr;
   std::vector<torch::Tensor> params_;  // the optimizer's parameters

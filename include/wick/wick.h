@@ -4,6 +4,8 @@
 #include <wick/amp.h>
 #include <wick/checkpoint.h>
 #include <wick/data.h>
+#include <wick/ddp.h>
+#include <wick/distributed.h>
 #include <wick/grad_accumulator.h>
 #include <wick/hash.h>
 #include <wick/lr_scheduler.h>
