@@ -2,6 +2,7 @@
 #include <wick/distributed.h>
 
 #include "sampler_baseline.h"
+#include "multiprocess.h"
 #include "support.h"
 
 #include <chrono>
@@ -11,12 +12,6 @@
 #include <string>
 #include <vector>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 namespace {
 
@@ -161,78 +156,17 @@ TEST(InitProcessGroupTest, NamesMissingOrMalformedVariables) {
 }
 
 // ---------------------------------------------------------------------------
-// Real processes: this test binary re-executed once per rank.
+// Real processes: this test binary re-executed once per rank (multiprocess.h).
 
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  const int port = ntohs(addr.sin_port);
-  ::close(fd);
-  return port;
-}
-
-bool is_child() { return std::getenv("WICK_TEST_RANK_CHILD") != nullptr; }
-
-std::string current_test() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  return std::string(info->test_suite_name()) + "." + info->name();
-}
-
-// Starts `ranks` of a `world`-rank group running the current test as children;
-// returns each child's exit status (-1 for one killed by the `timeout_s` limit).
-std::vector<int> run_ranks(const std::vector<int>& ranks, int world, int timeout_s) {
-  const std::string port = std::to_string(free_port());
-  const std::string filter = "--gtest_filter=" + current_test();
-  std::vector<pid_t> pids;
-  for (int rank : ranks) {
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-      ::setenv("WICK_TEST_RANK_CHILD", "1", 1);
-      ::setenv("RANK", std::to_string(rank).c_str(), 1);
-      ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
-      ::setenv("LOCAL_WORLD_SIZE", std::to_string(world).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", port.c_str(), 1);
-      ::setenv("OMP_NUM_THREADS", "1", 1);
-      ::execl("/proc/self/exe", "distributed_test", filter.c_str(), static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    pids.push_back(pid);
-  }
-  std::vector<int> status(pids.size(), -1);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  size_t done = 0;
-  while (done < pids.size() && std::chrono::steady_clock::now() < deadline) {
-    for (size_t i = 0; i < pids.size(); ++i) {
-      if (status[i] != -1 || pids[i] == 0) continue;
-      int st = 0;
-      if (::waitpid(pids[i], &st, WNOHANG) == pids[i]) {
-        status[i] = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        pids[i] = 0;
-        ++done;
-      }
-    }
-    ::usleep(20000);
-  }
-  for (size_t i = 0; i < pids.size(); ++i) {
-    if (pids[i] != 0) {
-      ::kill(pids[i], SIGKILL);
-      ::waitpid(pids[i], nullptr, 0);
-    }
-  }
-  return status;
-}
+using wick::testing::is_rank_child;
+using wick::testing::run_rank_processes;
+using wick::testing::run_ranks;
+using wick::testing::TempDir;
 
 TEST(ProcessGroupTest, TwoRanksReduceBroadcastAndMeet) {
-  if (!is_child()) {
-    EXPECT_EQ(run_ranks({0, 1}, 2, 120), (std::vector<int>{0, 0}));
+  if (!is_rank_child()) {
+    TempDir dir;
+    EXPECT_TRUE(run_ranks(2, dir.str()));
     return;
   }
   auto pg = wick::init_process_group(wick::ProcessGroupOptions().timeout(std::chrono::seconds(60)));
@@ -262,9 +196,10 @@ TEST(ProcessGroupTest, TwoRanksReduceBroadcastAndMeet) {
 // A rank that never joins: the other fails with a timeout error in about the
 // configured time, never hangs.
 TEST(ProcessGroupTest, RankThatNeverJoinsTimesOut) {
-  if (!is_child()) {
+  if (!is_rank_child()) {
+    TempDir dir;
     const auto start = std::chrono::steady_clock::now();
-    auto status = run_ranks({0}, 2, 60);  // rank 1 is never started
+    auto status = run_rank_processes({0}, 2, dir.str(), 60);  // rank 1 is never started
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     EXPECT_EQ(status, (std::vector<int>{0}));  // the child's own checks passed
     EXPECT_LT(seconds, 30.0);
@@ -280,8 +215,9 @@ TEST(ProcessGroupTest, RankThatNeverJoinsTimesOut) {
 
 // A peer that dies after joining: the survivor's collective fails with an error, not a hang.
 TEST(ProcessGroupTest, PeerDeathFailsTheCollective) {
-  if (!is_child()) {
-    EXPECT_EQ(run_ranks({0, 1}, 2, 60), (std::vector<int>{0, 3}));
+  if (!is_rank_child()) {
+    TempDir dir;
+    EXPECT_EQ(run_rank_processes({0, 1}, 2, dir.str(), 60), (std::vector<int>{0, 3}));
     return;
   }
   auto pg = wick::init_process_group(wick::ProcessGroupOptions().timeout(std::chrono::seconds(5)));

@@ -74,15 +74,17 @@ inline std::string read_text(const std::string& path) {
   return ss.str();
 }
 
-/// Runs the current test in `world` children (ranks 0..world-1) sharing
-/// `dir`, waits at most `timeout_s` seconds (then kills them), and succeeds
-/// when every child exited with status 0.
-inline ::testing::AssertionResult run_ranks(int world, const std::string& dir, int timeout_s = 120) {
+/// Starts the current test in children for `ranks` of a `world`-rank group
+/// (a rank left out never joins), sharing `dir`; waits at most `timeout_s`
+/// seconds, then kills what still runs. Returns each child's exit status
+/// (128 + signal when killed by one, -1 when it outlived the timeout).
+inline std::vector<int> run_rank_processes(const std::vector<int>& ranks, int world, const std::string& dir,
+                                           int timeout_s) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
   const std::string filter = std::string("--gtest_filter=") + info->test_suite_name() + "." + info->name();
   const std::string port = std::to_string(free_port());
   std::vector<pid_t> pids;
-  for (int rank = 0; rank < world; ++rank) {
+  for (int rank : ranks) {
     const std::string log = dir + "/rank" + std::to_string(rank) + ".log";
     const pid_t pid = ::fork();
     if (pid == 0) {
@@ -107,14 +109,9 @@ inline ::testing::AssertionResult run_ranks(int world, const std::string& dir, i
     pids.push_back(pid);
   }
   std::vector<int> status(pids.size(), -1);
-  bool timed_out = false;
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
   size_t done = 0;
-  while (done < pids.size()) {
-    if (std::chrono::steady_clock::now() >= deadline) {
-      timed_out = true;
-      break;
-    }
+  while (done < pids.size() && std::chrono::steady_clock::now() < deadline) {
     for (size_t i = 0; i < pids.size(); ++i) {
       if (pids[i] == 0) continue;
       int st = 0;
@@ -132,13 +129,23 @@ inline ::testing::AssertionResult run_ranks(int world, const std::string& dir, i
       ::waitpid(pid, nullptr, 0);
     }
   }
-  bool ok = !timed_out;
+  return status;
+}
+
+/// Runs the current test in `world` children (ranks 0..world-1) sharing
+/// `dir`, waits at most `timeout_s` seconds (then kills them), and succeeds
+/// when every child exited with status 0; a failure carries every rank's log.
+inline ::testing::AssertionResult run_ranks(int world, const std::string& dir, int timeout_s = 120) {
+  std::vector<int> ranks;
+  for (int rank = 0; rank < world; ++rank) ranks.push_back(rank);
+  const auto status = run_rank_processes(ranks, world, dir, timeout_s);
+  bool ok = true;
   for (int s : status) ok = ok && s == 0;
   if (ok) return ::testing::AssertionSuccess();
   auto failure = ::testing::AssertionFailure();
-  if (timed_out) failure << "ranks still running after " << timeout_s << " s (killed)\n";
   for (int rank = 0; rank < world; ++rank) {
-    failure << "rank " << rank << " exit status " << status[rank] << "; log:\n"
+    failure << "rank " << rank << " exit status " << status[rank]
+            << (status[rank] == -1 ? " (still running after the timeout, killed)" : "") << "; log:\n"
             << read_text(dir + "/rank" + std::to_string(rank) + ".log") << "\n";
   }
   return failure;
