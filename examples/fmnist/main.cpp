@@ -4,6 +4,7 @@
 //   wick-fmnist --model cnn --epochs 2                 # ~0.91 test accuracy
 //   wick-fmnist --model mlp --precision bf16 --accum 4 --json
 //   wick-fmnist --model cnn --checkpoint-dir runs/a/checkpoints --resume latest
+//   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
@@ -43,6 +44,7 @@ struct Args {
   std::string optimizer = "fused-adam";
   bool progress = true;
   bool json = false;
+  bool ddp = false;
 };
 
 torch::nn::Sequential make_model(const std::string& name) {
@@ -70,6 +72,10 @@ int64_t count_parameters(const torch::nn::Module& m) {
 int run(const Args& args) {
   if (args.threads > 0) torch::set_num_threads(args.threads);
   const auto precision = wick::parse_precision(args.precision);
+  // Under torchrun: one process per rank, each reading its shard; else a world of one.
+  auto pg = args.ddp ? wick::init_process_group() : std::make_shared<wick::ProcessGroup>();
+  const int64_t rank = pg->rank(), world = pg->world_size();
+  const bool main_rank = pg->is_main();
 
   // Data: the last val_size training images are held out for validation.
   wick::FashionMNIST train_set(args.data_dir, wick::FashionMNIST::Split::kTrain);
@@ -79,15 +85,19 @@ int run(const Args& args) {
               train_set.images().size(0), "), got ", args.val_size);
   auto x = train_set.images(), y = train_set.targets();
   wick::TensorBatchSource train(x.narrow(0, 0, n_train), y.narrow(0, 0, n_train),
-                                wick::TensorBatchSourceOptions(args.batch_size).shuffle(true).seed(args.seed));
+                                wick::TensorBatchSourceOptions(args.batch_size)
+                                    .shuffle(true)
+                                    .seed(args.seed)
+                                    .rank(rank)
+                                    .world_size(world));
   std::unique_ptr<wick::TensorBatchSource> val;
   if (args.val_size > 0) {
     val = std::make_unique<wick::TensorBatchSource>(x.narrow(0, n_train, args.val_size),
                                                     y.narrow(0, n_train, args.val_size),
-                                                    wick::TensorBatchSourceOptions(1000).shuffle(false));
+                                                    wick::TensorBatchSourceOptions(1000).shuffle(false).rank(rank).world_size(world));
   }
   wick::TensorBatchSource test(test_set.images(), test_set.targets(),
-                               wick::TensorBatchSourceOptions(1000).shuffle(false));
+                               wick::TensorBatchSourceOptions(1000).shuffle(false).rank(rank).world_size(world));
 
   torch::manual_seed(args.seed);  // the model's initial weights
   auto model = make_model(args.model);
@@ -115,7 +125,8 @@ int run(const Args& args) {
                             .checkpoint_dir(checkpoint_dir)
                             .checkpoint_every_n_steps(args.checkpoint_every)
                             .keep_last_k(2)
-                            .resume(args.resume));
+                            .resume(args.resume)
+                            .process_group(pg));
 
   const int64_t steps_per_epoch = (*train.size() + args.accum - 1) / args.accum;
   if (args.schedule == "cosine") {
@@ -131,12 +142,19 @@ int run(const Args& args) {
   trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(args.run_dir)));
   if (args.progress) trainer.add_callback(std::make_shared<wick::ProgressBar>());
 
-  std::printf("wick-fmnist: %s (%lld parameters), %lld train / %lld val / %lld test images, batch %lld x %lld, %s, %d threads\n",
+  if (main_rank) {
+    std::printf("wick-fmnist: %s (%lld parameters), %lld train / %lld val / %lld test images, batch %lld x %lld, %s, %d threads\n",
               args.model.c_str(), static_cast<long long>(count_parameters(*model)),
               static_cast<long long>(n_train), static_cast<long long>(args.val_size),
               static_cast<long long>(test_set.images().size(0)), static_cast<long long>(args.batch_size),
               static_cast<long long>(args.accum), wick::to_string(precision).c_str(), torch::get_num_threads());
-  std::fflush(stdout);
+    if (world > 1) {
+      std::printf("data-parallel over %lld ranks (%s): %lld training images and batches of %lld per rank\n",
+                  static_cast<long long>(world), pg->backend_name().c_str(),
+                  static_cast<long long>((n_train + world - 1) / world), static_cast<long long>(args.batch_size));
+    }
+    std::fflush(stdout);
+  }
 
   auto result = trainer.fit(task, optimizer, train, val.get());
   auto test_metrics = trainer.validate(task, test);
@@ -144,9 +162,12 @@ int run(const Args& args) {
   const double test_loss = test_metrics.at("val/loss");
   const std::string hash = wick::parameters_sha256(*model);
 
+  // Every rank trained on its shard: the run's throughput is the sum over ranks.
+  const double train_samples_per_s = throughput->samples_per_s() * static_cast<double>(world);
+  if (!main_rank) return 0;
   std::printf("\ntrained %lld steps (%lld epochs) in %.1f s, %.0f samples/s; stopped by %s\n",
               static_cast<long long>(result.state.step), static_cast<long long>(result.state.epoch),
-              result.seconds, throughput->samples_per_s(), result.stop_reason.c_str());
+              result.seconds, train_samples_per_s, result.stop_reason.c_str());
   if (!result.last_val_metrics.empty()) {
     std::printf("validation: loss %.4f, accuracy %.4f\n", result.last_val_metrics.at("val/loss"),
                 result.last_val_metrics.at("val/accuracy"));
@@ -165,10 +186,11 @@ int run(const Args& args) {
     j["accum"] = args.accum;
     j["optimizer"] = args.optimizer;
     j["threads"] = torch::get_num_threads();
+    j["world_size"] = world;
     j["test_accuracy"] = test_accuracy;
     j["test_loss"] = test_loss;
     if (!result.last_val_metrics.empty()) j["val_accuracy"] = result.last_val_metrics.at("val/accuracy");
-    j["train_samples_per_s"] = throughput->samples_per_s();
+    j["train_samples_per_s"] = train_samples_per_s;
     j["train_seconds"] = result.seconds;
     j["params_sha256"] = hash;
     j["stop_reason"] = result.stop_reason;
@@ -213,6 +235,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("!--no-progress", args.progress, "no progress bar");
   app.add_flag("--json", args.json, "print a final JSON line");
+  app.add_flag("--ddp", args.ddp, "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
   CLI11_PARSE(app, argc, argv);
   try {
     return run(args);
