@@ -421,3 +421,46 @@ TEST(TrainerDdpTest, TwoRanksEqualOneProcessWithTheWholeBatch) {
 }
 
 }  // namespace
+
+namespace {
+
+// Under DDP, a run stopped and resumed from rank 0's checkpoint ends with the
+// same parameters, bit for bit, as one that ran straight through.
+TEST(TrainerDdpTest, ResumeIsBitIdentical) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    ASSERT_TRUE(run_ranks(2, dir.str()));
+    return;
+  }
+  torch::set_num_threads(1);
+  auto pg = wick::init_process_group(wick::ProcessGroupOptions().timeout(std::chrono::seconds(60)));
+  auto data = make_data(80, torch::kFloat32);
+  auto run = [&](const std::string& ckpt_dir, int64_t max_steps, const std::string& resume) {
+    auto model = make_model(torch::kFloat32, 0.2);
+    wick::SupervisedTask task(model);
+    wick::FusedAdam opt(model->parameters(), wick::FusedAdamOptions(1e-2));
+    wick::TensorBatchSource source(
+        data.x, data.y, wick::TensorBatchSourceOptions(5).seed(2).rank(pg->rank()).world_size(pg->world_size()));
+    wick::Trainer trainer(quiet()
+                              .max_epochs(3)
+                              .max_steps(max_steps)
+                              .grad_accum_steps(2)
+                              .checkpoint_dir(ckpt_dir)
+                              .resume(resume)
+                              .process_group(pg));
+    auto result = trainer.fit(task, opt, source);
+    pg->barrier();  // rank 0's checkpoint is on disk before anyone resumes from it
+    return std::make_pair(result.state.step, wick::parameters_sha256(*model));
+  };
+  const std::string root = child_dir();
+  auto [full_steps, full] = run(root + "/straight", -1, "");
+  EXPECT_EQ(full_steps, 12);  // 80 / 2 ranks / 5 per batch / 2 per step = 4 a epoch
+  auto [first_steps, first] = run(root + "/split", 5, "");
+  EXPECT_EQ(first_steps, 5);
+  EXPECT_NE(first, full);
+  auto [second_steps, second] = run(root + "/split", -1, "latest");
+  EXPECT_EQ(second_steps, 12);
+  EXPECT_EQ(second, full);
+}
+
+}  // namespace
