@@ -45,6 +45,7 @@ struct Args {
   bool progress = true;
   bool json = false;
   bool ddp = false;
+  std::string device = "cpu";
 };
 
 torch::nn::Sequential make_model(const std::string& name) {
@@ -60,7 +61,7 @@ torch::nn::Sequential make_model(const std::string& name) {
                           nn::MaxPool2d(2),  // 64x7x7
                           nn::Flatten(), nn::Linear(64 * 7 * 7, 128), nn::ReLU(), nn::Linear(128, 10));
   }
-  throw std::invalid_argument("wick-fmnist: --model must be mlp or cnn, got " + name);
+  throw std::invalid_argument("--model must be mlp or cnn, got " + name);
 }
 
 int64_t count_parameters(const torch::nn::Module& m) {
@@ -73,7 +74,13 @@ int run(const Args& args) {
   if (args.threads > 0) torch::set_num_threads(args.threads);
   const auto precision = wick::parse_precision(args.precision);
   // Under torchrun: one process per rank, each reading its shard; else a world of one.
-  auto pg = args.ddp ? wick::init_process_group() : std::make_shared<wick::ProcessGroup>();
+  TORCH_CHECK(args.device == "cpu" || args.device == "cuda", "--device must be cpu or cuda, got ",
+              args.device);
+  const bool cuda = args.device == "cuda";
+  TORCH_CHECK(!cuda || torch::cuda::is_available(), "--device cuda, but no CUDA device is visible");
+  auto pg = args.ddp ? wick::init_process_group(wick::ProcessGroupOptions().device(
+                           cuda ? std::optional<torch::Device>(torch::kCUDA) : std::nullopt))
+                     : std::make_shared<wick::ProcessGroup>();
   const int64_t rank = pg->rank(), world = pg->world_size();
   const bool main_rank = pg->is_main();
 
@@ -81,9 +88,14 @@ int run(const Args& args) {
   wick::FashionMNIST train_set(args.data_dir, wick::FashionMNIST::Split::kTrain);
   wick::FashionMNIST test_set(args.data_dir, wick::FashionMNIST::Split::kTest);
   const int64_t n_train = train_set.images().size(0) - args.val_size;
-  TORCH_CHECK(args.val_size >= 0 && n_train > 0, "wick-fmnist: --val-size must be in [0, ",
+  TORCH_CHECK(args.val_size >= 0 && n_train > 0, "--val-size must be in [0, ",
               train_set.images().size(0), "), got ", args.val_size);
-  auto x = train_set.images(), y = train_set.targets();
+  // On CUDA: this rank's GPU; the data stays in pinned host memory and each
+  // batch is copied ahead of its use.
+  const torch::Device device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(pg->local_rank()))
+                                    : torch::Device(torch::kCPU);
+  auto pin = [&](const torch::Tensor& t) { return cuda ? t.pin_memory() : t; };
+  auto x = pin(train_set.images()), y = pin(train_set.targets());
   wick::TensorBatchSource train(x.narrow(0, 0, n_train), y.narrow(0, 0, n_train),
                                 wick::TensorBatchSourceOptions(args.batch_size)
                                     .shuffle(true)
@@ -101,6 +113,7 @@ int run(const Args& args) {
 
   torch::manual_seed(args.seed);  // the model's initial weights
   auto model = make_model(args.model);
+  model->to(device);
   wick::SupervisedTask task(model);
   // wick::FusedAdam runs the update as one ATen kernel (Python's Adam(fused=True));
   // torch::optim::Adam runs eight ops per parameter.
@@ -126,7 +139,8 @@ int run(const Args& args) {
                             .checkpoint_every_n_steps(args.checkpoint_every)
                             .keep_last_k(2)
                             .resume(args.resume)
-                            .process_group(pg));
+                            .process_group(pg)
+                            .device(device));
 
   const int64_t steps_per_epoch = (*train.size() + args.accum - 1) / args.accum;
   if (args.schedule == "cosine") {
@@ -135,7 +149,7 @@ int run(const Args& args) {
         std::make_shared<wick::CosineWarmupLR>(optimizer, std::min<int64_t>(100, total / 10), total,
                                                /*min_lr_ratio=*/0.05)));
   } else if (args.schedule != "constant") {
-    throw std::invalid_argument("wick-fmnist: --schedule must be cosine or constant, got " + args.schedule);
+    throw std::invalid_argument("--schedule must be cosine or constant, got " + args.schedule);
   }
   auto throughput = std::make_shared<wick::ThroughputMonitor>();
   trainer.add_callback(throughput);
@@ -187,6 +201,7 @@ int run(const Args& args) {
     j["optimizer"] = args.optimizer;
     j["threads"] = torch::get_num_threads();
     j["world_size"] = world;
+    j["device"] = args.device;
     j["test_accuracy"] = test_accuracy;
     j["test_loss"] = test_loss;
     if (!result.last_val_metrics.empty()) j["val_accuracy"] = result.last_val_metrics.at("val/accuracy");
@@ -235,6 +250,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("!--no-progress", args.progress, "no progress bar");
   app.add_flag("--json", args.json, "print a final JSON line");
+  app.add_option("--device", args.device, "cpu or cuda (under --ddp: the GPU of LOCAL_RANK)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   app.add_flag("--ddp", args.ddp, "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
   CLI11_PARSE(app, argc, argv);
   try {
