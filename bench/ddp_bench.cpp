@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
@@ -123,6 +124,7 @@ void run_rank_child(const DdpBenchOptions& o) {
 
   double backward_s = 0, finalize_s = 0;
   int64_t in_backward_sum = 0;
+  std::vector<double> backward_end;  // per timed step, on the machine's monotonic clock
   const auto step = [&](int64_t i, bool timed) {
     const int64_t b = i % kBatches;
     auto xb = x.narrow(0, b * o.batch, o.batch);
@@ -138,6 +140,7 @@ void run_rank_child(const DdpBenchOptions& o) {
     if (timed) {
       backward_s += t1 - t0;
       finalize_s += t2 - t1;
+      backward_end.push_back(t1);
       in_backward_sum += ddp.stats().last_buckets_launched_in_backward;
     }
   };
@@ -174,6 +177,7 @@ void run_rank_child(const DdpBenchOptions& o) {
     }
   }
   j["bucket_numels"] = bucket_sizes;
+  j["backward_end_s"] = backward_end;
 
   if (world > 1) {
     // The same steps with no communication (under no_sync): the compute time
@@ -367,6 +371,21 @@ struct DdpCase {
     return v;
   }
   double med(const char* key) const { return median(per_round_max(key)); }
+  // Per round, the median over steps of how far apart the ranks ended backward
+  // (both read the same monotonic clock): time the earlier rank's allreduce
+  // waits for the later one.
+  double median_backward_end_skew_ms() const {
+    std::vector<double> per_round;
+    for (const auto& round : runs) {
+      if (round.size() < 2) continue;
+      const auto a = round[0]["backward_end_s"].get<std::vector<double>>();
+      const auto b = round[1]["backward_end_s"].get<std::vector<double>>();
+      std::vector<double> d;
+      for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) d.push_back(1e3 * std::abs(a[i] - b[i]));
+      if (!d.empty()) per_round.push_back(median(d));
+    }
+    return per_round.empty() ? 0.0 : median(per_round);
+  }
   const Json& rank0() const { return runs.front().front(); }
 };
 
@@ -390,6 +409,7 @@ Json case_line(const DdpCase& c, const DdpCase* baseline, int64_t steps, const D
   j["finalize_ms_per_step"] = c.med("finalize_ms_per_step");
   if (c.world > 1) {
     j["no_sync_ms_per_step"] = c.med("no_sync_ms_per_step");
+    j["backward_end_skew_ms"] = c.median_backward_end_skew_ms();
     j["allreduce_model_ms"] = c.med("allreduce_model_ms");
     j["allreduce_bucket_ms"] = c.rank0()["allreduce_bucket_ms"];
     j["num_buckets"] = c.rank0()["num_buckets"];
