@@ -90,5 +90,6 @@ std::string torch_version();
 
 /// Subcommands: each adds itself to `app`; `global` is filled before they run.
 void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
+void add_ddp_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 
 }  // namespace wick_bench
