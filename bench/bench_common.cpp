@@ -191,4 +191,15 @@ std::string torch_version() {
          std::to_string(TORCH_VERSION_PATCH);
 }
 
+void add_run_environment(Json& summary, double load_start) {
+  summary["date"] = today();
+  summary["time"] = now_iso();
+  summary["torch"] = torch_version();
+  summary["cpu_model"] = cpu_model();
+  summary["logical_cpus"] = logical_cpus();
+  summary["env"] = performance_env();
+  summary["load_avg_1m_start"] = load_start;
+  summary["load_avg_1m_end"] = load_average_1m();
+}
+
 }  // namespace wick_bench

@@ -87,6 +87,10 @@ double load_average_1m();
 Json performance_env();
 /// "2.11.0" and the like.
 std::string torch_version();
+/// Adds where and when a run was measured to its summary line: date, time,
+/// torch version, CPU model, logical CPUs, performance environment variables,
+/// and the 1-minute load average at the start (`load_start`) and now.
+void add_run_environment(Json& summary, double load_start);
 
 /// Subcommands: each adds itself to `app`; `global` is filled before they run.
 void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);

@@ -484,20 +484,13 @@ void run_ddp_bench(const DdpBenchOptions& o, const GlobalOptions& global) {
   if (s.contains("efficiency_cnn")) s["efficiency_goal_met"] = s["efficiency_cnn"].get<double>() >= kEfficiencyGoal;
   s["small_bucket_mb"] = o.small_bucket_mb;
   s["optimizer"] = "wick::FusedAdam";
-  s["date"] = today();
-  s["time"] = now_iso();
-  s["torch"] = torch_version();
   s["threads"] = 1;
   s["batch_per_rank"] = o.batch;
   s["cnn_steps"] = o.cnn_steps;
   s["mlp_steps"] = o.mlp_steps;
   s["warmup"] = o.warmup;
   s["repeats"] = o.repeats;
-  s["cpu_model"] = cpu_model();
-  s["logical_cpus"] = logical_cpus();
-  s["env"] = performance_env();
-  s["load_avg_1m_start"] = load_start;
-  s["load_avg_1m_end"] = load_average_1m();
+  add_run_environment(s, load_start);
   out.emit(s);
 }
 

@@ -360,20 +360,13 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
   if (!eager.error.empty()) s["python_error"] = eager.error;
   s["overhead_goal_met"] = t / b <= kOverheadGoal;
   if (eager.measured()) s["python_goal_met"] = eager.median_ms() / t >= kPythonGoal;
-  s["date"] = today();
-  s["time"] = now_iso();
-  s["torch"] = torch_version();
   s["threads"] = threads;
   s["batch"] = o.batch;
   s["steps"] = o.steps;
   s["warmup"] = o.warmup;
   s["repeats"] = o.repeats;
   s["trainer_source"] = o.trainer_source;
-  s["cpu_model"] = cpu_model();
-  s["logical_cpus"] = logical_cpus();
-  s["env"] = performance_env();
-  s["load_avg_1m_start"] = load_start;
-  s["load_avg_1m_end"] = load_average_1m();
+  add_run_environment(s, load_start);
   out.emit(s);
 }
 
