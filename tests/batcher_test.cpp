@@ -456,3 +456,46 @@ TEST(DynamicBatcherTest, DifferentShapesInOneBatchRunSeparately) {
   EXPECT_TRUE(wick::testing::tensors_equal(f2.get(), expected(2)));
   EXPECT_EQ(model.sizes, std::vector<int64_t>({2, 1}));
 }
+
+// The example in docs/batcher.md, kept here so it is known to compile and work.
+TEST(DynamicBatcherTest, DocExample) {
+  torch::manual_seed(0);
+  torch::nn::Linear net(4, 3);
+  net->eval();
+
+  wick::TensorBatcher batcher(
+      wick::stack_batches([&](const torch::Tensor& x) { return net->forward(x); }),
+      wick::BatcherOptions()
+          .max_batch_size(16)
+          .max_delay(std::chrono::microseconds(500))
+          .max_queue_size(256)
+          .queue_full_policy(wick::QueueFullPolicy::kBlock)
+          .block_timeout(std::chrono::milliseconds(100))
+          .request_timeout(std::chrono::milliseconds(50))
+          .num_workers(2));
+
+  auto inputs = torch::randn({64, 4});
+  std::vector<std::future<torch::Tensor>> answers(64);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 4; ++c) {  // 4 clients, 16 requests each
+    clients.emplace_back([&, c] {
+      for (int64_t i = c * 16; i < (c + 1) * 16; ++i) answers[i] = batcher.submit(inputs[i]);
+    });
+  }
+  for (auto& t : clients) t.join();
+
+  torch::NoGradGuard no_grad;
+  auto reference = net->forward(inputs);  // the offline, one-batch answer
+  for (int64_t i = 0; i < 64; ++i) {
+    try {
+      torch::Tensor y = answers[i].get();  // row i of some batch's output
+      WICK_EXPECT_CLOSE(y, reference[i], 1e-5, 1e-6);
+    } catch (const wick::BatcherError& e) {  // queue full, deadline, shutdown
+      ADD_FAILURE() << "request " << i << " refused: " << e.what();
+    }
+  }
+  batcher.shutdown();
+  wick::BatcherStats s = batcher.stats();
+  EXPECT_EQ(s.requests_succeeded, 64);
+  EXPECT_GE(s.batches_run, 4);  // at most 16 per batch
+}
