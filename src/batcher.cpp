@@ -236,6 +236,12 @@ void BatcherCore::shutdown() {
     auto error = batcher_error(BatcherError::Kind::kCancelled, "DynamicBatcher: cancelled by shutdown");
     for (auto& j : cancelled) j->fail(error);
   }
+  // From inside the batch function a worker cannot join itself: intake is
+  // stopped above, and the destructor joins later.
+  const auto self = std::this_thread::get_id();
+  for (const auto& t : workers_) {
+    if (t.get_id() == self) return;
+  }
   std::call_once(joined_, [&] {
     for (auto& t : workers_) {
       if (t.joinable()) t.join();

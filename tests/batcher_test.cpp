@@ -499,3 +499,68 @@ TEST(DynamicBatcherTest, DocExample) {
   EXPECT_EQ(s.requests_succeeded, 64);
   EXPECT_GE(s.batches_run, 4);  // at most 16 per batch
 }
+
+TEST(DynamicBatcherTest, WorkersRunBatchesInParallel) {
+  std::atomic<int> inside{0}, most{0};
+  auto fn = wick::stack_batches([&](const torch::Tensor& x) {
+    int now = ++inside;
+    int seen = most.load();
+    while (now > seen && !most.compare_exchange_weak(seen, now)) {
+    }
+    // Hold the batch until the other worker is inside too (or give up after 2 s).
+    auto until = Clock::now() + 2s;
+    while (inside.load() < 2 && Clock::now() < until) std::this_thread::sleep_for(100us);
+    std::this_thread::sleep_for(5ms);
+    --inside;
+    return x * 2 + 1;
+  });
+  TensorBatcher batcher(fn, BatcherOptions().max_batch_size(1).max_delay(0us).num_workers(2));
+  auto a = batcher.submit(request(0));
+  auto b = batcher.submit(request(1));
+  EXPECT_TRUE(wick::testing::tensors_equal(a.get(), expected(0)));
+  EXPECT_TRUE(wick::testing::tensors_equal(b.get(), expected(1)));
+  EXPECT_EQ(most.load(), 2);
+}
+
+TEST(DynamicBatcherTest, UserBatchFunctionForOtherTypes) {
+  // Strings in, lengths out: the batch function does its own collate and split.
+  std::vector<size_t> batch_sizes;
+  wick::DynamicBatcher<std::string, size_t> batcher(
+      [&](std::vector<std::string>&& words) {
+        batch_sizes.push_back(words.size());
+        std::vector<size_t> lengths;
+        for (const auto& w : words) lengths.push_back(w.size());
+        return lengths;
+      },
+      BatcherOptions().max_batch_size(3).max_delay(5s));
+  auto a = batcher.submit("a");
+  auto b = batcher.submit("three");
+  auto c = batcher.submit("seven");
+  auto d = batcher.submit(std::string(11, 'x'));
+  batcher.shutdown();  // drains d alone
+  EXPECT_EQ(a.get(), 1u);
+  EXPECT_EQ(b.get(), 5u);
+  EXPECT_EQ(c.get(), 5u);
+  EXPECT_EQ(d.get(), 11u);
+  EXPECT_EQ(batch_sizes, std::vector<size_t>({3, 1}));
+  auto st = batcher.stats();
+  EXPECT_EQ(st.batch_size_histogram, std::vector<int64_t>({0, 1, 0, 1}));
+  EXPECT_DOUBLE_EQ(st.mean_batch_size, 2.0);
+}
+
+TEST(DynamicBatcherTest, ShutdownFromInsideTheBatchFunctionStopsIntake) {
+  TensorBatcher* self = nullptr;
+  std::promise<void> called;
+  auto fn = wick::stack_batches([&](const torch::Tensor& x) {
+    self->shutdown();  // must not deadlock
+    called.set_value();
+    return x * 2 + 1;
+  });
+  TensorBatcher batcher(fn, BatcherOptions().max_batch_size(1).max_delay(0us));
+  self = &batcher;
+  auto a = batcher.submit(request(0));
+  EXPECT_TRUE(wick::testing::tensors_equal(a.get(), expected(0)));
+  called.get_future().wait();
+  auto late = batcher.submit(request(1));
+  EXPECT_NE(error_of(late).find("shut down"), std::string::npos);
+}

@@ -177,7 +177,8 @@ class DynamicBatcher {
 
   /// Stops intake (later submits are answered with BatcherError(kShutdown)),
   /// drains or cancels the queue per shutdown_policy, and joins the workers.
-  /// Idempotent; must not be called from inside the batch function.
+  /// Idempotent. Called from inside the batch function it only stops intake
+  /// (and cancels per policy); the destructor then joins.
   void shutdown() { core_.shutdown(); }
 
   BatcherStats stats() const { return core_.stats(); }
