@@ -2,6 +2,7 @@
 // wick: everything. Include single headers to compile less.
 #include <wick/version.h>
 #include <wick/amp.h>
+#include <wick/batcher.h>
 #include <wick/checkpoint.h>
 #include <wick/data.h>
 #include <wick/ddp.h>
