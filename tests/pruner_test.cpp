@@ -12,6 +12,8 @@
 #include "pruner_baseline.h"
 #include "support.h"
 
+#include <wick/hash.h>
+
 namespace {
 
 using wick::testing::SeededTest;
@@ -312,6 +314,44 @@ TEST_F(PrunerTest, CallbackStateSavesAndLoads) {
   }
   cb2.step(2);  // already pruned at step 2 before the save: not again
   for (const auto& [name, keep] : pruner->masks()) EXPECT_TRUE(torch::equal(pruner2->mask(name), keep));
+}
+
+// A scheduled run stopped between two prunings and resumed from its checkpoint
+// ends bit for bit where the uninterrupted run does: the masks and the last
+// pruned step come back with the callback's state.
+TEST_F(PrunerTest, ScheduledRunResumesBitIdentical) {
+  torch::manual_seed(5);
+  auto x = torch::randn({64, 16});
+  auto y = torch::randint(0, 4, {64});
+  const std::vector<std::string> names = {"0.weight", "2.weight"};
+  auto run = [&](const std::string& dir, int64_t max_steps, const std::string& resume) {
+    torch::manual_seed(9);
+    auto model = torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 4));
+    wick::SupervisedTask task(model);
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+    wick::TensorBatchSource source(x, y, wick::TensorBatchSourceOptions(8).seed(3));
+    auto pruner = std::make_shared<wick::Pruner>(*model);
+    wick::Trainer trainer(wick::TrainerOptions()
+                              .max_epochs(3)
+                              .max_steps(max_steps)
+                              .log_every_n_steps(1000)
+                              .checkpoint_dir(dir)
+                              .checkpoint_every_n_steps(3)
+                              .resume(resume));
+    trainer.add_callback(std::make_shared<wick::PrunerCallback>(
+        pruner, wick::PrunerCallbackOptions(names).schedule(
+                    wick::CubicScheduleOptions(0.7).begin_step(2).frequency(3).num_prunings(5))));
+    trainer.fit(task, opt, source);
+    return std::make_pair(wick::parameters_sha256(*model), pruner->masks());
+  };
+  wick::testing::TempDir straight, split;
+  auto [full_hash, full_masks] = run(straight.str(), -1, "");
+  auto [first_hash, first_masks] = run(split.str(), 9, "");  // pruned at 8, next at 11
+  EXPECT_NE(first_hash, full_hash);
+  auto [second_hash, second_masks] = run(split.str(), -1, "latest");
+  EXPECT_EQ(second_hash, full_hash);
+  ASSERT_EQ(second_masks.size(), full_masks.size());
+  for (const auto& [name, keep] : full_masks) EXPECT_TRUE(torch::equal(second_masks.at(name), keep)) << name;
 }
 
 // The example of docs/pruner.md.
