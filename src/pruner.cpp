@@ -68,6 +68,10 @@ void Pruner::l1_unstructured(const std::string& name, double amount) {
 void Pruner::global_unstructured(const std::vector<std::string>& names, double amount) {
   check_amount(amount, "global_unstructured");
   TORCH_CHECK(!names.empty(), "Pruner: global_unstructured needs at least one parameter name");
+  for (size_t i = 0; i < names.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      TORCH_CHECK(names[i] != names[j], "Pruner: global_unstructured names must be distinct, '", names[i],
+                  "' appears twice");
   prune_smallest(names, amount);
 }
 

@@ -170,6 +170,8 @@ TEST_F(PrunerTest, RejectsBadAmountsAndUnknownNames) {
   EXPECT_THROWS_WITH(pruner.l1_unstructured("fc.weight", 0.5),
                      "Pruner: no parameter named 'fc.weight' (available: 0.weight, 0.bias)");
   EXPECT_THROWS_WITH(pruner.global_unstructured({"0.weight", "nope"}, 0.5), "no parameter named 'nope'");
+  EXPECT_THROWS_WITH(pruner.global_unstructured({"0.weight", "0.weight"}, 0.5),
+                     "global_unstructured names must be distinct, '0.weight' appears twice");
   EXPECT_THROWS_WITH(pruner.semi_structured_24("0.bias"), "semi_structured_24 needs a 2-D parameter");
   EXPECT_THROWS_WITH(pruner.ln_structured("0.weight", 0.5, 2.0, 2), "ln_structured dim must be in [-2, 1]");
   EXPECT_THROWS_WITH(pruner.mask("0.weight"), "Pruner: parameter '0.weight' has no mask");
@@ -352,6 +354,40 @@ TEST_F(PrunerTest, ScheduledRunResumesBitIdentical) {
   EXPECT_EQ(second_hash, full_hash);
   ASSERT_EQ(second_masks.size(), full_masks.size());
   for (const auto& [name, keep] : full_masks) EXPECT_TRUE(torch::equal(second_masks.at(name), keep)) << name;
+}
+
+// On a GPU the masks are the ones the CPU computes (the same baseline tensors),
+// and SGD with momentum leaves pruned weights at zero.
+TEST_F(PrunerTest, CudaMasksMatchCpu) {
+  if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  namespace pb = pruner_baseline;
+  Baseline m;
+  m.to(torch::kCUDA);
+  wick::Pruner pruner(m);
+  pruner.global_unstructured({"a", "b", "c"}, 0.6);
+  pruner.ln_structured("a", 0.5);
+  Baseline cpu;
+  wick::Pruner cpu_pruner(cpu);
+  cpu_pruner.global_unstructured({"a", "b", "c"}, 0.6);
+  cpu_pruner.ln_structured("a", 0.5);
+  for (const auto& [name, keep] : cpu_pruner.masks()) {
+    EXPECT_TRUE(pruner.mask(name).is_cuda()) << name;
+    EXPECT_TRUE(torch::equal(pruner.mask(name).cpu(), keep)) << name;
+  }
+  auto lin = torch::nn::Linear(32, 8);
+  lin->to(torch::kCUDA);
+  wick::Pruner p24(*lin);
+  p24.semi_structured_24("weight");
+  torch::optim::SGD opt(lin->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  auto keep = p24.mask("weight").clone();
+  for (int i = 0; i < 5; ++i) {
+    opt.zero_grad();
+    lin->forward(torch::randn({4, 32}, torch::kCUDA)).pow(2).sum().backward();
+    opt.step();
+    p24.apply_masks();
+    EXPECT_EQ(lin->weight.ne(0).logical_and(keep.logical_not()).sum().item<int64_t>(), 0);
+  }
+  EXPECT_EQ(lin->weight.ne(0).sum().item<int64_t>(), 32 * 8 / 2);
 }
 
 // The example of docs/pruner.md.
