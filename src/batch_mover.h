@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <memory>
+#include <optional>
 
 namespace wick::detail {
 
@@ -24,6 +25,12 @@ class BatchMover {
 
   /// Issues the copy of `batch` to the device.
   Batch start(Batch batch);
+  /// The source's next batch with its copy started, or nullopt at the epoch's end.
+  std::optional<Batch> next(BatchSource& source) {
+    auto batch = source.next();
+    if (batch.has_value()) batch = start(std::move(*batch));
+    return batch;
+  }
   /// Makes `batch` (returned by the last start) safe to use on the current stream.
   void ready(Batch& batch);
 

@@ -73,12 +73,12 @@ void check_options(const TrainerOptions& o) {
   }
 }
 
-Batch to_device(Batch batch, const torch::Device& device) {
-  if (batch.data.device() != device) batch.data = batch.data.to(device, /*non_blocking=*/true);
-  if (batch.target.defined() && batch.target.device() != device) {
-    batch.target = batch.target.to(device, /*non_blocking=*/true);
-  }
-  return batch;
+// sums[name] += mean(value) * samples, kept on the device (no sync).
+void add_weighted(std::map<std::string, torch::Tensor>& sums, const std::string& name, const torch::Tensor& value,
+                  int64_t samples) {
+  auto v = value.detach().to(torch::kFloat64).mean() * static_cast<double>(samples);
+  auto& sum = sums[name];
+  sum = sum.defined() ? sum + v : v;
 }
 
 }  // namespace
@@ -304,16 +304,11 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
   // the accumulator closes a partial last group on it; on CUDA its copy to
   // the device overlaps the current batch's compute.
   detail::BatchMover mover(device_);
-  auto fetch = [&]() -> std::optional<Batch> {
-    auto b = train.next();
-    if (b.has_value()) b = mover.start(std::move(*b));
-    return b;
-  };
-  auto next = fetch();
+  auto next = mover.next(train);
   while (next.has_value() && !stop_requested()) {
     Batch batch = std::move(*next);
     mover.ready(batch);
-    next = fetch();
+    next = mover.next(train);
     const int64_t size = task.batch_size(batch);
     const double weight = accumulator_->begin(size, /*ends_data=*/!next.has_value());
 
@@ -338,11 +333,7 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
     // Sample-weighted sums for the logs, on the device: no sync per step.
     auto detached = out.loss.detach().to(torch::kFloat64) * static_cast<double>(size);
     loss_sum_ = loss_sum_.defined() ? loss_sum_ + detached : detached;
-    for (const auto& [name, value] : out.scalars) {
-      auto v = value.detach().to(torch::kFloat64).mean() * static_cast<double>(size);
-      auto& sum = scalar_sums_[name];
-      sum = sum.defined() ? sum + v : v;
-    }
+    for (const auto& [name, value] : out.scalars) add_weighted(scalar_sums_, name, value, size);
     samples_since_log_ += size;
     state_.batch_in_epoch += 1;
     state_.samples_seen += size;
@@ -440,19 +431,18 @@ std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& v
   {
     torch::NoGradGuard no_grad;
     val.reset(0);
-    while (auto next = val.next()) {
-      Batch batch = to_device(std::move(*next), device_);
+    detail::BatchMover mover(device_);  // as in training: the next batch's copy overlaps this one
+    for (auto next = mover.next(val); next.has_value();) {
+      Batch batch = std::move(*next);
+      mover.ready(batch);
+      next = mover.next(val);
       const int64_t size = task.batch_size(batch);
       std::map<std::string, torch::Tensor> metrics;
       {
         AutocastGuard autocast(device_, options_.precision());
         metrics = task.validation_step(batch);
       }
-      for (const auto& [name, value] : metrics) {
-        auto v = value.detach().to(torch::kFloat64).mean() * static_cast<double>(size);
-        auto& sum = sums[name];
-        sum = sum.defined() ? sum + v : v;
-      }
+      for (const auto& [name, value] : metrics) add_weighted(sums, name, value, size);
       samples += size;
     }
   }
