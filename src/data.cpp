@@ -62,6 +62,9 @@ TensorBatchSource::TensorBatchSource(torch::Tensor data, torch::Tensor targets,
               "TensorBatchSource: data and targets must have the same number of samples, got ",
               data_.size(0), " and ", targets_.size(0));
   TORCH_CHECK(data_.size(0) > 0, "TensorBatchSource: data must hold at least one sample, got 0");
+  epoch_samples_ = options_.world_size() == 1
+                       ? data_.size(0)
+                       : DistributedSampler(data_.size(0), options_.rank(), options_.world_size()).num_samples();
   TORCH_CHECK(options_.batch_size() >= 1, "TensorBatchSource: batch_size must be >= 1, got ",
               options_.batch_size());
   TORCH_CHECK(targets_.device() == data_.device(),
@@ -69,10 +72,6 @@ TensorBatchSource::TensorBatchSource(torch::Tensor data, torch::Tensor targets,
               data_.device(), " and ", targets_.device());
 }
 
-int64_t TensorBatchSource::epoch_samples() const {
-  if (options_.world_size() == 1) return data_.size(0);
-  return DistributedSampler(data_.size(0), options_.rank(), options_.world_size()).num_samples();
-}
 
 void TensorBatchSource::reset(int64_t epoch) {
   TORCH_CHECK(epoch >= 0, "TensorBatchSource: epoch must be >= 0, got ", epoch);
@@ -94,7 +93,7 @@ void TensorBatchSource::reset(int64_t epoch) {
 
 std::optional<Batch> TensorBatchSource::next() {
   TORCH_CHECK(order_.defined(), "TensorBatchSource: next() before reset()");
-  const int64_t n = epoch_samples();
+  const int64_t n = epoch_samples_;
   const int64_t bs = options_.batch_size();
   if (cursor_ >= n) return std::nullopt;
   const int64_t end = std::min(cursor_ + bs, n);
@@ -125,7 +124,7 @@ std::optional<Batch> TensorBatchSource::next() {
 }
 
 std::optional<int64_t> TensorBatchSource::size() const {
-  const int64_t n = epoch_samples();
+  const int64_t n = epoch_samples_;
   const int64_t bs = options_.batch_size();
   return options_.drop_last() ? n / bs : (n + bs - 1) / bs;
 }
@@ -133,7 +132,7 @@ std::optional<int64_t> TensorBatchSource::size() const {
 void TensorBatchSource::skip(int64_t n) {
   TORCH_CHECK(n >= 0, "TensorBatchSource: skip count must be >= 0, got ", n);
   TORCH_CHECK(order_.defined(), "TensorBatchSource: skip() before reset()");
-  const int64_t samples = epoch_samples();
+  const int64_t samples = epoch_samples_;
   const int64_t remaining_batches = (samples - cursor_ + options_.batch_size() - 1) /
                                     options_.batch_size();
   cursor_ = n >= remaining_batches ? samples : cursor_ + n * options_.batch_size();

@@ -70,10 +70,10 @@ class TensorBatchSource : public BatchSource {
   void skip(int64_t n) override;
 
  private:
-  int64_t epoch_samples() const;  // this rank's samples per epoch
   torch::Tensor data_, targets_, order_;
   TensorBatchSourceOptions options_;
-  int64_t cursor_ = 0;  // next sample position in order_
+  int64_t cursor_ = 0;         // next sample position in order_
+  int64_t epoch_samples_ = 0;  // this rank's samples per epoch
 };
 
 /// Adapts a LibTorch data loader (torch::data::make_data_loader with a
