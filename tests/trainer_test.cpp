@@ -238,6 +238,20 @@ TEST_F(TrainerTest, TrainsFromLibTorchDataLoader) {
   EXPECT_EQ(result.state.step, 8);  // 16, 16, 16, 2 per epoch
   EXPECT_EQ(result.state.samples_seen, 100);
   EXPECT_FALSE(tensors_equal(clone_parameters(*model)[0], before[0]));
+  // Reference: the same batches, in the same order, by hand.
+  auto reference = make_model(torch::kFloat32);
+  torch::optim::SGD ref_opt(reference->parameters(), 0.1);
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    for (int64_t i = 0; i < 50; i += 16) {
+      const int64_t n = std::min<int64_t>(16, 50 - i);
+      ref_opt.zero_grad();
+      torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, n)), data.y.narrow(0, i, n))
+          .backward();
+      ref_opt.step();
+    }
+  }
+  auto a = clone_parameters(*model), b = clone_parameters(*reference);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_close(a[i], b[i], 1e-6, 1e-7));
 }
 
 TEST_F(TrainerTest, MaxStepsStopsInsideAnEpoch) {
