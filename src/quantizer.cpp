@@ -1,0 +1,619 @@
+#include <wick/quantizer.h>
+
+#include <ATen/Context.h>
+#include <ATen/OpaqueTensorImpl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/cpu/Utils.h>
+#include <ATen/native/quantized/PackedParams.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <iomanip>
+#include <mutex>
+#include <sstream>
+
+namespace wick {
+namespace {
+
+using PackedPtr = c10::intrusive_ptr<LinearPackedParamsBase>;
+
+at::QEngine to_qengine(QuantEngine engine) {
+  switch (engine) {
+    case QuantEngine::kFbgemm:
+      return at::QEngine::FBGEMM;
+    case QuantEngine::kOnednn:
+      return at::QEngine::ONEDNN;
+    case QuantEngine::kQnnpack:
+      return at::QEngine::QNNPACK;
+    case QuantEngine::kAuto:
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "QuantEngine::kAuto has no LibTorch engine");
+}
+
+bool engine_available(QuantEngine engine) {
+  const auto& engines = at::globalContext().supportedQEngines();
+  return std::find(engines.begin(), engines.end(), to_qengine(engine)) != engines.end();
+}
+
+// The prepack ops read the process-wide quantization engine; this lock keeps
+// two packings from fighting over it. The packed objects themselves carry
+// their engine, so the forward calls need neither the lock nor the setting.
+std::mutex& engine_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+PackedPtr prepack(QuantEngine engine, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  bool fp16) {
+  static auto int8_op = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("quantized::linear_prepack", "")
+                            .typed<PackedPtr(at::Tensor, std::optional<at::Tensor>)>();
+  static auto fp16_op = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("quantized::linear_prepack_fp16", "")
+                            .typed<PackedPtr(at::Tensor, std::optional<at::Tensor>)>();
+  std::lock_guard<std::mutex> lock(engine_mutex());
+  auto& ctx = at::globalContext();
+  const at::QEngine before = ctx.qEngine();
+  ctx.setQEngine(to_qengine(engine));
+  try {
+    PackedPtr packed = fp16 ? fp16_op.call(weight, bias) : int8_op.call(weight, bias);
+    ctx.setQEngine(before);
+    return packed;
+  } catch (...) {
+    ctx.setQEngine(before);
+    throw;
+  }
+}
+
+// The largest |w| per row (or overall), as the symmetric qint8 scale of
+// torch.ao's MinMaxObserver / PerChannelMinMaxObserver: amax / 127.5, at least
+// float32's epsilon.
+at::Tensor symmetric_scale(const at::Tensor& w, bool per_channel) {
+  at::Tensor amax = per_channel ? w.abs().amax(1) : w.abs().max().reshape({1});
+  return (amax.to(torch::kFloat) / 127.5f).clamp_min(std::numeric_limits<float>::epsilon());
+}
+
+std::string dtype_name(torch::Dtype dtype) { return std::string(c10::toString(dtype)); }
+
+int64_t bytes_of(const at::Tensor& t) {
+  return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
+}
+
+// -------------------------------------------------- redirected Linear members
+//
+// A custom module's `torch::nn::Linear fc` member keeps pointing at the old
+// LinearImpl after the tree holds the QuantizedLinear. LinearImpl::forward
+// calls linear(x, weight, bias), so the old module's weight becomes an opaque
+// tensor on the PrivateUse3 dispatch key whose linear() runs the
+// QuantizedLinear; every other operation on it fails with an explanation.
+
+struct Redirect {
+  std::shared_ptr<QuantizedLinearImpl> target;
+  std::string name;
+  bool transposed = false;  // the handle that weight.t() returns
+};
+// Without ADInplaceOrView: t() on it must reach the kernel below even under
+// InferenceMode, where that key would try to make the result a tracked view.
+struct RedirectImpl : at::OpaqueTensorImpl<std::shared_ptr<Redirect>> {
+  RedirectImpl(std::shared_ptr<Redirect> handle, const caffe2::TypeMeta dtype, c10::Device device,
+               c10::IntArrayRef sizes)
+      : at::OpaqueTensorImpl<std::shared_ptr<Redirect>>(c10::DispatchKeySet(c10::DispatchKey::PrivateUse3), dtype,
+                                                         device, std::move(handle), sizes) {
+    key_set_ = key_set_.remove(c10::DispatchKey::ADInplaceOrView);
+  }
+};
+
+at::Tensor make_redirect_weight(std::shared_ptr<QuantizedLinearImpl> target, const std::string& name,
+                                const at::Tensor& like) {
+  auto handle = std::make_shared<Redirect>(Redirect{std::move(target), name, false});
+  return at::detail::make_tensor<RedirectImpl>(handle, like.dtype(), like.device(), like.sizes());
+}
+
+const Redirect& redirect_of(const at::Tensor& t) {
+  auto* impl = dynamic_cast<RedirectImpl*>(t.unsafeGetTensorImpl());
+  TORCH_CHECK(impl != nullptr,
+              "wick::quantize_dynamic: a PrivateUse3 tensor that is not one of wick's redirected Linear "
+              "weights reached its kernels (does another library use the PrivateUse3 dispatch key?)");
+  return *impl->opaque_handle();
+}
+
+// torch::nn::functional::linear is linear(x, W, b) in ATen but, in the C++
+// frontend, x.matmul(W.t()) (+ b) or addmm(b, x, W.t()); the old module's bias
+// is undefined, so its forward reaches linear() or matmul(x, W.t()).
+at::Tensor redirected_linear(const at::Tensor& input, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias) {
+  const Redirect& r = redirect_of(weight);
+  TORCH_CHECK(!r.transposed, "wick::quantize_dynamic: linear() got the transposed weight of quantized Linear '",
+              r.name, "'");
+  TORCH_CHECK(!bias.has_value() || !bias->defined(), "wick::quantize_dynamic: Linear '", r.name,
+              "' was quantized; its bias lives in the QuantizedLinear and cannot be passed again");
+  return r.target->forward(input);
+}
+
+at::Tensor redirected_t(const at::Tensor& weight) {
+  const Redirect& r = redirect_of(weight);
+  auto handle = std::make_shared<Redirect>(Redirect{r.target, r.name, !r.transposed});
+  std::vector<int64_t> sizes(weight.sizes().rbegin(), weight.sizes().rend());
+  return at::detail::make_tensor<RedirectImpl>(handle, weight.dtype(), weight.device(), sizes);
+}
+
+at::Tensor redirected_matmul(const at::Tensor& input, const at::Tensor& other) {
+  const Redirect& r = redirect_of(other);
+  TORCH_CHECK(r.transposed && dynamic_cast<RedirectImpl*>(input.unsafeGetTensorImpl()) == nullptr,
+              "wick::quantize_dynamic: matmul() with the weight of quantized Linear '", r.name,
+              "' is only supported as x.matmul(weight.t()), what LinearImpl::forward does");
+  return r.target->forward(input);
+}
+
+void redirect_fallback(const c10::OperatorHandle& op, torch::jit::Stack* /*stack*/) {
+  TORCH_CHECK(false, "wick::quantize_dynamic replaced this torch::nn::Linear by a QuantizedLinear "
+                     "(the module tree holds the new one); the old module's weight only supports "
+                     "linear(), which runs the quantized layer, not '",
+              op.schema().name(), "'. Use the QuantizedLinear from the tree (named_children()).");
+}
+
+TORCH_LIBRARY_IMPL(aten, PrivateUse3, m) {
+  m.impl("linear", TORCH_FN(redirected_linear));
+  m.impl("t", TORCH_FN(redirected_t));
+  m.impl("matmul", TORCH_FN(redirected_matmul));
+}
+TORCH_LIBRARY_IMPL(aten, AutogradPrivateUse3, m) {
+  m.impl("linear", TORCH_FN(redirected_linear));
+  m.impl("t", TORCH_FN(redirected_t));
+  m.impl("matmul", TORCH_FN(redirected_matmul));
+}
+TORCH_LIBRARY_IMPL(_, PrivateUse3, m) {
+  m.fallback(torch::CppFunction::makeFromBoxedFunction<&redirect_fallback>());
+}
+
+}  // namespace
+
+const char* to_string(QuantEngine engine) {
+  switch (engine) {
+    case QuantEngine::kAuto:
+      return "auto";
+    case QuantEngine::kFbgemm:
+      return "fbgemm";
+    case QuantEngine::kOnednn:
+      return "onednn";
+    case QuantEngine::kQnnpack:
+      return "qnnpack";
+  }
+  return "?";
+}
+
+std::vector<QuantEngine> available_quant_engines() {
+  std::vector<QuantEngine> out;
+  for (auto e : {QuantEngine::kFbgemm, QuantEngine::kOnednn, QuantEngine::kQnnpack}) {
+    if (engine_available(e)) out.push_back(e);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------- QuantizedLinear
+
+struct QuantizedLinearImpl::Packed {
+  std::mutex mutex;
+  // What the packed copies were made from: the buffers' identity and version.
+  const void* weight_ptr = nullptr;
+  const void* scale_ptr = nullptr;
+  const void* bias_ptr = nullptr;
+  int64_t versions[3] = {-1, -1, -1};
+  PackedPtr by_engine[3];  // fbgemm, onednn, qnnpack
+};
+
+namespace {
+
+int engine_slot(QuantEngine e) {
+  switch (e) {
+    case QuantEngine::kFbgemm:
+      return 0;
+    case QuantEngine::kOnednn:
+      return 1;
+    case QuantEngine::kQnnpack:
+      return 2;
+    case QuantEngine::kAuto:
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false);
+}
+
+int64_t version_of(const at::Tensor& t) {
+  // Inference tensors keep no version counter; they cannot be changed in place
+  // outside InferenceMode either, so their identity is enough.
+  if (!t.defined() || t.is_inference()) return 0;
+  return static_cast<int64_t>(t._version());
+}
+
+void check_dtype_device(torch::Dtype dtype, const torch::Device& device) {
+  if (device.is_cpu()) {
+    TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kFloat16,
+                "QuantizedLinear: on CPU the weight dtype must be torch::kInt8 or torch::kFloat16, got ",
+                dtype_name(dtype));
+  } else {
+    TORCH_CHECK(device.is_cuda(), "QuantizedLinear: weights must be on CPU or CUDA, got ", device);
+    TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kFloat8_e4m3fn,
+                "QuantizedLinear: on CUDA the weight dtype must be torch::kInt8 (weight-only) or "
+                "torch::kFloat8_e4m3fn, got ",
+                dtype_name(dtype));
+  }
+}
+
+void check_options(const QuantizeOptions& options) {
+  TORCH_CHECK(options.onednn_min_rows() >= 1, "QuantizeOptions: onednn_min_rows must be >= 1, got ",
+              options.onednn_min_rows());
+  if (options.engine() != QuantEngine::kAuto) {
+    TORCH_CHECK(engine_available(options.engine()), "QuantizeOptions: engine '", to_string(options.engine()),
+                "' is not built into this LibTorch");
+  }
+}
+
+}  // namespace
+
+QuantizedLinearImpl::QuantizedLinearImpl(int64_t in_features, int64_t out_features, bool with_bias,
+                                         torch::Dtype dtype, QuantizeOptions options, torch::Device device)
+    : in_features_(in_features),
+      out_features_(out_features),
+      with_bias_(with_bias),
+      dtype_(dtype),
+      options_(options),
+      device_(device) {
+  TORCH_CHECK(in_features > 0 && out_features > 0, "QuantizedLinear: features must be > 0, got in ",
+              in_features, ", out ", out_features);
+  check_dtype_device(dtype, device);
+  check_options(options);
+  if (dtype == torch::kFloat8_e4m3fn) {
+    TORCH_CHECK(in_features % 16 == 0 && out_features % 16 == 0,
+                "QuantizedLinear: fp8 (at::_scaled_mm) needs in and out features that are multiples of 16, "
+                "got in ",
+                in_features, ", out ", out_features);
+  }
+  reset();
+}
+
+QuantizedLinearImpl::QuantizedLinearImpl(const torch::nn::LinearImpl& linear, torch::Dtype dtype,
+                                         QuantizeOptions options)
+    : QuantizedLinearImpl(linear.options.in_features(), linear.options.out_features(), linear.options.bias(),
+                          dtype, options, linear.weight.device()) {
+  torch::NoGradGuard no_grad;
+  const at::Tensor w = linear.weight.detach();
+  TORCH_CHECK(w.is_floating_point(), "QuantizedLinear: the Linear's weight must be floating point, got ",
+              dtype_name(w.scalar_type()));
+  const at::Tensor wf = w.to(torch::kFloat);
+  if (dtype == torch::kFloat16) {
+    weight.copy_(wf.to(torch::kHalf));
+  } else if (dtype == torch::kInt8) {
+    at::Tensor s = symmetric_scale(wf, options.per_channel());
+    at::Tensor q = options.per_channel() ? (wf / s.unsqueeze(1)).round() : (wf / s).round();
+    weight.copy_(q.clamp(-128, 127).to(torch::kInt8));
+    scale.copy_(s);
+  } else {  // float8_e4m3fn: per-row scale to the format's largest finite value, 448
+    at::Tensor amax = wf.abs().amax(1).clamp_min(1e-12);
+    at::Tensor s = amax / 448.0f;
+    weight.copy_((wf / s.unsqueeze(1)).clamp(-448.0f, 448.0f).to(torch::kFloat8_e4m3fn));
+    scale.copy_(s);
+  }
+  if (with_bias_) bias.copy_(linear.bias.detach().to(torch::kFloat));
+}
+
+QuantizedLinearImpl::QuantizedLinearImpl(const QuantizedLinearImpl& other)
+    : torch::nn::Cloneable<QuantizedLinearImpl>(other),
+      weight(other.weight),
+      scale(other.scale),
+      bias(other.bias),
+      in_features_(other.in_features_),
+      out_features_(other.out_features_),
+      with_bias_(other.with_bias_),
+      dtype_(other.dtype_),
+      options_(other.options_),
+      device_(other.device_),
+      packed_(std::make_shared<Packed>()) {}
+
+void QuantizedLinearImpl::reset() {
+  packed_ = std::make_shared<Packed>();
+  auto on = torch::TensorOptions().device(device_);
+  weight = register_buffer("weight", torch::zeros({out_features_, in_features_}, on.dtype(torch::kFloat))
+                                         .to(dtype_));
+  // fp16 weights need no scale; int8 has one per row or one in all; fp8 one per row.
+  int64_t scales = out_features_;
+  if (dtype_ == torch::kFloat16) scales = 0;
+  if (dtype_ == torch::kInt8 && !options_.per_channel()) scales = 1;
+  scale = register_buffer("scale", torch::ones({scales}, on.dtype(torch::kFloat)));
+  if (with_bias_) {
+    bias = register_buffer("bias", torch::zeros({out_features_}, on.dtype(torch::kFloat)));
+  } else {
+    bias = at::Tensor();
+  }
+}
+
+void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "wick::QuantizedLinear(in_features=" << in_features_ << ", out_features=" << out_features_
+         << ", bias=" << (with_bias_ ? "true" : "false") << ", dtype=" << dtype_name(dtype_);
+  if (dtype_ == torch::kInt8) stream << (options_.per_channel() ? ", per_channel" : ", per_tensor");
+  if (device_.is_cpu()) stream << ", engine=" << to_string(options_.engine());
+  stream << ")";
+}
+
+torch::Tensor QuantizedLinearImpl::dequantized_weight() const {
+  torch::NoGradGuard no_grad;
+  if (dtype_ == torch::kFloat16) return weight.to(torch::kFloat);
+  at::Tensor s = scale.numel() == 1 ? scale : scale.unsqueeze(1);
+  return weight.to(torch::kFloat) * s;
+}
+
+int64_t QuantizedLinearImpl::state_bytes() const { return bytes_of(weight) + bytes_of(scale) + bytes_of(bias); }
+
+torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {
+  TORCH_CHECK(input.defined(), "QuantizedLinear: input is undefined");
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in_features_, "QuantizedLinear: input's last dimension must be ",
+              in_features_, ", got shape ", input.sizes());
+  TORCH_CHECK(input.device() == weight.device(), "QuantizedLinear: input is on ", input.device(),
+              " but the weights are on ", weight.device());
+  return weight.is_cuda() ? forward_cuda(input) : forward_cpu(input);
+}
+
+torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
+  TORCH_CHECK(input.scalar_type() == torch::kFloat, "QuantizedLinear: input must be float32 on CPU, got ",
+              dtype_name(input.scalar_type()));
+  const int64_t rows = input.numel() / in_features_;
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = out_features_;
+  if (rows == 0) return torch::zeros(out_shape, input.options());
+
+  QuantEngine engine = options_.engine();
+  const bool fp16 = dtype_ == torch::kFloat16;
+  if (fp16) {
+    engine = QuantEngine::kFbgemm;  // LibTorch's fp16 dynamic linear is FBGEMM's
+  } else if (engine == QuantEngine::kAuto) {
+    const bool fb = engine_available(QuantEngine::kFbgemm);
+    const bool dnn = engine_available(QuantEngine::kOnednn);
+    if (dnn && (!fb || rows >= options_.onednn_min_rows())) {
+      engine = QuantEngine::kOnednn;
+    } else {
+      engine = fb ? QuantEngine::kFbgemm : QuantEngine::kQnnpack;
+    }
+  }
+
+  PackedPtr packed;
+  {
+    std::lock_guard<std::mutex> lock(packed_->mutex);
+    Packed& p = *packed_;
+    const int64_t versions[3] = {version_of(weight), version_of(scale), version_of(bias)};
+    const void* ptrs[3] = {weight.data_ptr(), scale.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr};
+    if (ptrs[0] != p.weight_ptr || ptrs[1] != p.scale_ptr || ptrs[2] != p.bias_ptr ||
+        !std::equal(versions, versions + 3, p.versions)) {
+      for (auto& slot : p.by_engine) slot.reset();
+      p.weight_ptr = ptrs[0];
+      p.scale_ptr = ptrs[1];
+      p.bias_ptr = ptrs[2];
+      std::copy(versions, versions + 3, p.versions);
+    }
+    PackedPtr& slot = p.by_engine[engine_slot(engine)];
+    if (!slot) {
+      c10::InferenceMode guard;
+      std::optional<at::Tensor> b;
+      if (bias.defined()) b = bias.detach();
+      if (fp16) {
+        slot = prepack(engine, weight.detach().to(torch::kFloat), b, /*fp16=*/true);
+      } else {
+        at::Tensor w = weight.detach();
+        at::Tensor s = scale.detach();
+        at::Tensor qw =
+            s.numel() == 1 && !options_.per_channel()
+                ? at::_make_per_tensor_quantized_tensor(w, s.item<double>(), 0)
+                : at::_make_per_channel_quantized_tensor(w, s.to(torch::kDouble),
+                                                         torch::zeros({out_features_}, torch::kLong), 0);
+        slot = prepack(engine, qw, b, /*fp16=*/false);
+      }
+    }
+    packed = slot;
+  }
+  // FBGEMM without VNNI multiplies u8 x s8 pairs into int16 and could
+  // saturate; 7-bit activations avoid that (what torch.ao does on every CPU).
+  const bool reduce_range = engine == QuantEngine::kFbgemm && !fp16 && !at::cpu::is_avx512_vnni_supported();
+  at::Tensor x = input.dim() == 1 ? input.unsqueeze(0) : input;
+  at::Tensor y = packed->apply_dynamic(x.contiguous(), reduce_range);
+  return input.dim() == 1 ? y.squeeze(0) : y;
+}
+
+torch::Tensor QuantizedLinearImpl::forward_cuda(const torch::Tensor& input) {
+  TORCH_CHECK(input.is_floating_point(), "QuantizedLinear: input must be floating point, got ",
+              dtype_name(input.scalar_type()));
+  const auto out_dtype = input.scalar_type();
+  if (dtype_ == torch::kInt8) {
+    // Weight-only: the int8 weights stay int8 in memory and are widened, with
+    // their scales, into the input's dtype for the product.
+    at::Tensor s = scale.numel() == 1 ? scale : scale.unsqueeze(1);
+    at::Tensor w = weight.to(out_dtype).mul_(s.to(out_dtype));
+    return at::linear(input, w, bias.defined() ? bias.to(out_dtype) : at::Tensor());
+  }
+  // fp8: row-wise scaled e4m3 inputs and weights, at::_scaled_mm.
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = out_features_;
+  at::Tensor x = input.reshape({-1, in_features_});
+  const int64_t rows = x.size(0);
+  if (rows == 0) return torch::zeros(out_shape, input.options());
+  at::Tensor xf = x.to(torch::kFloat);
+  at::Tensor sx = (xf.abs().amax(1, /*keepdim=*/true) / 448.0f).clamp_min(1e-12);
+  at::Tensor xq = (xf / sx).clamp(-448.0f, 448.0f).to(torch::kFloat8_e4m3fn);
+  // _scaled_mm: mat2 column-major [in, out], scale_a [rows, 1], scale_b [1, out].
+  const auto mm_dtype = out_dtype == torch::kFloat ? torch::kBFloat16 : out_dtype;
+  at::Tensor y = at::_scaled_mm(xq, weight.t(), sx, scale.unsqueeze(0), std::nullopt, std::nullopt, mm_dtype);
+  if (bias.defined()) y = y.to(torch::kFloat).add_(bias);
+  return y.to(out_dtype).reshape(out_shape);
+}
+
+// ---------------------------------------------------------- quantize_dynamic
+
+namespace {
+
+bool is_linear_type(const std::type_index& t) {
+  return t == std::type_index(typeid(torch::nn::LinearImpl)) || t == std::type_index(typeid(torch::nn::Linear));
+}
+
+struct Replacement {
+  std::string path;
+  std::shared_ptr<torch::nn::LinearImpl> old_module;
+  std::shared_ptr<QuantizedLinearImpl> new_module;
+};
+
+void find_quantized(const torch::nn::Module& module, const std::string& prefix) {
+  for (const auto& child : module.named_children()) {
+    const std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
+    TORCH_CHECK(std::dynamic_pointer_cast<QuantizedLinearImpl>(child.value()) == nullptr,
+                "quantize_dynamic: '", path,
+                "' is already a wick::QuantizedLinear; quantizing a quantized model again would compound "
+                "the rounding error. Quantize the fp32 model once.");
+    find_quantized(*child.value(), path);
+  }
+}
+
+// Swaps the child `key` of `parent` for `replacement`, in the container's own
+// list as well as in the registered children.
+void replace_child(torch::nn::Module& parent, const std::string& key,
+                   const std::shared_ptr<torch::nn::Module>& old_child,
+                   const std::shared_ptr<QuantizedLinearImpl>& replacement) {
+  if (auto* seq = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
+    // Every entry: a Linear registered twice is swapped at its first key.
+    for (auto& any : *seq) {
+      if (any.ptr() == old_child) any = torch::nn::AnyModule(replacement);
+    }
+    parent.replace_module(key, replacement);
+  } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&parent)) {
+    for (auto& entry : *list) {
+      if (entry == old_child) entry = replacement;
+    }
+    parent.replace_module(key, replacement);
+  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
+    dict->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{{key, replacement}});
+  } else {
+    parent.replace_module(key, replacement);
+  }
+}
+
+void quantize_tree(torch::nn::Module& module, const std::string& prefix, torch::Dtype dtype,
+                   const QuantizeOptions& options, std::vector<Replacement>& done) {
+  // Copy the list: replacing children while iterating them would invalidate it.
+  const auto children = module.named_children();
+  for (const auto& child : children) {
+    const std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
+    auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(child.value());
+    if (!linear) {
+      quantize_tree(*child.value(), path, dtype, options, done);
+      continue;
+    }
+    // The same Linear may be registered twice (shared weights): quantize once.
+    std::shared_ptr<QuantizedLinearImpl> q;
+    for (const auto& r : done) {
+      if (r.old_module == linear) q = r.new_module;
+    }
+    const bool first = q == nullptr;
+    if (first) {
+      try {
+        q = std::make_shared<QuantizedLinearImpl>(*linear, dtype, options);
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "quantize_dynamic: cannot quantize '", path, "': ", e.what_without_backtrace());
+      }
+    }
+    replace_child(module, child.key(), linear, q);
+    if (first) done.push_back({path, linear, q});
+  }
+}
+
+}  // namespace
+
+int64_t module_state_bytes(const torch::nn::Module& module) {
+  int64_t total = 0;
+  for (const auto& p : module.parameters(/*recurse=*/true)) total += bytes_of(p);
+  for (const auto& b : module.buffers(/*recurse=*/true)) total += bytes_of(b);
+  return total;
+}
+
+QuantizeReport quantize_dynamic(torch::nn::Module& module, const std::set<std::type_index>& types,
+                                torch::Dtype dtype, QuantizeOptions options) {
+  TORCH_CHECK(!types.empty(), "quantize_dynamic: the set of module types is empty; pass {typeid(torch::nn::Linear)}");
+  for (const auto& t : types) {
+    TORCH_CHECK(is_linear_type(t), "quantize_dynamic: module type ", c10::demangle(t.name()),
+                " is not supported; wick quantizes torch::nn::Linear (typeid(torch::nn::Linear) or "
+                "typeid(torch::nn::LinearImpl))");
+  }
+  TORCH_CHECK(dynamic_cast<torch::nn::LinearImpl*>(&module) == nullptr,
+              "quantize_dynamic: the module is itself a torch::nn::Linear, which cannot be replaced in place; "
+              "wrap it (torch::nn::Sequential(linear)) or build a wick::QuantizedLinear from it");
+  TORCH_CHECK(dynamic_cast<QuantizedLinearImpl*>(&module) == nullptr,
+              "quantize_dynamic: the module is already a wick::QuantizedLinear");
+  check_options(options);
+  find_quantized(module, "");
+
+  // Check every Linear before changing anything, so a refusal leaves the model as it was.
+  for (const auto& item : module.named_modules("", /*include_self=*/false)) {
+    if (auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(item.value())) {
+      const auto device = linear->weight.device();
+      try {
+        check_dtype_device(dtype, device);
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "quantize_dynamic: '", item.key(), "' (on ", device, "): ", e.what_without_backtrace());
+      }
+      if (dtype == torch::kFloat8_e4m3fn) {
+        TORCH_CHECK(linear->options.in_features() % 16 == 0 && linear->options.out_features() % 16 == 0,
+                    "quantize_dynamic: '", item.key(), "' is ", linear->options.in_features(), " -> ",
+                    linear->options.out_features(), "; fp8 (at::_scaled_mm) needs multiples of 16");
+      }
+    }
+  }
+
+  QuantizeReport report;
+  report.dtype = dtype;
+  report.model_bytes_before = module_state_bytes(module);
+  std::vector<Replacement> done;
+  quantize_tree(module, "", dtype, options, done);
+
+  for (const auto& r : done) {
+    QuantizedLayer layer;
+    layer.name = r.path;
+    layer.in_features = r.new_module->in_features();
+    layer.out_features = r.new_module->out_features();
+    layer.bytes_before = bytes_of(r.old_module->weight) + bytes_of(r.old_module->bias);
+    layer.bytes_after = r.new_module->state_bytes();
+    report.linear_bytes_before += layer.bytes_before;
+    report.linear_bytes_after += layer.bytes_after;
+    report.layers.push_back(layer);
+
+    // Retire the old module: free its float weights and point whoever still
+    // holds it (a custom module's member) at the quantized layer.
+    torch::NoGradGuard no_grad;
+    auto& old = *r.old_module;
+    const at::Tensor like = old.weight;
+    at::Tensor redirect = make_redirect_weight(r.new_module, r.path, like);
+    old.weight.set_data(torch::empty({0}, like.options()));
+    if (old.bias.defined()) old.bias.set_data(torch::empty({0}, old.bias.options()));
+    old.weight = redirect;
+    old.bias = at::Tensor();
+  }
+  report.model_bytes_after = module_state_bytes(module);
+  return report;
+}
+
+std::string QuantizeReport::format() const {
+  std::ostringstream s;
+  size_t width = 5;
+  for (const auto& l : layers) width = std::max(width, l.name.size());
+  s << std::left << std::setw(static_cast<int>(width)) << "layer" << std::right << std::setw(14) << "shape"
+    << std::setw(14) << "bytes before" << std::setw(14) << c10::toString(dtype) << " bytes\n";
+  for (const auto& l : layers) {
+    std::ostringstream shape;
+    shape << l.in_features << "->" << l.out_features;
+    s << std::left << std::setw(static_cast<int>(width)) << l.name << std::right << std::setw(14) << shape.str()
+      << std::setw(14) << l.bytes_before << std::setw(14) << l.bytes_after << "\n";
+  }
+  auto ratio = [](int64_t a, int64_t b) { return b > 0 ? static_cast<double>(a) / static_cast<double>(b) : 0.0; };
+  s << std::fixed << std::setprecision(3);
+  s << layers.size() << " Linear layers: " << linear_bytes_before << " -> " << linear_bytes_after << " bytes ("
+    << ratio(linear_bytes_after, linear_bytes_before) << "x); whole model " << model_bytes_before << " -> "
+    << model_bytes_after << " bytes (" << ratio(model_bytes_after, model_bytes_before) << "x)\n";
+  return s.str();
+}
+
+}  // namespace wick

@@ -1,0 +1,456 @@
+// wick::quantize_dynamic and QuantizedLinear against an independent float64
+// emulation of dynamic int8 quantization (symmetric int8 weights, asymmetric
+// uint8 activations chosen per batch as ATen's ChooseQuantizationParams does),
+// against fp32 within the quantization error, and module replacement in every
+// container, checkpoints and errors.
+#include <wick/checkpoint.h>
+#include <wick/quantizer.h>
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <thread>
+
+#include "support.h"
+
+namespace {
+
+using wick::testing::SeededTest;
+
+class QuantizerTest : public SeededTest {};
+
+// ---------------------------------------------------------------- reference
+
+struct ActQuant {
+  double scale;
+  int64_t zero_point;
+};
+
+// ATen's quant_utils::ChooseQuantizationParams for uint8 [0, qmax], written
+// out in float64: the range includes 0, the zero point comes from whichever
+// end has the smaller error, rounded to nearest and clamped.
+ActQuant choose_act_qparams(double lo, double hi, int64_t qmax) {
+  lo = std::min(lo, 0.0);
+  hi = std::max(hi, 0.0);
+  double scale = static_cast<float>((hi - lo) / qmax);
+  if (scale == 0.0) scale = 0.1;
+  const double zp_from_min = 0 - lo / scale;
+  const double zp_from_max = qmax - hi / scale;
+  const double err_min = 0 - std::abs(lo / scale);
+  const double err_max = qmax - std::abs(hi / scale);
+  const double zp = err_min < err_max ? zp_from_min : zp_from_max;
+  const auto nudged = static_cast<int64_t>(std::clamp(std::nearbyint(zp), 0.0, static_cast<double>(qmax)));
+  return {scale, nudged};
+}
+
+struct Emulated {
+  torch::Tensor y;          // float64 result of the integer arithmetic
+  double one_flip_bound;    // what one activation rounded the other way changes in an output
+};
+
+// y = sx * s_w[row] * sum_k (qx - zp) * qw + b, with qw = clamp(round(w / s_w), -128, 127)
+// and s_w = amax / 127.5 (torch.ao's symmetric observers).
+Emulated emulate_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b, bool per_channel,
+                      int64_t act_qmax = 255) {
+  auto wd = w.to(torch::kDouble);
+  auto amax = per_channel ? wd.abs().amax(1) : wd.abs().max().reshape({1});
+  auto sw = (amax.to(torch::kFloat) / 127.5f).clamp_min(std::numeric_limits<float>::epsilon()).to(torch::kDouble);
+  auto qw = (per_channel ? wd / sw.unsqueeze(1) : wd / sw).to(torch::kFloat).round().clamp(-128, 127).to(torch::kDouble);
+  auto x2 = x.reshape({-1, x.size(-1)});
+  auto q = choose_act_qparams(x2.min().item<double>(), x2.max().item<double>(), act_qmax);
+  auto qx = (x2.to(torch::kDouble) / q.scale).round().add(static_cast<double>(q.zero_point)).clamp(0, act_qmax);
+  auto acc = torch::matmul(qx - static_cast<double>(q.zero_point), qw.t());
+  auto y = acc * q.scale * (per_channel ? sw.unsqueeze(0) : sw);
+  if (b.defined()) y = y + b.to(torch::kDouble);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  return {y.reshape(shape), q.scale * sw.max().item<double>() * 128.0};
+}
+
+torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias = true) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+torch::Tensor run(torch::nn::Module& m, const torch::Tensor& x) {
+  c10::InferenceMode guard;
+  if (auto* seq = dynamic_cast<torch::nn::SequentialImpl*>(&m)) return seq->forward(x);
+  TORCH_INTERNAL_ASSERT(false);
+}
+
+// ---------------------------------------------------------------- the layer
+
+TEST_F(QuantizerTest, MatchesFloat64EmulationOnEveryEngine) {
+  auto lin = make_linear(96, 40);
+  auto x = torch::randn({7, 96}) * 2 + 0.5;
+  auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/true);
+  auto fp32 = lin->forward(x).detach();
+  ASSERT_FALSE(wick::available_quant_engines().empty());
+  for (auto engine : wick::available_quant_engines()) {
+    SCOPED_TRACE(wick::to_string(engine));
+    if (engine == wick::QuantEngine::kQnnpack) continue;  // per-tensor only below
+    wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().engine(engine));
+    torch::Tensor y;
+    {
+      c10::InferenceMode guard;
+      y = q(x);
+    }
+    // Equal to the integer arithmetic up to a couple of activations rounded
+    // the other way, and far closer to it than to fp32.
+    WICK_EXPECT_CLOSE(y, ref.y, 0.0, 2 * ref.one_flip_bound);
+    EXPECT_LT((y - ref.y.to(torch::kFloat)).abs().max().item<double>(),
+              0.2 * (fp32 - ref.y.to(torch::kFloat)).abs().max().item<double>());
+  }
+}
+
+TEST_F(QuantizerTest, PerTensorMatchesEmulation) {
+  auto lin = make_linear(64, 24);
+  auto x = torch::rand({5, 64}) * 3;  // all positive: zero point 0
+  auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/false);
+  for (auto engine : wick::available_quant_engines()) {
+    SCOPED_TRACE(wick::to_string(engine));
+    wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().per_channel(false).engine(engine));
+    EXPECT_EQ(q->scale.numel(), 1);
+    c10::InferenceMode guard;
+    WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
+  }
+}
+
+TEST_F(QuantizerTest, CloseToFp32WithinTheQuantizationError) {
+  auto lin = make_linear(256, 128);
+  auto x = torch::randn({32, 256});
+  wick::QuantizedLinear q(*lin);
+  c10::InferenceMode guard;
+  auto y = q(x);
+  auto fp32 = lin->forward(x);
+  // Each product carries at most half a step of each operand; summed over 256
+  // inputs with random signs the error is a few steps, far below the outputs' spread.
+  auto rel = (y - fp32).norm() / fp32.norm();
+  EXPECT_LT(rel.item<double>(), 0.02);
+  EXPECT_GT(rel.item<double>(), 0.0);  // it did quantize
+}
+
+TEST_F(QuantizerTest, AutoEngineSwitchesByRowsAndAgrees) {
+  auto lin = make_linear(128, 64);
+  wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().onednn_min_rows(8));
+  for (int64_t rows : {1, 3, 8, 40}) {
+    auto x = torch::randn({rows, 128});
+    auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), true);
+    c10::InferenceMode guard;
+    WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
+  }
+}
+
+TEST_F(QuantizerTest, HandlesBatchedShapesVectorsAndEmptyBatches) {
+  auto lin = make_linear(32, 16);
+  wick::QuantizedLinear q(*lin);
+  c10::InferenceMode guard;
+  auto x3 = torch::randn({2, 3, 32});
+  auto ref = emulate_int8(x3, lin->weight.detach(), lin->bias.detach(), true);
+  auto y3 = q(x3);
+  EXPECT_EQ(y3.sizes(), (std::vector<int64_t>{2, 3, 16}));
+  WICK_EXPECT_CLOSE(y3, ref.y, 0.0, 2 * ref.one_flip_bound);
+  auto v = torch::randn({32});
+  auto refv = emulate_int8(v.unsqueeze(0), lin->weight.detach(), lin->bias.detach(), true);
+  WICK_EXPECT_CLOSE(q(v), refv.y.squeeze(0), 0.0, 2 * refv.one_flip_bound);
+  EXPECT_EQ(q(torch::randn({0, 32})).sizes(), (std::vector<int64_t>{0, 16}));
+  auto strided = torch::randn({32, 4}).t();  // non-contiguous input
+  auto refs = emulate_int8(strided.contiguous(), lin->weight.detach(), lin->bias.detach(), true);
+  WICK_EXPECT_CLOSE(q(strided), refs.y, 0.0, 2 * refs.one_flip_bound);
+}
+
+TEST_F(QuantizerTest, WithoutBias) {
+  auto lin = make_linear(48, 8, /*bias=*/false);
+  wick::QuantizedLinear q(*lin);
+  EXPECT_FALSE(q->bias.defined());
+  auto x = torch::randn({4, 48});
+  auto ref = emulate_int8(x, lin->weight.detach(), torch::Tensor(), true);
+  c10::InferenceMode guard;
+  WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
+}
+
+TEST_F(QuantizerTest, Fp16WeightsMatchHalfRoundedWeights) {
+  auto lin = make_linear(64, 32);
+  wick::QuantizedLinear q(*lin, torch::kFloat16);
+  EXPECT_EQ(q->weight.scalar_type(), torch::kHalf);
+  auto x = torch::randn({6, 64});
+  // FBGEMM's fp16 GEMM: fp16 weights, fp32 activations and accumulation.
+  auto ref = torch::linear(x.to(torch::kDouble), lin->weight.detach().to(torch::kHalf).to(torch::kDouble),
+                           lin->bias.detach().to(torch::kDouble));
+  c10::InferenceMode guard;
+  WICK_EXPECT_CLOSE(q(x), ref, 1e-4, 1e-4);
+}
+
+TEST_F(QuantizerTest, ConcurrentForwardsGiveTheSingleThreadedResult) {
+  auto lin = make_linear(64, 64);
+  wick::QuantizedLinear q(*lin);
+  std::vector<torch::Tensor> xs, expected;
+  for (int i = 0; i < 8; ++i) {
+    xs.push_back(torch::randn({1 + 5 * i, 64}));
+    c10::InferenceMode guard;
+    expected.push_back(q(xs.back()));
+  }
+  wick::QuantizedLinear fresh(*lin);  // packs inside the threads
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      c10::InferenceMode guard;
+      for (int rep = 0; rep < 20; ++rep) {
+        for (size_t i = 0; i < xs.size(); ++i) {
+          if (!torch::equal(fresh(xs[i]), expected[i])) ++mismatches;
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
+}
+
+// ---------------------------------------------------------------- replacement
+
+struct Block : torch::nn::Module {
+  Block() {
+    fc1 = register_module("fc1", torch::nn::Linear(16, 32));
+    act = register_module("act", torch::nn::ReLU());
+    fc2 = register_module("fc2", torch::nn::Linear(32, 8));
+  }
+  torch::Tensor forward(torch::Tensor x) { return fc2(act(fc1(x))); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::nn::ReLU act{nullptr};
+};
+
+// Reference for a two-layer block: each layer emulated on its own input.
+torch::Tensor emulate_block(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& b1,
+                            const torch::Tensor& w2, const torch::Tensor& b2, double* bound) {
+  auto h = emulate_int8(x, w1, b1, true);
+  auto h_relu = h.y.clamp_min(0).to(torch::kFloat);
+  auto y = emulate_int8(h_relu, w2, b2, true);
+  *bound = 4 * (h.one_flip_bound * w2.abs().sum(1).max().item<double>() + y.one_flip_bound);
+  return y.y;
+}
+
+TEST_F(QuantizerTest, ReplacesLinearInSequentialAndItsForwardRunsInt8) {
+  auto model = torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 8));
+  auto w1 = model->ptr<torch::nn::LinearImpl>(0)->weight.detach().clone();
+  auto b1 = model->ptr<torch::nn::LinearImpl>(0)->bias.detach().clone();
+  auto w2 = model->ptr<torch::nn::LinearImpl>(2)->weight.detach().clone();
+  auto b2 = model->ptr<torch::nn::LinearImpl>(2)->bias.detach().clone();
+  auto x = torch::randn({5, 16});
+  auto fp32 = run(*model, x);
+
+  auto report = wick::quantize_dynamic(*model);
+  ASSERT_EQ(report.layers.size(), 2u);
+  EXPECT_EQ(report.layers[0].name, "0");
+  EXPECT_EQ(report.layers[1].name, "2");
+  EXPECT_NE(model->ptr<wick::QuantizedLinearImpl>(0), nullptr);
+  EXPECT_NE(std::dynamic_pointer_cast<wick::QuantizedLinearImpl>(model->named_children()["2"]), nullptr);
+
+  double bound = 0;
+  auto ref = emulate_block(x, w1, b1, w2, b2, &bound);
+  auto y = run(*model, x);
+  WICK_EXPECT_CLOSE(y, ref, 0.0, bound);
+  EXPECT_FALSE(torch::allclose(y, fp32, 0, 1e-6));
+
+  // The Sequential's forward calls the module the tree holds: change its bias, see it.
+  {
+    torch::NoGradGuard g;
+    model->ptr<wick::QuantizedLinearImpl>(2)->bias.add_(100);
+  }
+  EXPECT_TRUE(torch::allclose(run(*model, x), y + 100, 0, 1e-3));
+}
+
+TEST_F(QuantizerTest, ReplacesMembersOfCustomModules) {
+  auto block = std::make_shared<Block>();
+  auto w1 = block->fc1->weight.detach().clone(), b1 = block->fc1->bias.detach().clone();
+  auto w2 = block->fc2->weight.detach().clone(), b2 = block->fc2->bias.detach().clone();
+  auto x = torch::randn({3, 16});
+  auto report = wick::quantize_dynamic(*block);
+  ASSERT_EQ(report.layers.size(), 2u);
+  EXPECT_EQ(report.layers[0].name, "fc1");
+
+  // The tree holds the quantized layers; parameters() has no float weights left.
+  auto children = block->named_children();
+  auto q1 = std::dynamic_pointer_cast<wick::QuantizedLinearImpl>(children["fc1"]);
+  ASSERT_NE(q1, nullptr);
+  EXPECT_TRUE(block->parameters().empty());
+  EXPECT_EQ(block->named_buffers().size(), 6u);  // weight, scale, bias x 2
+
+  // The members still name the old objects; their forward runs the int8 layers.
+  double bound = 0;
+  auto ref = emulate_block(x, w1, b1, w2, b2, &bound);
+  torch::Tensor y;
+  {
+    c10::InferenceMode g;
+    y = block->forward(x);
+  }
+  WICK_EXPECT_CLOSE(y, ref, 0.0, bound);
+  {
+    torch::NoGradGuard g;
+    q1->bias.fill_(0);
+    q1->weight.fill_(0);  // fc1 now outputs 0, so the block outputs fc2's bias
+  }
+  torch::NoGradGuard g;
+  WICK_EXPECT_CLOSE(block->forward(x), b2.to(torch::kDouble).unsqueeze(0).expand({3, 8}), 0, 1e-6);
+  // Outside linear(), the old weight fails; most operations say why.
+  EXPECT_THROWS_WITH(block->fc1->weight.sum(), "replaced this torch::nn::Linear by a QuantizedLinear");
+}
+
+struct Containers : torch::nn::Module {
+  Containers() {
+    list = register_module("list", torch::nn::ModuleList(torch::nn::Linear(8, 8), torch::nn::Linear(8, 8)));
+    dict = register_module("dict", torch::nn::ModuleDict(torch::OrderedDict<std::string, std::shared_ptr<Module>>(
+                                       {{"head", torch::nn::Linear(8, 4).ptr()}})));
+    nested = register_module("nested", torch::nn::ModuleList(torch::nn::Sequential(torch::nn::Linear(4, 4))));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    for (const auto& m : *list) x = m->as<wick::QuantizedLinearImpl>() ? m->as<wick::QuantizedLinearImpl>()->forward(x)
+                                                                         : m->as<torch::nn::LinearImpl>()->forward(x);
+    auto head = dict["head"];
+    x = head->as<wick::QuantizedLinearImpl>() ? head->as<wick::QuantizedLinearImpl>()->forward(x)
+                                              : head->as<torch::nn::LinearImpl>()->forward(x);
+    return nested[0]->as<torch::nn::SequentialImpl>()->forward(x);
+  }
+  torch::nn::ModuleList list{nullptr};
+  torch::nn::ModuleDict dict{nullptr};
+  torch::nn::ModuleList nested{nullptr};
+};
+
+TEST_F(QuantizerTest, ReplacesInModuleListModuleDictAndNestedSequential) {
+  auto m = std::make_shared<Containers>();
+  auto report = wick::quantize_dynamic(*m);
+  std::vector<std::string> names;
+  for (const auto& l : report.layers) names.push_back(l.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"list.0", "list.1", "dict.head", "nested.0.0"}));
+  // The containers' own lists hold the new modules, not only their registrations.
+  for (const auto& entry : *m->list) EXPECT_NE(entry->as<wick::QuantizedLinearImpl>(), nullptr);
+  EXPECT_NE(m->dict["head"]->as<wick::QuantizedLinearImpl>(), nullptr);
+  EXPECT_NE(m->dict->values()[0]->as<wick::QuantizedLinearImpl>(), nullptr);
+  auto inner = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(m->nested[0]);
+  ASSERT_NE(inner, nullptr);
+  EXPECT_NE(inner->ptr<wick::QuantizedLinearImpl>(0), nullptr);
+  for (const auto& item : m->named_modules()) EXPECT_EQ(item.value()->as<torch::nn::LinearImpl>(), nullptr) << item.key();
+  c10::InferenceMode g;
+  EXPECT_EQ(m->forward(torch::randn({2, 8})).sizes(), (std::vector<int64_t>{2, 4}));
+}
+
+TEST_F(QuantizerTest, SharedLinearIsQuantizedOnce) {
+  auto shared = torch::nn::Linear(8, 8);
+  auto model = torch::nn::Sequential(shared, torch::nn::ReLU(), shared);
+  auto report = wick::quantize_dynamic(*model);
+  EXPECT_EQ(report.layers.size(), 1u);
+  EXPECT_EQ(model->ptr(0), model->ptr(2));
+}
+
+TEST_F(QuantizerTest, ReportsSizesBeforeAndAfter) {
+  auto model = torch::nn::Sequential(torch::nn::Linear(256, 512), torch::nn::ReLU(), torch::nn::Linear(512, 10),
+                                     torch::nn::BatchNorm1d(10));
+  const int64_t linear_fp32 = (256 * 512 + 512 + 512 * 10 + 10) * 4;
+  const int64_t bn = 10 * 4 * 4 + 8;  // weight, bias, running mean, var; num_batches_tracked int64
+  EXPECT_EQ(wick::module_state_bytes(*model), linear_fp32 + bn);
+  auto report = wick::quantize_dynamic(*model);
+  EXPECT_EQ(report.linear_bytes_before, linear_fp32);
+  // int8 weights + one float scale per row + float bias.
+  const int64_t linear_int8 = 256 * 512 + 512 * 4 + 512 * 4 + 512 * 10 + 10 * 4 + 10 * 4;
+  EXPECT_EQ(report.linear_bytes_after, linear_int8);
+  EXPECT_EQ(report.model_bytes_before, linear_fp32 + bn);
+  EXPECT_EQ(report.model_bytes_after, linear_int8 + bn);
+  EXPECT_LE(static_cast<double>(report.linear_bytes_after) / report.linear_bytes_before, 0.30);
+  const std::string table = report.format();
+  EXPECT_NE(table.find("256->512"), std::string::npos) << table;
+  EXPECT_NE(table.find("2 Linear layers"), std::string::npos) << table;
+}
+
+// ---------------------------------------------------------------- save / load
+
+TEST_F(QuantizerTest, CheckpointRoundTripGivesIdenticalOutputs) {
+  wick::testing::TempDir dir;
+  auto make = [] {
+    return torch::nn::Sequential(torch::nn::Linear(32, 64), torch::nn::ReLU(), torch::nn::Linear(64, 10));
+  };
+  auto model = make();
+  wick::quantize_dynamic(*model);
+  auto x = torch::randn({9, 32});
+  auto y = run(*model, x);
+  wick::Checkpoint ckpt;
+  ckpt.put_module("model", *model);
+  ckpt.save((dir.path() / "ckpt").string());
+
+  auto other = make();  // different random weights
+  wick::quantize_dynamic(*other);
+  EXPECT_FALSE(torch::equal(run(*other, x), y));  // packs from its own weights first
+  wick::Checkpoint::load((dir.path() / "ckpt").string()).restore_module("model", *other);
+  EXPECT_TRUE(wick::testing::tensors_equal(run(*other, x), y));  // the packed copies follow the new state
+
+  // torch::save / torch::load of the module work as well.
+  auto third = make();
+  wick::quantize_dynamic(*third);
+  torch::save(model, (dir.path() / "model.pt").string());
+  torch::load(third, (dir.path() / "model.pt").string());
+  EXPECT_TRUE(wick::testing::tensors_equal(run(*third, x), y));
+}
+
+TEST_F(QuantizerTest, CloneIsIndependent) {
+  auto model = torch::nn::Sequential(torch::nn::Linear(16, 16));
+  wick::quantize_dynamic(*model);
+  auto copy = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone());
+  auto x = torch::randn({3, 16});
+  auto y = run(*model, x);
+  EXPECT_TRUE(torch::equal(run(*copy, x), y));
+  {
+    torch::NoGradGuard g;
+    copy->ptr<wick::QuantizedLinearImpl>(0)->bias.add_(1);
+  }
+  EXPECT_TRUE(torch::equal(run(*model, x), y));
+  EXPECT_TRUE(torch::allclose(run(*copy, x), y + 1, 0, 1e-5));
+}
+
+// ---------------------------------------------------------------- errors
+
+TEST_F(QuantizerTest, RefusesBadRequestsAndLeavesTheModelAsItWas) {
+  auto model = torch::nn::Sequential(torch::nn::Linear(8, 4));
+  EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Conv2dImpl)}),
+                     "torch::nn::Conv2dImpl is not supported");
+  EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {}), "empty");
+  EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kFloat8_e4m3fn),
+                     "on CPU the weight dtype must be torch::kInt8 or torch::kFloat16");
+  EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kFloat64),
+                     "torch::kInt8 or torch::kFloat16");
+  EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kInt8,
+                                            wick::QuantizeOptions().onednn_min_rows(0)),
+                     "onednn_min_rows must be >= 1, got 0");
+  EXPECT_NE(model->ptr<torch::nn::LinearImpl>(0), nullptr);  // untouched
+
+  auto lin = torch::nn::Linear(8, 4);
+  EXPECT_THROWS_WITH(wick::quantize_dynamic(*lin), "is itself a torch::nn::Linear");
+
+  wick::quantize_dynamic(*model);
+  EXPECT_THROWS_WITH(wick::quantize_dynamic(*model), "'0' is already a wick::QuantizedLinear");
+
+  auto q = model->ptr<wick::QuantizedLinearImpl>(0);
+  c10::InferenceMode g;
+  EXPECT_THROWS_WITH(q->forward(torch::randn({2, 5})), "last dimension must be 8");
+  EXPECT_THROWS_WITH(q->forward(torch::randn({2, 8}, torch::kDouble)), "must be float32");
+}
+
+// ---------------------------------------------------------------- CUDA
+
+TEST_F(QuantizerTest, CudaWeightOnlyInt8AndFp8CloseToBf16) {
+  if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  for (auto dtype : {torch::kInt8, torch::kFloat8_e4m3fn}) {
+    SCOPED_TRACE(c10::toString(dtype));
+    auto model = torch::nn::Sequential(torch::nn::Linear(256, 512), torch::nn::ReLU(), torch::nn::Linear(512, 128));
+    model->to(torch::kCUDA, torch::kBFloat16);
+    auto x = torch::randn({64, 256}, torch::TensorOptions(torch::kCUDA).dtype(torch::kBFloat16));
+    auto ref = run(*model, x).to(torch::kFloat);
+    auto report = wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, dtype);
+    // Against bf16 weights: int8 halves them; fp8 too.
+    EXPECT_LE(static_cast<double>(report.linear_bytes_after) / report.linear_bytes_before, 0.52);
+    auto y = run(*model, x).to(torch::kFloat);
+    EXPECT_EQ(y.scalar_type(), torch::kFloat);
+    EXPECT_LT(((y - ref).norm() / ref.norm()).item<double>(), dtype == torch::kInt8 ? 0.03 : 0.08);
+  }
+}
+
+}  // namespace
