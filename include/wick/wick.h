@@ -12,6 +12,7 @@
 #include <wick/lr_scheduler.h>
 #include <wick/optim.h>
 #include <wick/pruner.h>
+#include <wick/quantizer.h>
 #include <wick/callbacks.h>
 #include <wick/trainer.h>
 

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Python peer of `wick-bench quant`: fp32 and torch.ao's quantize_dynamic.
+
+The models are built as the C++ side builds them, so the weights are the same:
+torch.manual_seed(seed) then the layers in order (an MLP of four 1024->1024
+Linear layers with ReLU between; one Linear 1024->1024; one Linear 1024->4096).
+Inputs are randn(batch, 1024) from a generator seeded seed+1.
+
+The int8 model is what a Python user gets: quantize_dynamic(model,
+{nn.Linear}, dtype=torch.qint8) with the default quantized engine of this
+build (printed as "engine"). Each case is timed as the C++ side times it:
+calls repeated until --min-time seconds have passed, after --warmup calls,
+under torch.inference_mode(); the figure is milliseconds per call.
+
+Prints one JSON line per (model, batch): fp32_ms, int8_ms and check_fp32 (the
+sum of the fp32 output, which equals the C++ side's when the weights agree).
+"""
+import argparse
+import json
+import sys
+import time
+import warnings
+
+
+def build(torch, name, seed):
+    torch.manual_seed(seed)
+    nn = torch.nn
+    if name == "mlp":
+        layers = []
+        for i in range(4):
+            layers.append(nn.Linear(1024, 1024))
+            if i < 3:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+    if name == "linear_1024x1024":
+        return nn.Sequential(nn.Linear(1024, 1024))
+    if name == "linear_1024x4096":
+        return nn.Sequential(nn.Linear(1024, 4096))
+    raise SystemExit(f"quant_peer.py: unknown model {name}")
+
+
+def per_call_ms(fn, warmup, min_time):
+    for _ in range(warmup):
+        fn()
+    calls = 0
+    start = time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return 1e3 * elapsed / calls
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", default="mlp,linear_1024x1024,linear_1024x4096")
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=0.2)
+    a = p.parse_args()
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    warnings.filterwarnings("ignore")  # torch.ao's deprecation notice
+    for name in a.models.split(","):
+        model = build(torch, name, a.seed).eval()
+        qmodel = torch.ao.quantization.quantize_dynamic(build(torch, name, a.seed).eval(), {torch.nn.Linear},
+                                                        dtype=torch.qint8)
+        for batch in [int(b) for b in a.batches.split(",")]:
+            g = torch.Generator().manual_seed(a.seed + 1)
+            x = torch.randn(batch, 1024, generator=g)
+            with torch.inference_mode():
+                check = float(model(x).double().sum())
+                fp32 = per_call_ms(lambda: model(x), a.warmup, a.min_time)
+                int8 = per_call_ms(lambda: qmodel(x), a.warmup, a.min_time)
+            print(json.dumps({"model": name, "batch": batch, "threads": a.threads, "fp32_ms": fp32,
+                              "int8_ms": int8, "engine": torch.backends.quantized.engine,
+                              "check_fp32": check, "torch": torch.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

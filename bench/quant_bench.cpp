@@ -1,0 +1,258 @@
+// wick-bench quant: wick's dynamic int8 Linear against fp32 LibTorch and
+// against Python's torch.ao quantize_dynamic on the same weights.
+//
+// Shapes: an MLP of four 1024->1024 Linear layers (ReLU between) and single
+// layers 1024->1024 and 1024->4096; batches 1, 16, 64, 256; one and two
+// intra-op threads. Each model is built after torch::manual_seed(seed), as the
+// peer builds it, so both sides hold the same fp32 weights (check_fp32, the
+// sum of the fp32 output, agrees), and quantize them.
+//
+// A figure is milliseconds per forward call: calls repeated until --min-time
+// seconds have passed, after --warmup calls, under c10::InferenceMode; the
+// median over --repeats rounds. Each round runs the C++ cases, then the peer
+// (one process per thread count), so slow phases of the machine hit both.
+
+#include "bench_common.h"
+
+#include <wick/quantizer.h>
+
+#include <CLI/CLI.hpp>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace wick_bench {
+
+namespace {
+
+struct QuantBenchOptions {
+  std::vector<int> threads{1, 2};
+  std::vector<int64_t> batches{1, 16, 64, 256};
+  std::vector<std::string> models{"mlp", "linear_1024x1024", "linear_1024x4096"};
+  int repeats = 3;
+  int warmup = 5;
+  double min_time = 0.2;
+  uint64_t seed = 0;
+  bool no_python = false;
+  std::string engine = "auto";
+};
+
+constexpr double kSmallBatchGoal = 2.0;  // fp32 / int8 at batch <= 16, at least
+constexpr double kLargeBatchGoal = 1.3;  // at batch >= 64
+constexpr double kPythonGoal = 1.0;      // python int8 / wick int8, at least
+
+torch::nn::Sequential build(const std::string& name, uint64_t seed) {
+  torch::manual_seed(seed);
+  torch::nn::Sequential model;
+  if (name == "mlp") {
+    for (int i = 0; i < 4; ++i) {
+      model->push_back(torch::nn::Linear(1024, 1024));
+      if (i < 3) model->push_back(torch::nn::ReLU());
+    }
+  } else if (name == "linear_1024x1024") {
+    model->push_back(torch::nn::Linear(1024, 1024));
+  } else if (name == "linear_1024x4096") {
+    model->push_back(torch::nn::Linear(1024, 4096));
+  } else {
+    TORCH_CHECK(false, "wick-bench quant: unknown model '", name,
+                "' (mlp, linear_1024x1024, linear_1024x4096)");
+  }
+  model->eval();
+  return model;
+}
+
+template <class F>
+double per_call_ms(F&& fn, int warmup, double min_time) {
+  for (int i = 0; i < warmup; ++i) fn();
+  int64_t calls = 0;
+  const auto start = std::chrono::steady_clock::now();
+  while (true) {
+    fn();
+    ++calls;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (elapsed >= min_time) return 1e3 * elapsed / static_cast<double>(calls);
+  }
+}
+
+wick::QuantEngine parse_engine(const std::string& s) {
+  for (auto e : {wick::QuantEngine::kAuto, wick::QuantEngine::kFbgemm, wick::QuantEngine::kOnednn,
+                 wick::QuantEngine::kQnnpack}) {
+    if (s == wick::to_string(e)) return e;
+  }
+  TORCH_CHECK(false, "wick-bench quant: --engine must be auto, fbgemm, onednn or qnnpack, got '", s, "'");
+}
+
+using Key = std::tuple<std::string, int64_t, int>;  // model, batch, threads
+
+struct Case {
+  std::vector<double> fp32, int8, py_fp32, py_int8;
+  double check = 0, py_check = NAN;
+  std::string py_engine;
+};
+
+Json list(const std::vector<double>& v) { return Json(v); }
+
+void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
+  TORCH_CHECK(o.repeats >= 1, "wick-bench quant: --repeats must be >= 1, got ", o.repeats);
+  TORCH_CHECK(o.min_time > 0, "wick-bench quant: --min-time must be > 0, got ", o.min_time);
+  for (int t : o.threads) TORCH_CHECK(t >= 1, "wick-bench quant: --threads must be >= 1, got ", t);
+  for (auto b : o.batches) TORCH_CHECK(b >= 1, "wick-bench quant: --batches must be >= 1, got ", b);
+  const auto engine = parse_engine(o.engine);
+  JsonOut out(global.jsonl);
+  const double load_start = load_average_1m();
+
+  // Models quantized once; their packed weights are reused by every round.
+  std::map<std::string, std::pair<torch::nn::Sequential, torch::nn::Sequential>> models;
+  int64_t linear_before = 0, linear_after = 0;
+  for (const auto& name : o.models) {
+    auto fp32 = build(name, o.seed);
+    auto int8 = build(name, o.seed);
+    auto report = wick::quantize_dynamic(*int8, {typeid(torch::nn::Linear)}, torch::kInt8,
+                                         wick::QuantizeOptions().engine(engine));
+    linear_before += report.linear_bytes_before;
+    linear_after += report.linear_bytes_after;
+    models.emplace(name, std::make_pair(fp32, int8));
+  }
+
+  std::map<Key, Case> cases;
+  std::string peer_error;
+  for (int r = 0; r < o.repeats; ++r) {
+    for (int threads : o.threads) {
+      set_torch_threads(threads);
+      c10::InferenceMode guard;
+      for (const auto& name : o.models) {
+        auto& [fp32, int8] = models.at(name);
+        for (int64_t batch : o.batches) {
+          auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1);
+          const torch::Tensor x = torch::randn({batch, 1024}, gen);
+          Case& c = cases[Key{name, batch, threads}];
+          c.check = fp32->forward(x).to(torch::kDouble).sum().item<double>();
+          // Alternate the order so neither always runs on a warmer cache.
+          auto f = [&, &fp32 = fp32] { return fp32->forward(x); };
+          auto q = [&, &int8 = int8] { return int8->forward(x); };
+          if (r % 2 == 0) {
+            c.fp32.push_back(per_call_ms(f, o.warmup, o.min_time));
+            c.int8.push_back(per_call_ms(q, o.warmup, o.min_time));
+          } else {
+            c.int8.push_back(per_call_ms(q, o.warmup, o.min_time));
+            c.fp32.push_back(per_call_ms(f, o.warmup, o.min_time));
+          }
+        }
+      }
+      if (o.no_python || !peer_error.empty()) continue;
+      std::ostringstream models_arg, batches_arg;
+      for (size_t i = 0; i < o.models.size(); ++i) models_arg << (i ? "," : "") << o.models[i];
+      for (size_t i = 0; i < o.batches.size(); ++i) batches_arg << (i ? "," : "") << o.batches[i];
+      auto peer = run_peer(global, "quant_peer.py",
+                           {"--threads", std::to_string(threads), "--seed", std::to_string(o.seed), "--models",
+                            models_arg.str(), "--batches", batches_arg.str(), "--warmup", std::to_string(o.warmup),
+                            "--min-time", std::to_string(o.min_time)});
+      if (!peer.ok()) {
+        peer_error = peer.error.empty() ? "the peer printed nothing" : peer.error;
+        continue;
+      }
+      for (const auto& line : peer.lines) {
+        Case& c = cases[Key{line.at("model").get<std::string>(), line.at("batch").get<int64_t>(), threads}];
+        c.py_fp32.push_back(line.at("fp32_ms").get<double>());
+        c.py_int8.push_back(line.at("int8_ms").get<double>());
+        c.py_check = line.at("check_fp32").get<double>();
+        c.py_engine = line.at("engine").get<std::string>();
+      }
+    }
+  }
+
+  double min_small = INFINITY, min_large = INFINITY, min_python = INFINITY;
+  std::string worst_small, worst_large, worst_python, py_engine;
+  bool same_weights = true;
+  for (const auto& [key, c] : cases) {
+    const auto& [name, batch, threads] = key;
+    Json line;
+    line["bench"] = "quant";
+    line["model"] = name;
+    line["batch"] = batch;
+    line["threads"] = threads;
+    const double f = median(c.fp32), q = median(c.int8);
+    line["fp32_ms"] = f;
+    line["wick_int8_ms"] = q;
+    line["speedup"] = f / q;
+    std::ostringstream label;
+    label << name << " batch " << batch << " threads " << threads;
+    if (batch <= 16 && f / q < min_small) {
+      min_small = f / q;
+      worst_small = label.str();
+    }
+    if (batch >= 64 && f / q < min_large) {
+      min_large = f / q;
+      worst_large = label.str();
+    }
+    if (!c.py_int8.empty()) {
+      const double pf = median(c.py_fp32), pq = median(c.py_int8);
+      line["python_fp32_ms"] = pf;
+      line["python_int8_ms"] = pq;
+      line["python_speedup"] = pf / pq;
+      line["vs_python"] = pq / q;
+      line["python_engine"] = c.py_engine;
+      py_engine = c.py_engine;
+      if (pq / q < min_python) {
+        min_python = pq / q;
+        worst_python = label.str();
+      }
+      const bool same = std::abs(c.py_check - c.check) <= 1e-3 * std::max(1.0, std::abs(c.check));
+      line["same_weights"] = same;
+      same_weights = same_weights && same;
+    }
+    line["check_fp32"] = c.check;
+    line["fp32_runs_ms"] = list(c.fp32);
+    line["int8_runs_ms"] = list(c.int8);
+    out.emit(line);
+  }
+
+  Json s;
+  s["bench"] = "quant";
+  s["summary"] = true;
+  s["min_speedup_small_batch"] = min_small;
+  s["min_speedup_large_batch"] = min_large;
+  s["min_vs_python"] = std::isfinite(min_python) ? Json(min_python) : Json(nullptr);
+  s["worst_small_batch"] = worst_small;
+  s["worst_large_batch"] = worst_large;
+  if (std::isfinite(min_python)) s["worst_vs_python"] = worst_python;
+  s["small_batch_goal_met"] = min_small >= kSmallBatchGoal;
+  s["large_batch_goal_met"] = min_large >= kLargeBatchGoal;
+  if (std::isfinite(min_python)) s["python_goal_met"] = min_python >= kPythonGoal;
+  if (!o.no_python) s["same_weights_as_python"] = same_weights;
+  if (!peer_error.empty()) s["python_error"] = peer_error;
+  s["int8_size_ratio"] = static_cast<double>(linear_after) / static_cast<double>(linear_before);
+  s["engine"] = o.engine;
+  s["python_engine"] = py_engine;
+  s["repeats"] = o.repeats;
+  s["min_time_s"] = o.min_time;
+  add_run_environment(s, load_start);
+  out.emit(s);
+}
+
+}  // namespace
+
+void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
+  auto o = std::make_shared<QuantBenchOptions>();
+  CLI::App* sub = app.add_subcommand(
+      "quant", "wick int8 (quantize_dynamic) vs fp32 vs Python's quantize_dynamic: MLP and Linear layers");
+  sub->add_option("--threads", o->threads, "intra-op thread counts to measure")->delimiter(',')->capture_default_str();
+  sub->add_option("--batches", o->batches, "batch sizes")->delimiter(',')->capture_default_str();
+  sub->add_option("--models", o->models, "mlp, linear_1024x1024, linear_1024x4096")->delimiter(',')->capture_default_str();
+  sub->add_option("--repeats", o->repeats, "rounds; figures are medians")->capture_default_str();
+  sub->add_option("--warmup", o->warmup, "untimed calls before each timing")->capture_default_str();
+  sub->add_option("--min-time", o->min_time, "seconds each timing lasts at least")->capture_default_str();
+  sub->add_option("--seed", o->seed, "seed of the weights and inputs")->capture_default_str();
+  sub->add_option("--engine", o->engine, "wick's engine: auto, fbgemm, onednn, qnnpack")->capture_default_str();
+  sub->add_flag("--no-python", o->no_python, "skip the Python peer");
+  sub->callback([o, global] { run_quant_bench(*o, *global); });
+}
+
+}  // namespace wick_bench
