@@ -75,7 +75,18 @@ at::Tensor symmetric_scale(const at::Tensor& w, bool per_channel) {
   return (amax.to(torch::kFloat) / 127.5f).clamp_min(std::numeric_limits<float>::epsilon());
 }
 
-std::string dtype_name(torch::Dtype dtype) { return std::string(c10::toString(dtype)); }
+std::string dtype_name(torch::Dtype dtype) {
+  switch (dtype) {
+    case torch::kInt8:
+      return "int8";
+    case torch::kFloat16:
+      return "float16";
+    case torch::kFloat8_e4m3fn:
+      return "float8_e4m3fn";
+    default:
+      return std::string(c10::toString(dtype));
+  }
+}
 
 int64_t bytes_of(const at::Tensor& t) {
   return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
@@ -205,6 +216,8 @@ struct QuantizedLinearImpl::Packed {
 };
 
 namespace {
+
+constexpr int64_t kOnednnMinWeights = 64 * 1024;
 
 int engine_slot(QuantEngine e) {
   switch (e) {
@@ -354,6 +367,18 @@ torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {
   return weight.is_cuda() ? forward_cuda(input) : forward_cpu(input);
 }
 
+QuantEngine QuantizedLinearImpl::engine_for(int64_t rows) const {
+  if (dtype_ == torch::kFloat16) return QuantEngine::kFbgemm;  // LibTorch's fp16 dynamic linear is FBGEMM's
+  if (options_.engine() != QuantEngine::kAuto) return options_.engine();
+  const bool fb = engine_available(QuantEngine::kFbgemm);
+  const bool dnn = engine_available(QuantEngine::kOnednn);
+  // oneDNN's fixed cost per call (about 8 us on one core here) outweighs its
+  // speed on small layers and small batches.
+  const bool large = rows >= options_.onednn_min_rows() && in_features_ * out_features_ >= kOnednnMinWeights;
+  if (dnn && (!fb || large)) return QuantEngine::kOnednn;
+  return fb ? QuantEngine::kFbgemm : QuantEngine::kQnnpack;
+}
+
 torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == torch::kFloat, "QuantizedLinear: input must be float32 on CPU, got ",
               dtype_name(input.scalar_type()));
@@ -362,20 +387,8 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
   out_shape.back() = out_features_;
   if (rows == 0) return torch::zeros(out_shape, input.options());
 
-  QuantEngine engine = options_.engine();
   const bool fp16 = dtype_ == torch::kFloat16;
-  if (fp16) {
-    engine = QuantEngine::kFbgemm;  // LibTorch's fp16 dynamic linear is FBGEMM's
-  } else if (engine == QuantEngine::kAuto) {
-    const bool fb = engine_available(QuantEngine::kFbgemm);
-    const bool dnn = engine_available(QuantEngine::kOnednn);
-    if (dnn && (!fb || rows >= options_.onednn_min_rows())) {
-      engine = QuantEngine::kOnednn;
-    } else {
-      engine = fb ? QuantEngine::kFbgemm : QuantEngine::kQnnpack;
-    }
-  }
-
+  const QuantEngine engine = engine_for(rows);
   PackedPtr packed;
   {
     std::lock_guard<std::mutex> lock(packed_->mutex);
@@ -601,7 +614,7 @@ std::string QuantizeReport::format() const {
   size_t width = 5;
   for (const auto& l : layers) width = std::max(width, l.name.size());
   s << std::left << std::setw(static_cast<int>(width)) << "layer" << std::right << std::setw(14) << "shape"
-    << std::setw(14) << "bytes before" << std::setw(14) << c10::toString(dtype) << " bytes\n";
+    << std::setw(14) << "bytes before" << std::setw(14) << (dtype_name(dtype) + " bytes") << "\n";
   for (const auto& l : layers) {
     std::ostringstream shape;
     shape << l.in_features << "->" << l.out_features;

@@ -132,10 +132,18 @@ TEST_F(QuantizerTest, CloseToFp32WithinTheQuantizationError) {
 }
 
 TEST_F(QuantizerTest, AutoEngineSwitchesByRowsAndAgrees) {
-  auto lin = make_linear(128, 64);
+  auto lin = make_linear(256, 256);  // 64 Ki weights: large enough for oneDNN
   wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().onednn_min_rows(8));
+  const auto engines = wick::available_quant_engines();
+  auto has = [&](wick::QuantEngine e) { return std::find(engines.begin(), engines.end(), e) != engines.end(); };
+  if (has(wick::QuantEngine::kFbgemm) && has(wick::QuantEngine::kOnednn)) {
+    EXPECT_EQ(q->engine_for(7), wick::QuantEngine::kFbgemm);
+    EXPECT_EQ(q->engine_for(8), wick::QuantEngine::kOnednn);
+    wick::QuantizedLinear small(*make_linear(128, 64), torch::kInt8, wick::QuantizeOptions().onednn_min_rows(8));
+    EXPECT_EQ(small->engine_for(1000), wick::QuantEngine::kFbgemm);  // too small a layer for oneDNN's overhead
+  }
   for (int64_t rows : {1, 3, 8, 40}) {
-    auto x = torch::randn({rows, 128});
+    auto x = torch::randn({rows, 256});
     auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), true);
     c10::InferenceMode guard;
     WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);

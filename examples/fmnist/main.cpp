@@ -5,10 +5,13 @@
 //   wick-fmnist --model mlp --precision bf16 --accum 4 --json
 //   wick-fmnist --model cnn --checkpoint-dir runs/a/checkpoints --resume latest
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
+//   wick-fmnist --quantize --prune 0.5 --json          # int8 beside fp32; 50% pruned + 1 epoch
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
 #include <wick/wick.h>
+
+#include "compress.h"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -19,6 +22,7 @@
 #include <filesystem>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace {
@@ -46,6 +50,8 @@ struct Args {
   bool json = false;
   bool ddp = false;
   std::string device = "cpu";
+  bool quantize = false;
+  double prune = -1;  // fraction of the weights to prune; < 0: no pruning
 };
 
 torch::nn::Sequential make_model(const std::string& name) {
@@ -176,6 +182,33 @@ int run(const Args& args) {
   const double test_loss = test_metrics.at("val/loss");
   const std::string hash = wick::parameters_sha256(*model);
 
+  // --prune: one |w| threshold over every Linear and Conv weight, then one
+  // epoch of fine-tuning (a quarter of the learning rate) with the masks held.
+  std::optional<fmnist::PruneResult> pruned;
+  double pruned_accuracy = 0;
+  double pruned_accuracy_before_finetune = 0;
+  if (args.prune >= 0) {
+    pruned = fmnist::prune_and_finetune(model, args.prune, [&](std::shared_ptr<wick::Callback> keep_masks) {
+      pruned_accuracy_before_finetune = trainer.validate(task, test).at("val/accuracy");
+      wick::FusedAdam finetune_optimizer(model->parameters(), wick::FusedAdamOptions(args.lr / 4));
+      wick::Trainer finetune(wick::TrainerOptions()
+                                 .max_epochs(1)
+                                 .precision(precision)
+                                 .seed(args.seed + 1)
+                                 .log_every_n_steps(50)
+                                 .process_group(pg)
+                                 .device(device));
+      finetune.add_callback(keep_masks);
+      if (args.progress) finetune.add_callback(std::make_shared<wick::ProgressBar>());
+      finetune.fit(task, finetune_optimizer, train);
+    });
+    pruned_accuracy = trainer.validate(task, test).at("val/accuracy");
+  }
+
+  // --quantize: an int8 copy on the CPU beside the fp32 model (the pruned one under --prune).
+  std::optional<fmnist::Int8Comparison> int8;
+  if (args.quantize && main_rank) int8 = fmnist::compare_int8(model, test_set.images(), test_set.targets());
+
   // Every rank trained on its shard: the run's throughput is the sum over ranks.
   const double train_samples_per_s = throughput->samples_per_s() * static_cast<double>(world);
   if (!main_rank) return 0;
@@ -188,6 +221,21 @@ int run(const Args& args) {
   }
   std::printf("test:       loss %.4f, accuracy %.4f\n", test_loss, test_accuracy);
   std::printf("parameters sha256 %s\n", hash.c_str());
+  if (pruned) {
+    std::printf("\npruned %.1f%% of the Linear and Conv weights (global |w| threshold):\n%s", 100 * pruned->sparsity,
+                pruned->report.c_str());
+    std::printf("pruned test accuracy %.4f before fine-tuning, %.4f after one epoch (unpruned %.4f)\n",
+                pruned_accuracy_before_finetune, pruned_accuracy, test_accuracy);
+  }
+  if (int8) {
+    std::printf("\nint8 (wick::quantize_dynamic) beside fp32, on the CPU:\n%s", int8->report.c_str());
+    std::printf("           accuracy   test set (s)   1 image (ms)\n");
+    std::printf("fp32       %8.4f   %12.3f   %12.3f\n", int8->fp32_accuracy, int8->fp32_seconds, int8->fp32_latency_ms);
+    std::printf("int8       %8.4f   %12.3f   %12.3f\n", int8->int8_accuracy, int8->int8_seconds, int8->int8_latency_ms);
+    std::printf("int8: %.2fx faster on the test set, Linear weights %.1f%% of fp32\n",
+                int8->fp32_seconds / int8->int8_seconds,
+                100.0 * static_cast<double>(int8->int8_linear_bytes) / static_cast<double>(int8->fp32_linear_bytes));
+  }
   std::printf("metrics in %s/metrics.{jsonl,csv}, checkpoints in %s\n", args.run_dir.c_str(), checkpoint_dir.c_str());
 
   if (args.json) {
@@ -209,6 +257,21 @@ int run(const Args& args) {
     j["train_seconds"] = result.seconds;
     j["params_sha256"] = hash;
     j["stop_reason"] = result.stop_reason;
+    if (pruned) {
+      j["pruned_sparsity"] = pruned->sparsity;
+      j["pruned_test_accuracy"] = pruned_accuracy;
+      j["pruned_test_accuracy_before_finetune"] = pruned_accuracy_before_finetune;
+    }
+    if (int8) {
+      j["fp32_test_accuracy"] = int8->fp32_accuracy;
+      j["int8_test_accuracy"] = int8->int8_accuracy;
+      j["int8_speedup"] = int8->fp32_seconds / int8->int8_seconds;
+      j["int8_size_ratio"] = static_cast<double>(int8->int8_linear_bytes) / static_cast<double>(int8->fp32_linear_bytes);
+      j["fp32_latency_ms"] = int8->fp32_latency_ms;
+      j["int8_latency_ms"] = int8->int8_latency_ms;
+      j["fp32_model_bytes"] = int8->fp32_model_bytes;
+      j["int8_model_bytes"] = int8->int8_model_bytes;
+    }
     std::cout << j.dump() << std::endl;
   }
   return 0;
@@ -253,6 +316,12 @@ int main(int argc, char** argv) {
   app.add_option("--device", args.device, "cpu or cuda (under --ddp: the GPU of LOCAL_RANK)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
+  app.add_flag("--quantize", args.quantize,
+               "after training, evaluate an int8 copy (wick::quantize_dynamic) beside fp32 on the CPU");
+  app.add_option("--prune", args.prune,
+                 "after training, prune this fraction of the Linear and Conv weights (one global threshold) "
+                 "and fine-tune one epoch")
+      ->check(CLI::Range(0.0, 1.0));
   app.add_flag("--ddp", args.ddp, "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
   CLI11_PARSE(app, argc, argv);
   try {

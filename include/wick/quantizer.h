@@ -53,9 +53,10 @@ namespace wick {
 
 /// Which int8 GEMM library runs a CPU QuantizedLinear.
 enum class QuantEngine {
-  /// FBGEMM for batches of fewer than QuantizeOptions::onednn_min_rows rows,
-  /// oneDNN from there on (each packed on first use); the engines that are
-  /// not built in are skipped, QNNPACK is the last resort.
+  /// FBGEMM for batches of fewer than QuantizeOptions::onednn_min_rows rows
+  /// and for layers of fewer than 64 Ki weights, oneDNN otherwise (each packed
+  /// on first use); engines that are not built in are skipped, QNNPACK is the
+  /// last resort.
   kAuto,
   kFbgemm,   ///< x86 (AVX2, AVX-512, VNNI)
   kOnednn,   ///< x86; uses AMX on CPUs that have it
@@ -100,6 +101,9 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   /// Linear it is for inference: no gradient flows through it.
   torch::Tensor forward(const torch::Tensor& input);
 
+  /// The engine a CPU batch of `rows` rows (the product of the input's leading
+  /// dimensions) runs on.
+  QuantEngine engine_for(int64_t rows) const;
   /// The weights as float32 (quantization error included).
   torch::Tensor dequantized_weight() const;
   /// Bytes of the state: weight + scale + bias buffers.
