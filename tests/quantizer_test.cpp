@@ -462,3 +462,44 @@ TEST_F(QuantizerTest, CudaWeightOnlyInt8AndFp8CloseToBf16) {
 }
 
 }  // namespace
+
+namespace {
+
+// The example of docs/quantization.md, as it is printed there.
+TEST_F(QuantizerTest, DocsExample) {
+  wick::testing::TempDir dir;
+  const std::string path = (dir.path() / "int8").string();
+  auto make_model = [] {
+    return torch::nn::Sequential(torch::nn::Linear(64, 256), torch::nn::ReLU(), torch::nn::Linear(256, 10));
+  };
+  auto model = make_model();
+  // ... train it ...
+  model->eval();
+  auto x = torch::randn({32, 64});
+  torch::Tensor fp32_logits = model->forward(x).detach();
+
+  wick::QuantizeReport report = wick::quantize_dynamic(*model);  // in place: both Linear layers
+  std::cout << report.format();
+
+  torch::Tensor int8_logits;
+  {
+    c10::InferenceMode guard;
+    int8_logits = model->forward(x);
+  }
+
+  // Save as usual; to load, quantize a fresh model the same way first.
+  wick::Checkpoint ckpt;
+  ckpt.put_module("model", *model);
+  ckpt.save(path);
+
+  auto served = make_model();
+  wick::quantize_dynamic(*served);
+  wick::Checkpoint::load(path).restore_module("model", *served);
+
+  c10::InferenceMode guard;
+  EXPECT_TRUE(torch::equal(served->forward(x), int8_logits));
+  EXPECT_LT(((int8_logits - fp32_logits).norm() / fp32_logits.norm()).item<double>(), 0.02);
+  EXPECT_EQ(report.layers.size(), 2u);
+}
+
+}  // namespace
