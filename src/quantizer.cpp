@@ -1,11 +1,11 @@
 #include <wick/quantizer.h>
 
+#include "linear_swap.h"
+
 #include <ATen/Context.h>
-#include <ATen/OpaqueTensorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cpu/Utils.h>
 #include <ATen/native/quantized/PackedParams.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -90,93 +90,6 @@ std::string dtype_name(torch::Dtype dtype) {
 
 int64_t bytes_of(const at::Tensor& t) {
   return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
-}
-
-// -------------------------------------------------- redirected Linear members
-//
-// A custom module's `torch::nn::Linear fc` member keeps pointing at the old
-// LinearImpl after the tree holds the QuantizedLinear. LinearImpl::forward
-// calls linear(x, weight, bias), so the old module's weight becomes an opaque
-// tensor on the PrivateUse3 dispatch key whose linear() runs the
-// QuantizedLinear; every other operation on it fails with an explanation.
-
-struct Redirect {
-  std::shared_ptr<QuantizedLinearImpl> target;
-  std::string name;
-  bool transposed = false;  // the handle that weight.t() returns
-};
-// Without ADInplaceOrView: t() on it must reach the kernel below even under
-// InferenceMode, where that key would try to make the result a tracked view.
-struct RedirectImpl : at::OpaqueTensorImpl<std::shared_ptr<Redirect>> {
-  RedirectImpl(std::shared_ptr<Redirect> handle, const caffe2::TypeMeta dtype, c10::Device device,
-               c10::IntArrayRef sizes)
-      : at::OpaqueTensorImpl<std::shared_ptr<Redirect>>(c10::DispatchKeySet(c10::DispatchKey::PrivateUse3), dtype,
-                                                         device, std::move(handle), sizes) {
-    key_set_ = key_set_.remove(c10::DispatchKey::ADInplaceOrView);
-  }
-};
-
-at::Tensor make_redirect_weight(std::shared_ptr<QuantizedLinearImpl> target, const std::string& name,
-                                const at::Tensor& like) {
-  auto handle = std::make_shared<Redirect>(Redirect{std::move(target), name, false});
-  return at::detail::make_tensor<RedirectImpl>(handle, like.dtype(), like.device(), like.sizes());
-}
-
-const Redirect& redirect_of(const at::Tensor& t) {
-  auto* impl = dynamic_cast<RedirectImpl*>(t.unsafeGetTensorImpl());
-  TORCH_CHECK(impl != nullptr,
-              "wick::quantize_dynamic: a PrivateUse3 tensor that is not one of wick's redirected Linear "
-              "weights reached its kernels (does another library use the PrivateUse3 dispatch key?)");
-  return *impl->opaque_handle();
-}
-
-// torch::nn::functional::linear is linear(x, W, b) in ATen but, in the C++
-// frontend, x.matmul(W.t()) (+ b) or addmm(b, x, W.t()); the old module's bias
-// is undefined, so its forward reaches linear() or matmul(x, W.t()).
-at::Tensor redirected_linear(const at::Tensor& input, const at::Tensor& weight,
-                             const std::optional<at::Tensor>& bias) {
-  const Redirect& r = redirect_of(weight);
-  TORCH_CHECK(!r.transposed, "wick::quantize_dynamic: linear() got the transposed weight of quantized Linear '",
-              r.name, "'");
-  TORCH_CHECK(!bias.has_value() || !bias->defined(), "wick::quantize_dynamic: Linear '", r.name,
-              "' was quantized; its bias lives in the QuantizedLinear and cannot be passed again");
-  return r.target->forward(input);
-}
-
-at::Tensor redirected_t(const at::Tensor& weight) {
-  const Redirect& r = redirect_of(weight);
-  auto handle = std::make_shared<Redirect>(Redirect{r.target, r.name, !r.transposed});
-  std::vector<int64_t> sizes(weight.sizes().rbegin(), weight.sizes().rend());
-  return at::detail::make_tensor<RedirectImpl>(handle, weight.dtype(), weight.device(), sizes);
-}
-
-at::Tensor redirected_matmul(const at::Tensor& input, const at::Tensor& other) {
-  const Redirect& r = redirect_of(other);
-  TORCH_CHECK(r.transposed && dynamic_cast<RedirectImpl*>(input.unsafeGetTensorImpl()) == nullptr,
-              "wick::quantize_dynamic: matmul() with the weight of quantized Linear '", r.name,
-              "' is only supported as x.matmul(weight.t()), what LinearImpl::forward does");
-  return r.target->forward(input);
-}
-
-void redirect_fallback(const c10::OperatorHandle& op, torch::jit::Stack* /*stack*/) {
-  TORCH_CHECK(false, "wick::quantize_dynamic replaced this torch::nn::Linear by a QuantizedLinear "
-                     "(the module tree holds the new one); the old module's weight only supports "
-                     "linear(), which runs the quantized layer, not '",
-              op.schema().name(), "'. Use the QuantizedLinear from the tree (named_children()).");
-}
-
-TORCH_LIBRARY_IMPL(aten, PrivateUse3, m) {
-  m.impl("linear", TORCH_FN(redirected_linear));
-  m.impl("t", TORCH_FN(redirected_t));
-  m.impl("matmul", TORCH_FN(redirected_matmul));
-}
-TORCH_LIBRARY_IMPL(aten, AutogradPrivateUse3, m) {
-  m.impl("linear", TORCH_FN(redirected_linear));
-  m.impl("t", TORCH_FN(redirected_t));
-  m.impl("matmul", TORCH_FN(redirected_matmul));
-}
-TORCH_LIBRARY_IMPL(_, PrivateUse3, m) {
-  m.fallback(torch::CppFunction::makeFromBoxedFunction<&redirect_fallback>());
 }
 
 }  // namespace
@@ -466,12 +379,6 @@ bool is_linear_type(const std::type_index& t) {
   return t == std::type_index(typeid(torch::nn::LinearImpl)) || t == std::type_index(typeid(torch::nn::Linear));
 }
 
-struct Replacement {
-  std::string path;
-  std::shared_ptr<torch::nn::LinearImpl> old_module;
-  std::shared_ptr<QuantizedLinearImpl> new_module;
-};
-
 void find_quantized(const torch::nn::Module& module, const std::string& prefix) {
   for (const auto& child : module.named_children()) {
     const std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
@@ -480,58 +387,6 @@ void find_quantized(const torch::nn::Module& module, const std::string& prefix) 
                 "' is already a wick::QuantizedLinear; quantizing a quantized model again would compound "
                 "the rounding error. Quantize the fp32 model once.");
     find_quantized(*child.value(), path);
-  }
-}
-
-// Swaps the child `key` of `parent` for `replacement`, in the container's own
-// list as well as in the registered children.
-void replace_child(torch::nn::Module& parent, const std::string& key,
-                   const std::shared_ptr<torch::nn::Module>& old_child,
-                   const std::shared_ptr<QuantizedLinearImpl>& replacement) {
-  if (auto* seq = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
-    // Every entry: a Linear registered twice is swapped at its first key.
-    for (auto& any : *seq) {
-      if (any.ptr() == old_child) any = torch::nn::AnyModule(replacement);
-    }
-    parent.replace_module(key, replacement);
-  } else if (auto* list = dynamic_cast<torch::nn::ModuleListImpl*>(&parent)) {
-    for (auto& entry : *list) {
-      if (entry == old_child) entry = replacement;
-    }
-    parent.replace_module(key, replacement);
-  } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
-    dict->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{{key, replacement}});
-  } else {
-    parent.replace_module(key, replacement);
-  }
-}
-
-void quantize_tree(torch::nn::Module& module, const std::string& prefix, torch::Dtype dtype,
-                   const QuantizeOptions& options, std::vector<Replacement>& done) {
-  // Copy the list: replacing children while iterating them would invalidate it.
-  const auto children = module.named_children();
-  for (const auto& child : children) {
-    const std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
-    auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(child.value());
-    if (!linear) {
-      quantize_tree(*child.value(), path, dtype, options, done);
-      continue;
-    }
-    // The same Linear may be registered twice (shared weights): quantize once.
-    std::shared_ptr<QuantizedLinearImpl> q;
-    for (const auto& r : done) {
-      if (r.old_module == linear) q = r.new_module;
-    }
-    const bool first = q == nullptr;
-    if (first) {
-      try {
-        q = std::make_shared<QuantizedLinearImpl>(*linear, dtype, options);
-      } catch (const c10::Error& e) {
-        TORCH_CHECK(false, "quantize_dynamic: cannot quantize '", path, "': ", e.what_without_backtrace());
-      }
-    }
-    replace_child(module, child.key(), linear, q);
-    if (first) done.push_back({path, linear, q});
   }
 }
 
@@ -580,30 +435,25 @@ QuantizeReport quantize_dynamic(torch::nn::Module& module, const std::set<std::t
   QuantizeReport report;
   report.dtype = dtype;
   report.model_bytes_before = module_state_bytes(module);
-  std::vector<Replacement> done;
-  quantize_tree(module, "", dtype, options, done);
-
-  for (const auto& r : done) {
+  const auto swapped = detail::swap_linears(
+      module,
+      [&](const std::string& /*path*/, torch::nn::LinearImpl& linear) {
+        auto q = std::make_shared<QuantizedLinearImpl>(linear, dtype, options);
+        return detail::LinearReplacement{q, torch::nn::AnyModule(q),
+                                         [q](const at::Tensor& x) { return q->forward(x); }};
+      },
+      /*select=*/{}, "quantize_dynamic");
+  for (const auto& r : swapped) {
+    auto q = std::dynamic_pointer_cast<QuantizedLinearImpl>(r.new_module);
     QuantizedLayer layer;
     layer.name = r.path;
-    layer.in_features = r.new_module->in_features();
-    layer.out_features = r.new_module->out_features();
-    layer.bytes_before = bytes_of(r.old_module->weight) + bytes_of(r.old_module->bias);
-    layer.bytes_after = r.new_module->state_bytes();
+    layer.in_features = q->in_features();
+    layer.out_features = q->out_features();
+    layer.bytes_before = r.bytes_before;
+    layer.bytes_after = q->state_bytes();
     report.linear_bytes_before += layer.bytes_before;
     report.linear_bytes_after += layer.bytes_after;
     report.layers.push_back(layer);
-
-    // Retire the old module: free its float weights and point whoever still
-    // holds it (a custom module's member) at the quantized layer.
-    torch::NoGradGuard no_grad;
-    auto& old = *r.old_module;
-    const at::Tensor like = old.weight;
-    at::Tensor redirect = make_redirect_weight(r.new_module, r.path, like);
-    old.weight.set_data(torch::empty({0}, like.options()));
-    if (old.bias.defined()) old.bias.set_data(torch::empty({0}, old.bias.options()));
-    old.weight = redirect;
-    old.bias = at::Tensor();
   }
   report.model_bytes_after = module_state_bytes(module);
   return report;
