@@ -390,7 +390,7 @@ TEST_F(PrunerTest, CudaMasksMatchCpu) {
   EXPECT_EQ(lin->weight.ne(0).sum().item<int64_t>(), 32 * 8 / 2);
 }
 
-// The example of docs/pruner.md.
+// The example of docs/pruning.md.
 TEST_F(PrunerTest, DocsExample) {
   auto model = torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 4));
   wick::SupervisedTask task(model);
@@ -410,6 +410,55 @@ TEST_F(PrunerTest, DocsExample) {
   auto w = model[0]->as<torch::nn::Linear>()->weight;
   auto w2 = model[2]->as<torch::nn::Linear>()->weight;
   EXPECT_EQ(zeros(w) + zeros(w2), std::llround(0.75 * (16 * 32 + 32 * 4)));
+}
+
+}  // namespace
+
+namespace {
+
+class SemiStructuredTest : public SeededTest {};
+
+TEST_F(SemiStructuredTest, FollowsPatternAfterSemiStructuredPruning) {
+  auto model = torch::nn::Sequential(torch::nn::Linear(32, 16));
+  EXPECT_FALSE(wick::follows_24_pattern(model->ptr<torch::nn::LinearImpl>(0)->weight));
+  wick::Pruner pruner(*model);
+  pruner.semi_structured_24("0.weight");
+  EXPECT_TRUE(wick::follows_24_pattern(model->ptr<torch::nn::LinearImpl>(0)->weight));
+  auto three_of_four = torch::tensor({{1.0f, 2.0f, 3.0f, 0.0f}});
+  EXPECT_FALSE(wick::follows_24_pattern(three_of_four));
+  EXPECT_TRUE(wick::follows_24_pattern(torch::tensor({{0.0f, 2.0f, 3.0f, 0.0f}})));
+  EXPECT_FALSE(wick::follows_24_pattern(torch::zeros({2, 6})));  // no whole groups of 4
+}
+
+TEST_F(SemiStructuredTest, RefusesDenseModelsAndCpuLayersLeavingThemUnchanged) {
+  auto model = torch::nn::Sequential(torch::nn::Linear(32, 16), torch::nn::ReLU(), torch::nn::Linear(16, 16));
+  EXPECT_THROWS_WITH(wick::to_semi_structured(*model), "no torch::nn::Linear weight follows the 2:4 pattern");
+  wick::Pruner pruner(*model);
+  pruner.semi_structured_24("2.weight");
+  EXPECT_THROWS_WITH(wick::to_semi_structured(*model),
+                     "'2' follows the 2:4 pattern but its weight is on cpu; semi-structured sparse kernels need CUDA");
+  EXPECT_NE(model->ptr<torch::nn::LinearImpl>(2), nullptr);
+  EXPECT_EQ(model->ptr<torch::nn::LinearImpl>(2)->weight.numel(), 16 * 16);
+}
+
+TEST_F(SemiStructuredTest, CudaSparseLayersMatchTheMaskedDenseOnes) {
+  if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  auto model = torch::nn::Sequential(torch::nn::Linear(128, 256), torch::nn::ReLU(), torch::nn::Linear(256, 64));
+  model->to(torch::kCUDA, torch::kHalf);
+  wick::Pruner pruner(*model);
+  pruner.semi_structured_24("0.weight");
+  pruner.semi_structured_24("2.weight");
+  auto x = torch::randn({37, 128}, torch::TensorOptions(torch::kCUDA).dtype(torch::kHalf));  // rows padded to 40
+  torch::Tensor dense;
+  {
+    c10::InferenceMode g;
+    dense = model->forward(x).to(torch::kFloat);
+  }
+  EXPECT_EQ(wick::to_semi_structured(*model), (std::vector<std::string>{"0", "2"}));
+  EXPECT_NE(model->ptr<wick::SemiStructuredLinearImpl>(0), nullptr);
+  c10::InferenceMode g;
+  auto sparse = model->forward(x).to(torch::kFloat);
+  WICK_EXPECT_CLOSE(sparse, dense, 1e-2, 1e-2);
 }
 
 }  // namespace

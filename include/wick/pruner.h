@@ -179,4 +179,52 @@ class PrunerCallback : public Callback {
   int64_t last_pruned_step_ = -1;
 };
 
+// ---------------------------------------------------------------------------
+
+/// A Linear whose weight follows the 2:4 pattern, stored compressed for the
+/// semi-structured sparse tensor cores of NVIDIA GPUs (sm_80 and newer) and
+/// multiplied by cuSPARSELt (at::_cslt_sparse_mm): half the weight's values
+/// plus metadata, and up to twice the matmul throughput on large layers.
+class SemiStructuredLinearImpl : public torch::nn::Cloneable<SemiStructuredLinearImpl> {
+ public:
+  /// `linear`'s weight must be on CUDA, float16 or bfloat16, both dimensions
+  /// multiples of 16, and keep at most 2 of every 4 entries along dim 1
+  /// (Pruner::semi_structured_24 does that).
+  explicit SemiStructuredLinearImpl(const torch::nn::LinearImpl& linear);
+  SemiStructuredLinearImpl(const SemiStructuredLinearImpl& other) = default;
+
+  void reset() override;
+  void pretty_print(std::ostream& stream) const override;
+  /// input [..., in_features] in the weight's dtype, on its device.
+  torch::Tensor forward(const torch::Tensor& input);
+
+  int64_t in_features() const { return in_features_; }
+  int64_t out_features() const { return out_features_; }
+
+  /// The compressed weight (values and metadata, cuSPARSELt's layout).
+  torch::Tensor packed;
+  /// [out_features] in the weight's dtype, or undefined.
+  torch::Tensor bias;
+
+ private:
+  int64_t in_features_ = 0;
+  int64_t out_features_ = 0;
+  int64_t packed_numel_ = 0;
+  bool with_bias_ = false;
+  torch::Dtype dtype_ = torch::kHalf;
+  torch::Device device_ = torch::kCUDA;
+};
+TORCH_MODULE(SemiStructuredLinear);
+
+/// Whether `weight` (2-D) keeps at most 2 of every 4 consecutive entries along dim 1.
+bool follows_24_pattern(const torch::Tensor& weight);
+
+/// Replaces, in place, every torch::nn::Linear of `module`'s tree whose weight
+/// follows the 2:4 pattern with a SemiStructuredLinear (in containers' lists
+/// too, and redirecting custom modules' members, as quantize_dynamic does).
+/// Returns their paths. Throws, before changing anything, when no Linear
+/// follows the pattern or one that does is not on CUDA in float16/bfloat16
+/// with dimensions that are multiples of 16.
+std::vector<std::string> to_semi_structured(torch::nn::Module& module);
+
 }  // namespace wick
