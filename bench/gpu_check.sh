@@ -48,4 +48,6 @@ say "ddp: $(grep -c test_accuracy "$OUT/ddp.log") of 3 runs reported"
 
 timeout 100 $B/wick-bench --jsonl "$OUT/bench.jsonl" trainer --threads 1 --fused-adam --repeats 3 > /dev/null 2>&1
 say "bench: $(tail -1 "$OUT/bench.jsonl" 2>/dev/null | cut -c1-300)"
+timeout 90 $B/wick-bench --jsonl "$OUT/bench.jsonl" quant --cuda --batches 1,16,64,256,2048 --min-time 0.1 > /dev/null 2>&1
+say "quant --cuda: $(tail -1 "$OUT/bench.jsonl" 2>/dev/null | cut -c1-300)"
 say "done"

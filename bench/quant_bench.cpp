@@ -14,9 +14,11 @@
 
 #include "bench_common.h"
 
+#include <wick/pruner.h>
 #include <wick/quantizer.h>
 
 #include <CLI/CLI.hpp>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -42,6 +44,7 @@ struct QuantBenchOptions {
   uint64_t seed = 0;
   bool no_python = false;
   std::string engine = "auto";
+  bool cuda = false;
 };
 
 constexpr double kSmallBatchGoal = 2.0;  // fp32 / int8 at batch <= 16, at least
@@ -237,6 +240,73 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   out.emit(s);
 }
 
+// --cuda: the GPU paths against bf16 on the same shapes: weight-only int8,
+// fp8 (_scaled_mm) and 2:4 sparse (cuSPARSELt, after semi-structured pruning,
+// so its outputs differ from the dense model's by design).
+void run_quant_cuda(const QuantBenchOptions& o, const GlobalOptions& global) {
+  TORCH_CHECK(torch::cuda::is_available(), "wick-bench quant --cuda: no CUDA device is visible");
+  JsonOut out(global.jsonl);
+  const double load_start = load_average_1m();
+  const auto on = torch::TensorOptions(torch::kCUDA).dtype(torch::kBFloat16);
+  auto timed = [&](auto&& fn) {
+    return per_call_ms(
+        [&] {
+          fn();
+          torch::cuda::synchronize();
+        },
+        o.warmup, o.min_time);
+  };
+  Json s;
+  s["bench"] = "quant_cuda";
+  s["summary"] = true;
+  double min_int8 = INFINITY, min_fp8 = INFINITY, min_24 = INFINITY;
+  for (const auto& name : o.models) {
+    auto dense = build(name, o.seed);
+    dense->to(torch::kCUDA, torch::kBFloat16);
+    auto int8 = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone());
+    auto fp8 = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone());
+    auto sparse = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone());
+    wick::quantize_dynamic(*int8, {typeid(torch::nn::Linear)}, torch::kInt8);
+    wick::quantize_dynamic(*fp8, {typeid(torch::nn::Linear)}, torch::kFloat8_e4m3fn);
+    wick::Pruner pruner(*sparse);
+    for (const auto& p : sparse->named_parameters()) {
+      if (p.value().dim() == 2) pruner.semi_structured_24(p.key());
+    }
+    wick::to_semi_structured(*sparse);
+    c10::InferenceMode guard;
+    for (int64_t batch : o.batches) {
+      const torch::Tensor x = torch::randn({batch, 1024}, on);
+      Json line;
+      line["bench"] = "quant_cuda";
+      line["model"] = name;
+      line["batch"] = batch;
+      const double d = timed([&] { return dense->forward(x); });
+      const double q = timed([&] { return int8->forward(x); });
+      const double f = timed([&] { return fp8->forward(x); });
+      const double z = timed([&] { return sparse->forward(x); });
+      line["bf16_ms"] = d;
+      line["int8_weight_only_ms"] = q;
+      line["fp8_ms"] = f;
+      line["sparse_24_ms"] = z;
+      line["int8_speedup"] = d / q;
+      line["fp8_speedup"] = d / f;
+      line["sparse_24_speedup"] = d / z;
+      const auto ref = dense->forward(x).to(torch::kFloat);
+      line["int8_rel_error"] = ((int8->forward(x).to(torch::kFloat) - ref).norm() / ref.norm()).item<double>();
+      line["fp8_rel_error"] = ((fp8->forward(x).to(torch::kFloat) - ref).norm() / ref.norm()).item<double>();
+      min_int8 = std::min(min_int8, d / q);
+      min_fp8 = std::min(min_fp8, d / f);
+      min_24 = std::min(min_24, d / z);
+      out.emit(line);
+    }
+  }
+  s["min_int8_speedup"] = min_int8;
+  s["min_fp8_speedup"] = min_fp8;
+  s["min_sparse_24_speedup"] = min_24;
+  add_run_environment(s, load_start);
+  out.emit(s);
+}
+
 }  // namespace
 
 void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
@@ -252,7 +322,15 @@ void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--seed", o->seed, "seed of the weights and inputs")->capture_default_str();
   sub->add_option("--engine", o->engine, "wick's engine: auto, fbgemm, onednn, qnnpack")->capture_default_str();
   sub->add_flag("--no-python", o->no_python, "skip the Python peer");
-  sub->callback([o, global] { run_quant_bench(*o, *global); });
+  sub->add_flag("--cuda", o->cuda,
+                "instead: on the GPU, bf16 vs weight-only int8 vs fp8 (_scaled_mm) vs 2:4 sparse (cuSPARSELt)");
+  sub->callback([o, global] {
+    if (o->cuda) {
+      run_quant_cuda(*o, *global);
+    } else {
+      run_quant_bench(*o, *global);
+    }
+  });
 }
 
 }  // namespace wick_bench
