@@ -1,6 +1,11 @@
 #include <wick/pipeline.h>
 
 #include <ATen/autocast_mode.h>
+#ifdef WICK_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -12,6 +17,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <thread>
 
 namespace wick {
@@ -121,13 +127,24 @@ torch::Tensor PipelineImpl::forward(const torch::Tensor& input) {
 
 namespace {
 
-// Tensors handed from one stage's thread to another's, by micro-batch.
+// Tensors handed from one stage's thread to another's, by micro-batch. On
+// CUDA, each stage's thread works on a stream of its own: put() records an
+// event on the producer's stream after the tensor was computed, take() makes
+// the consumer's stream wait for it (on the GPU, the host does not block) and
+// tells the caching allocator the tensor is used on that stream.
 class Mailbox {
  public:
   void put(int64_t m, torch::Tensor t) {
+    Item item{std::move(t), nullptr};
+#ifdef WICK_WITH_CUDA
+    if (item.tensor.is_cuda()) {
+      item.ready = std::make_shared<at::cuda::CUDAEvent>();
+      item.ready->record(c10::cuda::getCurrentCUDAStream(item.tensor.device().index()));
+    }
+#endif
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      items_[m] = std::move(t);
+      items_[m] = std::move(item);
     }
     cv_.notify_all();
   }
@@ -135,16 +152,32 @@ class Mailbox {
     std::unique_lock<std::mutex> lock(mutex_);
     cv_.wait(lock, [&] { return abort.load() || items_.count(m) != 0; });
     if (abort.load()) throw std::runtime_error("aborted");
-    torch::Tensor t = std::move(items_[m]);
+    Item item = std::move(items_[m]);
     items_.erase(m);
-    return t;
+    lock.unlock();
+#ifdef WICK_WITH_CUDA
+    if (item.ready) {
+      auto stream = c10::cuda::getCurrentCUDAStream(item.tensor.device().index());
+      item.ready->block(stream);
+      item.tensor.record_stream(stream);
+    }
+#endif
+    return item.tensor;
   }
   void wake() { cv_.notify_all(); }
 
  private:
+  struct Item {
+    torch::Tensor tensor;
+#ifdef WICK_WITH_CUDA
+    std::shared_ptr<at::cuda::CUDAEvent> ready;
+#else
+    std::shared_ptr<void> ready;
+#endif
+  };
   std::mutex mutex_;
   std::condition_variable cv_;
-  std::map<int64_t, torch::Tensor> items_;
+  std::map<int64_t, Item> items_;
 };
 
 // The calling thread's autocast state, to be set in the stages' threads.
@@ -226,9 +259,28 @@ torch::Tensor PipelineImpl::train_step(const torch::Tensor& input, const torch::
   const AutocastState autocast = AutocastState::current();
   const auto& checkpointing = options_.checkpointing();
 
+#ifdef WICK_WITH_CUDA
+  // Each CUDA stage computes on a stream from the pool; the caller's stream
+  // waits for all of them at the end, so what follows the step (the
+  // optimizer) sees the gradients.
+  std::vector<std::optional<c10::cuda::CUDAStream>> streams(p);
+  for (int64_t s = 0; s < p; ++s) {
+    if (stages_[s].device.is_cuda()) streams[s] = c10::cuda::getStreamFromPool(false, stages_[s].device.index());
+  }
+#endif
   auto run_stage = [&](int64_t s) {
     autocast.apply();
     torch::AutoGradMode grad_mode(true);
+#ifdef WICK_WITH_CUDA
+    std::optional<c10::cuda::CUDAStreamGuard> on_stream;
+    if (streams[s]) {
+      // The stage's stream waits for work the caller queued before the step.
+      at::cuda::CUDAEvent before;
+      before.record(c10::cuda::getCurrentCUDAStream(streams[s]->device_index()));
+      before.block(*streams[s]);
+      on_stream.emplace(*streams[s]);
+    }
+#endif
     auto& module = stages_[s].module;
     const auto& device = stages_[s].device;
     const bool last = s == p - 1;
@@ -252,7 +304,7 @@ torch::Tensor PipelineImpl::train_step(const torch::Tensor& input, const torch::
         if (op == Op::kForward) {
           torch::Tensor x = s == 0 ? inputs[mb] : activations[s].take(mb, abort);
           const auto t0 = std::chrono::steady_clock::now();
-          x = x.to(device);
+          x = x.to(device, /*non_blocking=*/true);
           if (s > 0 && x.is_floating_point()) x = x.detach().requires_grad_(true);
           torch::Tensor y;
           if (recompute) {
@@ -277,7 +329,7 @@ torch::Tensor PipelineImpl::train_step(const torch::Tensor& input, const torch::
           if (last) {
             (y * grad_scale).backward();
           } else if (y.requires_grad()) {
-            torch::autograd::backward({y}, {grad.to(y.device())});
+            torch::autograd::backward({y}, {grad.to(y.device(), /*non_blocking=*/true)});
           }
           if (s > 0) {
             const auto& g = st.input.grad();
@@ -307,6 +359,14 @@ torch::Tensor PipelineImpl::train_step(const torch::Tensor& input, const torch::
     for (int64_t s = 0; s < p; ++s) threads.emplace_back(run_stage, s);
     for (auto& t : threads) t.join();
   }
+#ifdef WICK_WITH_CUDA
+  for (int64_t s = 0; s < p; ++s) {
+    if (!streams[s]) continue;
+    at::cuda::CUDAEvent done;
+    done.record(*streams[s]);
+    done.block(c10::cuda::getCurrentCUDAStream(streams[s]->device_index()));
+  }
+#endif
   if (error) {
     try {
       std::rethrow_exception(error);

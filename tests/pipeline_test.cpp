@@ -176,4 +176,22 @@ TEST_F(PipelineTest, TrainsUnderTheTrainerLikeTheUnsplitModel) {
   }
 }
 
+TEST_F(PipelineTest, CudaStagesOnTheirOwnStreamsMatchTheUnsplitModel) {
+  if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  auto model = make_mlp();
+  model->to(torch::kCUDA, torch::kDouble);
+  auto reference = clone_of(model);
+  auto x = torch::randn({12, 6}, torch::TensorOptions(torch::kCUDA).dtype(torch::kDouble));
+  auto y = torch::randint(0, 3, {12}, torch::TensorOptions(torch::kCUDA).dtype(torch::kLong));
+  loss_fn(reference->forward(x), y).backward();
+  // Three stages on the one GPU (separate streams), the input coming from the CPU.
+  auto parts = wick::split_sequential(model, std::vector<int64_t>{2, 2, 3});
+  wick::Pipeline pipe(std::vector<wick::PipelineStage>{{parts[0], torch::kCUDA}, {parts[1], torch::kCUDA},
+                                                       {parts[2], torch::kCUDA}},
+                      wick::PipelineOptions().chunks(4));
+  pipe->train_step(x.cpu(), y, loss_fn);
+  auto theirs = reference->named_parameters();
+  for (const auto& p : model->named_parameters()) WICK_EXPECT_CLOSE(p.value().grad(), theirs[p.key()].grad(), 1e-6, 1e-12);
+}
+
 }  // namespace
