@@ -176,6 +176,43 @@ TEST_F(PipelineTest, TrainsUnderTheTrainerLikeTheUnsplitModel) {
   }
 }
 
+// The examples of docs/model_parallel.md.
+TEST_F(PipelineTest, DocsExampleTwoDevices) {
+  torch::Device encoder_device(torch::kCPU), decoder_device(torch::kCPU);  // "cuda:0", "cuda:1" with two GPUs
+  auto encoder = torch::nn::Sequential(torch::nn::Linear(32, 64), torch::nn::ReLU());
+  auto decoder = torch::nn::Sequential(torch::nn::Linear(64, 10));
+  wick::Pipeline model(std::vector<wick::PipelineStage>{{encoder, encoder_device}, {decoder, decoder_device}});
+
+  auto x = torch::randn({16, 32});
+  auto y = torch::randint(0, 10, {16});
+  torch::optim::SGD optimizer(model->parameters(), 0.1);
+  auto loss = torch::nn::functional::cross_entropy(model(x), y.to(decoder_device));
+  loss.backward();  // autograd crosses the devices
+  optimizer.step();
+  EXPECT_TRUE(encoder[0]->as<torch::nn::Linear>()->weight.grad().defined());
+}
+
+TEST_F(PipelineTest, DocsExamplePipelineInTheTrainer) {
+  auto model = torch::nn::Sequential(torch::nn::Linear(32, 64), torch::nn::ReLU(), torch::nn::Linear(64, 64),
+                                     torch::nn::ReLU(), torch::nn::Linear(64, 10));
+  auto parts = wick::split_sequential(model, int64_t{2});  // by parameter count
+  wick::Pipeline pipe(std::vector<wick::PipelineStage>{{parts[0], torch::kCPU}, {parts[1], torch::kCPU}},
+                      wick::PipelineOptions()
+                          .chunks(4)
+                          .schedule(wick::PipelineSchedule::k1F1B)
+                          .checkpointing(wick::ActivationCheckpointing::kExceptLast));
+  wick::PipelineTask task(pipe, [](const torch::Tensor& out, const torch::Tensor& target) {
+    return torch::nn::functional::cross_entropy(out, target);
+  });
+  torch::optim::Adam optimizer(pipe->parameters(), torch::optim::AdamOptions(1e-3));
+  wick::TensorBatchSource train(torch::randn({256, 32}), torch::randint(0, 10, {256}), 64);
+  wick::Trainer trainer(wick::TrainerOptions().max_epochs(2).grad_accum_steps(2));
+  auto result = trainer.fit(task, optimizer, train);
+
+  EXPECT_EQ(result.state.step, 4);
+  EXPECT_EQ(pipe->last_stats().micro_batches, 4);
+}
+
 TEST_F(PipelineTest, CudaStagesOnTheirOwnStreamsMatchTheUnsplitModel) {
   if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
   auto model = make_mlp();
