@@ -176,6 +176,47 @@ TEST_F(PipelineTest, TrainsUnderTheTrainerLikeTheUnsplitModel) {
   }
 }
 
+// fp16 with the Trainer's loss scaler: the pipeline's backward runs at the
+// scaler's scale (set_grad_scale_source), the Trainer unscales and steps.
+TEST_F(PipelineTest, TrainsInFp16WithTheTrainersLossScale) {
+  auto x = torch::randn({48, 6});
+  auto y = torch::randint(0, 3, {48});
+  torch::manual_seed(4);
+  auto model = make_mlp();
+  auto reference = clone_of(model);
+  auto initial = clone_of(model);
+  auto options = wick::TrainerOptions().max_epochs(2).grad_accum_steps(2).precision(wick::Precision::kFP16).seed(5);
+
+  wick::Pipeline pipe(stages_of(wick::split_sequential(model, std::vector<int64_t>{3, 4})),
+                      wick::PipelineOptions().chunks(2));
+  wick::PipelineTask task(pipe, loss_fn);
+  wick::Trainer trainer(options);
+  std::vector<double> scales_seen;
+  task.set_grad_scale_source([&trainer, &scales_seen] {
+    scales_seen.push_back(trainer.scaler()->get_scale());
+    return scales_seen.back();
+  });
+  torch::optim::SGD opt(pipe->parameters(), torch::optim::SGDOptions(0.1));
+  wick::TensorBatchSource source(x, y, wick::TensorBatchSourceOptions(8).shuffle(true).seed(5));
+  trainer.fit(task, opt, source);
+
+  wick::SupervisedTask ref_task(reference, loss_fn);
+  torch::optim::SGD ref_opt(reference->parameters(), torch::optim::SGDOptions(0.1));
+  wick::TensorBatchSource ref_source(x, y, wick::TensorBatchSourceOptions(8).shuffle(true).seed(5));
+  wick::Trainer(options).fit(ref_task, ref_opt, ref_source);
+
+  ASSERT_EQ(scales_seen.size(), 12u);  // 6 batches x 2 epochs
+  EXPECT_EQ(scales_seen.front(), 65536.0);
+  auto theirs = reference->named_parameters();
+  auto start = initial->named_parameters();
+  double moved = 0, apart = 0;
+  for (const auto& p : model->named_parameters()) {
+    moved = std::max(moved, (p.value() - start[p.key()]).abs().max().item<double>());
+    apart = std::max(apart, (p.value() - theirs[p.key()]).abs().max().item<double>());
+  }
+  EXPECT_LT(apart, 0.05 * moved) << "training moved the weights by " << moved << ", the two runs differ by " << apart;
+}
+
 // The examples of docs/model_parallel.md.
 TEST_F(PipelineTest, DocsExampleTwoDevices) {
   torch::Device encoder_device(torch::kCPU), decoder_device(torch::kCPU);  // "cuda:0", "cuda:1" with two GPUs
