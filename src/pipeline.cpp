@@ -94,6 +94,31 @@ std::string stage_name(size_t s, const PipelineStage& stage) {
   return c10::str("stage ", s, " (", stage.device, ")");
 }
 
+void check_move(const std::vector<PipelineStage>& stages, const torch::Device& device) {
+  for (size_t s = 0; s < stages.size(); ++s) {
+    TORCH_CHECK(stages[s].device == device, "Pipeline: cannot move the pipeline to ", device, ": ",
+                stage_name(s, stages[s]),
+                " has its own device (build the Pipeline with the devices you want; in a Trainer, leave "
+                "TrainerOptions::device unset)");
+  }
+}
+
+}  // namespace
+
+void PipelineImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  check_move(stages_, device);
+  torch::nn::Module::to(device, dtype, non_blocking);
+}
+
+void PipelineImpl::to(torch::Dtype dtype, bool non_blocking) { torch::nn::Module::to(dtype, non_blocking); }
+
+void PipelineImpl::to(torch::Device device, bool non_blocking) {
+  check_move(stages_, device);
+  torch::nn::Module::to(device, non_blocking);
+}
+
+namespace {
+
 // Rows of each micro-batch: `chunks` near-equal parts (fewer when rows are few).
 std::vector<int64_t> chunk_rows(int64_t rows, int64_t chunks) {
   TORCH_CHECK(rows >= 1, "Pipeline: the batch is empty");

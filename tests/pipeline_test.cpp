@@ -137,6 +137,8 @@ TEST_F(PipelineTest, ErrorsNameTheStageAndTheMicroBatch) {
   EXPECT_THROWS_WITH(wick::Pipeline(std::vector<wick::PipelineStage>{{torch::nn::Sequential(), torch::kCPU}}), "stage 0 has no modules");
   EXPECT_THROWS_WITH(wick::Pipeline(std::vector<wick::PipelineStage>{{a, torch::kCPU}}, wick::PipelineOptions().chunks(0)), "chunks must be >= 1, got 0");
   wick::Pipeline ok(std::vector<wick::PipelineStage>{{a, torch::kCPU}});
+  ok->to(torch::kCPU);  // already there: fine
+  EXPECT_THROWS_WITH(ok->to(torch::Device(torch::kMeta)), "cannot move the pipeline to meta: stage 0 (cpu) has its own device");
   EXPECT_THROWS_WITH(ok->train_step(torch::randn({4, 6}), torch::randint(0, 3, {3}), loss_fn),
                      "target must have the input's batch size 4");
   {

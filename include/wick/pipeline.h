@@ -112,6 +112,12 @@ class PipelineImpl : public torch::nn::Module {
   torch::Tensor train_step(const torch::Tensor& input, const torch::Tensor& target, const PipelineLossFn& loss_fn,
                            double grad_scale = 1.0);
 
+  /// The stages keep their devices: moving the pipeline to a device is an
+  /// error unless every stage is already there. A dtype applies to every stage.
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Device device, bool non_blocking = false) override;
+
   const PipelineStats& last_stats() const { return stats_; }
   const std::vector<PipelineStage>& stages() const { return stages_; }
   const PipelineOptions& options() const { return options_; }
