@@ -1,0 +1,311 @@
+// wick-gpt: a small DeepSeek-style byte-level language model trained on
+// Debian's fortunes with wick's Trainer, then sampled with a KV cache.
+//
+//   wick-gpt train --steps 600 --run-dir runs/gpt        # a few minutes on 2 cores
+//   wick-gpt train --moe --steps 600 --run-dir runs/gpt-moe
+//   wick-gpt sample --run-dir runs/gpt --prompt "The " --temperature 0.8 --top-k 40
+//   wick-gpt sample --run-dir runs/gpt --quantize         # int8 Linear layers (wick::quantize_dynamic)
+//
+// Prints a summary a person can read and, with --json, one JSON line last.
+
+#include <wick/wick.h>
+
+#include "corpus.h"
+#include "model.h"
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <string>
+
+namespace {
+
+struct TrainArgs {
+  gpt::GPTConfig config;
+  int64_t batch_size = 32;
+  int64_t accum = 1;
+  int64_t steps = 600;
+  double lr = 3e-3;
+  double min_lr_ratio = 0.1;
+  int64_t warmup = -1;  // -1: min(50, steps / 10)
+  std::string precision = "bf16";
+  int threads = 0;
+  std::string corpus = "/usr/share/games/fortunes";
+  std::string run_dir = "runs/gpt";
+  std::string resume;
+  int64_t val_batches = 40;
+  int64_t eval_every = 200;
+  uint64_t seed = 1;
+  std::string device = "cpu";
+  bool ddp = false;
+  bool progress = true;
+  bool json = false;
+};
+
+struct SampleArgs {
+  std::string run_dir = "runs/gpt";
+  std::string checkpoint;  // default: the latest in <run_dir>/checkpoints
+  std::string prompt = "The ";
+  gpt::SampleOptions sample;
+  int64_t samples = 3;
+  bool quantize = false;
+  int threads = 0;
+  bool json = false;
+};
+
+nlohmann::json config_json(const gpt::GPTConfig& c) {
+  return {{"vocab", c.vocab},           {"context", c.context},         {"layers", c.layers},
+          {"width", c.width},           {"heads", c.heads},             {"ffn_hidden", c.ffn_hidden},
+          {"rope_base", c.rope_base},   {"moe", c.moe},                 {"experts", c.experts},
+          {"shared_experts", c.shared_experts}, {"top_k", c.top_k},     {"expert_hidden", c.expert_hidden},
+          {"aux_loss_weight", c.aux_loss_weight}};
+}
+
+gpt::GPTConfig config_from(const nlohmann::json& j) {
+  gpt::GPTConfig c;
+  c.vocab = j.at("vocab");
+  c.context = j.at("context");
+  c.layers = j.at("layers");
+  c.width = j.at("width");
+  c.heads = j.at("heads");
+  c.ffn_hidden = j.at("ffn_hidden");
+  c.rope_base = j.at("rope_base");
+  c.moe = j.at("moe");
+  c.experts = j.at("experts");
+  c.shared_experts = j.at("shared_experts");
+  c.top_k = j.at("top_k");
+  c.expert_hidden = j.at("expert_hidden");
+  c.aux_loss_weight = j.at("aux_loss_weight");
+  return c;
+}
+
+// Mean validation loss over the first `batches` batches of `source`, in nats per byte.
+double validation_loss(gpt::LanguageModelTask& task, wick::TensorBatchSource& source, int64_t batches) {
+  task.module().eval();
+  c10::InferenceMode guard;
+  source.reset(0);
+  double total = 0;
+  int64_t n = 0;
+  while (n < batches) {
+    auto b = source.next();
+    if (!b) break;
+    total += task.validation_step(*b).at("loss").item<double>();
+    ++n;
+  }
+  task.module().train();
+  return n ? total / static_cast<double>(n) : NAN;
+}
+
+int train(const TrainArgs& a) {
+  if (a.threads > 0) torch::set_num_threads(a.threads);
+  a.config.check();
+  TORCH_CHECK(a.device == "cpu" || a.device == "cuda", "--device must be cpu or cuda, got ", a.device);
+  const bool cuda = a.device == "cuda";
+  TORCH_CHECK(!cuda || torch::cuda::is_available(), "--device cuda, but no CUDA device is visible");
+  auto pg = a.ddp ? wick::init_process_group(wick::ProcessGroupOptions().device(
+                        cuda ? std::optional<torch::Device>(torch::kCUDA) : std::nullopt))
+                  : std::make_shared<wick::ProcessGroup>();
+  const torch::Device device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(pg->local_rank()))
+                                    : torch::Device(torch::kCPU);
+
+  auto corpus = gpt::load_fortunes(a.corpus);
+  const int64_t T = a.config.context;
+  // Training windows start every T/2 bytes (each byte seen in two contexts);
+  // validation windows do not overlap.
+  auto train_windows = gpt::make_windows(corpus.train, T + 1, T / 2);
+  auto val_windows = gpt::make_windows(corpus.val, T + 1, T);
+  wick::TensorBatchSource train_source(train_windows, torch::zeros({train_windows.size(0)}),
+                                       wick::TensorBatchSourceOptions(a.batch_size)
+                                           .shuffle(true)
+                                           .seed(a.seed)
+                                           .drop_last(true)
+                                           .rank(pg->rank())
+                                           .world_size(pg->world_size()));
+  wick::TensorBatchSource val_source(val_windows, torch::zeros({val_windows.size(0)}),
+                                     wick::TensorBatchSourceOptions(a.batch_size).shuffle(false));
+
+  torch::manual_seed(a.seed);
+  gpt::GPT model(a.config);
+  model->to(device);
+  gpt::LanguageModelTask task(
+      model.ptr(), [model](const torch::Tensor& x) mutable { return model->forward(x); },
+      [model] { return model->aux_loss(); }, a.config.moe ? a.config.aux_loss_weight : 0.0);
+
+  std::vector<torch::Tensor> decay, no_decay;  // no weight decay on norms
+  for (const auto& p : model->named_parameters()) (p.value().dim() >= 2 ? decay : no_decay).push_back(p.value());
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<wick::FusedAdamOptions>(
+                                 wick::FusedAdamOptions(a.lr).betas(std::make_tuple(0.9, 0.95)).weight_decay(0.1).decoupled_weight_decay(true)));
+  groups.emplace_back(no_decay, std::make_unique<wick::FusedAdamOptions>(
+                                    wick::FusedAdamOptions(a.lr).betas(std::make_tuple(0.9, 0.95)).weight_decay(0.0).decoupled_weight_decay(true)));
+  wick::FusedAdam optimizer(groups, wick::FusedAdamOptions(a.lr));
+
+  const auto precision = wick::parse_precision(a.precision);
+  wick::Trainer trainer(wick::TrainerOptions()
+                            .max_epochs(1000000)
+                            .max_steps(a.steps)
+                            .grad_accum_steps(a.accum)
+                            .precision(precision)
+                            .grad_clip_norm(1.0)
+                            .seed(a.seed)
+                            .log_every_n_steps(20)
+                            .checkpoint_dir(a.run_dir + "/checkpoints")
+                            .keep_last_k(2)
+                            .resume(a.resume)
+                            .process_group(pg)
+                            .device(device));
+  trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(
+      std::make_shared<wick::CosineWarmupLR>(optimizer, a.warmup >= 0 ? a.warmup : std::min<int64_t>(50, a.steps / 10), a.steps, a.min_lr_ratio)));
+  auto throughput = std::make_shared<wick::ThroughputMonitor>();
+  trainer.add_callback(throughput);
+  trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(a.run_dir)));
+  if (a.progress) trainer.add_callback(std::make_shared<wick::ProgressBar>());
+
+  if (pg->is_main()) {
+    std::ofstream(a.run_dir + "/gpt_config.json") << config_json(a.config).dump(2) << "\n";
+    std::printf("wick-gpt: %lld parameters (%s), %lld layers x %lld wide, %lld heads, context %lld%s\n",
+                static_cast<long long>(model->parameter_count()), a.config.moe ? "MoE" : "dense",
+                static_cast<long long>(a.config.layers), static_cast<long long>(a.config.width),
+                static_cast<long long>(a.config.heads), static_cast<long long>(T),
+                a.config.moe ? c10::str(", ", a.config.experts, " routed + ", a.config.shared_experts,
+                                        " shared experts, top ", a.config.top_k).c_str()
+                             : "");
+    std::printf("corpus: %lld files, %lld train / %lld val fortunes, %lld / %lld bytes; %s, batch %lld x %lld x %lld tokens, %d threads\n",
+                static_cast<long long>(corpus.files), static_cast<long long>(corpus.train_fortunes),
+                static_cast<long long>(corpus.val_fortunes), static_cast<long long>(corpus.train.numel()),
+                static_cast<long long>(corpus.val.numel()), wick::to_string(precision).c_str(),
+                static_cast<long long>(a.batch_size), static_cast<long long>(a.accum), static_cast<long long>(T),
+                torch::get_num_threads());
+    std::fflush(stdout);
+  }
+
+  const double val_before = validation_loss(task, val_source, a.val_batches);
+  auto result = trainer.fit(task, optimizer, train_source);
+  const double val_after = validation_loss(task, val_source, a.val_batches);
+  const double tokens_per_s = throughput->samples_per_s() * static_cast<double>(T) * pg->world_size();
+  if (!pg->is_main()) return 0;
+
+  std::printf("\ntrained %lld steps in %.1f s, %.0f tokens/s\n", static_cast<long long>(result.state.step),
+              result.seconds, tokens_per_s);
+  std::printf("validation loss %.3f -> %.3f nats/byte (%.2f -> %.2f bits/byte)\n", val_before, val_after,
+              val_before / std::log(2.0), val_after / std::log(2.0));
+  gpt::SampleOptions so;
+  so.max_new_tokens = 160;
+  so.temperature = 0.8;
+  so.top_k = 40;
+  so.seed = a.seed;
+  std::vector<std::string> samples;
+  for (const std::string prompt : {"The ", "A man ", "Q: "}) {
+    ++so.seed;
+    samples.push_back(prompt + gpt::generate(model, prompt, so));
+    std::printf("\n--- sample ---\n%s\n", samples.back().c_str());
+  }
+  if (a.json) {
+    nlohmann::json j;
+    j["parameters"] = model->parameter_count();
+    j["moe"] = a.config.moe;
+    j["steps"] = result.state.step;
+    j["train_seconds"] = result.seconds;
+    j["tokens_per_s"] = tokens_per_s;
+    j["val_loss_before"] = val_before;
+    j["val_loss_after"] = val_after;
+    j["val_bits_per_byte"] = val_after / std::log(2.0);
+    j["precision"] = wick::to_string(precision);
+    j["threads"] = torch::get_num_threads();
+    j["samples"] = samples;
+    std::cout << j.dump() << std::endl;
+  }
+  return 0;
+}
+
+int sample(const SampleArgs& a) {
+  if (a.threads > 0) torch::set_num_threads(a.threads);
+  std::ifstream cfg(a.run_dir + "/gpt_config.json");
+  TORCH_CHECK(cfg, "wick-gpt sample: no ", a.run_dir, "/gpt_config.json (train into that --run-dir first)");
+  gpt::GPT model(config_from(nlohmann::json::parse(cfg)));
+  std::string path = a.checkpoint;
+  if (path.empty()) {
+    auto latest = wick::latest_checkpoint(a.run_dir + "/checkpoints");
+    TORCH_CHECK(latest, "wick-gpt sample: no checkpoint in ", a.run_dir, "/checkpoints");
+    path = *latest;
+  }
+  wick::Checkpoint::load(path).restore_module("model", *model);
+  std::string report;
+  if (a.quantize) report = wick::quantize_dynamic(*model).format();
+  if (!report.empty()) std::printf("%s", report.c_str());
+  std::vector<std::string> out;
+  for (int64_t i = 0; i < a.samples; ++i) {
+    auto so = a.sample;
+    so.seed = a.sample.seed + static_cast<uint64_t>(i);
+    out.push_back(a.prompt + gpt::generate(model, a.prompt, so));
+    std::printf("--- sample %lld ---\n%s\n", static_cast<long long>(i), out.back().c_str());
+  }
+  if (a.json) std::cout << nlohmann::json{{"checkpoint", path}, {"quantized", a.quantize}, {"samples", out}}.dump() << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"wick-gpt: a small DeepSeek-style byte-level language model on Debian's fortunes"};
+  app.require_subcommand(1);
+  TrainArgs t;
+  auto* tr = app.add_subcommand("train", "train on the fortunes corpus");
+  tr->add_option("--layers", t.config.layers, "transformer blocks")->capture_default_str();
+  tr->add_option("--width", t.config.width, "model width")->capture_default_str();
+  tr->add_option("--heads", t.config.heads, "attention heads")->capture_default_str();
+  tr->add_option("--context", t.config.context, "bytes of context")->capture_default_str();
+  tr->add_option("--ffn-hidden", t.config.ffn_hidden, "SwiGLU hidden width")->capture_default_str();
+  tr->add_flag("--moe", t.config.moe, "DeepSeekMoE feed-forward: shared + top-k routed experts");
+  tr->add_option("--experts", t.config.experts, "routed experts (--moe)")->capture_default_str();
+  tr->add_option("--shared-experts", t.config.shared_experts, "shared experts (--moe)")->capture_default_str();
+  tr->add_option("--top-k", t.config.top_k, "routed experts per token (--moe)")->capture_default_str();
+  tr->add_option("--expert-hidden", t.config.expert_hidden, "hidden width of an expert (--moe)")->capture_default_str();
+  tr->add_option("--batch-size", t.batch_size, "windows per micro-batch")->capture_default_str();
+  tr->add_option("--accum", t.accum, "micro-batches per optimizer step")->capture_default_str();
+  tr->add_option("--steps", t.steps, "optimizer steps")->capture_default_str();
+  tr->add_option("--lr", t.lr, "peak learning rate (AdamW)")->capture_default_str();
+  tr->add_option("--warmup", t.warmup, "warm-up steps of the cosine schedule (-1: min(50, steps / 10))")->capture_default_str();
+  tr->add_option("--precision", t.precision, "fp32, bf16 or fp16")->capture_default_str();
+  tr->add_option("--threads", t.threads, "intra-op threads (0: LibTorch's default)")->capture_default_str();
+  tr->add_option("--corpus", t.corpus, "folder of fortune files")->capture_default_str();
+  tr->add_option("--run-dir", t.run_dir, "metrics, config and checkpoints")->capture_default_str();
+  tr->add_option("--resume", t.resume, "\"latest\" or a checkpoint path");
+  tr->add_option("--val-batches", t.val_batches, "validation batches before and after")->capture_default_str();
+  tr->add_option("--seed", t.seed, "seed of weights, data order and samples")->capture_default_str();
+  tr->add_option("--device", t.device, "cpu or cuda")->capture_default_str();
+  tr->add_flag("--ddp", t.ddp, "data-parallel under torchrun");
+  tr->add_flag("!--no-progress", t.progress, "no progress bar");
+  tr->add_flag("--json", t.json, "print a final JSON line");
+
+  SampleArgs s;
+  auto* sa = app.add_subcommand("sample", "generate from a trained model (KV cache)");
+  sa->add_option("--run-dir", s.run_dir, "where train wrote gpt_config.json and checkpoints/")->capture_default_str();
+  sa->add_option("--checkpoint", s.checkpoint, "a checkpoint (default: the latest)");
+  sa->add_option("--prompt", s.prompt, "text to continue")->capture_default_str();
+  sa->add_option("--max-new", s.sample.max_new_tokens, "bytes to generate")->capture_default_str();
+  sa->add_option("--temperature", s.sample.temperature, "0: greedy")->capture_default_str();
+  sa->add_option("--top-k", s.sample.top_k, "0: off")->capture_default_str();
+  sa->add_option("--top-p", s.sample.top_p, "1: off")->capture_default_str();
+  sa->add_option("--seed", s.sample.seed, "seed of the first sample")->capture_default_str();
+  sa->add_option("--samples", s.samples, "how many")->capture_default_str();
+  sa->add_flag("--quantize", s.quantize, "int8 Linear layers (wick::quantize_dynamic)");
+  sa->add_option("--threads", s.threads, "intra-op threads (0: LibTorch's default)")->capture_default_str();
+  sa->add_flag("--json", s.json, "print a final JSON line");
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (tr->parsed()) return train(t);
+    return sample(s);
+  } catch (const c10::Error& e) {
+    std::cerr << "wick-gpt: " << e.what_without_backtrace() << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "wick-gpt: " << e.what() << "\n";
+  }
+  return 1;
+}
