@@ -3,6 +3,11 @@
 // the corpus split.
 #include "corpus.h"
 #include "model.h"
+#include "serve.h"
+
+#include <fstream>
+#include <set>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -134,6 +139,48 @@ TEST_F(GptModelTest, CorpusSplitIsDeterministicAndDisjoint) {
   EXPECT_EQ(w.size(1), 9);
   EXPECT_TRUE(torch::equal(w[1].narrow(0, 0, 5), w[0].narrow(0, 4, 5)));
   EXPECT_THROWS_WITH(gpt::load_fortunes(root + "/missing"), "cannot open");
+}
+
+// Every answer of the continuous batcher equals generate() for that request
+// alone: greedy and seeded sampling, prompts longer than the context, answers
+// cut by max_new_tokens or by the context; in float64, so that batched and
+// single matrix products cannot round a near-tie apart.
+TEST_F(GptModelTest, ContinuousBatchingAnswersAsGeneratingAlone) {
+  gpt::GPT model(small());
+  model->to(torch::kDouble);
+  std::vector<std::pair<std::string, gpt::SampleOptions>> requests;
+  for (int i = 0; i < 24; ++i) {
+    gpt::SampleOptions o;
+    o.max_new_tokens = std::vector<int64_t>{1, 5, 12, 40}[i % 4];
+    o.temperature = i % 3 == 0 ? 0.0 : 1.0;
+    o.top_k = i % 2 ? 20 : 0;
+    o.seed = static_cast<uint64_t>(i);
+    requests.emplace_back(std::string(static_cast<size_t>(1 + (i * 7) % 45), static_cast<char>('a' + i)), o);
+  }
+  std::vector<std::string> alone;
+  for (const auto& [prompt, o] : requests) alone.push_back(gpt::generate(model, prompt, o));
+
+  for (auto mode : {gpt::BatchingMode::kContinuous, gpt::BatchingMode::kStatic}) {
+    SCOPED_TRACE(mode == gpt::BatchingMode::kContinuous ? "continuous" : "static");
+    gpt::ContinuousBatcher server(model, gpt::ServeOptions{5, mode});
+    std::vector<std::future<std::string>> answers(requests.size());
+    std::vector<std::thread> clients;
+    for (int c = 0; c < 4; ++c) {
+      clients.emplace_back([&, c] {
+        for (size_t i = static_cast<size_t>(c); i < requests.size(); i += 4) {
+          answers[i] = server.submit(requests[i].first, requests[i].second);
+        }
+      });
+    }
+    for (auto& t : clients) t.join();
+    for (size_t i = 0; i < requests.size(); ++i) EXPECT_EQ(answers[i].get(), alone[i]) << "request " << i;
+    auto stats = server.stats();
+    EXPECT_EQ(stats.requests, 24);
+    EXPECT_GT(stats.max_batch_seen, 1);
+    EXPECT_LE(stats.max_batch_seen, 5);
+  }
+  gpt::ContinuousBatcher server(model, gpt::ServeOptions{2, gpt::BatchingMode::kContinuous});
+  EXPECT_THROWS_WITH(server.submit("", gpt::SampleOptions{}).get(), "the prompt is empty");
 }
 
 }  // namespace

@@ -19,6 +19,16 @@ void GPTConfig::check() const {
   }
 }
 
+void SlotCache::allocate(int64_t slots, int64_t layers, int64_t heads, int64_t context, int64_t head_dim,
+                         const torch::TensorOptions& options) {
+  keys.clear();
+  values.clear();
+  for (int64_t l = 0; l < layers; ++l) {
+    keys.push_back(torch::zeros({slots, heads, context, head_dim}, options));
+    values.push_back(torch::zeros({slots, heads, context, head_dim}, options));
+  }
+}
+
 // ---------------------------------------------------------------- RMSNorm
 
 RMSNormImpl::RMSNormImpl(int64_t width, double eps) : eps_(eps) {
@@ -26,8 +36,9 @@ RMSNormImpl::RMSNormImpl(int64_t width, double eps) : eps_(eps) {
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  // In float32 whatever the autocast dtype: the mean of squares needs the range.
-  auto xf = x.to(torch::kFloat);
+  // In float32 (float64 for a float64 model) whatever the autocast dtype: the
+  // mean of squares needs the range.
+  auto xf = x.scalar_type() == torch::kDouble ? x : x.to(torch::kFloat);
   auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps_);
   return (y * weight).to(x.scalar_type());
 }
@@ -87,7 +98,7 @@ namespace {
 // Rotates the pairs (x[2i], x[2i+1]) of the last dimension by the angles of
 // their positions: x is [B, H, T, D], cos/sin are [T, D/2].
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  auto xf = x.to(torch::kFloat);
+  auto xf = x.scalar_type() == torch::kDouble ? x : x.to(torch::kFloat);
   auto pairs = xf.unflatten(-1, {-1, 2});  // [B, H, T, D/2, 2]
   auto a = pairs.select(-1, 0), b = pairs.select(-1, 1);
   auto rotated = torch::stack({a * cos - b * sin, a * sin + b * cos}, -1).flatten(-2);
@@ -132,6 +143,28 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   return proj(y.transpose(1, 2).reshape({B, T, C}));
 }
 
+torch::Tensor AttentionImpl::forward_slots(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                           SlotCache& cache, int64_t layer, const torch::Tensor& slots,
+                                           const std::vector<int64_t>& positions) {
+  const int64_t B = x.size(0), C = x.size(2), D = C / heads_;
+  auto parts = qkv(x).view({B, 1, 3, heads_, D}).permute({2, 0, 3, 1, 4});  // [3, B, H, 1, D]
+  // cos/sin are the rows of each sequence's position: [B, 1, 1, D/2].
+  auto q = rope(parts[0], cos, sin), k = rope(parts[1], cos, sin), v = parts[2];
+  auto& ck = cache.keys[layer];
+  auto& cv = cache.values[layer];
+  const int64_t context = ck.size(2);
+  auto mask = torch::empty({B, 1, 1, context}, torch::TensorOptions(torch::kBool).device(x.device()));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = slots[b].item<int64_t>();
+    ck[slot].select(1, positions[b]).copy_(k[b].select(1, 0));
+    cv[slot].select(1, positions[b]).copy_(v[b].select(1, 0));
+    mask[b].fill_(false).narrow(-1, 0, positions[b] + 1).fill_(true);
+  }
+  auto keys = ck.index_select(0, slots), values = cv.index_select(0, slots);
+  auto y = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, /*is_causal=*/false);
+  return proj(y.transpose(1, 2).reshape({B, 1, C}));
+}
+
 // ---------------------------------------------------------------- blocks
 
 BlockImpl::BlockImpl(const GPTConfig& config) {
@@ -148,6 +181,13 @@ BlockImpl::BlockImpl(const GPTConfig& config) {
 torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                  KVCache* cache, int64_t layer) {
   auto h = x + attn(norm1(x), cos, sin, cache, layer);
+  return h + (moe ? moe(norm2(h)) : ffn(norm2(h)));
+}
+
+torch::Tensor BlockImpl::forward_slots(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                       SlotCache& cache, int64_t layer, const torch::Tensor& slots,
+                                       const std::vector<int64_t>& positions) {
+  auto h = x + attn->forward_slots(norm1(x), cos, sin, cache, layer, slots, positions);
   return h + (moe ? moe(norm2(h)) : ffn(norm2(h)));
 }
 
@@ -187,6 +227,41 @@ torch::Tensor GPTImpl::forward(const torch::Tensor& tokens, KVCache* cache) {
     x = blocks[i]->as<BlockImpl>()->forward(x, cos, sin, cache, static_cast<int64_t>(i));
   }
   return head(norm(x));
+}
+
+torch::Tensor GPTImpl::decode_slots(const torch::Tensor& tokens, const std::vector<int64_t>& slots,
+                                    const std::vector<int64_t>& positions, SlotCache& cache) {
+  const int64_t B = tokens.size(0);
+  TORCH_CHECK(static_cast<int64_t>(slots.size()) == B && static_cast<int64_t>(positions.size()) == B,
+              "GPT::decode_slots: one slot and one position per token");
+  for (int64_t p : positions) {
+    TORCH_CHECK(p >= 0 && p < config_.context, "GPT::decode_slots: position ", p, " is outside the context of ",
+                config_.context);
+  }
+  auto pos = torch::tensor(positions, torch::kLong).to(cos_.device());
+  auto cos = cos_.index_select(0, pos).view({B, 1, 1, -1}), sin = sin_.index_select(0, pos).view({B, 1, 1, -1});
+  auto slot_index = torch::tensor(slots, torch::kLong).to(tokens.device());
+  auto x = embed(tokens.view({B, 1}));
+  for (size_t i = 0; i < blocks->size(); ++i) {
+    x = blocks[i]->as<BlockImpl>()->forward_slots(x, cos, sin, cache, static_cast<int64_t>(i), slot_index, positions);
+  }
+  return head(norm(x)).squeeze(1);
+}
+
+SlotCache GPTImpl::make_slot_cache(int64_t slots) const {
+  SlotCache cache;
+  const auto& w = head->weight;
+  cache.allocate(slots, config_.layers, config_.heads, config_.context, config_.width / config_.heads,
+                 torch::TensorOptions().dtype(w.scalar_type()).device(w.device()));
+  return cache;
+}
+
+void GPTImpl::store(const KVCache& single, SlotCache& cache, int64_t slot) {
+  for (size_t l = 0; l < single.keys.size(); ++l) {
+    const int64_t n = single.keys[l].size(2);
+    cache.keys[l][slot].narrow(1, 0, n).copy_(single.keys[l][0]);
+    cache.values[l][slot].narrow(1, 0, n).copy_(single.values[l][0]);
+  }
 }
 
 torch::Tensor GPTImpl::aux_loss() const {

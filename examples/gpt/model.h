@@ -38,6 +38,16 @@ struct KVCache {
   int64_t length() const { return keys.empty() || !keys[0].defined() ? 0 : keys[0].size(2); }
 };
 
+/// Per-slot caches for batched decoding: slot i holds one sequence's keys and
+/// values at positions 0..length-1 of [slots, heads, context, head_dim] per layer.
+struct SlotCache {
+  std::vector<torch::Tensor> keys, values;
+  /// Allocates `slots` slots for `model_config` on `options`' device and dtype.
+  void allocate(int64_t slots, int64_t layers, int64_t heads, int64_t context, int64_t head_dim,
+                const torch::TensorOptions& options);
+  int64_t slots() const { return keys.empty() ? 0 : keys[0].size(0); }
+};
+
 class RMSNormImpl : public torch::nn::Module {
  public:
   explicit RMSNormImpl(int64_t width, double eps = 1e-6);
@@ -84,7 +94,14 @@ class AttentionImpl : public torch::nn::Module {
   /// step's keys and values to cache->keys[layer] and attends to all of them.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         KVCache* cache, int64_t layer);
+  /// One new position for each row of x [B, 1, C]: row b is the sequence in
+  /// slot slots[b], at position positions[b] (its length so far); its key and
+  /// value go into the slot, and it attends to the slot's positions 0..positions[b].
+  torch::Tensor forward_slots(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                              SlotCache& cache, int64_t layer, const torch::Tensor& slots,
+                              const std::vector<int64_t>& positions);
   torch::nn::Linear qkv{nullptr}, proj{nullptr};
+  int64_t heads() const { return heads_; }
 
  private:
   int64_t heads_;
@@ -96,6 +113,9 @@ class BlockImpl : public torch::nn::Module {
   explicit BlockImpl(const GPTConfig& config);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, KVCache* cache,
                         int64_t layer);
+  torch::Tensor forward_slots(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                              SlotCache& cache, int64_t layer, const torch::Tensor& slots,
+                              const std::vector<int64_t>& positions);
   /// The MoE's balance loss of the last forward (0 without MoE).
   torch::Tensor aux_loss() const;
 
@@ -112,6 +132,15 @@ class GPTImpl : public torch::nn::Module {
   /// tokens [B, T] (int64, byte values) -> logits [B, T, vocab]. With a cache,
   /// the tokens continue the cached positions and the cache grows by T.
   torch::Tensor forward(const torch::Tensor& tokens, KVCache* cache = nullptr);
+  /// Batched decoding: tokens [B] (each sequence's newest token), the slots of
+  /// their sequences and their positions (lengths so far) -> logits [B, vocab];
+  /// each slot's cache grows by one position.
+  torch::Tensor decode_slots(const torch::Tensor& tokens, const std::vector<int64_t>& slots,
+                             const std::vector<int64_t>& positions, SlotCache& cache);
+  /// A SlotCache of `slots` slots for this model, on its device and dtype.
+  SlotCache make_slot_cache(int64_t slots) const;
+  /// Copies a single sequence's KVCache (batch 1) into `slot`.
+  static void store(const KVCache& single, SlotCache& cache, int64_t slot);
   /// Sum over the blocks of the MoE balance losses of the last forward.
   torch::Tensor aux_loss() const;
   const GPTConfig& config() const { return config_; }
