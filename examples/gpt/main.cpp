@@ -5,6 +5,7 @@
 //   wick-gpt train --moe --steps 600 --run-dir runs/gpt-moe
 //   wick-gpt sample --run-dir runs/gpt --prompt "The " --temperature 0.8 --top-k 40
 //   wick-gpt sample --run-dir runs/gpt --quantize         # int8 Linear layers (wick::quantize_dynamic)
+//   wick-gpt serve --run-dir runs/gpt --clients 32        # continuous batching vs static vs one at a time
 //
 // Prints a summary a person can read and, with --json, one JSON line last.
 
@@ -12,11 +13,16 @@
 
 #include "corpus.h"
 #include "model.h"
+#include "serve.h"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <thread>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -223,18 +229,25 @@ int train(const TrainArgs& a) {
   return 0;
 }
 
+// The model train wrote into `run_dir`: its config and a checkpoint (the latest by default).
+gpt::GPT load_model(const std::string& run_dir, std::string& checkpoint) {
+  std::ifstream cfg(run_dir + "/gpt_config.json");
+  TORCH_CHECK(cfg, "wick-gpt: no ", run_dir, "/gpt_config.json (train into that --run-dir first)");
+  gpt::GPT model(config_from(nlohmann::json::parse(cfg)));
+  if (checkpoint.empty()) {
+    auto latest = wick::latest_checkpoint(run_dir + "/checkpoints");
+    TORCH_CHECK(latest, "wick-gpt: no checkpoint in ", run_dir, "/checkpoints");
+    checkpoint = *latest;
+  }
+  wick::Checkpoint::load(checkpoint).restore_module("model", *model);
+  model->eval();
+  return model;
+}
+
 int sample(const SampleArgs& a) {
   if (a.threads > 0) torch::set_num_threads(a.threads);
-  std::ifstream cfg(a.run_dir + "/gpt_config.json");
-  TORCH_CHECK(cfg, "wick-gpt sample: no ", a.run_dir, "/gpt_config.json (train into that --run-dir first)");
-  gpt::GPT model(config_from(nlohmann::json::parse(cfg)));
   std::string path = a.checkpoint;
-  if (path.empty()) {
-    auto latest = wick::latest_checkpoint(a.run_dir + "/checkpoints");
-    TORCH_CHECK(latest, "wick-gpt sample: no checkpoint in ", a.run_dir, "/checkpoints");
-    path = *latest;
-  }
-  wick::Checkpoint::load(path).restore_module("model", *model);
+  gpt::GPT model = load_model(a.run_dir, path);
   std::string report;
   if (a.quantize) report = wick::quantize_dynamic(*model).format();
   if (!report.empty()) std::printf("%s", report.c_str());
@@ -246,6 +259,113 @@ int sample(const SampleArgs& a) {
     std::printf("--- sample %lld ---\n%s\n", static_cast<long long>(i), out.back().c_str());
   }
   if (a.json) std::cout << nlohmann::json{{"checkpoint", path}, {"quantized", a.quantize}, {"samples", out}}.dump() << "\n";
+  return 0;
+}
+
+struct ServeArgs {
+  std::string run_dir = "runs/gpt";
+  std::string checkpoint;
+  std::string corpus = "/usr/share/games/fortunes";
+  int64_t clients = 32;
+  int64_t requests = 128;
+  int64_t max_new = 64;
+  int64_t max_batch = 32;
+  std::string mode = "all";
+  int threads = 0;
+  bool json = false;
+};
+
+double percentile(std::vector<double> v, double q) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))];
+}
+
+// `clients` threads send the requests (prompts: the starts of validation
+// fortunes; 16 to max_new new bytes each, sampled with a seed per request)
+// and wait for each answer before sending the next.
+int serve(const ServeArgs& a) {
+  if (a.threads > 0) torch::set_num_threads(a.threads);
+  TORCH_CHECK(a.clients >= 1 && a.requests >= 1 && a.max_new >= 16 && a.max_batch >= 1,
+              "wick-gpt serve: --clients, --requests, --max-batch must be >= 1 and --max-new >= 16");
+  std::string path = a.checkpoint;
+  gpt::GPT model = load_model(a.run_dir, path);
+  auto corpus = gpt::load_fortunes(a.corpus);
+  std::vector<std::string> prompts;
+  {
+    std::string val;
+    for (int64_t i = 0; i < corpus.val.numel(); ++i) val.push_back(static_cast<char>(corpus.val[i].item<int64_t>()));
+    size_t at = 0;
+    while (static_cast<int64_t>(prompts.size()) < a.requests) {
+      const size_t n = 8 + prompts.size() % 24;
+      if (at + n > val.size()) at = 0;
+      prompts.push_back(val.substr(at, n));
+      at = val.find("\n\n", at + n);
+      at = at == std::string::npos ? 0 : at + 2;
+    }
+  }
+  std::vector<gpt::SampleOptions> options(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    options[i].max_new_tokens = 16 + static_cast<int64_t>((i * 37) % static_cast<size_t>(a.max_new - 15));
+    options[i].temperature = 0.8;
+    options[i].top_k = 40;
+    options[i].seed = i;
+  }
+  std::vector<std::pair<std::string, gpt::ServeOptions>> modes;
+  if (a.mode == "all" || a.mode == "continuous") modes.push_back({"continuous", {a.max_batch, gpt::BatchingMode::kContinuous}});
+  if (a.mode == "all" || a.mode == "static") modes.push_back({"static", {a.max_batch, gpt::BatchingMode::kStatic}});
+  if (a.mode == "all" || a.mode == "sequential") modes.push_back({"sequential", {1, gpt::BatchingMode::kContinuous}});
+  TORCH_CHECK(!modes.empty(), "wick-gpt serve: --mode must be all, continuous, static or sequential, got ", a.mode);
+
+  nlohmann::json results;
+  std::vector<std::string> reference;
+  std::printf("wick-gpt serve: %lld requests from %lld clients, 16..%lld new bytes each, %d threads\n",
+              static_cast<long long>(a.requests), static_cast<long long>(a.clients), static_cast<long long>(a.max_new),
+              torch::get_num_threads());
+  for (const auto& [name, serve_options] : modes) {
+    gpt::ContinuousBatcher server(model, serve_options);
+    std::vector<std::string> answers(prompts.size());
+    std::vector<double> latency_ms(prompts.size());
+    std::atomic<size_t> next{0};
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> clients;
+    for (int64_t c = 0; c < a.clients; ++c) {
+      clients.emplace_back([&] {
+        for (size_t i = next++; i < prompts.size(); i = next++) {
+          const auto s = std::chrono::steady_clock::now();
+          answers[i] = server.submit(prompts[i], options[i]).get();
+          latency_ms[i] = 1e3 * std::chrono::duration<double>(std::chrono::steady_clock::now() - s).count();
+        }
+      });
+    }
+    for (auto& t : clients) t.join();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const auto stats = server.stats();
+    if (reference.empty()) reference = answers;
+    const bool same = answers == reference;
+    std::printf("%-10s %8.0f tokens/s  p50 %7.0f ms  p99 %7.0f ms  mean batch %5.1f  %lld steps%s\n", name.c_str(),
+                static_cast<double>(stats.tokens) / seconds, percentile(latency_ms, 0.5), percentile(latency_ms, 0.99),
+                stats.mean_batch, static_cast<long long>(stats.decode_steps), same ? "" : "  ANSWERS DIFFER");
+    TORCH_CHECK(same, "wick-gpt serve: the ", name, " answers differ from the first mode's");
+    results[name] = {{"tokens_per_s", static_cast<double>(stats.tokens) / seconds},
+                     {"seconds", seconds},
+                     {"tokens", stats.tokens},
+                     {"p50_ms", percentile(latency_ms, 0.5)},
+                     {"p99_ms", percentile(latency_ms, 0.99)},
+                     {"mean_batch", stats.mean_batch},
+                     {"decode_steps", stats.decode_steps}};
+  }
+  std::printf("--- an answer ---\n%s%s\n", prompts[0].c_str(), reference[0].c_str());
+  if (results.contains("continuous") && results.contains("sequential")) {
+    std::printf("continuous batching: %.1fx one request at a time\n",
+                results["continuous"]["tokens_per_s"].get<double>() / results["sequential"]["tokens_per_s"].get<double>());
+  }
+  if (a.json) {
+    results["checkpoint"] = path;
+    results["clients"] = a.clients;
+    results["requests"] = a.requests;
+    results["threads"] = torch::get_num_threads();
+    std::cout << results.dump() << std::endl;
+  }
   return 0;
 }
 
@@ -298,9 +418,24 @@ int main(int argc, char** argv) {
   sa->add_option("--threads", s.threads, "intra-op threads (0: LibTorch's default)")->capture_default_str();
   sa->add_flag("--json", s.json, "print a final JSON line");
 
+  ServeArgs v;
+  auto* sv = app.add_subcommand("serve", "concurrent clients through continuous batching, vs static batches and one at a time");
+  sv->add_option("--run-dir", v.run_dir, "where train wrote gpt_config.json and checkpoints/")->capture_default_str();
+  sv->add_option("--checkpoint", v.checkpoint, "a checkpoint (default: the latest)");
+  sv->add_option("--corpus", v.corpus, "folder of fortune files (prompts: starts of validation fortunes)")
+      ->capture_default_str();
+  sv->add_option("--clients", v.clients, "concurrent clients")->capture_default_str();
+  sv->add_option("--requests", v.requests, "requests in all")->capture_default_str();
+  sv->add_option("--max-new", v.max_new, "new bytes per request: 16 to this")->capture_default_str();
+  sv->add_option("--max-batch", v.max_batch, "sequences decoded together")->capture_default_str();
+  sv->add_option("--mode", v.mode, "all, continuous, static or sequential")->capture_default_str();
+  sv->add_option("--threads", v.threads, "intra-op threads (0: LibTorch's default)")->capture_default_str();
+  sv->add_flag("--json", v.json, "print a final JSON line");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (tr->parsed()) return train(t);
+    if (sv->parsed()) return serve(v);
     return sample(s);
   } catch (const c10::Error& e) {
     std::cerr << "wick-gpt: " << e.what_without_backtrace() << "\n";
