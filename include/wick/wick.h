@@ -11,6 +11,7 @@
 #include <wick/hash.h>
 #include <wick/lr_scheduler.h>
 #include <wick/optim.h>
+#include <wick/profiler.h>
 #include <wick/pruner.h>
 #include <wick/quantizer.h>
 #include <wick/callbacks.h>
