@@ -67,6 +67,8 @@ table{border-collapse:collapse;font-size:12px;background:#fff}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right} td:first-child,th:first-child{text-align:left}
 th{background:#f0f0f0} pre{font-size:11px;background:#fff;border:1px solid #ddd;padding:8px;overflow:auto}
 .note{color:#666;font-size:12px}
+.legend{font-size:11px;color:#444;display:flex;flex-wrap:wrap;gap:2px 14px;padding-left:56px}
+.legend i{display:inline-block;width:12px;height:3px;margin:0 5px 3px 0;vertical-align:middle}
 )";
 
 // Draws the charts into inline SVG; no library, no network.
@@ -78,14 +80,13 @@ var colors = ['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd'];
 var NS = 'http://www.w3.org/2000/svg';
 function el(name, attrs, parent){ var e = document.createElementNS(NS, name);
   for (var k in attrs) e.setAttribute(k, attrs[k]); if (parent) parent.appendChild(e); return e; }
-function fmt(v){ var a = Math.abs(v); if (a === 0) return '0';
-  if (a >= 1e4 || a < 1e-3) return v.toExponential(1); if (a >= 100) return v.toFixed(0);
-  if (a >= 1) return v.toFixed(2); return v.toPrecision(2); }
-function ticks(lo, hi, n){ var span = hi - lo; if (span <= 0) return [lo];
+function ticks(lo, hi, n){ var span = hi - lo; if (span <= 0) return {v: [lo], d: 2};
   var step = Math.pow(10, Math.floor(Math.log10(span / n))); var err = n / (span / step);
   if (err <= 0.15) step *= 10; else if (err <= 0.35) step *= 5; else if (err <= 0.75) step *= 2;
-  var out = []; for (var t = Math.ceil(lo / step) * step; t <= hi + 1e-12 * Math.abs(hi); t += step) out.push(t);
-  return out; }
+  var out = []; for (var t = Math.ceil(lo / step) * step; t <= hi + 1e-9 * span; t += step) out.push(t);
+  return {v: out, d: Math.max(0, -Math.floor(Math.log10(step) + 1e-9))}; }
+function label(t, d){ var a = Math.abs(t); if (a >= 1e5 || (a > 0 && a < 1e-3)) return t.toExponential(1);
+  return t.toFixed(Math.min(d, 6)); }
 var grid = document.getElementById('wick-charts-grid'); var drawn = 0;
 charts.forEach(function(chart){
   var series = [];
@@ -96,25 +97,26 @@ charts.forEach(function(chart){
   drawn++;
   var card = document.createElement('div'); card.className = 'card'; grid.appendChild(card);
   var h = document.createElement('h3'); h.textContent = chart.title; card.appendChild(h);
-  var W = 440, H = 230, L = 56, R = 10, T = 10, B = 44;
+  var W = 440, H = 215, L = 56, R = 10, T = 10, B = 30;
   var svg = el('svg', {width: W, height: H, viewBox: '0 0 ' + W + ' ' + H, role: 'img'}, card);
   var xs = [], ys = []; series.forEach(function(s){ s.pts.forEach(function(p){ xs.push(p[0]); ys.push(p[1]); }); });
   var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs), y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
   if (x1 === x0) { x0 -= 1; x1 += 1; } if (y1 === y0) { var d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
   var pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
   function X(v){ return L + (v - x0) / (x1 - x0) * (W - L - R); } function Y(v){ return T + (1 - (v - y0) / (y1 - y0)) * (H - T - B); }
-  ticks(y0, y1, 5).forEach(function(t){ el('line', {x1: L, x2: W - R, y1: Y(t), y2: Y(t), stroke: '#eee'}, svg);
-    var tx = el('text', {x: L - 4, y: Y(t) + 4, 'text-anchor': 'end'}, svg); tx.textContent = fmt(t); });
-  ticks(x0, x1, 6).forEach(function(t){ var tx = el('text', {x: X(t), y: H - B + 14, 'text-anchor': 'middle'}, svg); tx.textContent = fmt(t); });
+  var yt = ticks(y0, y1, 5), xt = ticks(x0, x1, 6);
+  yt.v.forEach(function(t){ el('line', {x1: L, x2: W - R, y1: Y(t), y2: Y(t), stroke: '#eee'}, svg);
+    var tx = el('text', {x: L - 4, y: Y(t) + 4, 'text-anchor': 'end'}, svg); tx.textContent = label(t, yt.d); });
+  xt.v.forEach(function(t){ var tx = el('text', {x: X(t), y: H - B + 14, 'text-anchor': 'middle'}, svg); tx.textContent = label(t, xt.d); });
   el('rect', {x: L, y: T, width: W - L - R, height: H - T - B, fill: 'none', stroke: '#bbb'}, svg);
   var lab = el('text', {x: (L + W - R) / 2, y: H - B + 27, 'text-anchor': 'middle'}, svg); lab.textContent = 'step';
-  var lx = L;
+  var legend = document.createElement('div'); legend.className = 'legend'; card.appendChild(legend);
   series.forEach(function(s, i){ var c = colors[i % colors.length];
     var d = s.pts.map(function(p, j){ return (j ? 'L' : 'M') + X(p[0]).toFixed(1) + ' ' + Y(p[1]).toFixed(1); }).join(' ');
     el('path', {d: d, fill: 'none', stroke: c, 'stroke-width': 1.8}, svg);
     if (s.pts.length < 40) s.pts.forEach(function(p){ el('circle', {cx: X(p[0]), cy: Y(p[1]), r: 2.5, fill: c}, svg); });
-    el('rect', {x: lx, y: H - 11, width: 10, height: 3, fill: c}, svg);
-    var t = el('text', {x: lx + 13, y: H - 7}, svg); t.textContent = s.name; lx += 18 + 6.2 * s.name.length; });
+    var item = document.createElement('span'); var sw = document.createElement('i'); sw.style.background = c;
+    item.appendChild(sw); item.appendChild(document.createTextNode(s.name)); legend.appendChild(item); });
 });
 if (!drawn) grid.textContent = 'No metrics logged.';
 document.body.setAttribute('data-charts', String(drawn));
