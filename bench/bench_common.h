@@ -96,5 +96,6 @@ void add_run_environment(Json& summary, double load_start);
 void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_ddp_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
+void add_profiler_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 
 }  // namespace wick_bench
