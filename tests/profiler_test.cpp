@@ -335,3 +335,49 @@ TEST_F(ProfilerTest, TrainingStepOpsMatchPythonTorchProfiler) {
 }
 
 }  // namespace
+
+namespace {
+
+// The example of docs/profiling.md, as it stands there.
+TEST_F(ProfilerTest, DocsExample) {
+  TempDir dir;
+  const std::string run_dir = dir.path().string();
+  namespace nn = torch::nn;
+  auto model = nn::Sequential(nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(), nn::Linear(256, 10));
+  torch::optim::Adam optimizer(model->parameters(), 1e-3);
+  auto x = torch::randn({64, 784});
+  auto y = torch::randint(0, 10, {64});
+
+  std::string table;
+  wick::Profiler profiler(wick::ProfilerOptions()
+                              .record_shapes(true)
+                              .schedule(wick::ProfilerSchedule().skip_first(2).wait(1).warmup(1).active(3).repeat(1))
+                              .on_trace_ready([&](wick::Profiler& p) {
+                                table = p.key_averages().table("cpu_time_total", 10);
+                                p.export_chrome_trace(run_dir + "/trace.json");
+                              }));
+  profiler.start();
+  for (int step = 0; step < 10; ++step) {
+    torch::Tensor input;
+    {
+      auto scope = wick::record_scope("data_loading");
+      input = x * 1.0f;  // stands in for fetching a batch
+    }
+    optimizer.zero_grad();
+    auto loss = torch::nn::functional::cross_entropy(model->forward(input), y);
+    loss.backward();
+    optimizer.step();
+    profiler.step();
+  }
+  profiler.stop();
+  std::cout << table;
+
+  EXPECT_EQ(profiler.traced_steps(), 3);
+  EXPECT_EQ(profiler.key_averages().count("data_loading"), 3);
+  EXPECT_EQ(profiler.key_averages().count("aten::addmm"), 9);
+  EXPECT_NE(table.find("ProfilerStep*"), std::string::npos);
+  std::ifstream trace(run_dir + "/trace.json");
+  EXPECT_TRUE(nlohmann::json::parse(trace).contains("traceEvents"));
+}
+
+}  // namespace
