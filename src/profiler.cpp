@@ -116,6 +116,7 @@ Profiler::~Profiler() {
   try {
     step_range_.reset();
     if (recording_) disable_and_keep(false);
+    if (prepared_) release_warmup();
   } catch (...) {
   }
   if (g_active == this) g_active = nullptr;
@@ -194,7 +195,17 @@ void Profiler::stop() {
     if (action == ProfilerAction::kRecord || action == ProfilerAction::kRecordAndSave) ++steps_in_recording_;
     disable_and_keep(true);
     if (options_.on_trace_ready()) options_.on_trace_ready()(*this);
+  } else if (prepared_) {
+    release_warmup();
   }
+}
+
+// Kineto stays prepared after a warm-up that no recording followed, and the
+// next prepareProfiler in the process would fail: start and drop a trace, as
+// torch.profiler does on WARMUP -> stop.
+void Profiler::release_warmup() {
+  enable();
+  disable_and_keep(false);
 }
 
 void Profiler::step() {

@@ -153,7 +153,10 @@ TEST_F(MetersTest, TrainerLogsCarryMeters) {
               0.75 * 1e3 * 32 / logs.at("train/samples_per_s"));
   const auto host = wick::host_memory();
   EXPECT_GT(logs.at("sys/rss_mb"), 10.0);
-  EXPECT_LE(logs.at("sys/peak_rss_mb"), static_cast<double>(host.peak_rss_bytes) / (1 << 20));
+  // The kernel syncs its RSS counters lazily: equal to a few percent.
+  const double peak_now = static_cast<double>(host.peak_rss_bytes) / (1 << 20);
+  EXPECT_NEAR(logs.at("sys/peak_rss_mb"), peak_now, 0.05 * peak_now);
+  EXPECT_LE(logs.at("sys/rss_mb"), logs.at("sys/peak_rss_mb") * 1.05);
   EXPECT_DOUBLE_EQ(logs.at("train/mfu"), logs.at("train/samples_per_s") * flops / 1e12);
   EXPECT_EQ(logs.count("cuda/allocated_mb"), 0u);  // a CPU run
   const auto off = run(wick::TrainerOptions().log_system_metrics(false)).first;

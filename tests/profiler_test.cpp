@@ -175,6 +175,31 @@ TEST_F(ProfilerTest, StopMidCycleDeliversThePartialTrace) {
   EXPECT_EQ(profiler.key_averages().count("aten::mm"), 2);
 }
 
+TEST_F(ProfilerTest, StopInWarmupLeavesTheProfilerUsable) {
+  auto a = torch::randn({4, 4});
+  {
+    int ready = 0;
+    Profiler warm(ProfilerOptions().schedule(ProfilerSchedule().warmup(2).active(1)).on_trace_ready([&](Profiler&) {
+      ++ready;
+    }));
+    warm.start();
+    a.mm(a);
+    warm.step();
+    EXPECT_EQ(warm.current_action(), wick::ProfilerAction::kWarmup);
+    warm.stop();
+    EXPECT_EQ(ready, 0);
+    EXPECT_FALSE(warm.has_trace());
+    // And one destroyed while warming up.
+    Profiler dropped(ProfilerOptions().schedule(ProfilerSchedule().warmup(1).active(1)));
+    dropped.start();
+  }
+  Profiler next;
+  next.start();
+  a.mm(a);
+  next.stop();
+  EXPECT_EQ(next.key_averages().count("aten::mm"), 1);
+}
+
 TEST_F(ProfilerTest, ExportsAChromeTrace) {
   TempDir dir;
   auto a = torch::randn({32, 32});

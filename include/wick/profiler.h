@@ -193,6 +193,7 @@ class Profiler {
  private:
   void enable();
   void disable_and_keep(bool keep);
+  void release_warmup();
   ProfilerAction action_at(int64_t step) const;
   void begin_step_range();
   void end_step_range();
