@@ -97,5 +97,6 @@ void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_ddp_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_pipeline_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
+void add_profiler_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 
 }  // namespace wick_bench

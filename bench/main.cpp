@@ -5,6 +5,7 @@
 //   wick-bench ddp                            # 2 ranks x 1 thread vs 1 rank: DDP weak scaling
 //   wick-bench quant                          # int8 quantize_dynamic vs fp32 vs Python's
 //   wick-bench pipeline                       # bubble vs theory, GPipe vs 1F1B, checkpointing memory
+//   wick-bench profiler                       # wick::Profiler's cost: off vs schedule wait vs recording
 //
 // Each subcommand lives in its own file (trainer_bench.cpp, ...) and adds
 // itself through an add_<name>_command function declared in bench_common.h.
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
   wick_bench::add_ddp_command(app, global);
   wick_bench::add_quant_command(app, global);
   wick_bench::add_pipeline_command(app, global);
+  wick_bench::add_profiler_command(app, global);
 
   try {
     app.parse(argc, argv);

@@ -341,6 +341,9 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
 
     if (accumulator_->end(params_)) {
       optimizer_step();
+      const auto step_end = std::chrono::steady_clock::now();
+      step_times_.add(std::chrono::duration<double>(step_end - last_step_end_).count());
+      last_step_end_ = step_end;
       state_.step += 1;
       steps_since_log_ += 1;
       if (state_.step % options_.log_every_n_steps() == 0) emit_logs();
@@ -384,6 +387,8 @@ void Trainer::reset_log_window() {
   samples_since_log_ = 0;
   steps_since_log_ = 0;
   log_window_start_ = std::chrono::steady_clock::now();
+  last_step_end_ = log_window_start_;
+  step_times_.clear();
 }
 
 void Trainer::emit_logs() {
@@ -404,9 +409,44 @@ void Trainer::emit_logs() {
     logs["amp/scale"] = scaler_->get_scale();
     logs["amp/skipped_steps"] = static_cast<double>(scaler_->skipped_steps());
   }
+  if (options_.log_system_metrics()) add_system_metrics(logs);
+  if (options_.flops_per_sample() > 0 && options_.peak_flops() > 0 && logs.count("train/samples_per_s")) {
+    logs["train/mfu"] = mfu(logs["train/samples_per_s"] * static_cast<double>(world_size()),
+                            options_.flops_per_sample(), options_.peak_flops() * static_cast<double>(world_size()));
+  }
   last_logs_ = logs;
   reset_log_window();
   each_callback([&](Callback& cb) { cb.on_log(*this, logs); });
+}
+
+void Trainer::add_system_metrics(Metrics& logs) const {
+  constexpr double kMB = 1024.0 * 1024.0;
+  if (step_times_.size() > 0) {
+    logs["train/step_time_ms_p50"] = 1e3 * step_times_.percentile(50);
+    logs["train/step_time_ms_p90"] = 1e3 * step_times_.percentile(90);
+    logs["train/step_time_ms_p99"] = 1e3 * step_times_.percentile(99);
+  }
+  const auto host = host_memory();
+  if (host.available) {
+    logs["sys/rss_mb"] = static_cast<double>(host.rss_bytes) / kMB;
+    logs["sys/peak_rss_mb"] = static_cast<double>(host.peak_rss_bytes) / kMB;
+  }
+  if (device_.is_cuda()) {
+    const int index = device_.has_index() ? device_.index() : 0;
+    const auto cuda = cuda_memory(index);
+    if (cuda.available) {
+      logs["cuda/allocated_mb"] = static_cast<double>(cuda.allocated_bytes) / kMB;
+      logs["cuda/reserved_mb"] = static_cast<double>(cuda.reserved_bytes) / kMB;
+      logs["cuda/peak_allocated_mb"] = static_cast<double>(cuda.peak_allocated_bytes) / kMB;
+    }
+    const auto gpu = gpu_stats(index);
+    if (gpu.available) {
+      logs["gpu/utilization_pct"] = gpu.utilization_pct;
+      logs["gpu/memory_used_mb"] = static_cast<double>(gpu.memory_used_bytes) / kMB;
+      logs["gpu/power_w"] = gpu.power_w;
+      logs["gpu/temperature_c"] = gpu.temperature_c;
+    }
+  }
 }
 
 torch::Device Trainer::resolve_device(Task& task) const {

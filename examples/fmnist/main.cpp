@@ -6,12 +6,14 @@
 //   wick-fmnist --model cnn --checkpoint-dir runs/a/checkpoints --resume latest
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
 //   wick-fmnist --quantize --prune 0.5 --json          # int8 beside fp32; 50% pruned + 1 epoch
+//   wick-fmnist --model mlp --profile                  # top-10 ops, trace.json and report.html in the run dir
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
 #include <wick/wick.h>
 
 #include "compress.h"
+#include "profile.h"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -52,6 +54,7 @@ struct Args {
   std::string device = "cpu";
   bool quantize = false;
   double prune = -1;  // fraction of the weights to prune; < 0: no pruning
+  bool profile = false;
 };
 
 torch::nn::Sequential make_model(const std::string& name) {
@@ -161,6 +164,8 @@ int run(const Args& args) {
   trainer.add_callback(throughput);
   trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(args.run_dir)));
   if (args.progress) trainer.add_callback(std::make_shared<wick::ProgressBar>());
+  auto profile = args.profile ? std::make_shared<fmnist::ProfileCallback>(args.run_dir) : nullptr;
+  if (profile) trainer.add_callback(profile);
 
   if (main_rank) {
     std::printf("wick-fmnist: %s (%lld parameters), %lld train / %lld val / %lld test images, batch %lld x %lld, %s, %d threads\n",
@@ -237,6 +242,16 @@ int run(const Args& args) {
                 100.0 * static_cast<double>(int8->int8_linear_bytes) / static_cast<double>(int8->fp32_linear_bytes));
   }
   std::printf("metrics in %s/metrics.{jsonl,csv}, checkpoints in %s\n", args.run_dir.c_str(), checkpoint_dir.c_str());
+  if (profile && profile->ops()) {
+    std::printf("\nprofiled %lld steps; top 10 ops by total CPU time:\n%s", static_cast<long long>(profile->profiled_steps()),
+                profile->ops()->table("cpu_time_total", 10).c_str());
+    std::printf("trace in %s (open in ui.perfetto.dev or chrome://tracing)\n", profile->trace_path().c_str());
+  }
+  const std::string report_path = fmnist::write_report(
+      args.run_dir, "wick-fmnist " + args.model,
+      {{"test accuracy", std::to_string(test_accuracy)}, {"steps", std::to_string(result.state.step)},
+       {"samples/s", std::to_string(static_cast<int64_t>(train_samples_per_s))}}, profile.get());
+  std::printf("report in %s\n", report_path.c_str());
 
   if (args.json) {
     nlohmann::json j;
@@ -271,6 +286,11 @@ int run(const Args& args) {
       j["int8_latency_ms"] = int8->int8_latency_ms;
       j["fp32_model_bytes"] = int8->fp32_model_bytes;
       j["int8_model_bytes"] = int8->int8_model_bytes;
+    }
+    j["report_path"] = report_path;
+    if (profile) {
+      j["trace_path"] = profile->trace_path();
+      j["profiled_steps"] = profile->profiled_steps();
     }
     std::cout << j.dump() << std::endl;
   }
@@ -322,6 +342,8 @@ int main(int argc, char** argv) {
                  "after training, prune this fraction of the Linear and Conv weights (one global threshold) "
                  "and fine-tune one epoch")
       ->check(CLI::Range(0.0, 1.0));
+  app.add_flag("--profile", args.profile,
+               "profile a few training steps (wick::Profiler): top-10 ops, trace.json and the report's ops table");
   app.add_flag("--ddp", args.ddp, "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
   CLI11_PARSE(app, argc, argv);
   try {

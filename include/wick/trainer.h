@@ -27,6 +27,7 @@
 #include <wick/ddp.h>
 #include <wick/distributed.h>
 #include <wick/grad_accumulator.h>
+#include <wick/meters.h>
 
 #include <torch/torch.h>
 
@@ -152,6 +153,16 @@ struct TrainerOptions {
   /// checkpoint_dir (an error when there is none); anything else is the path
   /// of a checkpoint to resume from.
   TORCH_ARG(std::string, resume) = "";
+  /// Add meters to every training log: step-time percentiles over the log
+  /// window ("train/step_time_ms_p50", _p90, _p99), host memory ("sys/rss_mb",
+  /// "sys/peak_rss_mb"), on CUDA the caching allocator ("cuda/allocated_mb",
+  /// "cuda/reserved_mb", "cuda/peak_allocated_mb") and, where NVML loads, the
+  /// GPU ("gpu/utilization_pct", "gpu/memory_used_mb", "gpu/power_w", "gpu/temperature_c").
+  TORCH_ARG(bool, log_system_metrics) = true;
+  /// FLOPs of one training sample (forward + backward); with peak_flops, logs "train/mfu" (0: off).
+  TORCH_ARG(double, flops_per_sample) = 0.0;
+  /// The hardware's peak FLOP/s for MFU (0: off).
+  TORCH_ARG(double, peak_flops) = 0.0;
 };
 
 /// What fit() returns.
@@ -243,6 +254,7 @@ class Trainer {
   void optimizer_step();
   void emit_logs();
   void reset_log_window();
+  void add_system_metrics(Metrics& logs) const;
   torch::Device resolve_device(Task& task) const;
   template <typename F>
   void each_callback(F&& f);
@@ -272,6 +284,9 @@ class Trainer {
   int64_t steps_since_log_ = 0;
   std::chrono::steady_clock::time_point log_window_start_;
   double last_grad_norm_ = -1.0;
+  // Optimizer-step times in the log window (log_system_metrics).
+  StepTimeMeter step_times_;
+  std::chrono::steady_clock::time_point last_step_end_;
 };
 
 }  // namespace wick

@@ -12,7 +12,10 @@
 #include <wick/lr_scheduler.h>
 #include <wick/optim.h>
 #include <wick/pipeline.h>
+#include <wick/meters.h>
+#include <wick/profiler.h>
 #include <wick/pruner.h>
+#include <wick/report.h>
 #include <wick/quantizer.h>
 #include <wick/callbacks.h>
 #include <wick/trainer.h>
