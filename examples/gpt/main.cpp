@@ -242,7 +242,7 @@ int train(const TrainArgs& a) {
     j["precision"] = wick::to_string(precision);
     j["threads"] = torch::get_num_threads();
     j["samples"] = samples;
-    std::cout << j.dump() << std::endl;
+    std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
   }
   return 0;
 }
@@ -276,7 +276,7 @@ int sample(const SampleArgs& a) {
     out.push_back(a.prompt + gpt::generate(model, a.prompt, so));
     std::printf("--- sample %lld ---\n%s\n", static_cast<long long>(i), out.back().c_str());
   }
-  if (a.json) std::cout << nlohmann::json{{"checkpoint", path}, {"quantized", a.quantize}, {"samples", out}}.dump() << "\n";
+  if (a.json) std::cout << nlohmann::json{{"checkpoint", path}, {"quantized", a.quantize}, {"samples", out}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   return 0;
 }
 
@@ -384,7 +384,7 @@ int serve(const ServeArgs& a) {
     results["clients"] = a.clients;
     results["requests"] = a.requests;
     results["threads"] = torch::get_num_threads();
-    std::cout << results.dump() << std::endl;
+    std::cout << results.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
   }
   return 0;
 }
