@@ -1,6 +1,7 @@
 #include "model.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <wick/amp.h>
 
 #include <cmath>
 
@@ -105,6 +106,22 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   return rotated.to(x.scalar_type());
 }
 
+// Causal attention over q, k, v [B, H, T, D]. On the CPU, LibTorch's flash
+// kernel runs its backward pass 3.5x faster in float32 than in bfloat16
+// (B 32, H 6, T 128, D 32, one core: forward + backward 27 against 96 ms),
+// so under bf16 autocast the attention is computed in float32 there; on a
+// GPU the bf16 flash kernels are the fast ones.
+torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  const auto dtype = q.scalar_type();
+  if (q.is_cpu() && (dtype == torch::kBFloat16 || dtype == torch::kHalf)) {
+    wick::AutocastGuard no_autocast(c10::DeviceType::CPU, torch::kBFloat16, /*enabled=*/false);
+    return at::scaled_dot_product_attention(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat), {}, 0.0,
+                                            /*is_causal=*/true)
+        .to(dtype);
+  }
+  return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+}
+
 }  // namespace
 
 AttentionImpl::AttentionImpl(int64_t width, int64_t heads) : heads_(heads) {
@@ -133,7 +150,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   }
   torch::Tensor y;
   if (past == 0) {
-    y = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+    y = causal_attention(q, k, v);
   } else {
     // Query i (position past + i) sees keys 0..past + i.
     auto mask = torch::ones({T, past + T}, torch::TensorOptions(torch::kBool).device(x.device()))
