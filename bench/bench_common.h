@@ -98,5 +98,6 @@ void add_ddp_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_pipeline_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_profiler_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
+void add_gpt_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);  // with the examples
 
 }  // namespace wick_bench

@@ -5,6 +5,7 @@
 //   wick-bench ddp                            # 2 ranks x 1 thread vs 1 rank: DDP weak scaling
 //   wick-bench quant                          # int8 quantize_dynamic vs fp32 vs Python's
 //   wick-bench pipeline                       # bubble vs theory, GPipe vs 1F1B, checkpointing memory
+//   wick-bench gpt                            # wick-gpt's training step and generation vs PyTorch
 //   wick-bench profiler                       # wick::Profiler's cost: off vs schedule wait vs recording
 //
 // Each subcommand lives in its own file (trainer_bench.cpp, ...) and adds
@@ -35,6 +36,9 @@ int main(int argc, char** argv) {
   wick_bench::add_quant_command(app, global);
   wick_bench::add_pipeline_command(app, global);
   wick_bench::add_profiler_command(app, global);
+#ifdef WICK_BENCH_WITH_GPT
+  wick_bench::add_gpt_command(app, global);
+#endif
 
   try {
     app.parse(argc, argv);

@@ -11,6 +11,8 @@ the CPU. Data: random byte windows from a generator seeded seed+1.
 Cases: "train" (one optimizer step: forward, loss, backward, clip, step) and
 "generate" (prefill a 16-byte prompt, then greedy decoding of --new-tokens
 with a KV cache, batch 1). --compile wraps the model in torch.compile.
+--fp32-attention computes the attention in float32 under bf16 autocast, the
+choice wick-gpt makes on the CPU, to separate that choice from the rest.
 
 Prints one JSON line per case: median ms per step (train) or per generated
 token (generate), every run's figure.
@@ -61,7 +63,11 @@ def build(torch, a):
                 cache[0], cache[1] = k, v
             else:
                 past = 0
-            if past == 0:
+            if past == 0 and a.fp32_attention and q.dtype == torch.bfloat16:
+                # what wick-gpt does on the CPU: the flash kernel in float32
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(q.dtype)
+            elif past == 0:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
                 mask = torch.ones(T, past + T, dtype=torch.bool).tril(past)
@@ -138,13 +144,15 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--fp32-attention", action="store_true",
+                   help="attention in float32 under bf16 autocast, as wick-gpt does on the CPU (case *_fp32_attention)")
     p.add_argument("--cases", default="train,generate")
     a = p.parse_args()
 
     import torch
 
     torch.set_num_threads(a.threads)
-    case_suffix = "_compile" if a.compile else ""
+    case_suffix = ("_compile" if a.compile else "") + ("_fp32_attention" if a.fp32_attention else "")
     g = torch.Generator().manual_seed(a.seed + 1)
     data = torch.randint(0, 256, (a.steps + a.warmup, a.batch, a.context + 1), generator=g)
 
@@ -172,7 +180,9 @@ def main():
 
             try:
                 for i in range(a.warmup):
-                    step(i)
+                    loss = step(i)
+                    if i == 0:
+                        check_loss = loss.item()
                 t0 = time.perf_counter()
                 for i in range(a.steps):
                     loss = step(a.warmup + i)
@@ -182,7 +192,7 @@ def main():
                 break
         line = {"case": "python_train" + case_suffix, "threads": a.threads, "batch": a.batch, "context": a.context}
         if runs:
-            line.update({"ms_per_step": statistics.median(runs), "runs_ms": runs,
+            line.update({"ms_per_step": statistics.median(runs), "runs_ms": runs, "check_loss": check_loss,
                          "tokens_per_s": a.batch * a.context / (statistics.median(runs) / 1e3)})
         if error:
             line["error"] = error
