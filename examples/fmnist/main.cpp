@@ -5,10 +5,13 @@
 //   wick-fmnist --model mlp --precision bf16 --accum 4 --json
 //   wick-fmnist --model cnn --checkpoint-dir runs/a/checkpoints --resume latest
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
+//   wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64 clients
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
 #include <wick/wick.h>
+
+#include "serve.h"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -46,6 +49,7 @@ struct Args {
   bool json = false;
   bool ddp = false;
   std::string device = "cpu";
+  fmnist::ServeOptions serve;
 };
 
 torch::nn::Sequential make_model(const std::string& name) {
@@ -176,6 +180,15 @@ int run(const Args& args) {
   const double test_loss = test_metrics.at("val/loss");
   const std::string hash = wick::parameters_sha256(*model);
 
+  // Serving: a fresh model loaded from the checkpoint the Trainer wrote last.
+  std::optional<fmnist::ServeReport> served;
+  if (args.serve.clients > 0 && main_rank) {
+    const auto latest = wick::latest_checkpoint(checkpoint_dir);
+    TORCH_CHECK(latest.has_value(), "--serve: no checkpoint under ", checkpoint_dir);
+    served = fmnist::serve_test_set(make_model(args.model), *latest, wick::InferenceSessionOptions().device(device),
+                                    test_set.images(), test_set.targets(), args.serve);
+  }
+
   // Every rank trained on its shard: the run's throughput is the sum over ranks.
   const double train_samples_per_s = throughput->samples_per_s() * static_cast<double>(world);
   if (!main_rank) return 0;
@@ -187,6 +200,7 @@ int run(const Args& args) {
                 result.last_val_metrics.at("val/accuracy"));
   }
   std::printf("test:       loss %.4f, accuracy %.4f\n", test_loss, test_accuracy);
+  if (served) fmnist::print_serve_report(*served, args.serve);
   std::printf("parameters sha256 %s\n", hash.c_str());
   std::printf("metrics in %s/metrics.{jsonl,csv}, checkpoints in %s\n", args.run_dir.c_str(), checkpoint_dir.c_str());
 
@@ -209,6 +223,7 @@ int run(const Args& args) {
     j["train_seconds"] = result.seconds;
     j["params_sha256"] = hash;
     j["stop_reason"] = result.stop_reason;
+    if (served) fmnist::add_serve_fields(j, *served, args.serve);
     std::cout << j.dump() << std::endl;
   }
   return 0;
@@ -254,6 +269,18 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   app.add_flag("--ddp", args.ddp, "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
+  app.add_option("--serve", args.serve.clients,
+                 "after training, serve the test set to CLIENTS threads through a DynamicBatcher (0: no)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--serve-max-batch", args.serve.max_batch, "serving: largest batch")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--serve-max-delay-us", args.serve.max_delay_us, "serving: longest wait for a batch to fill, us")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--serve-workers", args.serve.workers, "serving: batches run in parallel")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   try {
     return run(args);
