@@ -95,5 +95,6 @@ void add_run_environment(Json& summary, double load_start);
 /// Subcommands: each adds itself to `app`; `global` is filled before they run.
 void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_ddp_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
+void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 
 }  // namespace wick_bench

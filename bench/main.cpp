@@ -3,6 +3,7 @@
 //   wick-bench trainer --threads 1            # Trainer vs a raw LibTorch loop vs PyTorch eager
 //   wick-bench --jsonl results.jsonl trainer  # also append the lines to a file
 //   wick-bench ddp                            # 2 ranks x 1 thread vs 1 rank: DDP weak scaling
+//   wick-bench batcher --threads 2            # 64 clients: dynamic batching vs none vs pre-formed batches
 //
 // Each subcommand lives in its own file (trainer_bench.cpp, ...) and adds
 // itself through an add_<name>_command function declared in bench_common.h.
@@ -29,6 +30,7 @@ int main(int argc, char** argv) {
 
   wick_bench::add_trainer_command(app, global);
   wick_bench::add_ddp_command(app, global);
+  wick_bench::add_batcher_command(app, global);
 
   try {
     app.parse(argc, argv);
