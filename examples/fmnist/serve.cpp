@@ -90,6 +90,7 @@ ServeReport serve_test_set(torch::nn::Sequential model, const std::string& check
   for (int64_t i = 0; i < n; ++i) {
     r.serve_correct += served_pred[static_cast<size_t>(i)] == t[i];
     r.offline_correct += offline_pred[static_cast<size_t>(i)] == t[i];
+    r.predictions_differing += served_pred[static_cast<size_t>(i)] != offline_pred[static_cast<size_t>(i)];
   }
   r.serve_accuracy = static_cast<double>(r.serve_correct) / static_cast<double>(n);
   r.offline_accuracy = static_cast<double>(r.offline_correct) / static_cast<double>(n);
@@ -106,7 +107,8 @@ ServeReport serve_test_set(torch::nn::Sequential model, const std::string& check
               " of ", n, " requests with a result");
   TORCH_CHECK(r.serve_correct == r.offline_correct, "serve: serving accuracy ", r.serve_accuracy, " (",
               r.serve_correct, " correct) differs from the offline accuracy ", r.offline_accuracy, " (",
-              r.offline_correct, " correct) of the same model");
+              r.offline_correct, " correct) of the same model; ", r.predictions_differing,
+              " images got another class when served");
   return r;
 }
 
@@ -116,8 +118,9 @@ void print_serve_report(const ServeReport& r, const ServeOptions& o) {
   std::printf("            %lld batches, mean size %.1f (max %lld, max delay %lld us, %lld worker%s)\n",
               static_cast<long long>(r.batches), r.mean_batch, static_cast<long long>(o.max_batch),
               static_cast<long long>(o.max_delay_us), static_cast<long long>(o.workers), o.workers == 1 ? "" : "s");
-  std::printf("            accuracy served %.4f = offline %.4f (%lld of %lld correct)\n", r.serve_accuracy,
-              r.offline_accuracy, static_cast<long long>(r.serve_correct), static_cast<long long>(r.requests));
+  std::printf("            accuracy served %.4f = offline %.4f (%lld of %lld correct; %lld predictions differ)\n",
+              r.serve_accuracy, r.offline_accuracy, static_cast<long long>(r.serve_correct),
+              static_cast<long long>(r.requests), static_cast<long long>(r.predictions_differing));
   std::fflush(stdout);
 }
 

@@ -28,6 +28,10 @@ struct ServeReport {
   int64_t batches = 0;
   int64_t serve_correct = 0, offline_correct = 0;
   double serve_accuracy = 0, offline_accuracy = 0;
+  /// Images whose served class differs from the offline one. Batches of other
+  /// sizes may change logits in the last bits (CPU kernels block by batch
+  /// size), so a near-tie could flip; the accuracies must still be equal.
+  int64_t predictions_differing = 0;
 };
 
 /// Serves `model` (loaded from `checkpoint` unless it is "", after
