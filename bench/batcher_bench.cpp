@@ -141,8 +141,10 @@ struct CeilingRun {
   double requests_per_s = 0, batch_ms = 0;
 };
 
-// The same images on pre-formed batches of max_batch, in order.
-CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tensor& images, int64_t max_batch) {
+// The same images on pre-formed batches of max_batch, in order, run on a
+// fresh thread as the batcher's worker is (a thread's first torch ops may see
+// other thread-pool settings than the main thread's).
+CeilingRun run_ceiling_here(const wick::InferenceSession& session, const torch::Tensor& images, int64_t max_batch) {
   const int64_t n = images.size(0);
   std::vector<torch::Tensor> batches;
   for (int64_t s = 0; s < n; s += max_batch) batches.push_back(images.narrow(0, s, std::min(max_batch, n - s)));
@@ -156,7 +158,22 @@ CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tenso
     }
   }
   const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
-  return CeilingRun{static_cast<double>(n) / wall, median(full_batch_ms)};
+  return CeilingRun{static_cast<double>(n) / wall, full_batch_ms.empty() ? 0.0 : median(full_batch_ms)};
+}
+
+CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tensor& images, int64_t max_batch) {
+  CeilingRun r;
+  std::exception_ptr error;
+  std::thread t([&] {
+    try {
+      r = run_ceiling_here(session, images, max_batch);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  });
+  t.join();
+  if (error) std::rethrow_exception(error);
+  return r;
 }
 
 struct ModelFigures {
