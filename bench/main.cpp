@@ -7,6 +7,7 @@
 //   wick-bench pipeline                       # bubble vs theory, GPipe vs 1F1B, checkpointing memory
 //   wick-bench gpt                            # wick-gpt's training step and generation vs PyTorch
 //   wick-bench profiler                       # wick::Profiler's cost: off vs schedule wait vs recording
+//   wick-bench batcher --threads 2            # 64 clients: dynamic batching vs none vs pre-formed batches
 //
 // Each subcommand lives in its own file (trainer_bench.cpp, ...) and adds
 // itself through an add_<name>_command function declared in bench_common.h.
@@ -39,6 +40,7 @@ int main(int argc, char** argv) {
 #ifdef WICK_BENCH_WITH_GPT
   wick_bench::add_gpt_command(app, global);
 #endif
+  wick_bench::add_batcher_command(app, global);
 
   try {
     app.parse(argc, argv);

@@ -457,7 +457,7 @@ TEST(DynamicBatcherTest, DifferentShapesInOneBatchRunSeparately) {
   EXPECT_EQ(model.sizes, std::vector<int64_t>({2, 1}));
 }
 
-// The example in docs/batcher.md, kept here so it is known to compile and work.
+// The example in docs/batching.md, kept here so it is known to compile and work.
 TEST(DynamicBatcherTest, DocExample) {
   torch::manual_seed(0);
   torch::nn::Linear net(4, 3);

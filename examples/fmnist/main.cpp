@@ -7,6 +7,7 @@
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
 //   wick-fmnist --quantize --prune 0.5 --json          # int8 beside fp32; 50% pruned + 1 epoch
 //   wick-fmnist --model mlp --profile                  # top-10 ops, trace.json and report.html in the run dir
+//   wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64 clients
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
@@ -14,6 +15,7 @@
 
 #include "compress.h"
 #include "profile.h"
+#include "serve.h"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -55,6 +57,7 @@ struct Args {
   bool quantize = false;
   double prune = -1;  // fraction of the weights to prune; < 0: no pruning
   bool profile = false;
+  fmnist::ServeOptions serve;
 };
 
 torch::nn::Sequential make_model(const std::string& name) {
@@ -214,6 +217,32 @@ int run(const Args& args) {
   std::optional<fmnist::Int8Comparison> int8;
   if (args.quantize && main_rank) int8 = fmnist::compare_int8(model, test_set.images(), test_set.targets());
 
+  // Serving: a fresh model loaded from the checkpoint the Trainer wrote last;
+  // under --quantize the int8 copy, under --prune the pruned model, as they are.
+  std::optional<fmnist::ServeReport> served;
+  if (args.serve.clients > 0 && main_rank) {
+    if (int8) {
+      // The int8 model saved as a checkpoint, then loaded by the session into
+      // a fresh model quantized the same way (InferenceSessionOptions::transform).
+      const std::string int8_path = args.run_dir + "/int8-model";
+      wick::Checkpoint ckpt;
+      ckpt.put_module("model", *int8->int8_model);
+      ckpt.save(int8_path);
+      served = fmnist::serve_test_set(
+          make_model(args.model), int8_path,
+          wick::InferenceSessionOptions().transform([](torch::nn::Module& m) { wick::quantize_dynamic(m); }),
+          test_set.images(), test_set.targets(), args.serve);
+    } else if (pruned) {
+      served = fmnist::serve_test_set(model, "", wick::InferenceSessionOptions().device(device), test_set.images(),
+                                      test_set.targets(), args.serve);
+    } else {
+      const auto latest = wick::latest_checkpoint(checkpoint_dir);
+      TORCH_CHECK(latest.has_value(), "--serve: no checkpoint under ", checkpoint_dir);
+      served = fmnist::serve_test_set(make_model(args.model), *latest, wick::InferenceSessionOptions().device(device),
+                                      test_set.images(), test_set.targets(), args.serve);
+    }
+  }
+
   // Every rank trained on its shard: the run's throughput is the sum over ranks.
   const double train_samples_per_s = throughput->samples_per_s() * static_cast<double>(world);
   if (!main_rank) return 0;
@@ -225,6 +254,7 @@ int run(const Args& args) {
                 result.last_val_metrics.at("val/accuracy"));
   }
   std::printf("test:       loss %.4f, accuracy %.4f\n", test_loss, test_accuracy);
+  if (served) fmnist::print_serve_report(*served, args.serve);
   std::printf("parameters sha256 %s\n", hash.c_str());
   if (pruned) {
     std::printf("\npruned %.1f%% of the Linear and Conv weights (global |w| threshold):\n%s", 100 * pruned->sparsity,
@@ -292,6 +322,7 @@ int run(const Args& args) {
       j["trace_path"] = profile->trace_path();
       j["profiled_steps"] = profile->profiled_steps();
     }
+    if (served) fmnist::add_serve_fields(j, *served, args.serve);
     std::cout << j.dump() << std::endl;
   }
   return 0;
@@ -345,6 +376,18 @@ int main(int argc, char** argv) {
   app.add_flag("--profile", args.profile,
                "profile a few training steps (wick::Profiler): top-10 ops, trace.json and the report's ops table");
   app.add_flag("--ddp", args.ddp, "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
+  app.add_option("--serve", args.serve.clients,
+                 "after training, serve the test set to CLIENTS threads through a DynamicBatcher (0: no)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--serve-max-batch", args.serve.max_batch, "serving: largest batch")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--serve-max-delay-us", args.serve.max_delay_us, "serving: longest wait for a batch to fill, us")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--serve-workers", args.serve.workers, "serving: batches run in parallel")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   try {
     return run(args);

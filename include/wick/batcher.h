@@ -11,7 +11,7 @@
 //
 // Every request gets exactly one answer: its result, or an exception in its
 // future (BatcherError for queue full / deadline / shutdown / cancel, the
-// model's own exception when the model threw). See docs/batcher.md.
+// model's own exception when the model threw). See docs/batching.md.
 
 #include <torch/arg.h>
 #include <torch/types.h>

@@ -9,6 +9,7 @@
 #include <wick/distributed.h>
 #include <wick/grad_accumulator.h>
 #include <wick/hash.h>
+#include <wick/inference.h>
 #include <wick/lr_scheduler.h>
 #include <wick/optim.h>
 #include <wick/pipeline.h>
