@@ -218,10 +218,11 @@ int run(const Args& args) {
   if (args.quantize && main_rank) int8 = fmnist::compare_int8(model, test_set.images(), test_set.targets());
 
   // Serving: a fresh model loaded from the checkpoint the Trainer wrote last;
-  // under --quantize the int8 copy, under --prune the pruned model, as they are.
+  // under --prune the pruned model as it is; with --serve-int8 the int8 copy.
   std::optional<fmnist::ServeReport> served;
+  TORCH_CHECK(!args.serve.int8 || args.quantize, "--serve-int8 needs --quantize");
   if (args.serve.clients > 0 && main_rank) {
-    if (int8) {
+    if (args.serve.int8) {
       // The int8 model saved as a checkpoint, then loaded by the session into
       // a fresh model quantized the same way (InferenceSessionOptions::transform).
       const std::string int8_path = args.run_dir + "/int8-model";
@@ -385,6 +386,9 @@ int main(int argc, char** argv) {
   app.add_option("--serve-max-delay-us", args.serve.max_delay_us, "serving: longest wait for a batch to fill, us")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_flag("--serve-int8", args.serve.int8,
+               "serve the int8 copy (needs --quantize) through a quantized checkpoint; its answers depend on the "
+               "batch mates, so served accuracy is reported beside offline, not required equal");
   app.add_option("--serve-workers", args.serve.workers, "serving: batches run in parallel")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -17,6 +17,11 @@ struct ServeOptions {
   int64_t max_batch = 64;        ///< BatcherOptions::max_batch_size
   int64_t max_delay_us = 1000;   ///< BatcherOptions::max_delay, microseconds
   int64_t workers = 1;           ///< BatcherOptions::num_workers
+  /// Serve the int8 copy (wick-fmnist --serve-int8 with --quantize). Dynamic
+  /// int8 quantizes each batch's activations with one scale for the batch, so
+  /// an image's answer depends on its batch mates: the served and offline
+  /// accuracies are compared but not required to be equal.
+  bool int8 = false;
 };
 
 struct ServeReport {
