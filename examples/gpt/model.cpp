@@ -160,25 +160,19 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   return proj(y.transpose(1, 2).reshape({B, T, C}));
 }
 
-torch::Tensor AttentionImpl::forward_slots(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                           SlotCache& cache, int64_t layer, const torch::Tensor& slots,
-                                           const std::vector<int64_t>& positions) {
+torch::Tensor AttentionImpl::forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache,
+                                           int64_t layer) {
   const int64_t B = x.size(0), C = x.size(2), D = C / heads_;
   auto parts = qkv(x).view({B, 1, 3, heads_, D}).permute({2, 0, 3, 1, 4});  // [3, B, H, 1, D]
-  // cos/sin are the rows of each sequence's position: [B, 1, 1, D/2].
-  auto q = rope(parts[0], cos, sin), k = rope(parts[1], cos, sin), v = parts[2];
+  auto q = rope(parts[0], step.cos, step.sin), k = rope(parts[1], step.cos, step.sin), v = parts[2];
   auto& ck = cache.keys[layer];
   auto& cv = cache.values[layer];
-  const int64_t context = ck.size(2);
-  auto mask = torch::empty({B, 1, 1, context}, torch::TensorOptions(torch::kBool).device(x.device()));
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t slot = slots[b].item<int64_t>();
-    ck[slot].select(1, positions[b]).copy_(k[b].select(1, 0));
-    cv[slot].select(1, positions[b]).copy_(v[b].select(1, 0));
-    mask[b].fill_(false).narrow(-1, 0, positions[b] + 1).fill_(true);
+    ck[step.slots[b]].select(1, step.positions[b]).copy_(k[b].select(1, 0));
+    cv[step.slots[b]].select(1, step.positions[b]).copy_(v[b].select(1, 0));
   }
-  auto keys = ck.index_select(0, slots), values = cv.index_select(0, slots);
-  auto y = at::scaled_dot_product_attention(q, keys, values, mask, 0.0, /*is_causal=*/false);
+  auto keys = ck.index_select(0, step.slot_index), values = cv.index_select(0, step.slot_index);
+  auto y = at::scaled_dot_product_attention(q, keys, values, step.mask, 0.0, /*is_causal=*/false);
   return proj(y.transpose(1, 2).reshape({B, 1, C}));
 }
 
@@ -201,10 +195,9 @@ torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& co
   return h + (moe ? moe(norm2(h)) : ffn(norm2(h)));
 }
 
-torch::Tensor BlockImpl::forward_slots(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                       SlotCache& cache, int64_t layer, const torch::Tensor& slots,
-                                       const std::vector<int64_t>& positions) {
-  auto h = x + attn->forward_slots(norm1(x), cos, sin, cache, layer, slots, positions);
+torch::Tensor BlockImpl::forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache,
+                                       int64_t layer) {
+  auto h = x + attn->forward_slots(norm1(x), step, cache, layer);
   return h + (moe ? moe(norm2(h)) : ffn(norm2(h)));
 }
 
@@ -255,12 +248,16 @@ torch::Tensor GPTImpl::decode_slots(const torch::Tensor& tokens, const std::vect
     TORCH_CHECK(p >= 0 && p < config_.context, "GPT::decode_slots: position ", p, " is outside the context of ",
                 config_.context);
   }
+  SlotStep step{slots, positions, torch::tensor(slots, torch::kLong).to(tokens.device()), {}, {}, {}};
   auto pos = torch::tensor(positions, torch::kLong).to(cos_.device());
-  auto cos = cos_.index_select(0, pos).view({B, 1, 1, -1}), sin = sin_.index_select(0, pos).view({B, 1, 1, -1});
-  auto slot_index = torch::tensor(slots, torch::kLong).to(tokens.device());
+  step.cos = cos_.index_select(0, pos).view({B, 1, 1, -1});
+  step.sin = sin_.index_select(0, pos).view({B, 1, 1, -1});
+  // Row b sees the positions up to its own: arange(context) <= positions[b].
+  step.mask = torch::arange(config_.context, pos.options()).unsqueeze(0).le(pos.unsqueeze(1)).view(
+      {B, 1, 1, config_.context});
   auto x = embed(tokens.view({B, 1}));
   for (size_t i = 0; i < blocks->size(); ++i) {
-    x = blocks[i]->as<BlockImpl>()->forward_slots(x, cos, sin, cache, static_cast<int64_t>(i), slot_index, positions);
+    x = blocks[i]->as<BlockImpl>()->forward_slots(x, step, cache, static_cast<int64_t>(i));
   }
   return head(norm(x)).squeeze(1);
 }

@@ -48,6 +48,15 @@ struct SlotCache {
   int64_t slots() const { return keys.empty() ? 0 : keys[0].size(0); }
 };
 
+/// One batched decoding step, built once per step by GPTImpl::decode_slots and
+/// shared by every layer.
+struct SlotStep {
+  std::vector<int64_t> slots, positions;  ///< per row: its sequence's slot and new position
+  torch::Tensor slot_index;               ///< slots as a tensor, on the model's device
+  torch::Tensor mask;                     ///< [B, 1, 1, context]: row b sees positions 0..positions[b]
+  torch::Tensor cos, sin;                 ///< [B, 1, 1, head_dim / 2], the rows' rotary angles
+};
+
 class RMSNormImpl : public torch::nn::Module {
  public:
   explicit RMSNormImpl(int64_t width, double eps = 1e-6);
@@ -97,9 +106,7 @@ class AttentionImpl : public torch::nn::Module {
   /// One new position for each row of x [B, 1, C]: row b is the sequence in
   /// slot slots[b], at position positions[b] (its length so far); its key and
   /// value go into the slot, and it attends to the slot's positions 0..positions[b].
-  torch::Tensor forward_slots(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                              SlotCache& cache, int64_t layer, const torch::Tensor& slots,
-                              const std::vector<int64_t>& positions);
+  torch::Tensor forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache, int64_t layer);
   torch::nn::Linear qkv{nullptr}, proj{nullptr};
   int64_t heads() const { return heads_; }
 
@@ -113,9 +120,7 @@ class BlockImpl : public torch::nn::Module {
   explicit BlockImpl(const GPTConfig& config);
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, KVCache* cache,
                         int64_t layer);
-  torch::Tensor forward_slots(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                              SlotCache& cache, int64_t layer, const torch::Tensor& slots,
-                              const std::vector<int64_t>& positions);
+  torch::Tensor forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache, int64_t layer);
   /// The MoE's balance loss of the last forward (0 without MoE).
   torch::Tensor aux_loss() const;
 
