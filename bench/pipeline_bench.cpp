@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <thread>
@@ -147,6 +148,9 @@ void run_pipeline_bench(const PipelineBenchOptions& o, const GlobalOptions& glob
       line["step_ms"] = median(step);
       line["ideal_step_ms"] = 3 * o.forward_ms * static_cast<double>(m + o.stages - 1);
       out.emit(line);
+      std::fprintf(stderr, "bubble  %-6s stages %lld  micro-batches %3lld  measured %.3f  ideal %.3f  step %7.1f ms\n",
+                   schedule_name(schedule), static_cast<long long>(o.stages), static_cast<long long>(m),
+                   median(bubble), ideal, median(step));
       worst_gap = std::max(worst_gap, std::abs(median(bubble) - ideal));
       (schedule == wick::PipelineSchedule::kGPipe ? gpipe_ms : f1b_ms).push_back(median(step));
     }
@@ -195,6 +199,8 @@ void run_pipeline_bench(const PipelineBenchOptions& o, const GlobalOptions& glob
       line["peak_bytes"] = median(peak);
       line["bubble_fraction"] = pipe->last_stats().bubble_fraction;
       out.emit(line);
+      std::fprintf(stderr, "memory  %-6s checkpointing %-11s  peak %7.1f MB  step %7.1f ms\n", schedule_name(schedule),
+                   checkpoint_name(ckpt), median(peak) / 1e6, median(step));
       mem[std::string(schedule_name(schedule)) + "_" + checkpoint_name(ckpt) + "_peak_bytes"] = median(peak);
       mem[std::string(schedule_name(schedule)) + "_" + checkpoint_name(ckpt) + "_step_ms"] = median(step);
     }

@@ -22,6 +22,7 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -171,6 +172,9 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
     }
   }
 
+  // A table for a person on stderr; the JSON lines on stdout stay machine-readable.
+  std::fprintf(stderr, "%-18s %7s %5s %10s %10s %8s %12s %10s\n", "model", "threads", "batch", "fp32 ms",
+               "int8 ms", "speedup", "python ms", "vs python");
   double min_small = INFINITY, min_large = INFINITY, min_python = INFINITY;
   std::string worst_small, worst_large, worst_python, py_engine;
   bool same_weights = true;
@@ -211,6 +215,10 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
       line["same_weights"] = same;
       same_weights = same_weights && same;
     }
+    std::fprintf(stderr, "%-18s %7d %5lld %10.3f %10.3f %7.2fx %12s %10s\n", name.c_str(), threads,
+                 static_cast<long long>(batch), f, q, f / q,
+                 c.py_int8.empty() ? "-" : c10::str(median(c.py_int8)).c_str(),
+                 c.py_int8.empty() ? "-" : c10::str(median(c.py_int8) / q, "x").c_str());
     line["check_fp32"] = c.check;
     line["fp32_runs_ms"] = list(c.fp32);
     line["int8_runs_ms"] = list(c.int8);
