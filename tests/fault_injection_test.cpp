@@ -23,6 +23,8 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <limits>
+#include <map>
 #include <random>
 #include <sstream>
 
@@ -390,6 +392,109 @@ TEST_F(FaultInjectionTest, CheckpointBeyondFileSizeLimitFailsClearly) {
   EXPECT_NE(text.find("File too large"), std::string::npos) << text;
   EXPECT_NE(text.find("model.pt"), std::string::npos) << text;
   expect_previous_intact(dir, before, reference, 3);
+}
+
+// ------------------------------------------------------------ non-finite losses
+
+/// A task whose loss is cross-entropy plus, on the chosen calls (1-based
+/// micro-batch count), a constant NaN or inf: the loss value is non-finite but
+/// its gradient (d loss / d cross-entropy = 1) is not, so the parameters stay
+/// finite and later losses are finite again.
+wick::SupervisedTask poisoned_task(torch::nn::Sequential model, std::map<int, double> poison, int* calls) {
+  return wick::SupervisedTask(model, [poison, calls](const torch::Tensor& out, const torch::Tensor& target) {
+    auto loss = torch::nn::functional::cross_entropy(out, target);
+    auto it = poison.find(++*calls);
+    return it == poison.end() ? loss : loss + it->second;
+  });
+}
+
+// 48 samples in batches of 8, two micro-batches per step: 6 micro-batches and
+// 3 steps per epoch. Calls 3-4 are NaN (two in a row: below the limit of 3,
+// and the count restarts at call 5); calls 8, 9, 10 are NaN, NaN, inf: the
+// third in a row is call 10 = micro-batch 4 of epoch 1, in step 5.
+TEST_F(FaultInjectionTest, ConsecutiveNonFiniteLossesStopNamingTheStep) {
+  static const Data data = make_data();
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  const std::map<int, double> poison{{3, nan}, {4, nan}, {8, nan}, {9, nan}, {10, inf}};
+  auto options = wick::TrainerOptions().max_epochs(3).grad_accum_steps(2).log_system_metrics(false);
+  {
+    int calls = 0;
+    auto model = make_model();
+    auto task = poisoned_task(model, poison, &calls);
+    torch::optim::SGD opt(model->parameters(), 0.1);
+    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+    wick::Trainer trainer(wick::TrainerOptions(options).max_nonfinite_losses(3));
+    EXPECT_THROWS_WITH(trainer.fit(task, opt, source),
+                       "Trainer: 3 consecutive non-finite training losses (max_nonfinite_losses=3), the last inf "
+                       "at step 5 (epoch 1, micro-batch 4 of the epoch); stopping");
+    EXPECT_EQ(calls, 10);
+    EXPECT_EQ(trainer.state().step, 4);
+  }
+  {  // A limit of 4 is never reached: training runs to its end.
+    int calls = 0;
+    auto model = make_model();
+    auto task = poisoned_task(model, poison, &calls);
+    torch::optim::SGD opt(model->parameters(), 0.1);
+    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+    wick::Trainer trainer(wick::TrainerOptions(options).max_nonfinite_losses(4));
+    auto result = trainer.fit(task, opt, source);
+    EXPECT_EQ(result.stop_reason, "max_epochs");
+    EXPECT_EQ(result.state.step, 9);
+    EXPECT_EQ(calls, 18);
+    for (const auto& p : model->parameters()) EXPECT_TRUE(torch::isfinite(p).all().item<bool>());
+  }
+  {  // Off (the default): a NaN loss does not stop training.
+    int calls = 0;
+    auto model = make_model();
+    auto task = poisoned_task(model, {{1, nan}}, &calls);
+    torch::optim::SGD opt(model->parameters(), 0.1);
+    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+    wick::Trainer trainer(options);
+    EXPECT_EQ(trainer.fit(task, opt, source).state.step, 9);
+  }
+  {  // A limit of 1 stops on the first one, in step 1.
+    int calls = 0;
+    auto model = make_model();
+    auto task = poisoned_task(model, {{1, nan}}, &calls);
+    torch::optim::SGD opt(model->parameters(), 0.1);
+    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+    wick::Trainer trainer(wick::TrainerOptions(options).max_nonfinite_losses(1));
+    EXPECT_THROWS_WITH(trainer.fit(task, opt, source), "the last nan at step 1 (epoch 0, micro-batch 1 of the epoch)");
+  }
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().max_nonfinite_losses(-1)),
+                     "Trainer: max_nonfinite_losses must be >= 0 (0 = off), got -1");
+}
+
+// fp16: an infinite loss makes infinite gradients; the scaler skips that step
+// and the logs count it ("amp/skipped_steps"), while max_nonfinite_losses=2
+// lets one such loss pass.
+TEST_F(FaultInjectionTest, Fp16SkippedStepsAreCountedInTheLogs) {
+  static const Data data = make_data();
+  struct Logs : wick::Callback {
+    std::vector<double> skipped;
+    std::string name() const override { return "Logs"; }
+    void on_log(wick::Trainer&, const wick::Metrics& logs) override { skipped.push_back(logs.at("amp/skipped_steps")); }
+  };
+  int calls = 0;
+  auto model = make_model();
+  // Multiplied, not added: the gradients overflow too.
+  wick::SupervisedTask task(model, [&calls](const torch::Tensor& out, const torch::Tensor& target) {
+    auto loss = torch::nn::functional::cross_entropy(out, target);
+    return ++calls == 2 ? loss * std::numeric_limits<float>::infinity() : loss;
+  });
+  torch::optim::SGD opt(model->parameters(), 0.1);
+  wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+  auto logs = std::make_shared<Logs>();
+  wick::Trainer trainer(wick::TrainerOptions()
+                            .precision(wick::Precision::kFP16)
+                            .max_nonfinite_losses(2)
+                            .log_every_n_steps(1)
+                            .log_system_metrics(false));
+  trainer.add_callback(logs);
+  auto result = trainer.fit(task, opt, source);
+  EXPECT_EQ(result.state.step, 6);
+  EXPECT_EQ(logs->skipped, (std::vector<double>{0, 1, 1, 1, 1, 1}));
+  for (const auto& p : model->parameters()) EXPECT_TRUE(torch::isfinite(p).all().item<bool>());
 }
 
 }  // namespace
