@@ -230,7 +230,7 @@ class FaultInjectionTest : public wick::testing::SeededTest {};
 // an uninterrupted run had after that step, and the run resumed to the end
 // reaches bit for bit the uninterrupted run's parameters.
 TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
-  constexpr int64_t kSteps = 150;
+  constexpr int64_t kSteps = 100;
   constexpr int kKills = 40;
   const auto t0 = std::chrono::steady_clock::now();
 
