@@ -398,7 +398,12 @@ void Checkpoint::save(const std::string& path) const {
     tmp = parent / temp_name(name);
     if (::mkdir(tmp.c_str(), 0755) == 0) break;
     const int err = errno;
-    if (err != EEXIST || attempt >= 8) fail_errno("cannot create temporary directory", tmp, err);
+    if (err != EEXIST || attempt >= 8) {
+      // Named like the write failures below: the checkpoint first, then the cause.
+      fail(c10::str("Checkpoint: cannot save '", target.string(), "': cannot create temporary directory '",
+                    tmp.string(), "': ", detail::errno_text(err), "; nothing was changed at '", target.string(),
+                    "'"));
+    }
   }
   auto remove_tmp = [&tmp] { remove_tree(tmp); };
 

@@ -5,6 +5,7 @@
 #include <wick/lr_scheduler.h>
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 namespace wick {
@@ -63,6 +64,8 @@ void check_options(const TrainerOptions& o) {
               o.val_every_n_epochs());
   TORCH_CHECK(o.checkpoint_every_n_steps() >= 0,
               "Trainer: checkpoint_every_n_steps must be >= 0, got ", o.checkpoint_every_n_steps());
+  TORCH_CHECK(o.max_nonfinite_losses() >= 0,
+              "Trainer: max_nonfinite_losses must be >= 0 (0 = off), got ", o.max_nonfinite_losses());
   TORCH_CHECK(o.grad_clip_norm() >= 0.0,
               "Trainer: grad_clip_norm must be >= 0 (0 = off), got ", o.grad_clip_norm());
   TORCH_CHECK(o.resume().empty() || !o.checkpoint_dir().empty() || o.resume() != "latest",
@@ -239,6 +242,7 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   state_ = TrainState{};
   stop_reason_.clear();
   epoch_done_ = false;
+  nonfinite_losses_ = 0;
   last_logs_.clear();
   last_val_metrics_.clear();
   batches_per_epoch_ = train.size();
@@ -325,6 +329,16 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
     TORCH_CHECK(out.loss.defined() && out.loss.numel() == 1,
                 "Trainer: training_step must return a scalar loss, got ",
                 out.loss.defined() ? out.loss.sizes() : c10::IntArrayRef{});
+    if (options_.max_nonfinite_losses() > 0) {
+      const double value = out.loss.detach().to(torch::kFloat64).item<double>();
+      nonfinite_losses_ = std::isfinite(value) ? 0 : nonfinite_losses_ + 1;
+      // Steps count from 1, as in TrainState::step and checkpoint names.
+      TORCH_CHECK(nonfinite_losses_ < options_.max_nonfinite_losses(), "Trainer: ", nonfinite_losses_,
+                  " consecutive non-finite training losses (max_nonfinite_losses=",
+                  options_.max_nonfinite_losses(), "), the last ", value, " at step ", state_.step + 1,
+                  " (epoch ", state_.epoch, ", micro-batch ", state_.batch_in_epoch + 1,
+                  " of the epoch); stopping");
+    }
     torch::Tensor loss = weight == 1.0 ? out.loss : out.loss * weight;
     if (scaler_) loss = scaler_->scale(loss);
     loss.backward();

@@ -126,6 +126,12 @@ struct TrainerOptions {
   /// is copied there. Unset: the device of the model's first parameter (CPU
   /// for a model without parameters).
   TORCH_ARG(std::optional<torch::Device>, device) = std::nullopt;
+  /// Stop fit with an error naming the step after this many consecutive
+  /// micro-batches whose loss is NaN or infinite (0: off). On, it reads every
+  /// loss on the host (one device sync per micro-batch). Independent of the
+  /// fp16 scaler, which skips steps whose gradients overflow and counts them
+  /// ("amp/skipped_steps" in the logs) without stopping.
+  TORCH_ARG(int64_t, max_nonfinite_losses) = 0;
   /// Clip the global gradient 2-norm to this value before each step (<= 0: off).
   TORCH_ARG(double, grad_clip_norm) = 0.0;
   /// Emit training logs (on_log) every this many optimizer steps; >= 1.
@@ -273,6 +279,7 @@ class Trainer {
   std::string stop_reason_;
   bool epoch_done_ = false;  // between an epoch's validation and its on_epoch_end
   bool last_step_skipped_ = false;
+  int64_t nonfinite_losses_ = 0;  // consecutive non-finite micro-batch losses (max_nonfinite_losses)
   std::map<std::string, double> last_logs_;
   std::map<std::string, double> last_val_metrics_;
 
