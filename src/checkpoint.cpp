@@ -18,6 +18,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -49,6 +50,15 @@ using detail::errno_text;
 }
 
 std::string where(const std::string& path) { return path.empty() ? "<in memory>" : path; }
+
+// What failed, for wrapping: a c10::Error without its backtrace, else what().
+// Not only c10::Error: LibTorch's archive reader throws std::runtime_error
+// (torch::jit::ErrorReport) for a corrupt code/ entry, found by
+// fuzz/checkpoint_fuzz.cpp.
+std::string message_of(const std::exception& e) {
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) return c10_error->what_without_backtrace();
+  return e.what();
+}
 
 // ---------------------------------------------------------------- names
 
@@ -521,10 +531,21 @@ Checkpoint Checkpoint::load(const std::string& path) {
                 "' has unknown format version ", version, "; this build of wick reads version ",
                 kFormatVersion);
     const auto& ts = meta.at("train_state");
-    ckpt.train_state_.step = ts.at("step").get<int64_t>();
-    ckpt.train_state_.epoch = ts.at("epoch").get<int64_t>();
-    ckpt.train_state_.batch_in_epoch = ts.at("batch_in_epoch").get<int64_t>();
-    ckpt.train_state_.samples_seen = ts.at("samples_seen").get<int64_t>();
+    // Integers only, in [0, 2^63): nlohmann's get<int64_t>() would truncate 7.5,
+    // wrap 2^64 - 1 to -1, and convert 1e300 with undefined behaviour (UBSan
+    // under fuzz/checkpoint_fuzz.cpp); a negative step or epoch would only
+    // fail later, inside the Trainer's resume.
+    auto count = [&](const char* key) -> int64_t {
+      const json& v = ts.at(key);
+      TORCH_CHECK(v.is_number_unsigned() && v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
+                  "Checkpoint: '", meta_path.string(), "' has train_state.", key,
+                  " = ", v.dump(), "; it must be an integer in [0, 2^63)");
+      return v.get<int64_t>();
+    };
+    ckpt.train_state_.step = count("step");
+    ckpt.train_state_.epoch = count("epoch");
+    ckpt.train_state_.batch_in_epoch = count("batch_in_epoch");
+    ckpt.train_state_.samples_seen = count("samples_seen");
     ckpt.fingerprint_ = meta.at("fingerprint").get<std::string>();
     ckpt.meta_ = meta.at("meta").get<std::map<std::string, std::string>>();
     for (const auto& [name, entry] : meta.at("sections").items())
@@ -543,7 +564,12 @@ Checkpoint Checkpoint::load(const std::string& path) {
     uint64_t size = 0;
     std::string crc, kind;
     try {
-      size = entry.at("size").get<uint64_t>();
+      const json& size_json = entry.at("size");
+      // get<uint64_t>() would wrap -1 and convert 1e300 with undefined behaviour.
+      TORCH_CHECK(size_json.is_number_unsigned(), "Checkpoint: '", meta_path.string(),
+                  "' has a malformed entry for section '", name, "': size = ", size_json.dump(),
+                  "; it must be a non-negative integer");
+      size = size_json.get<uint64_t>();
       crc = entry.at("crc32").get<std::string>();
       kind = entry.at("kind").get<std::string>();
     } catch (const json::exception& e) {
@@ -588,9 +614,9 @@ void Checkpoint::restore_module(const std::string& section, torch::nn::Module& m
     torch::serialize::InputArchive archive;
     archive.load_from(bytes.data(), bytes.size(), torch::Device(torch::kCPU));
     read_module(archive, "", saved);
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     fail(c10::str("Checkpoint '", where(path_), "': cannot read section '", section,
-                  "' as a module: ", e.what_without_backtrace()));
+                  "' as a module: ", message_of(e)));
   }
 
   // Check everything before touching the module.
@@ -647,9 +673,9 @@ void Checkpoint::get(const std::string& section, const Reader& read) const {
   try {
     archive.load_from(bytes.data(), bytes.size());
     read(archive);
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {
     fail(c10::str("Checkpoint '", where(path_), "': cannot restore section '", section,
-                  "': ", e.what_without_backtrace()));
+                  "': ", message_of(e)));
   }
 }
 
@@ -658,34 +684,39 @@ void Checkpoint::restore_rng_state() const {
   TORCH_CHECK(it != sections_.end() && it->second->kind == "rng", "Checkpoint '", where(path_),
               "' holds no RNG state (put_rng_state() was not called before saving)");
   const auto& bytes = it->second->bytes;
-  torch::serialize::InputArchive archive;
-  torch::Tensor cpu_state, count;
+  // Everything read from the archive is used inside the try, so a corrupt
+  // section is one error naming the checkpoint rather than LibTorch's bare
+  // message from item() (a count of 0 elements) or set_state() (a wrong size).
   try {
+    torch::serialize::InputArchive archive;
+    torch::Tensor cpu_state, count;
     archive.load_from(bytes.data(), bytes.size(), torch::Device(torch::kCPU));
     archive.read("cpu", cpu_state);
     archive.read("cuda/count", count);
-  } catch (const c10::Error& e) {
-    fail(c10::str("Checkpoint '", where(path_),
-                  "': cannot read the RNG state: ", e.what_without_backtrace()));
-  }
-  {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(cpu_state);
-  }
-  const int64_t saved_devices = count.item<int64_t>();
-  if (saved_devices > 0 && torch::cuda::is_available()) {
-    // Devices this machine has beyond the saved ones keep their state; saved
-    // ones it lacks are ignored.
-    const int64_t n = std::min<int64_t>(saved_devices, torch::cuda::device_count());
-    for (int64_t i = 0; i < n; ++i) {
-      torch::Tensor state;
-      archive.read("cuda/" + std::to_string(i), state);
-      auto gen = at::globalContext().defaultGenerator(
-          c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(i)));
+    TORCH_CHECK(count.numel() == 1 && !count.is_floating_point() && !count.is_complex(),
+                "cuda/count must be one integer, got a ", count.scalar_type(), " tensor of shape ",
+                count.sizes());
+    const int64_t saved_devices = count.item<int64_t>();
+    {
+      auto gen = at::detail::getDefaultCPUGenerator();
       std::lock_guard<std::mutex> lock(gen.mutex());
-      gen.set_state(state);
+      gen.set_state(cpu_state);
     }
+    if (saved_devices > 0 && torch::cuda::is_available()) {
+      // Devices this machine has beyond the saved ones keep their state; saved
+      // ones it lacks are ignored.
+      const int64_t n = std::min<int64_t>(saved_devices, torch::cuda::device_count());
+      for (int64_t i = 0; i < n; ++i) {
+        torch::Tensor state;
+        archive.read("cuda/" + std::to_string(i), state);
+        auto gen = at::globalContext().defaultGenerator(
+            c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(i)));
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(state);
+      }
+    }
+  } catch (const std::exception& e) {
+    fail(c10::str("Checkpoint '", where(path_), "': cannot read the RNG state: ", message_of(e)));
   }
 }
 

@@ -232,17 +232,21 @@ torch::Tensor read_idx(const std::string& path) {
     expected *= shape[d];
   }
 
-  // Grown as data arrives rather than allocated from the header up front, so
-  // a corrupt header over a short file fails fast without a huge allocation.
+  // Grown as data arrives rather than allocated from the header up front, in
+  // chunks that start at 64 KiB and double while the file keeps up, so a
+  // corrupt header over a short file fails fast with memory in proportion to
+  // the file: a 20-byte file declaring 2^35 bytes reserved 64 MiB and zeroed
+  // 16 MiB before (noticed while fuzzing read_idx: 150 inputs/s).
   auto buffer = std::make_unique<std::vector<uint8_t>>();
-  buffer->reserve(static_cast<size_t>(std::min<int64_t>(expected, int64_t{1} << 26)));
   int64_t got = 0;
+  int64_t chunk = int64_t{1} << 16;
   while (got < expected) {
-    const int64_t want = std::min<int64_t>(expected - got, int64_t{1} << 24);
+    const int64_t want = std::min(expected - got, chunk);
     buffer->resize(static_cast<size_t>(got + want));
     const int64_t n = gz_read_full(file.get(), path, buffer->data() + got, want);
     got += n;
     if (n < want) break;
+    chunk = std::min<int64_t>(chunk * 2, int64_t{1} << 24);
   }
   const int64_t header_bytes = 4 + 4 * int64_t{ndims};
   TORCH_CHECK(got == expected, "read_idx: '", path, "' is truncated: its header declares shape ",

@@ -27,16 +27,18 @@ std::string html_escape(const std::string& s) {
   return out;
 }
 
-// JSON inside <script>: "</" would end the element early.
+// JSON inside <script>: "</script" would end the element early, and "<!--"
+// followed by "<script" would make the parser skip the real "</script>" after
+// it. JSON has '<' only inside strings, where "\u003c" means the same; with no
+// '<' left the element's content is inert (fuzz/metrics_jsonl_fuzz.cpp checks).
 std::string script_safe(const std::string& json) {
   std::string out;
   out.reserve(json.size());
-  for (size_t i = 0; i < json.size(); ++i) {
-    if (json[i] == '<' && i + 1 < json.size() && json[i + 1] == '/') {
-      out += "<\\/";
-      ++i;
+  for (char c : json) {
+    if (c == '<') {
+      out += "\\u003c";
     } else {
-      out += json[i];
+      out += c;
     }
   }
   return out;
@@ -148,7 +150,9 @@ std::string render_run_report(const RunReportOptions& options) {
   for (const auto& [k, v] : options.summary()) html << "<span><b>" << html_escape(k) << ":</b> " << html_escape(v) << "</span>";
   int64_t n_train = 0, n_val = 0;
   for (const auto& l : logs) {
-    const std::string kind = l.value("kind", "");
+    // "kind" is free-form on input: only the strings "train" and "val" count.
+    const auto kind_it = l.find("kind");
+    const std::string kind = kind_it != l.end() && kind_it->is_string() ? kind_it->get<std::string>() : "";
     n_train += kind == "train";
     n_val += kind == "val";
   }

@@ -1,6 +1,7 @@
 // wick-gpt's model and corpus: causality, the KV cache against the full
 // forward, the MoE layer against a token-by-token reference, sampling, and
 // the corpus split.
+#include "config.h"
 #include "corpus.h"
 #include "model.h"
 #include "serve.h"
@@ -139,6 +140,67 @@ TEST_F(GptModelTest, CorpusSplitIsDeterministicAndDisjoint) {
   EXPECT_EQ(w.size(1), 9);
   EXPECT_TRUE(torch::equal(w[1].narrow(0, 0, 5), w[0].narrow(0, 4, 5)));
   EXPECT_THROWS_WITH(gpt::load_fortunes(root + "/missing"), "cannot open");
+}
+
+// Regression (fuzz/corpus_fuzz.cpp, UBSan): a corpus whose only fortune goes
+// to validation left train empty, and its tensor was filled by memcpy from a
+// null data_ptr(). Files of blank fortunes, "%" lines only, and no newline at
+// the end.
+TEST_F(GptModelTest, CorpusWithAnEmptySplitOrBlankFiles) {
+  wick::testing::TempDir dir;
+  const auto root = dir.path().string();
+  {
+    std::ofstream a(root + "/a");
+    a << "only one";  // no final newline
+    std::ofstream b(root + "/b");
+    b << "%\n%\n \n\t\n%";
+    std::ofstream c(root + "/c");  // empty
+  }
+  auto c = gpt::load_fortunes(root, 2);
+  EXPECT_EQ(c.files, 3);
+  EXPECT_EQ(c.val_fortunes, 1);
+  EXPECT_EQ(c.train_fortunes, 0);
+  EXPECT_EQ(c.train.numel(), 0);
+  EXPECT_EQ(c.train.scalar_type(), torch::kLong);
+  ASSERT_EQ(c.val.numel(), 10);  // "only one\n\n": the line's newline and the fortune's
+  EXPECT_EQ(c.val[0].item<int64_t>(), 'o');
+  EXPECT_EQ(c.val[9].item<int64_t>(), '\n');
+}
+
+// gpt_config.json: what wick-gpt train writes reads back; anything else is a
+// c10::Error naming the file and the key (it leaked nlohmann's exceptions and
+// took negative or 2^40 sizes before; fuzz/gpt_config_fuzz.cpp).
+TEST_F(GptModelTest, ConfigFileRoundTripsAndRejectsBadValues) {
+  gpt::GPTConfig c = small(/*moe=*/true);
+  c.rope_base = 500.25;
+  c.aux_loss_weight = 0.125;
+  const gpt::GPTConfig back = gpt::parse_config(gpt::config_to_json(c), "x");
+  EXPECT_EQ(back.width, 32);
+  EXPECT_EQ(back.heads, 4);
+  EXPECT_EQ(back.top_k, 2);
+  EXPECT_TRUE(back.moe);
+  EXPECT_EQ(back.rope_base, 500.25);
+  EXPECT_EQ(back.aux_loss_weight, 0.125);
+
+  const std::string good = gpt::config_to_json(small());
+  auto with = [&](const std::string& key, const std::string& value) {
+    const auto at = good.find("\"" + key + "\"");
+    const auto colon = good.find(':', at), end = good.find_first_of(",\n}", colon + 2);
+    return good.substr(0, colon + 2) + value + good.substr(end);
+  };
+  EXPECT_THROWS_WITH(gpt::parse_config("{\"vocab\": 256,", "run/gpt_config.json"),
+                     "gpt config: 'run/gpt_config.json' is not valid JSON");
+  EXPECT_THROWS_WITH(gpt::parse_config("[1]", "f"), "must hold a JSON object, got array");
+  EXPECT_THROWS_WITH(gpt::parse_config("{}", "f"), "'f' has no \"vocab\"");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("width", "\"32\""), "f"), "\"width\" must be an integer, got \"32\"");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("layers", "-1"), "f"), "\"layers\" must be in [1, 2147483647], got -1");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("width", "1099511627776"), "f"), "got 1099511627776");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("heads", "18446744073709551615"), "f"), "\"heads\" must be in");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("moe", "1"), "f"), "\"moe\" must be true or false");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("rope_base", "0"), "f"), "\"rope_base\" must be > 0");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("aux_loss_weight", "-0.5"), "f"), "\"aux_loss_weight\" must be >= 0");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("heads", "3"), "f"), "gpt config: 'f': GPTConfig: width 32 must be divisible by heads 3");
+  EXPECT_THROWS_WITH(gpt::read_config("/nonexistent/gpt_config.json"), "cannot read '/nonexistent/gpt_config.json'");
 }
 
 // Every answer of the continuous batcher equals generate() for that request

@@ -11,6 +11,7 @@
 
 #include <wick/wick.h>
 
+#include "config.h"
 #include "corpus.h"
 #include "model.h"
 #include "serve.h"
@@ -66,32 +67,6 @@ struct SampleArgs {
   int threads = 0;
   bool json = false;
 };
-
-nlohmann::json config_json(const gpt::GPTConfig& c) {
-  return {{"vocab", c.vocab},           {"context", c.context},         {"layers", c.layers},
-          {"width", c.width},           {"heads", c.heads},             {"ffn_hidden", c.ffn_hidden},
-          {"rope_base", c.rope_base},   {"moe", c.moe},                 {"experts", c.experts},
-          {"shared_experts", c.shared_experts}, {"top_k", c.top_k},     {"expert_hidden", c.expert_hidden},
-          {"aux_loss_weight", c.aux_loss_weight}};
-}
-
-gpt::GPTConfig config_from(const nlohmann::json& j) {
-  gpt::GPTConfig c;
-  c.vocab = j.at("vocab");
-  c.context = j.at("context");
-  c.layers = j.at("layers");
-  c.width = j.at("width");
-  c.heads = j.at("heads");
-  c.ffn_hidden = j.at("ffn_hidden");
-  c.rope_base = j.at("rope_base");
-  c.moe = j.at("moe");
-  c.experts = j.at("experts");
-  c.shared_experts = j.at("shared_experts");
-  c.top_k = j.at("top_k");
-  c.expert_hidden = j.at("expert_hidden");
-  c.aux_loss_weight = j.at("aux_loss_weight");
-  return c;
-}
 
 // mkdir -p.
 void make_directories(const std::string& path) {
@@ -190,7 +165,7 @@ int train(const TrainArgs& a) {
   if (pg->is_main()) {
     make_directories(a.run_dir);
     std::ofstream cfg(a.run_dir + "/gpt_config.json");
-    cfg << config_json(a.config).dump(2) << "\n";
+    cfg << gpt::config_to_json(a.config);
     TORCH_CHECK(cfg.good(), "cannot write ", a.run_dir, "/gpt_config.json");
     std::printf("wick-gpt: %lld parameters (%s), %lld layers x %lld wide, %lld heads, context %lld%s\n",
                 static_cast<long long>(model->parameter_count()), a.config.moe ? "MoE" : "dense",
@@ -249,9 +224,7 @@ int train(const TrainArgs& a) {
 
 // The model train wrote into `run_dir`: its config and a checkpoint (the latest by default).
 gpt::GPT load_model(const std::string& run_dir, std::string& checkpoint) {
-  std::ifstream cfg(run_dir + "/gpt_config.json");
-  TORCH_CHECK(cfg, "no ", run_dir, "/gpt_config.json (train into that --run-dir first)");
-  gpt::GPT model(config_from(nlohmann::json::parse(cfg)));
+  gpt::GPT model(gpt::read_config(run_dir + "/gpt_config.json"));
   if (checkpoint.empty()) {
     auto latest = wick::latest_checkpoint(run_dir + "/checkpoints");
     TORCH_CHECK(latest, "no checkpoint in ", run_dir, "/checkpoints");
