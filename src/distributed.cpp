@@ -45,17 +45,27 @@ bool is_loopback(const std::string& host) {
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
 
-// Waits for `work` with the group's timeout; a failure or timeout names the collective.
+// Waits for `work` with the group's timeout; a failure or timeout names the
+// collective. c10d's wait throws "Operation timed out!" (Gloo: "Timed out
+// waiting ...") rather than returning false: reported as a timeout with the
+// group's value, so a hung peer reads differently from a dead one.
 void wait_for(const c10::intrusive_ptr<c10d::Work>& work, const char* what, int64_t rank,
               std::chrono::milliseconds timeout) {
   bool done = false;
+  const char* timed_out = " timed out on rank ";
+  const char* hint = " ms (a peer hung, died or never joined?)";
   try {
     done = work->wait(timeout);
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, "ProcessGroup: ", what, " failed on rank ", rank, ": ", e.what());
+    const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+    const std::string message = c10_error != nullptr ? c10_error->what_without_backtrace() : e.what();
+    const bool timeout_error =
+        message.find("timed out") != std::string::npos || message.find("Timed out") != std::string::npos;
+    TORCH_CHECK(!timeout_error, "ProcessGroup: ", what, timed_out, rank, " after ", timeout.count(), hint, ": ",
+                message);
+    TORCH_CHECK(false, "ProcessGroup: ", what, " failed on rank ", rank, ": ", message);
   }
-  TORCH_CHECK(done, "ProcessGroup: ", what, " timed out on rank ", rank, " after ", timeout.count(),
-              " ms (a peer died or never joined?)");
+  TORCH_CHECK(done, "ProcessGroup: ", what, timed_out, rank, " after ", timeout.count(), hint);
 }
 
 // Tensors grouped by (device, dtype), in first-seen order: one flat buffer each.
