@@ -6,6 +6,10 @@
 #include <ATen/ops/_fused_adam.h>
 #include <ATen/ops/_fused_adamw.h>
 
+#ifdef WICK_WITH_CUDA
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#endif
+
 #include <string>
 #include <utility>
 #include <vector>
@@ -39,6 +43,18 @@ Bucket& bucket_for(std::vector<Bucket>& buckets, const torch::Tensor& p) {
   return buckets.back();
 }
 
+// Whether work queued now on `device` is being captured into a CUDA graph
+// (then a host value written into a tensor would be baked into the graph).
+bool capturing(const c10::Device& device) {
+#ifdef WICK_WITH_CUDA
+  if (device.is_cuda()) {
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  }
+#endif
+  (void)device;
+  return false;
+}
+
 }  // namespace
 
 // ---- FusedAdamOptions ----
@@ -49,7 +65,7 @@ bool operator==(const FusedAdamOptions& lhs, const FusedAdamOptions& rhs) {
   return lhs.lr() == rhs.lr() && lhs.betas() == rhs.betas() && lhs.eps() == rhs.eps() &&
          lhs.weight_decay() == rhs.weight_decay() && lhs.amsgrad() == rhs.amsgrad() &&
          lhs.decoupled_weight_decay() == rhs.decoupled_weight_decay() &&
-         lhs.maximize() == rhs.maximize();
+         lhs.maximize() == rhs.maximize() && lhs.tensor_lr() == rhs.tensor_lr();
 }
 
 // The keys torch::optim::AdamOptions writes, plus ours: an Adam checkpoint loads.
@@ -61,6 +77,7 @@ void FusedAdamOptions::serialize(torch::serialize::OutputArchive& archive) const
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(amsgrad);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(decoupled_weight_decay);
   _TORCH_OPTIM_SERIALIZE_TORCH_ARG(maximize);
+  _TORCH_OPTIM_SERIALIZE_TORCH_ARG(tensor_lr);
 }
 
 void FusedAdamOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -72,6 +89,7 @@ void FusedAdamOptions::serialize(torch::serialize::InputArchive& archive) {
   c10::IValue v;
   if (archive.try_read("decoupled_weight_decay", v)) decoupled_weight_decay(v.toBool());
   if (archive.try_read("maximize", v)) maximize(v.toBool());
+  if (archive.try_read("tensor_lr", v)) tensor_lr(v.toBool());
 }
 
 double FusedAdamOptions::get_lr() const { return lr(); }
@@ -179,7 +197,17 @@ torch::Tensor FusedAdam::step(LossClosure closure) {
     const auto [beta1, beta2] = o.betas();
     for (auto& b : buckets) {
       at::_foreach_add_(b.steps, 1);
-      if (o.decoupled_weight_decay()) {
+      if (o.tensor_lr()) {
+        auto lr = lr_tensor(g, b.device);
+        if (!capturing(b.device)) lr.fill_(o.lr());
+        if (o.decoupled_weight_decay()) {
+          at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, lr, beta1,
+                            beta2, o.weight_decay(), o.eps(), o.amsgrad(), o.maximize());
+        } else {
+          at::_fused_adam_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, lr, beta1,
+                           beta2, o.weight_decay(), o.eps(), o.amsgrad(), o.maximize());
+        }
+      } else if (o.decoupled_weight_decay()) {
         at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, o.lr(), beta1,
                           beta2, o.weight_decay(), o.eps(), o.amsgrad(), o.maximize());
       } else {
@@ -189,6 +217,27 @@ torch::Tensor FusedAdam::step(LossClosure closure) {
     }
   }
   return loss;
+}
+
+torch::Tensor FusedAdam::lr_tensor(size_t group, const c10::Device& device) {
+  for (auto& t : lr_tensors_) {
+    if (t.group == group && t.device == device) return t.lr;
+  }
+  const auto& o = static_cast<const FusedAdamOptions&>(param_groups_[group].options());
+  TORCH_CHECK(!capturing(device), "FusedAdam: the lr tensor of parameter group ", group, " on ", device,
+              " is first needed inside a CUDA graph capture; run one step eagerly before capturing");
+  auto lr = torch::full({}, o.lr(), torch::TensorOptions(torch::kFloat32).device(device));
+  lr_tensors_.push_back(LrTensor{group, device, lr});
+  return lr;
+}
+
+void FusedAdam::update_lr_tensors() {
+  for (auto& t : lr_tensors_) {
+    TORCH_CHECK(t.group < param_groups_.size(), "FusedAdam: lr tensor of parameter group ", t.group,
+                " but the optimizer has ", param_groups_.size(), " groups");
+    const auto& o = static_cast<const FusedAdamOptions&>(param_groups_[t.group].options());
+    t.lr.fill_(o.lr());
+  }
 }
 
 void FusedAdam::save(torch::serialize::OutputArchive& archive) const {

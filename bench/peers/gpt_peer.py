@@ -14,14 +14,23 @@ with a KV cache, batch 1). --compile wraps the model in torch.compile.
 --fp32-attention computes the attention in float32 under bf16 autocast, the
 choice wick-gpt makes on the CPU, to separate that choice from the rest.
 
+--device cuda (wick-bench gpt --device cuda): the data and model on the GPU,
+bf16 autocast on "cuda" (or --precision fp32 with TF32 off), fused AdamW on
+the GPU, clip_grad_norm_ (foreach, no host synchronisation), timed between
+torch.cuda.synchronize() calls; only the "train" case. --time-limit stops a
+case that runs too long (torch.compile's compilation included) and reports
+an error line instead.
+
 Prints one JSON line per case: median ms per step (train) or per generated
 token (generate), every run's figure.
 """
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
+import threading
 import time
 
 
@@ -147,29 +156,56 @@ def main():
     p.add_argument("--fp32-attention", action="store_true",
                    help="attention in float32 under bf16 autocast, as wick-gpt does on the CPU (case *_fp32_attention)")
     p.add_argument("--cases", default="train,generate")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--time-limit", type=float, default=0, help="seconds for the whole run (0: none)")
     a = p.parse_args()
+
+    cuda = a.device == "cuda"
+    case_suffix = ("_compile" if a.compile else "") + ("_fp32_attention" if a.fp32_attention else "")
+    if cuda:
+        case_suffix += "_cuda" + ("_fp32" if a.precision == "fp32" else "")
+
+    def out_of_time():
+        # A watchdog thread, not a signal: torch.compile swallows exceptions raised inside it.
+        print(json.dumps({"case": "python_train" + case_suffix, "device": a.device, "precision": a.precision,
+                          "error": f"over --time-limit {a.time_limit:g} s"}), flush=True)
+        os._exit(0)
+
+    if a.time_limit > 0:
+        watchdog = threading.Timer(a.time_limit, out_of_time)
+        watchdog.daemon = True
+        watchdog.start()
 
     import torch
 
     torch.set_num_threads(a.threads)
-    case_suffix = ("_compile" if a.compile else "") + ("_fp32_attention" if a.fp32_attention else "")
+    if cuda:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"  # TF32 off: fp32 means fp32
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
     g = torch.Generator().manual_seed(a.seed + 1)
     data = torch.randint(0, 256, (a.steps + a.warmup, a.batch, a.context + 1), generator=g)
+    if cuda:
+        data = data.to("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     if "train" in a.cases:
         runs = []
         error = None
         for _ in range(a.repeats):
-            model = build(torch, a)
+            model = build(torch, a).to(a.device)
             decay = [p for p in model.parameters() if p.dim() >= 2]
             no_decay = [p for p in model.parameters() if p.dim() < 2]
             opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                     lr=a.lr, betas=(0.9, 0.95), fused=True)
+            compile_s = None
             fwd = torch.compile(model) if a.compile else model
 
             def step(i):
                 batch = data[i]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+                with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
                     logits = fwd(batch[:, :-1])
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256).float(), batch[:, 1:].reshape(-1))
                 opt.zero_grad(set_to_none=True)
@@ -179,26 +215,33 @@ def main():
                 return loss
 
             try:
+                tc = time.perf_counter()
                 for i in range(a.warmup):
                     loss = step(i)
                     if i == 0:
                         check_loss = loss.item()
+                        compile_s = time.perf_counter() - tc
+                sync()
                 t0 = time.perf_counter()
                 for i in range(a.steps):
                     loss = step(a.warmup + i)
+                sync()
                 runs.append(1e3 * (time.perf_counter() - t0) / a.steps)
-            except Exception as e:  # torch.compile may fail on a machine without a compiler
+            except Exception as e:  # torch.compile may fail on a machine without a compiler; or out of time
                 error = f"{type(e).__name__}: {e}"[:500]
                 break
-        line = {"case": "python_train" + case_suffix, "threads": a.threads, "batch": a.batch, "context": a.context}
+        line = {"case": "python_train" + case_suffix, "threads": a.threads, "batch": a.batch, "context": a.context,
+                "device": a.device, "precision": a.precision}
         if runs:
             line.update({"ms_per_step": statistics.median(runs), "runs_ms": runs, "check_loss": check_loss,
                          "tokens_per_s": a.batch * a.context / (statistics.median(runs) / 1e3)})
+            if compile_s is not None:
+                line["first_step_s"] = compile_s  # torch.compile's compilation, when compiling
         if error:
             line["error"] = error
         print(json.dumps(line), flush=True)
 
-    if "generate" in a.cases:
+    if "generate" in a.cases and not cuda:
         model = build(torch, a).eval()
         fwd = torch.compile(model) if a.compile else model
         prompt = data[0, 0, :16].unsqueeze(0)

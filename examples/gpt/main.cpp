@@ -6,10 +6,14 @@
 //   wick-gpt sample --run-dir runs/gpt --prompt "The " --temperature 0.8 --top-k 40
 //   wick-gpt sample --run-dir runs/gpt --quantize         # int8 Linear layers (wick::quantize_dynamic)
 //   wick-gpt serve --run-dir runs/gpt --clients 32        # continuous batching vs static vs one at a time
+//   wick-gpt train --device cuda --cuda-graph --tf32       # GPU: the whole step captured as a CUDA graph
+//   wick-gpt sample --run-dir runs/gpt --device cuda       # sample / serve on the GPU (KV caches there)
 //
 // Prints a summary a person can read and, with --json, one JSON line last.
 
 #include <wick/wick.h>
+#include <wick/cuda.h>
+#include <wick/cuda_graph.h>
 
 #include "config.h"
 #include "corpus.h"
@@ -53,6 +57,8 @@ struct TrainArgs {
   uint64_t seed = 1;
   std::string device = "cpu";
   bool ddp = false;
+  bool tf32 = false;
+  bool cuda_graph = false;
   bool progress = true;
   bool json = false;
 };
@@ -65,6 +71,7 @@ struct SampleArgs {
   int64_t samples = 3;
   bool quantize = false;
   int threads = 0;
+  std::string device = "cpu";
   bool json = false;
 };
 
@@ -97,6 +104,79 @@ double validation_loss(gpt::LanguageModelTask& task, wick::TensorBatchSource& so
   return n ? total / static_cast<double>(n) : NAN;
 }
 
+struct GraphRun {
+  int64_t steps = 0;
+  double seconds = 0;
+  double tokens_per_s = 0;  // after the capture: steady replays only
+};
+
+// `--cuda-graph`: the training step through wick::CudaGraphStep in a direct
+// loop instead of the Trainer. The Trainer's step is not capturable as it is
+// (it reads the loss on the host to skip non-finite steps, clips with
+// clip_grad_norm_, which synchronises, runs callbacks between forward and
+// step), and a capture mode inside it would change code this example does not
+// own; the loop here does what the Trainer does for this model otherwise:
+// bf16 autocast (or fp32), clipping at 1.0 (on the device), the cosine
+// schedule (through the graph's lr tensors), a log line every 20 steps, and
+// one checkpoint at the end in <run-dir>/checkpoints for sample and serve.
+GraphRun train_graph(const TrainArgs& a, gpt::GPT& model, wick::FusedAdam& optimizer,
+                     wick::TensorBatchSource& source, const torch::Device& device, wick::Precision precision) {
+  const int64_t T = a.config.context, V = a.config.vocab;
+  model->train();
+  wick::CosineWarmupLR schedule(optimizer, a.warmup >= 0 ? a.warmup : std::min<int64_t>(50, a.steps / 10), a.steps,
+                                a.min_lr_ratio);
+  const int64_t warmup_steps = 3;
+  wick::CudaGraphStep graph(
+      model->parameters(), optimizer,
+      [&](const torch::Tensor& x, const torch::Tensor& y) {
+        auto logits = model->forward(x);
+        return torch::nn::functional::cross_entropy(logits.reshape({-1, V}).to(torch::kFloat), y.reshape({-1}));
+      },
+      wick::CudaGraphStepOptions().warmup_steps(warmup_steps).precision(precision).grad_clip_norm(1.0));
+  int64_t epoch = 0;
+  source.reset(epoch);
+  GraphRun r;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto steady = t0;
+  for (int64_t step = 0; step < a.steps; ++step) {
+    auto b = source.next();
+    if (!b) {
+      source.reset(++epoch);
+      b = source.next();
+      TORCH_CHECK(b, "--cuda-graph: the training set holds less than one batch");
+    }
+    auto windows = b->data.to(device, /*non_blocking=*/true);
+    auto loss = graph.step(windows.narrow(1, 0, T), windows.narrow(1, 1, T));
+    schedule.step();
+    if (step == warmup_steps) {  // the capture step ran: time the replays from here
+      torch::cuda::synchronize(device.index());
+      steady = std::chrono::steady_clock::now();
+    }
+    if ((step + 1) % 20 == 0 || step + 1 == a.steps) {
+      std::printf("step %lld  loss %.4f  lr %.3g%s\n", static_cast<long long>(step + 1), loss.item<double>(),
+                  schedule.get_last_lr()[0], graph.captured() ? "  (graph)" : "");
+      std::fflush(stdout);
+    }
+  }
+  torch::cuda::synchronize(device.index());
+  const auto t1 = std::chrono::steady_clock::now();
+  r.steps = graph.steps();
+  r.seconds = std::chrono::duration<double>(t1 - t0).count();
+  const int64_t replays = a.steps - warmup_steps - 1;
+  const double steady_s = std::chrono::duration<double>(t1 - steady).count();
+  r.tokens_per_s = replays > 0 && steady_s > 0
+                       ? static_cast<double>(replays * a.batch_size * T) / steady_s
+                       : static_cast<double>(a.steps * a.batch_size * T) / r.seconds;
+  make_directories(a.run_dir + "/checkpoints");
+  wick::Checkpoint checkpoint;
+  checkpoint.put_module("model", *model);
+  checkpoint.put_optimizer("optimizer", optimizer);
+  checkpoint.set_train_state({a.steps, epoch, 0, a.steps * a.batch_size});
+  checkpoint.set_meta("cuda_graph", "true");
+  checkpoint.save(a.run_dir + "/checkpoints/" + wick::checkpoint_name(a.steps));
+  return r;
+}
+
 int train(const TrainArgs& a) {
   if (a.threads > 0) torch::set_num_threads(a.threads);
   a.config.check();
@@ -108,6 +188,16 @@ int train(const TrainArgs& a) {
                   : std::make_shared<wick::ProcessGroup>();
   const torch::Device device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(pg->local_rank()))
                                     : torch::Device(torch::kCPU);
+  const auto precision = wick::parse_precision(a.precision);
+  if (a.cuda_graph) {
+    TORCH_CHECK(cuda, "--cuda-graph needs --device cuda");
+    TORCH_CHECK(!a.config.moe, "--cuda-graph: the MoE's routing has data-dependent shapes, which a CUDA graph cannot capture; drop --moe");
+    TORCH_CHECK(!a.ddp, "--cuda-graph with --ddp is not supported (DDP's bucketed all-reduce is not captured)");
+    TORCH_CHECK(a.accum == 1, "--cuda-graph captures one micro-batch per step: --accum must be 1, got ", a.accum);
+    TORCH_CHECK(precision != wick::Precision::kFP16, "--cuda-graph: fp16's loss scaling cannot be captured; use bf16 or fp32");
+    TORCH_CHECK(a.resume.empty(), "--cuda-graph does not resume (--resume)");
+  }
+  if (a.tf32) wick::set_tf32(true);
 
   auto corpus = gpt::load_fortunes(a.corpus);
   const int64_t T = a.config.context;
@@ -136,31 +226,10 @@ int train(const TrainArgs& a) {
   for (const auto& p : model->named_parameters()) (p.value().dim() >= 2 ? decay : no_decay).push_back(p.value());
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, std::make_unique<wick::FusedAdamOptions>(
-                                 wick::FusedAdamOptions(a.lr).betas(std::make_tuple(0.9, 0.95)).weight_decay(0.1).decoupled_weight_decay(true)));
+                                 wick::FusedAdamOptions(a.lr).betas(std::make_tuple(0.9, 0.95)).weight_decay(0.1).decoupled_weight_decay(true).tensor_lr(a.cuda_graph)));
   groups.emplace_back(no_decay, std::make_unique<wick::FusedAdamOptions>(
-                                    wick::FusedAdamOptions(a.lr).betas(std::make_tuple(0.9, 0.95)).weight_decay(0.0).decoupled_weight_decay(true)));
+                                    wick::FusedAdamOptions(a.lr).betas(std::make_tuple(0.9, 0.95)).weight_decay(0.0).decoupled_weight_decay(true).tensor_lr(a.cuda_graph)));
   wick::FusedAdam optimizer(groups, wick::FusedAdamOptions(a.lr));
-
-  const auto precision = wick::parse_precision(a.precision);
-  wick::Trainer trainer(wick::TrainerOptions()
-                            .max_epochs(1000000)
-                            .max_steps(a.steps)
-                            .grad_accum_steps(a.accum)
-                            .precision(precision)
-                            .grad_clip_norm(1.0)
-                            .seed(a.seed)
-                            .log_every_n_steps(20)
-                            .checkpoint_dir(a.run_dir + "/checkpoints")
-                            .keep_last_k(2)
-                            .resume(a.resume)
-                            .process_group(pg)
-                            .device(device));
-  trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(
-      std::make_shared<wick::CosineWarmupLR>(optimizer, a.warmup >= 0 ? a.warmup : std::min<int64_t>(50, a.steps / 10), a.steps, a.min_lr_ratio)));
-  auto throughput = std::make_shared<wick::ThroughputMonitor>();
-  trainer.add_callback(throughput);
-  trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(a.run_dir)));
-  if (a.progress) trainer.add_callback(std::make_shared<wick::ProgressBar>());
 
   if (pg->is_main()) {
     make_directories(a.run_dir);
@@ -174,23 +243,54 @@ int train(const TrainArgs& a) {
                 a.config.moe ? c10::str(", ", a.config.experts, " routed + ", a.config.shared_experts,
                                         " shared experts, top ", a.config.top_k).c_str()
                              : "");
-    std::printf("corpus: %lld files, %lld train / %lld val fortunes, %lld / %lld bytes; %s, batch %lld x %lld x %lld tokens, %d threads\n",
+    std::printf("corpus: %lld files, %lld train / %lld val fortunes, %lld / %lld bytes; %s%s%s, batch %lld x %lld x %lld tokens, %d threads\n",
                 static_cast<long long>(corpus.files), static_cast<long long>(corpus.train_fortunes),
                 static_cast<long long>(corpus.val_fortunes), static_cast<long long>(corpus.train.numel()),
                 static_cast<long long>(corpus.val.numel()), wick::to_string(precision).c_str(),
-                static_cast<long long>(a.batch_size), static_cast<long long>(a.accum), static_cast<long long>(T),
+                a.tf32 ? ", TF32" : "", a.cuda_graph ? ", CUDA graph" : "", static_cast<long long>(a.batch_size), static_cast<long long>(a.accum), static_cast<long long>(T),
                 torch::get_num_threads());
     std::fflush(stdout);
   }
 
   const double val_before = validation_loss(task, val_source, a.val_batches);
-  auto result = trainer.fit(task, optimizer, train_source);
+  int64_t steps_done = 0;
+  double train_seconds = 0, tokens_per_s = 0;
+  if (a.cuda_graph) {
+    // A direct loop rather than the Trainer: see train_graph.
+    const auto r = train_graph(a, model, optimizer, train_source, device, precision);
+    steps_done = r.steps;
+    train_seconds = r.seconds;
+    tokens_per_s = r.tokens_per_s;
+  } else {
+      wick::Trainer trainer(wick::TrainerOptions()
+                                .max_epochs(1000000)
+                                .max_steps(a.steps)
+                                .grad_accum_steps(a.accum)
+                                .precision(precision)
+                                .grad_clip_norm(1.0)
+                                .seed(a.seed)
+                                .log_every_n_steps(20)
+                                .checkpoint_dir(a.run_dir + "/checkpoints")
+                                .keep_last_k(2)
+                                .resume(a.resume)
+                                .process_group(pg)
+                                .device(device));
+      trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(
+          std::make_shared<wick::CosineWarmupLR>(optimizer, a.warmup >= 0 ? a.warmup : std::min<int64_t>(50, a.steps / 10), a.steps, a.min_lr_ratio)));
+      auto throughput = std::make_shared<wick::ThroughputMonitor>();
+      trainer.add_callback(throughput);
+      trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(a.run_dir)));
+      if (a.progress) trainer.add_callback(std::make_shared<wick::ProgressBar>());
+    auto result = trainer.fit(task, optimizer, train_source);
+    steps_done = result.state.step;
+    train_seconds = result.seconds;
+    tokens_per_s = throughput->samples_per_s() * static_cast<double>(T) * pg->world_size();
+  }
   const double val_after = validation_loss(task, val_source, a.val_batches);
-  const double tokens_per_s = throughput->samples_per_s() * static_cast<double>(T) * pg->world_size();
   if (!pg->is_main()) return 0;
 
-  std::printf("\ntrained %lld steps in %.1f s, %.0f tokens/s\n", static_cast<long long>(result.state.step),
-              result.seconds, tokens_per_s);
+  std::printf("\ntrained %lld steps in %.1f s, %.0f tokens/s\n", static_cast<long long>(steps_done),
+              train_seconds, tokens_per_s);
   std::printf("validation loss %.3f -> %.3f nats/byte (%.2f -> %.2f bits/byte)\n", val_before, val_after,
               val_before / std::log(2.0), val_after / std::log(2.0));
   gpt::SampleOptions so;
@@ -208,8 +308,11 @@ int train(const TrainArgs& a) {
     nlohmann::json j;
     j["parameters"] = model->parameter_count();
     j["moe"] = a.config.moe;
-    j["steps"] = result.state.step;
-    j["train_seconds"] = result.seconds;
+    j["steps"] = steps_done;
+    j["train_seconds"] = train_seconds;
+    j["device"] = device.str();
+    j["tf32"] = wick::tf32_enabled();
+    j["cuda_graph"] = a.cuda_graph;
     j["tokens_per_s"] = tokens_per_s;
     j["val_loss_before"] = val_before;
     j["val_loss_after"] = val_after;
@@ -223,7 +326,10 @@ int train(const TrainArgs& a) {
 }
 
 // The model train wrote into `run_dir`: its config and a checkpoint (the latest by default).
-gpt::GPT load_model(const std::string& run_dir, std::string& checkpoint) {
+// On `device` ("cpu" or "cuda"): the weights, and so the KV caches built from them.
+gpt::GPT load_model(const std::string& run_dir, std::string& checkpoint, const std::string& device) {
+  TORCH_CHECK(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got ", device);
+  TORCH_CHECK(device == "cpu" || torch::cuda::is_available(), "--device cuda, but no CUDA device is visible");
   gpt::GPT model(gpt::read_config(run_dir + "/gpt_config.json"));
   if (checkpoint.empty()) {
     auto latest = wick::latest_checkpoint(run_dir + "/checkpoints");
@@ -231,6 +337,7 @@ gpt::GPT load_model(const std::string& run_dir, std::string& checkpoint) {
     checkpoint = *latest;
   }
   wick::Checkpoint::load(checkpoint).restore_module("model", *model);
+  model->to(torch::Device(device));
   model->eval();
   return model;
 }
@@ -238,7 +345,8 @@ gpt::GPT load_model(const std::string& run_dir, std::string& checkpoint) {
 int sample(const SampleArgs& a) {
   if (a.threads > 0) torch::set_num_threads(a.threads);
   std::string path = a.checkpoint;
-  gpt::GPT model = load_model(a.run_dir, path);
+  TORCH_CHECK(!a.quantize || a.device == "cpu", "--quantize runs on the CPU (int8 dynamic quantization): use --device cpu");
+  gpt::GPT model = load_model(a.run_dir, path, a.device);
   std::string report;
   if (a.quantize) report = wick::quantize_dynamic(*model).format();
   if (!report.empty()) std::printf("%s", report.c_str());
@@ -249,7 +357,7 @@ int sample(const SampleArgs& a) {
     out.push_back(a.prompt + gpt::generate(model, a.prompt, so));
     std::printf("--- sample %lld ---\n%s\n", static_cast<long long>(i), out.back().c_str());
   }
-  if (a.json) std::cout << nlohmann::json{{"checkpoint", path}, {"quantized", a.quantize}, {"samples", out}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+  if (a.json) std::cout << nlohmann::json{{"checkpoint", path}, {"quantized", a.quantize}, {"device", a.device}, {"samples", out}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
   return 0;
 }
 
@@ -263,6 +371,7 @@ struct ServeArgs {
   int64_t max_batch = 32;
   std::string mode = "all";
   int threads = 0;
+  std::string device = "cpu";
   bool json = false;
 };
 
@@ -279,7 +388,7 @@ int serve(const ServeArgs& a) {
   TORCH_CHECK(a.clients >= 1 && a.requests >= 1 && a.max_new >= 16 && a.max_batch >= 1,
               "serve: --clients, --requests, --max-batch must be >= 1 and --max-new >= 16");
   std::string path = a.checkpoint;
-  gpt::GPT model = load_model(a.run_dir, path);
+  gpt::GPT model = load_model(a.run_dir, path, a.device);
   auto corpus = gpt::load_fortunes(a.corpus);
   std::vector<std::string> prompts;
   {
@@ -357,6 +466,7 @@ int serve(const ServeArgs& a) {
     results["clients"] = a.clients;
     results["requests"] = a.requests;
     results["threads"] = torch::get_num_threads();
+    results["device"] = a.device;
     std::cout << results.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
   }
   return 0;
@@ -393,6 +503,10 @@ int main(int argc, char** argv) {
   tr->add_option("--seed", t.seed, "seed of weights, data order and samples")->capture_default_str();
   tr->add_option("--device", t.device, "cpu or cuda")->capture_default_str();
   tr->add_flag("--ddp", t.ddp, "data-parallel under torchrun");
+  tr->add_flag("--tf32", t.tf32, "TF32 for float32 matrix products on CUDA (wick::set_tf32)");
+  tr->add_flag("--cuda-graph", t.cuda_graph,
+               "capture the whole step (forward, backward, clip, AdamW) as a CUDA graph and replay it "
+               "(--device cuda, bf16 or fp32, dense, no --accum/--ddp/--resume)");
   tr->add_flag("!--no-progress", t.progress, "no progress bar");
   tr->add_flag("--json", t.json, "print a final JSON line");
 
@@ -408,6 +522,7 @@ int main(int argc, char** argv) {
   sa->add_option("--seed", s.sample.seed, "seed of the first sample")->capture_default_str();
   sa->add_option("--samples", s.samples, "how many")->capture_default_str();
   sa->add_flag("--quantize", s.quantize, "int8 Linear layers (wick::quantize_dynamic)");
+  sa->add_option("--device", s.device, "cpu or cuda")->capture_default_str();
   sa->add_option("--threads", s.threads, "intra-op threads (0: LibTorch's default)")->capture_default_str();
   sa->add_flag("--json", s.json, "print a final JSON line");
 
@@ -422,6 +537,7 @@ int main(int argc, char** argv) {
   sv->add_option("--max-new", v.max_new, "new bytes per request: 16 to this")->capture_default_str();
   sv->add_option("--max-batch", v.max_batch, "sequences decoded together")->capture_default_str();
   sv->add_option("--mode", v.mode, "all, continuous, static or sequential")->capture_default_str();
+  sv->add_option("--device", v.device, "cpu or cuda")->capture_default_str();
   sv->add_option("--threads", v.threads, "intra-op threads (0: LibTorch's default)")->capture_default_str();
   sv->add_flag("--json", v.json, "print a final JSON line");
 

@@ -40,6 +40,15 @@ struct FusedAdamOptions : public torch::optim::OptimizerCloneableOptions<FusedAd
   TORCH_ARG(bool, decoupled_weight_decay) = false;
   /// Maximize the objective instead of minimizing it. Default false.
   TORCH_ARG(bool, maximize) = false;
+  /// Pass the learning rate to the kernel as a float32 tensor on the
+  /// parameters' device (ATen's _fused_adam(w)_.tensor_lr overloads) instead
+  /// of a host double. A CUDA graph that captured step() then reads the lr at
+  /// each replay: FusedAdam::update_lr_tensors() (wick::CudaGraphStep calls
+  /// it) copies the group's current lr into the tensor before the replay, so
+  /// an LR schedule keeps working. Outside a capture, step() refreshes the
+  /// tensor itself. Same update as the double path, up to the lr's rounding
+  /// to float32. Default false.
+  TORCH_ARG(bool, tensor_lr) = false;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -80,6 +89,20 @@ class FusedAdam : public torch::optim::Optimizer {
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
+
+  /// Copies each tensor_lr group's lr into its lr tensors (one per device the
+  /// group's parameters live on). Not during a CUDA graph capture: it is what
+  /// runs eagerly before a replay.
+  void update_lr_tensors();
+
+ private:
+  struct LrTensor {
+    size_t group;
+    c10::Device device;
+    torch::Tensor lr;  // float32 scalar on `device`
+  };
+  torch::Tensor lr_tensor(size_t group, const c10::Device& device);
+  std::vector<LrTensor> lr_tensors_;
 };
 
 }  // namespace wick
