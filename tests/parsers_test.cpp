@@ -150,8 +150,9 @@ TEST(ParsersTest, CheckpointSectionWithCorruptCodeIsAClearError) {
   }
   auto meta = nlohmann::json::parse(meta_text);
   char crc[9];
-  std::snprintf(crc, sizeof crc, "%08lx",
-                ::crc32(::crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(pt.data()), static_cast<uInt>(pt.size())));
+  std::snprintf(crc, sizeof crc, "%08x",
+                static_cast<unsigned>(::crc32(::crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(pt.data()),
+                                              static_cast<uInt>(pt.size()))));
   meta["sections"]["extra"]["crc32"] = crc;
   std::ofstream(path + "/meta.json", std::ios::trunc) << meta.dump(2);
 
