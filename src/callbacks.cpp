@@ -96,7 +96,7 @@ long long ll(int64_t v) { return static_cast<long long>(v); }
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--";
-  auto s = static_cast<int64_t>(seconds + 0.5);
+  auto s = static_cast<int64_t>(std::llround(seconds));
   if (s >= 3600) return format("%lld:%02lld:%02lld", ll(s / 3600), ll((s / 60) % 60), ll(s % 60));
   return format("%02lld:%02lld", ll(s / 60), ll(s % 60));
 }

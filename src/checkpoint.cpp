@@ -6,8 +6,8 @@
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
 #include <fcntl.h>
-#include <limits.h>
-#include <signal.h>
+#include <limits.h>  // NOLINT(modernize-deprecated-headers): POSIX PATH_MAX, not in <climits>
+#include <signal.h>  // NOLINT(modernize-deprecated-headers): POSIX kill(), not in <csignal>
 #include <sys/stat.h>
 #include <torch/version.h>
 #include <unistd.h>
@@ -364,6 +364,7 @@ void Checkpoint::put_rng_state() {
   }
   int64_t cuda_devices = 0;
   if (torch::cuda::is_available()) {
+    // NOLINTNEXTLINE(bugprone-signed-char-misuse): c10::DeviceIndex (int8_t) is a count here
     cuda_devices = static_cast<int64_t>(torch::cuda::device_count());
     for (int64_t i = 0; i < cuda_devices; ++i) {
       auto gen = at::globalContext().defaultGenerator(

@@ -404,6 +404,7 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Modu
   if (impl_->distributed()) {
     impl_->check_same_parameters(named);
     std::vector<torch::Tensor> state;
+    state.reserve(named.size());
     for (const auto& [name, t] : named) state.push_back(t);
     for (const auto& b : impl_->module->buffers(/*recurse=*/true)) state.push_back(b);
     broadcast_coalesced(*impl_->pg, state);

@@ -38,7 +38,7 @@ bool GradAccumulator::end(const std::vector<torch::Tensor>& params) {
     const double scale = static_cast<double>(expected) / static_cast<double>(samples_);
     torch::NoGradGuard no_grad;
     for (const auto& p : params) {
-      auto g = p.grad();
+      const auto& g = p.grad();  // in-place ops are const on a Tensor handle
       if (g.defined()) g.mul_(scale);
     }
   }

@@ -96,6 +96,7 @@ StepLR::StepLR(torch::optim::Optimizer& optimizer, int64_t step_size, double gam
 }
 
 double StepLR::compute_lr(double base_lr, int64_t step) const {
+  // NOLINTNEXTLINE(bugprone-integer-division): StepLR decays once per whole step_size
   return base_lr * std::pow(gamma_, static_cast<double>(step / step_size_));
 }
 

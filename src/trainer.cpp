@@ -506,6 +506,7 @@ std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& v
     // Every rank validated its shard: sum the sample-weighted sums and the
     // counts, so the result is the mean over all ranks' samples.
     std::vector<torch::Tensor> totals;
+    totals.reserve(sums.size() + 1);
     for (auto& [name, sum] : sums) totals.push_back(sum.to(torch::kCPU, torch::kFloat64).reshape({1}));
     totals.push_back(torch::tensor({static_cast<double>(samples)}, torch::kFloat64));
     options_.process_group()->allreduce_sum(totals);
