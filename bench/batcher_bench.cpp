@@ -25,8 +25,8 @@
 #include <wick/batcher.h>
 #include <wick/inference.h>
 
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -63,13 +63,14 @@ torch::nn::Sequential make_model(const std::string& name, uint64_t seed) {
   namespace nn = torch::nn;
   torch::manual_seed(seed);
   if (name == "mlp") {
-    return nn::Sequential(nn::Flatten(), nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(),
-                          nn::Linear(256, 10));
+    return nn::Sequential(nn::Flatten(), nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256),
+                          nn::ReLU(), nn::Linear(256, 10));
   }
   TORCH_CHECK(name == "cnn", "wick-bench batcher: --models takes cnn and mlp, got ", name);
-  return nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, 32, 3).padding(1)), nn::ReLU(), nn::MaxPool2d(2),
-                        nn::Conv2d(nn::Conv2dOptions(32, 64, 3).padding(1)), nn::ReLU(), nn::MaxPool2d(2),
-                        nn::Flatten(), nn::Linear(64 * 7 * 7, 128), nn::ReLU(), nn::Linear(128, 10));
+  return nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, 32, 3).padding(1)), nn::ReLU(),
+                        nn::MaxPool2d(2), nn::Conv2d(nn::Conv2dOptions(32, 64, 3).padding(1)),
+                        nn::ReLU(), nn::MaxPool2d(2), nn::Flatten(), nn::Linear(64 * 7 * 7, 128),
+                        nn::ReLU(), nn::Linear(128, 10));
 }
 
 double percentile(std::vector<double> v, double q) {
@@ -89,13 +90,15 @@ struct ServeRun {
 // batch composition may change the last bits). The requests are sliced before
 // the clock starts, so the clients' own tensor work is not counted.
 ServeRun run_serving(const wick::InferenceSession& session, const torch::Tensor& images,
-                     const torch::Tensor& expected, const BatcherBenchOptions& o, int64_t max_batch) {
-  wick::TensorBatcher batcher(session.batch_fn(),
-                              wick::BatcherOptions()
-                                  .max_batch_size(max_batch)
-                                  .max_delay(std::chrono::microseconds(max_batch == 1 ? 0 : o.max_delay_us))
-                                  .num_workers(o.workers)
-                                  .max_queue_size(std::max<int64_t>(1024, o.clients)));
+                     const torch::Tensor& expected, const BatcherBenchOptions& o,
+                     int64_t max_batch) {
+  wick::TensorBatcher batcher(
+      session.batch_fn(),
+      wick::BatcherOptions()
+          .max_batch_size(max_batch)
+          .max_delay(std::chrono::microseconds(max_batch == 1 ? 0 : o.max_delay_us))
+          .num_workers(o.workers)
+          .max_queue_size(std::max<int64_t>(1024, o.clients)));
   const int64_t n = images.size(0);
   const std::vector<torch::Tensor> requests = images.unbind(0);
   std::vector<torch::Tensor> answers(static_cast<size_t>(n));
@@ -144,10 +147,12 @@ struct CeilingRun {
 // The same images on pre-formed batches of max_batch, in order, run on a
 // fresh thread as the batcher's worker is (a thread's first torch ops may see
 // other thread-pool settings than the main thread's).
-CeilingRun run_ceiling_here(const wick::InferenceSession& session, const torch::Tensor& images, int64_t max_batch) {
+CeilingRun run_ceiling_here(const wick::InferenceSession& session, const torch::Tensor& images,
+                            int64_t max_batch) {
   const int64_t n = images.size(0);
   std::vector<torch::Tensor> batches;
-  for (int64_t s = 0; s < n; s += max_batch) batches.push_back(images.narrow(0, s, std::min(max_batch, n - s)));
+  for (int64_t s = 0; s < n; s += max_batch)
+    batches.push_back(images.narrow(0, s, std::min(max_batch, n - s)));
   std::vector<double> full_batch_ms;
   const auto t0 = Clock::now();
   for (const auto& b : batches) {
@@ -158,10 +163,12 @@ CeilingRun run_ceiling_here(const wick::InferenceSession& session, const torch::
     }
   }
   const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
-  return CeilingRun{static_cast<double>(n) / wall, full_batch_ms.empty() ? 0.0 : median(full_batch_ms)};
+  return CeilingRun{static_cast<double>(n) / wall,
+                    full_batch_ms.empty() ? 0.0 : median(full_batch_ms)};
 }
 
-CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tensor& images, int64_t max_batch) {
+CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tensor& images,
+                       int64_t max_batch) {
   CeilingRun r;
   std::exception_ptr error;
   std::thread t([&] {
@@ -177,12 +184,13 @@ CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tenso
 }
 
 struct ModelFigures {
-  std::vector<double> batched_rps, unbatched_rps, ceiling_rps, ceiling1_rps, batched_p50, batched_p99, unbatched_p99,
-      batched_mean_batch, batch_ms;
+  std::vector<double> batched_rps, unbatched_rps, ceiling_rps, ceiling1_rps, batched_p50,
+      batched_p99, unbatched_p99, batched_mean_batch, batch_ms;
   int64_t wrong = 0;
 };
 
-Json model_line(const std::string& model, const ModelFigures& f, const BatcherBenchOptions& o, int threads) {
+Json model_line(const std::string& model, const ModelFigures& f, const BatcherBenchOptions& o,
+                int threads) {
   Json j;
   j["bench"] = "batcher";
   j["model"] = model;
@@ -212,7 +220,8 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
   TORCH_CHECK(o.clients >= 1, "wick-bench batcher: --clients must be >= 1, got ", o.clients);
   TORCH_CHECK(o.requests >= 1, "wick-bench batcher: --requests must be >= 1, got ", o.requests);
   TORCH_CHECK(o.max_batch >= 1, "wick-bench batcher: --max-batch must be >= 1, got ", o.max_batch);
-  TORCH_CHECK(o.max_delay_us >= 0, "wick-bench batcher: --max-delay-us must be >= 0, got ", o.max_delay_us);
+  TORCH_CHECK(o.max_delay_us >= 0, "wick-bench batcher: --max-delay-us must be >= 0, got ",
+              o.max_delay_us);
   TORCH_CHECK(o.repeats >= 1, "wick-bench batcher: --repeats must be >= 1, got ", o.repeats);
   const int threads = set_torch_threads(o.threads);
   JsonOut out(global.jsonl);
@@ -232,13 +241,16 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
   s["summary"] = true;
   bool first = true;
   for (const auto& name : models) {
-    wick::InferenceSession session(
-        make_model(name, o.seed),
-        wick::InferenceSessionOptions().num_threads(threads).warmup_shape({o.max_batch, 1, 28, 28}).warmup_iterations(5));
+    wick::InferenceSession session(make_model(name, o.seed),
+                                   wick::InferenceSessionOptions()
+                                       .num_threads(threads)
+                                       .warmup_shape({o.max_batch, 1, 28, 28})
+                                       .warmup_iterations(5));
     auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1);
     const auto images = torch::randn({o.clients * o.requests, 1, 28, 28}, gen);
-    const auto expected = session.run(images);  // offline answers the served ones are checked against
-    session.run(images.narrow(0, 0, 1));         // warms the batch-of-one shapes too
+    const auto expected =
+        session.run(images);              // offline answers the served ones are checked against
+    session.run(images.narrow(0, 0, 1));  // warms the batch-of-one shapes too
     ModelFigures f;
     for (int r = 0; r < o.repeats; ++r) {
       auto ceiling = [&] {
@@ -285,7 +297,8 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
       s["model"] = name;
       s["unbatched_goal_met"] = line["batched_vs_unbatched"].get<double>() >= kUnbatchedGoal;
       s["ceiling_goal_met"] = line["batched_vs_ceiling"].get<double>() >= kCeilingGoal;
-      s["p99_goal_met"] = line["batched_p99_ms"].get<double>() <= line["p99_bound_ms"].get<double>();
+      s["p99_goal_met"] =
+          line["batched_p99_ms"].get<double>() <= line["p99_bound_ms"].get<double>();
     }
     first = false;
   }
@@ -304,18 +317,23 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
 
 void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   auto o = std::make_shared<BatcherBenchOptions>();
-  CLI::App* sub = app.add_subcommand(
-      "batcher", "DynamicBatcher: 64 one-at-a-time clients, batched vs unbatched vs pre-formed batches (CNN, MLP)");
+  CLI::App* sub = app.add_subcommand("batcher",
+                                     "DynamicBatcher: 64 one-at-a-time clients, batched vs "
+                                     "unbatched vs pre-formed batches (CNN, MLP)");
   sub->add_option("--threads", o->threads, "intra-op threads for torch")->capture_default_str();
-  sub->add_option("--clients", o->clients, "client threads, each with one request in flight")->capture_default_str();
-  sub->add_option("--requests", o->requests, "requests per client per case")->capture_default_str();
-  sub->add_option("--max-batch", o->max_batch, "the batcher's max_batch_size (and the ceiling's batch)")
+  sub->add_option("--clients", o->clients, "client threads, each with one request in flight")
       ->capture_default_str();
-  sub->add_option("--max-delay-us", o->max_delay_us, "the batcher's max_delay, microseconds")->capture_default_str();
+  sub->add_option("--requests", o->requests, "requests per client per case")->capture_default_str();
+  sub->add_option("--max-batch", o->max_batch,
+                  "the batcher's max_batch_size (and the ceiling's batch)")
+      ->capture_default_str();
+  sub->add_option("--max-delay-us", o->max_delay_us, "the batcher's max_delay, microseconds")
+      ->capture_default_str();
   sub->add_option("--workers", o->workers, "the batcher's num_workers")->capture_default_str();
   sub->add_option("--repeats", o->repeats, "rounds; figures are medians")->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the weights and the images")->capture_default_str();
-  sub->add_option("--models", o->models, "comma-separated: cnn, mlp (the first gives the summary's headline)")
+  sub->add_option("--models", o->models,
+                  "comma-separated: cnn, mlp (the first gives the summary's headline)")
       ->capture_default_str();
   sub->callback([o, global] { run_batcher_bench(*o, *global); });
 }

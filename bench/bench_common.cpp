@@ -73,7 +73,9 @@ int64_t minor_faults_now() {
 }  // namespace
 
 Stopwatch::Stopwatch()
-    : wall0_(clock_s(CLOCK_MONOTONIC)), cpu0_(clock_s(CLOCK_PROCESS_CPUTIME_ID)), faults0_(minor_faults_now()) {}
+    : wall0_(clock_s(CLOCK_MONOTONIC)),
+      cpu0_(clock_s(CLOCK_PROCESS_CPUTIME_ID)),
+      faults0_(minor_faults_now()) {}
 double Stopwatch::wall_s() const { return clock_s(CLOCK_MONOTONIC) - wall0_; }
 double Stopwatch::cpu_s() const { return clock_s(CLOCK_PROCESS_CPUTIME_ID) - cpu0_; }
 int64_t Stopwatch::minor_faults() const { return minor_faults_now() - faults0_; }
@@ -178,9 +180,9 @@ double load_average_1m() {
 
 Json performance_env() {
   Json env = Json::object();
-  for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD",
-                           "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "OMP_PROC_BIND",
-                           "THP_MEM_ALLOC_ENABLE"}) {
+  for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
+                           "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY",
+                           "OMP_PROC_BIND", "THP_MEM_ALLOC_ENABLE"}) {
     if (const char* v = std::getenv(name)) env[name] = v;
   }
   return env;

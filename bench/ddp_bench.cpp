@@ -24,8 +24,8 @@
 #include <wick/distributed.h>
 #include <wick/optim.h>
 
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
 #include <arpa/inet.h>
 #include <dirent.h>
@@ -88,8 +88,8 @@ torch::nn::Sequential make_model(const std::string& name) {
   nn::Conv2d conv2(nn::Conv2dOptions(32, 64, 3).padding(1));
   nn::Linear fc1(64 * 7 * 7, 128);
   nn::Linear fc2(128, 10);
-  return nn::Sequential(conv1, nn::ReLU(), nn::MaxPool2d(2), conv2, nn::ReLU(), nn::MaxPool2d(2), nn::Flatten(),
-                        fc1, nn::ReLU(), fc2);
+  return nn::Sequential(conv1, nn::ReLU(), nn::MaxPool2d(2), conv2, nn::ReLU(), nn::MaxPool2d(2),
+                        nn::Flatten(), fc1, nn::ReLU(), fc2);
 }
 
 int64_t count_parameters(torch::nn::Module& m) {
@@ -111,14 +111,16 @@ void run_rank_child(const DdpBenchOptions& o) {
   const int64_t rank = pg->rank(), world = pg->world_size();
   torch::manual_seed(o.seed);
   auto model = make_model(o.model);
-  wick::DistributedDataParallel ddp(model.ptr(), pg, wick::DistributedDataParallelOptions().bucket_cap_mb(o.bucket_cap_mb));
+  wick::DistributedDataParallel ddp(
+      model.ptr(), pg, wick::DistributedDataParallelOptions().bucket_cap_mb(o.bucket_cap_mb));
   wick::FusedAdam optimizer(model->parameters(), wick::FusedAdamOptions(o.lr));
 
   // A small dataset of random batches, cycled through; each rank its own stream.
   constexpr int64_t kBatches = 8;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1 + static_cast<uint64_t>(rank));
-  const std::vector<int64_t> shape =
-      o.model == "cnn" ? std::vector<int64_t>{kBatches * o.batch, 1, 28, 28} : std::vector<int64_t>{kBatches * o.batch, 784};
+  const std::vector<int64_t> shape = o.model == "cnn"
+                                         ? std::vector<int64_t>{kBatches * o.batch, 1, 28, 28}
+                                         : std::vector<int64_t>{kBatches * o.batch, 784};
   const auto x = torch::randn(shape, gen);
   const auto y = torch::randint(0, 10, {kBatches * o.batch}, gen, torch::kLong);
 
@@ -162,7 +164,8 @@ void run_rank_child(const DdpBenchOptions& o) {
   j["backward_ms_per_step"] = 1e3 * backward_s / static_cast<double>(o.steps);
   j["finalize_ms_per_step"] = 1e3 * finalize_s / static_cast<double>(o.steps);
   j["num_buckets"] = stats.num_buckets;
-  j["buckets_in_backward_per_step"] = static_cast<double>(in_backward_sum) / static_cast<double>(o.steps);
+  j["buckets_in_backward_per_step"] =
+      static_cast<double>(in_backward_sum) / static_cast<double>(o.steps);
   j["last_buckets_launched_in_backward"] = stats.last_buckets_launched_in_backward;
   j["buckets_launched_in_finalize"] = stats.buckets_launched_in_finalize;
   j["synced_steps"] = stats.synced_steps;
@@ -248,8 +251,10 @@ std::string read_text(const std::string& path) {
 struct TempFolder {
   TempFolder() {
     const char* tmp = std::getenv("TMPDIR");
-    std::string templ = std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/wick-bench-ddp-XXXXXX";
-    TORCH_CHECK(::mkdtemp(templ.data()) != nullptr, "wick-bench ddp: cannot create a scratch folder in ", templ);
+    std::string templ =
+        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/wick-bench-ddp-XXXXXX";
+    TORCH_CHECK(::mkdtemp(templ.data()) != nullptr,
+                "wick-bench ddp: cannot create a scratch folder in ", templ);
     path = templ;
   }
   ~TempFolder() {
@@ -269,14 +274,29 @@ struct TempFolder {
 
 // One run: `world` children (world 1: no torchrun variables, a world of one).
 // Returns each rank's JSON; throws with the logs when a child fails.
-std::vector<Json> run_children(const DdpBenchOptions& o, const std::string& model, int world, double bucket_mb,
-                               int64_t steps) {
+std::vector<Json> run_children(const DdpBenchOptions& o, const std::string& model, int world,
+                               double bucket_mb, int64_t steps) {
   TempFolder dir;
   const std::string port = std::to_string(free_port());
-  const std::vector<std::string> args = {
-      "wick-bench", "ddp", "--rank-child", "--model", model, "--bucket-cap-mb", Json(bucket_mb).dump(),
-      "--steps", std::to_string(steps), "--warmup", std::to_string(o.warmup), "--batch", std::to_string(o.batch),
-      "--lr", Json(o.lr).dump(), "--seed", std::to_string(o.seed), "--out-dir", dir.path};
+  const std::vector<std::string> args = {"wick-bench",
+                                         "ddp",
+                                         "--rank-child",
+                                         "--model",
+                                         model,
+                                         "--bucket-cap-mb",
+                                         Json(bucket_mb).dump(),
+                                         "--steps",
+                                         std::to_string(steps),
+                                         "--warmup",
+                                         std::to_string(o.warmup),
+                                         "--batch",
+                                         std::to_string(o.batch),
+                                         "--lr",
+                                         Json(o.lr).dump(),
+                                         "--seed",
+                                         std::to_string(o.seed),
+                                         "--out-dir",
+                                         dir.path};
   std::vector<pid_t> pids;
   for (int rank = 0; rank < world; ++rank) {
     const std::string log = dir.path + "/rank" + std::to_string(rank) + ".log";
@@ -297,7 +317,8 @@ std::vector<Json> run_children(const DdpBenchOptions& o, const std::string& mode
         ::setenv("MASTER_ADDR", "127.0.0.1", 1);
         ::setenv("MASTER_PORT", port.c_str(), 1);
       } else {
-        for (const char* v : {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}) {
+        for (const char* v : {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                              "MASTER_PORT"}) {
           ::unsetenv(v);
         }
       }
@@ -343,7 +364,8 @@ std::vector<Json> run_children(const DdpBenchOptions& o, const std::string& mode
     }
     results.push_back(Json::parse(read_text(json_path)));
   }
-  TORCH_CHECK(failure.empty(), "wick-bench ddp: a ", world, "-rank run of the ", model, " failed:\n", failure);
+  TORCH_CHECK(failure.empty(), "wick-bench ddp: a ", world, "-rank run of the ", model,
+              " failed:\n", failure);
   return results;
 }
 
@@ -381,7 +403,8 @@ struct DdpCase {
       const auto a = round[0]["backward_end_s"].get<std::vector<double>>();
       const auto b = round[1]["backward_end_s"].get<std::vector<double>>();
       std::vector<double> d;
-      for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) d.push_back(1e3 * std::abs(a[i] - b[i]));
+      for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+        d.push_back(1e3 * std::abs(a[i] - b[i]));
       if (!d.empty()) per_round.push_back(median(d));
     }
     return per_round.empty() ? 0.0 : median(per_round);
@@ -438,7 +461,8 @@ void run_ddp_bench(const DdpBenchOptions& o, const GlobalOptions& global) {
   TORCH_CHECK(o.warmup >= 0, "wick-bench ddp: --warmup must be >= 0, got ", o.warmup);
   TORCH_CHECK(o.repeats >= 1, "wick-bench ddp: --repeats must be >= 1, got ", o.repeats);
   TORCH_CHECK(o.batch >= 1, "wick-bench ddp: --batch must be >= 1, got ", o.batch);
-  TORCH_CHECK(o.small_bucket_mb > 0, "wick-bench ddp: --small-bucket-mb must be > 0, got ", o.small_bucket_mb);
+  TORCH_CHECK(o.small_bucket_mb > 0, "wick-bench ddp: --small-bucket-mb must be > 0, got ",
+              o.small_bucket_mb);
   TORCH_CHECK(o.models == "cnn,mlp" || o.models == "cnn" || o.models == "mlp",
               "wick-bench ddp: --models must be cnn,mlp, cnn or mlp, got ", o.models);
   JsonOut out(global.jsonl);
@@ -481,7 +505,8 @@ void run_ddp_bench(const DdpBenchOptions& o, const GlobalOptions& global) {
       s["buckets_before_backward_end_case"] = cases[2].name();
     }
   }
-  if (s.contains("efficiency_cnn")) s["efficiency_goal_met"] = s["efficiency_cnn"].get<double>() >= kEfficiencyGoal;
+  if (s.contains("efficiency_cnn"))
+    s["efficiency_goal_met"] = s["efficiency_cnn"].get<double>() >= kEfficiencyGoal;
   s["small_bucket_mb"] = o.small_bucket_mb;
   s["optimizer"] = "wick::FusedAdam";
   s["threads"] = 1;
@@ -498,11 +523,13 @@ void run_ddp_bench(const DdpBenchOptions& o, const GlobalOptions& global) {
 
 void add_ddp_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   auto o = std::make_shared<DdpBenchOptions>();
-  CLI::App* sub = app.add_subcommand(
-      "ddp", "DistributedDataParallel weak scaling: 2 ranks x 1 thread vs 1 rank x 1 thread, CNN and MLP, FusedAdam");
+  CLI::App* sub = app.add_subcommand("ddp",
+                                     "DistributedDataParallel weak scaling: 2 ranks x 1 thread vs "
+                                     "1 rank x 1 thread, CNN and MLP, FusedAdam");
   sub->add_option("--cnn-steps", o->cnn_steps, "timed steps per CNN run")->capture_default_str();
   sub->add_option("--mlp-steps", o->mlp_steps, "timed steps per MLP run")->capture_default_str();
-  sub->add_option("--warmup", o->warmup, "untimed steps before each run's timed ones")->capture_default_str();
+  sub->add_option("--warmup", o->warmup, "untimed steps before each run's timed ones")
+      ->capture_default_str();
   sub->add_option("--repeats", o->repeats, "runs (rounds) of each case; figures are medians")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "samples per batch per rank")->capture_default_str();
@@ -510,9 +537,11 @@ void add_ddp_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
                   "bucket_cap_mb of the second 2-rank case (the first uses the default 25)")
       ->capture_default_str();
   sub->add_option("--lr", o->lr, "Adam's learning rate")->capture_default_str();
-  sub->add_option("--seed", o->seed, "seed of the model's initialization and of the data")->capture_default_str();
+  sub->add_option("--seed", o->seed, "seed of the model's initialization and of the data")
+      ->capture_default_str();
   sub->add_option("--models", o->models, "cnn,mlp, cnn or mlp")->capture_default_str();
-  sub->add_option("--timeout", o->timeout_s, "seconds a run's children may take before they are killed")
+  sub->add_option("--timeout", o->timeout_s,
+                  "seconds a run's children may take before they are killed")
       ->capture_default_str();
   // The children's options, hidden from --help.
   sub->add_flag("--rank-child", o->rank_child)->group("");

@@ -33,8 +33,8 @@
 
 #include "model.h"
 
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
 #include <chrono>
 #include <map>
@@ -80,8 +80,10 @@ TrainRun run_train(const GptBenchOptions& o, const torch::Tensor& data) {
   for (const auto& p : model->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
   std::vector<torch::optim::OptimizerParamGroup> groups;
   auto adamw = [](double wd) {
-    return std::make_unique<wick::FusedAdamOptions>(
-        wick::FusedAdamOptions(3e-3).betas(std::make_tuple(0.9, 0.95)).weight_decay(wd).decoupled_weight_decay(true));
+    return std::make_unique<wick::FusedAdamOptions>(wick::FusedAdamOptions(3e-3)
+                                                        .betas(std::make_tuple(0.9, 0.95))
+                                                        .weight_decay(wd)
+                                                        .decoupled_weight_decay(true));
   };
   groups.emplace_back(decay, adamw(0.1));
   groups.emplace_back(no_decay, adamw(0.0));
@@ -117,7 +119,8 @@ double run_generate(const GptBenchOptions& o, const torch::Tensor& data) {
   torch::manual_seed(o.seed);
   gpt::GPT model(o.config);
   std::string prompt;
-  for (int64_t i = 0; i < 16; ++i) prompt.push_back(static_cast<char>(data[0][0][i].item<int64_t>()));
+  for (int64_t i = 0; i < 16; ++i)
+    prompt.push_back(static_cast<char>(data[0][0][i].item<int64_t>()));
   gpt::SampleOptions so;
   so.temperature = 0;
   so.max_new_tokens = o.new_tokens;
@@ -128,15 +131,22 @@ double run_generate(const GptBenchOptions& o, const torch::Tensor& data) {
 }
 
 // The peer's lines by case name ("python_train", "python_generate", ...).
-std::map<std::string, Json> run_gpt_peer(const GlobalOptions& global, const GptBenchOptions& o, bool compile,
-                                         const std::string& cases, std::string& error, bool fp32_attention = false) {
-  std::vector<std::string> args{"--threads", std::to_string(o.threads), "--steps", std::to_string(o.steps),
-                                "--warmup", std::to_string(o.warmup), "--repeats", std::to_string(o.repeats),
-                                "--batch", std::to_string(o.batch), "--new-tokens", std::to_string(o.new_tokens),
-                                "--seed", std::to_string(o.seed), "--layers", std::to_string(o.config.layers),
-                                "--width", std::to_string(o.config.width), "--heads", std::to_string(o.config.heads),
-                                "--ffn-hidden", std::to_string(o.config.ffn_hidden), "--context",
-                                std::to_string(o.config.context), "--cases", cases};
+std::map<std::string, Json> run_gpt_peer(const GlobalOptions& global, const GptBenchOptions& o,
+                                         bool compile, const std::string& cases, std::string& error,
+                                         bool fp32_attention = false) {
+  std::vector<std::string> args{"--threads",    std::to_string(o.threads),
+                                "--steps",      std::to_string(o.steps),
+                                "--warmup",     std::to_string(o.warmup),
+                                "--repeats",    std::to_string(o.repeats),
+                                "--batch",      std::to_string(o.batch),
+                                "--new-tokens", std::to_string(o.new_tokens),
+                                "--seed",       std::to_string(o.seed),
+                                "--layers",     std::to_string(o.config.layers),
+                                "--width",      std::to_string(o.config.width),
+                                "--heads",      std::to_string(o.config.heads),
+                                "--ffn-hidden", std::to_string(o.config.ffn_hidden),
+                                "--context",    std::to_string(o.config.context),
+                                "--cases",      cases};
   if (compile) args.push_back("--compile");
   if (fp32_attention) args.push_back("--fp32-attention");
   std::map<std::string, Json> lines;
@@ -185,7 +195,8 @@ struct CudaRun {
 
 enum class CudaMode { kEager, kGraph };
 
-CudaRun run_train_cuda(const GptBenchOptions& o, const torch::Tensor& data, wick::Precision precision, CudaMode mode) {
+CudaRun run_train_cuda(const GptBenchOptions& o, const torch::Tensor& data,
+                       wick::Precision precision, CudaMode mode) {
   const torch::Device cuda(torch::kCUDA);
   torch::manual_seed(o.seed);
   gpt::GPT model(o.config);  // built on the CPU in the peer's order, then moved: the same weights
@@ -208,13 +219,17 @@ CudaRun run_train_cuda(const GptBenchOptions& o, const torch::Tensor& data, wick
   const auto params = model->parameters();
   auto loss_fn = [&](const torch::Tensor& x, const torch::Tensor& y) {
     auto logits = model->forward(x);
-    return torch::nn::functional::cross_entropy(logits.reshape({-1, 256}).to(torch::kFloat), y.reshape({-1}));
+    return torch::nn::functional::cross_entropy(logits.reshape({-1, 256}).to(torch::kFloat),
+                                                y.reshape({-1}));
   };
   std::unique_ptr<wick::CudaGraphStep> captured;
   if (graph) {
-    captured = std::make_unique<wick::CudaGraphStep>(
-        params, optimizer, loss_fn,
-        wick::CudaGraphStepOptions().warmup_steps(std::max<int64_t>(1, o.warmup - 1)).precision(precision).grad_clip_norm(1.0));
+    captured =
+        std::make_unique<wick::CudaGraphStep>(params, optimizer, loss_fn,
+                                              wick::CudaGraphStepOptions()
+                                                  .warmup_steps(std::max<int64_t>(1, o.warmup - 1))
+                                                  .precision(precision)
+                                                  .grad_clip_norm(1.0));
   }
   auto step = [&](int64_t i) {
     auto batch = data[i];
@@ -249,14 +264,17 @@ CudaRun run_train_cuda(const GptBenchOptions& o, const torch::Tensor& data, wick
 }
 
 void run_gpt_cuda_bench(const GptBenchOptions& o, const GlobalOptions& global) {
-  TORCH_CHECK(torch::cuda::is_available(), "wick-bench gpt --device cuda: no CUDA device is visible");
-  TORCH_CHECK(o.steps >= 1 && o.warmup >= 2, "wick-bench gpt --device cuda: --steps must be >= 1 and --warmup >= 2");
+  TORCH_CHECK(torch::cuda::is_available(),
+              "wick-bench gpt --device cuda: no CUDA device is visible");
+  TORCH_CHECK(o.steps >= 1 && o.warmup >= 2,
+              "wick-bench gpt --device cuda: --steps must be >= 1 and --warmup >= 2");
   o.config.check();
   JsonOut out(global.jsonl);
   const double load_start = load_average_1m();
   const auto t_start = std::chrono::steady_clock::now();
   const double ceiling = matmul_ceiling(8192, 5);
-  out.emit({{"bench", "gpt"}, {"case", "bf16_matmul_ceiling"}, {"n", 8192}, {"tflops", ceiling / 1e12}});
+  out.emit(
+      {{"bench", "gpt"}, {"case", "bf16_matmul_ceiling"}, {"n", 8192}, {"tflops", ceiling / 1e12}});
 
   const auto& c = o.config;
   gpt::GPT probe(c);
@@ -268,7 +286,8 @@ void run_gpt_cuda_bench(const GptBenchOptions& o, const GlobalOptions& global) {
 
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1);
   const auto data =
-      torch::randint(0, 256, {o.steps + o.warmup, o.batch, c.context + 1}, gen, torch::kLong).to(torch::kCUDA);
+      torch::randint(0, 256, {o.steps + o.warmup, o.batch, c.context + 1}, gen, torch::kLong)
+          .to(torch::kCUDA);
 
   Json s;
   s["bench"] = "gpt";
@@ -290,12 +309,17 @@ void run_gpt_cuda_bench(const GptBenchOptions& o, const GlobalOptions& global) {
     wick::TF32Guard no_tf32(false);  // fp32 means fp32; bf16 products are unaffected
     const auto r = run_train_cuda(o, data, precision, mode);
     return emit_case(name, r.ms_per_step,
-                     {{"check_loss", r.first_loss}, {"last_loss", r.last_loss}, {"first_steps_s", r.first_steps_s},
-                      {"precision", wick::to_string(precision)}, {"cuda_graph", mode == CudaMode::kGraph}});
+                     {{"check_loss", r.first_loss},
+                      {"last_loss", r.last_loss},
+                      {"first_steps_s", r.first_steps_s},
+                      {"precision", wick::to_string(precision)},
+                      {"cuda_graph", mode == CudaMode::kGraph}});
   };
   const double wick_eager = wick_case("wick_train_cuda", wick::Precision::kBF16, CudaMode::kEager);
-  const double wick_graph = wick_case("wick_train_cuda_graph", wick::Precision::kBF16, CudaMode::kGraph);
-  const double wick_fp32 = wick_case("wick_train_cuda_fp32", wick::Precision::kFP32, CudaMode::kEager);
+  const double wick_graph =
+      wick_case("wick_train_cuda_graph", wick::Precision::kBF16, CudaMode::kGraph);
+  const double wick_fp32 =
+      wick_case("wick_train_cuda_fp32", wick::Precision::kFP32, CudaMode::kEager);
   s["tokens_per_s"] = std::max(wick_eager, wick_graph);
   s["mfu"] = 6.0 * n * std::max(wick_eager, wick_graph) / ceiling;
   s["mfu_goal_met"] = s["mfu"].get<double>() >= kMfuGoal;
@@ -305,13 +329,21 @@ void run_gpt_cuda_bench(const GptBenchOptions& o, const GlobalOptions& global) {
 
   if (!o.no_python) {
     auto peer = [&](bool compile, const std::string& precision) {
-      std::vector<std::string> args{"--device", "cuda", "--cases", "train", "--steps", std::to_string(o.steps),
-                                    "--warmup", std::to_string(o.warmup), "--repeats", "1",
-                                    "--batch", std::to_string(o.batch), "--seed", std::to_string(o.seed),
-                                    "--layers", std::to_string(c.layers), "--width", std::to_string(c.width),
-                                    "--heads", std::to_string(c.heads), "--ffn-hidden", std::to_string(c.ffn_hidden),
-                                    "--context", std::to_string(c.context), "--lr", "3e-4",
-                                    "--precision", precision, "--time-limit", c10::str(o.peer_time_limit)};
+      std::vector<std::string> args{"--device",     "cuda",
+                                    "--cases",      "train",
+                                    "--steps",      std::to_string(o.steps),
+                                    "--warmup",     std::to_string(o.warmup),
+                                    "--repeats",    "1",
+                                    "--batch",      std::to_string(o.batch),
+                                    "--seed",       std::to_string(o.seed),
+                                    "--layers",     std::to_string(c.layers),
+                                    "--width",      std::to_string(c.width),
+                                    "--heads",      std::to_string(c.heads),
+                                    "--ffn-hidden", std::to_string(c.ffn_hidden),
+                                    "--context",    std::to_string(c.context),
+                                    "--lr",         "3e-4",
+                                    "--precision",  precision,
+                                    "--time-limit", c10::str(o.peer_time_limit)};
       if (compile) args.push_back("--compile");
       auto r = run_peer(global, "gpt_peer.py", args);
       for (auto line : r.lines) {
@@ -322,14 +354,17 @@ void run_gpt_cuda_bench(const GptBenchOptions& o, const GlobalOptions& global) {
           const std::string name = line.value("case", "python");
           Json extra;
           for (auto it = line.begin(); it != line.end(); ++it) {
-            if (it.key() != "case" && it.key() != "ms_per_step" && it.key() != "bench") extra[it.key()] = it.value();
+            if (it.key() != "case" && it.key() != "ms_per_step" && it.key() != "bench")
+              extra[it.key()] = it.value();
           }
           return emit_case(name, ms, extra);
         }
         out.emit(line);
         if (line.contains("error")) s[line.value("case", "python") + "_error"] = line.at("error");
       }
-      if (!r.ok()) s[std::string("python") + (compile ? "_compile" : "") + "_" + precision + "_error"] = r.error;
+      if (!r.ok())
+        s[std::string("python") + (compile ? "_compile" : "") + "_" + precision + "_error"] =
+            r.error;
       return 0.0;
     };
     const double py_eager = peer(false, "bf16");
@@ -369,13 +404,15 @@ void run_gpt_cuda_bench(const GptBenchOptions& o, const GlobalOptions& global) {
 void run_gpt_bench(const GptBenchOptions& o, const GlobalOptions& global) {
   if (o.device == "cuda") return run_gpt_cuda_bench(o, global);
   TORCH_CHECK(o.device == "cpu", "wick-bench gpt: --device must be cpu or cuda, got ", o.device);
-  TORCH_CHECK(o.steps >= 1 && o.repeats >= 1 && o.warmup >= 1, "wick-bench gpt: --steps, --repeats and --warmup must be >= 1");
+  TORCH_CHECK(o.steps >= 1 && o.repeats >= 1 && o.warmup >= 1,
+              "wick-bench gpt: --steps, --repeats and --warmup must be >= 1");
   o.config.check();
   const int threads = set_torch_threads(o.threads);
   JsonOut out(global.jsonl);
   const double load_start = load_average_1m();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1);
-  const auto data = torch::randint(0, 256, {o.steps + o.warmup, o.batch, o.config.context + 1}, gen, torch::kLong);
+  const auto data = torch::randint(0, 256, {o.steps + o.warmup, o.batch, o.config.context + 1}, gen,
+                                   torch::kLong);
 
   std::vector<double> train_ms, gen_ms;
   double check_loss = 0;
@@ -387,9 +424,17 @@ void run_gpt_bench(const GptBenchOptions& o, const GlobalOptions& global) {
   for (int r = 0; r < o.repeats; ++r) gen_ms.push_back(run_generate(o, data));
   const double wick_train = median(train_ms), wick_gen = median(gen_ms);
   const double tokens = static_cast<double>(o.batch * o.config.context);
-  out.emit({{"bench", "gpt"}, {"case", "wick_train"}, {"ms_per_step", wick_train}, {"runs_ms", train_ms},
-            {"tokens_per_s", tokens / (wick_train / 1e3)}, {"check_loss", check_loss}, {"threads", threads}});
-  out.emit({{"bench", "gpt"}, {"case", "wick_generate"}, {"ms_per_token", wick_gen}, {"runs_ms", gen_ms},
+  out.emit({{"bench", "gpt"},
+            {"case", "wick_train"},
+            {"ms_per_step", wick_train},
+            {"runs_ms", train_ms},
+            {"tokens_per_s", tokens / (wick_train / 1e3)},
+            {"check_loss", check_loss},
+            {"threads", threads}});
+  out.emit({{"bench", "gpt"},
+            {"case", "wick_generate"},
+            {"ms_per_token", wick_gen},
+            {"runs_ms", gen_ms},
             {"threads", threads}});
 
   Json s;
@@ -454,26 +499,32 @@ void run_gpt_bench(const GptBenchOptions& o, const GlobalOptions& global) {
 
 void add_gpt_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   auto o = std::make_shared<GptBenchOptions>();
-  CLI::App* sub = app.add_subcommand("gpt", "wick-gpt's training step and generation vs the same model in PyTorch");
-  sub->add_option("--threads", o->threads, "intra-op threads here and in the peer")->capture_default_str();
+  CLI::App* sub = app.add_subcommand(
+      "gpt", "wick-gpt's training step and generation vs the same model in PyTorch");
+  sub->add_option("--threads", o->threads, "intra-op threads here and in the peer")
+      ->capture_default_str();
   sub->add_option("--steps", o->steps, "timed training steps per run")->capture_default_str();
   sub->add_option("--warmup", o->warmup, "untimed steps first")->capture_default_str();
   sub->add_option("--repeats", o->repeats, "runs; figures are medians")->capture_default_str();
   sub->add_option("--batch", o->batch, "windows per step")->capture_default_str();
-  sub->add_option("--new-tokens", o->new_tokens, "greedy tokens generated per run")->capture_default_str();
+  sub->add_option("--new-tokens", o->new_tokens, "greedy tokens generated per run")
+      ->capture_default_str();
   sub->add_option("--layers", o->config.layers, "model layers")->capture_default_str();
   sub->add_option("--width", o->config.width, "model width")->capture_default_str();
   sub->add_option("--heads", o->config.heads, "attention heads")->capture_default_str();
-  sub->add_option("--ffn-hidden", o->config.ffn_hidden, "SwiGLU hidden width")->capture_default_str();
+  sub->add_option("--ffn-hidden", o->config.ffn_hidden, "SwiGLU hidden width")
+      ->capture_default_str();
   sub->add_option("--context", o->config.context, "bytes of context")->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of weights and data")->capture_default_str();
   sub->add_flag("--no-python", o->no_python, "skip the Python peer");
   sub->add_flag("--compile", o->compile, "also the peer under torch.compile (minutes to compile)");
   sub->add_option("--device", o->device,
-                  "cpu, or cuda: the GPT-2-small preset unless sizes are given (bf16 eager, CUDA graph, fp32; "
+                  "cpu, or cuda: the GPT-2-small preset unless sizes are given (bf16 eager, CUDA "
+                  "graph, fp32; "
                   "the peer eager, fp32 and with --compile)")
       ->capture_default_str();
-  sub->add_option("--peer-time-limit", o->peer_time_limit, "seconds per peer run on cuda (compilation included)")
+  sub->add_option("--peer-time-limit", o->peer_time_limit,
+                  "seconds per peer run on cuda (compilation included)")
       ->capture_default_str();
   sub->callback([o, global, sub] {
     if (o->device == "cuda") {

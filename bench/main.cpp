@@ -4,18 +4,19 @@
 //   wick-bench --jsonl results.jsonl trainer  # also append the lines to a file
 //   wick-bench ddp                            # 2 ranks x 1 thread vs 1 rank: DDP weak scaling
 //   wick-bench quant                          # int8 quantize_dynamic vs fp32 vs Python's
-//   wick-bench pipeline                       # bubble vs theory, GPipe vs 1F1B, checkpointing memory
-//   wick-bench gpt                            # wick-gpt's training step and generation vs PyTorch
-//   wick-bench profiler                       # wick::Profiler's cost: off vs schedule wait vs recording
-//   wick-bench batcher --threads 2            # 64 clients: dynamic batching vs none vs pre-formed batches
+//   wick-bench pipeline                       # bubble vs theory, GPipe vs 1F1B, checkpointing
+//   memory wick-bench gpt                            # wick-gpt's training step and generation vs
+//   PyTorch wick-bench profiler                       # wick::Profiler's cost: off vs schedule wait
+//   vs recording wick-bench batcher --threads 2            # 64 clients: dynamic batching vs none
+//   vs pre-formed batches
 //
 // Each subcommand lives in its own file (trainer_bench.cpp, ...) and adds
 // itself through an add_<name>_command function declared in bench_common.h.
 
 #include "bench_common.h"
 
-#include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
+#include <CLI/CLI.hpp>
 
 #include <iostream>
 #include <memory>
@@ -26,8 +27,8 @@ int main(int argc, char** argv) {
   app.add_option("--python", global->python,
                  "Python that runs the peers (default: $WICK_PYTHON, else " WICK_BENCH_PYTHON ")");
   app.add_option("--peers-dir", global->peers_dir,
-                 "folder of the Python peer scripts (default: $WICK_BENCH_PEERS_DIR, else " WICK_BENCH_PEERS_DIR
-                 ")");
+                 "folder of the Python peer scripts (default: $WICK_BENCH_PEERS_DIR, "
+                 "else " WICK_BENCH_PEERS_DIR ")");
   app.add_option("--jsonl", global->jsonl, "also append every JSON line to this file");
   app.require_subcommand(1);
   app.fallthrough();  // global options may also follow the subcommand

@@ -16,9 +16,9 @@
 
 #include <wick/pipeline.h>
 
-#include <CLI/CLI.hpp>
 #include <malloc.h>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -47,8 +47,8 @@ struct PipelineBenchOptions {
 // Forward sleeps, backward sleeps twice as long; y = x * w so a gradient
 // flows even into the first stage.
 struct Delay : torch::autograd::Function<Delay> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
-                               double ms) {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w, double ms) {
     std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(ms * 1000)));
     ctx->save_for_backward({x, w});
     ctx->saved_data["ms"] = ms;
@@ -59,7 +59,8 @@ struct Delay : torch::autograd::Function<Delay> {
     const double ms = ctx->saved_data["ms"].toDouble();
     std::this_thread::sleep_for(std::chrono::microseconds(static_cast<int64_t>(2 * ms * 1000)));
     auto saved = ctx->get_saved_variables();
-    return {grad[0] * saved[1], (grad[0] * saved[0]).sum().reshape(saved[1].sizes()), torch::Tensor()};
+    return {grad[0] * saved[1], (grad[0] * saved[0]).sum().reshape(saved[1].sizes()),
+            torch::Tensor()};
   }
 };
 
@@ -96,7 +97,9 @@ int64_t peak_heap_during(F&& fn) {
   return peak.load() - base;
 }
 
-const char* schedule_name(wick::PipelineSchedule s) { return s == wick::PipelineSchedule::kGPipe ? "gpipe" : "1f1b"; }
+const char* schedule_name(wick::PipelineSchedule s) {
+  return s == wick::PipelineSchedule::kGPipe ? "gpipe" : "1f1b";
+}
 const char* checkpoint_name(wick::ActivationCheckpointing c) {
   switch (c) {
     case wick::ActivationCheckpointing::kNever:
@@ -109,7 +112,9 @@ const char* checkpoint_name(wick::ActivationCheckpointing c) {
   return "?";
 }
 
-torch::Tensor mse(const torch::Tensor& out, const torch::Tensor& target) { return torch::mse_loss(out, target); }
+torch::Tensor mse(const torch::Tensor& out, const torch::Tensor& target) {
+  return torch::mse_loss(out, target);
+}
 
 void run_pipeline_bench(const PipelineBenchOptions& o, const GlobalOptions& global) {
   TORCH_CHECK(o.stages >= 1, "wick-bench pipeline: --stages must be >= 1, got ", o.stages);
@@ -127,7 +132,8 @@ void run_pipeline_bench(const PipelineBenchOptions& o, const GlobalOptions& glob
   for (auto schedule : {wick::PipelineSchedule::kGPipe, wick::PipelineSchedule::k1F1B}) {
     for (int64_t m : o.micro_batches) {
       std::vector<wick::PipelineStage> stages;
-      for (int64_t i = 0; i < o.stages; ++i) stages.emplace_back(torch::nn::Sequential(DelayModule(o.forward_ms)));
+      for (int64_t i = 0; i < o.stages; ++i)
+        stages.emplace_back(torch::nn::Sequential(DelayModule(o.forward_ms)));
       wick::Pipeline pipe(stages, wick::PipelineOptions().chunks(m).schedule(schedule));
       auto x = torch::randn({m, 4});
       std::vector<double> bubble, step;
@@ -148,9 +154,11 @@ void run_pipeline_bench(const PipelineBenchOptions& o, const GlobalOptions& glob
       line["step_ms"] = median(step);
       line["ideal_step_ms"] = 3 * o.forward_ms * static_cast<double>(m + o.stages - 1);
       out.emit(line);
-      std::fprintf(stderr, "bubble  %-6s stages %lld  micro-batches %3lld  measured %.3f  ideal %.3f  step %7.1f ms\n",
-                   schedule_name(schedule), static_cast<long long>(o.stages), static_cast<long long>(m),
-                   median(bubble), ideal, median(step));
+      std::fprintf(stderr,
+                   "bubble  %-6s stages %lld  micro-batches %3lld  measured %.3f  ideal %.3f  step "
+                   "%7.1f ms\n",
+                   schedule_name(schedule), static_cast<long long>(o.stages),
+                   static_cast<long long>(m), median(bubble), ideal, median(step));
       worst_gap = std::max(worst_gap, std::abs(median(bubble) - ideal));
       (schedule == wick::PipelineSchedule::kGPipe ? gpipe_ms : f1b_ms).push_back(median(step));
     }
@@ -173,12 +181,14 @@ void run_pipeline_bench(const PipelineBenchOptions& o, const GlobalOptions& glob
   auto y = torch::randn({o.batch, o.width});
   Json mem = Json::object();
   for (auto schedule : {wick::PipelineSchedule::kGPipe, wick::PipelineSchedule::k1F1B}) {
-    for (auto ckpt : {wick::ActivationCheckpointing::kNever, wick::ActivationCheckpointing::kExceptLast,
-                      wick::ActivationCheckpointing::kAlways}) {
+    for (auto ckpt :
+         {wick::ActivationCheckpointing::kNever, wick::ActivationCheckpointing::kExceptLast,
+          wick::ActivationCheckpointing::kAlways}) {
       auto mlp = make_mlp();
       std::vector<wick::PipelineStage> stages;
       for (const auto& part : wick::split_sequential(mlp, o.stages)) stages.emplace_back(part);
-      wick::Pipeline pipe(stages, wick::PipelineOptions().chunks(o.chunks).schedule(schedule).checkpointing(ckpt));
+      wick::Pipeline pipe(
+          stages, wick::PipelineOptions().chunks(o.chunks).schedule(schedule).checkpointing(ckpt));
       pipe->train_step(x, y, mse);  // warm-up: gradients allocated
       std::vector<double> step;
       std::vector<double> peak;
@@ -199,10 +209,13 @@ void run_pipeline_bench(const PipelineBenchOptions& o, const GlobalOptions& glob
       line["peak_bytes"] = median(peak);
       line["bubble_fraction"] = pipe->last_stats().bubble_fraction;
       out.emit(line);
-      std::fprintf(stderr, "memory  %-6s checkpointing %-11s  peak %7.1f MB  step %7.1f ms\n", schedule_name(schedule),
-                   checkpoint_name(ckpt), median(peak) / 1e6, median(step));
-      mem[std::string(schedule_name(schedule)) + "_" + checkpoint_name(ckpt) + "_peak_bytes"] = median(peak);
-      mem[std::string(schedule_name(schedule)) + "_" + checkpoint_name(ckpt) + "_step_ms"] = median(step);
+      std::fprintf(stderr, "memory  %-6s checkpointing %-11s  peak %7.1f MB  step %7.1f ms\n",
+                   schedule_name(schedule), checkpoint_name(ckpt), median(peak) / 1e6,
+                   median(step));
+      mem[std::string(schedule_name(schedule)) + "_" + checkpoint_name(ckpt) + "_peak_bytes"] =
+          median(peak);
+      mem[std::string(schedule_name(schedule)) + "_" + checkpoint_name(ckpt) + "_step_ms"] =
+          median(step);
     }
   }
   s["mlp"] = mem;
@@ -218,15 +231,18 @@ void run_pipeline_bench(const PipelineBenchOptions& o, const GlobalOptions& glob
 
 void add_pipeline_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   auto o = std::make_shared<PipelineBenchOptions>();
-  CLI::App* sub = app.add_subcommand(
-      "pipeline", "wick::Pipeline: bubble vs (p-1)/(m+p-1), GPipe vs 1F1B, peak memory with activation checkpointing");
+  CLI::App* sub = app.add_subcommand("pipeline",
+                                     "wick::Pipeline: bubble vs (p-1)/(m+p-1), GPipe vs 1F1B, peak "
+                                     "memory with activation checkpointing");
   sub->add_option("--stages", o->stages, "pipeline stages")->capture_default_str();
   sub->add_option("--micro-batches", o->micro_batches, "micro-batch counts of the bubble cases")
       ->delimiter(',')
       ->capture_default_str();
-  sub->add_option("--forward-ms", o->forward_ms, "simulated forward time of a stage (backward: twice)")
+  sub->add_option("--forward-ms", o->forward_ms,
+                  "simulated forward time of a stage (backward: twice)")
       ->capture_default_str();
-  sub->add_option("--repeats", o->repeats, "steps per case; figures are medians")->capture_default_str();
+  sub->add_option("--repeats", o->repeats, "steps per case; figures are medians")
+      ->capture_default_str();
   sub->add_option("--width", o->width, "MLP width (memory cases)")->capture_default_str();
   sub->add_option("--layers-per-stage", o->layers_per_stage, "Linear+ReLU per stage (memory cases)")
       ->capture_default_str();

@@ -14,8 +14,8 @@
 
 #include <wick/profiler.h>
 
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -39,14 +39,17 @@ struct ProfilerBenchOptions {
 constexpr double kWaitGoal = 0.02;  // (wait - off) / off, at most
 
 enum class Case { kOff, kWait, kActive };
-const char* case_name(Case c) { return c == Case::kOff ? "off" : c == Case::kWait ? "wait" : "active"; }
+const char* case_name(Case c) {
+  return c == Case::kOff ? "off" : c == Case::kWait ? "wait" : "active";
+}
 
 struct Run {
   double wall_s = 0, cpu_s = 0;
   int64_t recorded_ops = 0;
 };
 
-Run run_case(Case c, const ProfilerBenchOptions& o, const torch::Tensor& x, const torch::Tensor& y) {
+Run run_case(Case c, const ProfilerBenchOptions& o, const torch::Tensor& x,
+             const torch::Tensor& y) {
   torch::manual_seed(0);
   torch::nn::Linear fc1(784, 512);
   torch::nn::Linear fc2(512, 256);
@@ -57,7 +60,8 @@ Run run_case(Case c, const ProfilerBenchOptions& o, const torch::Tensor& x, cons
   auto step = [&](int64_t i) {
     const int64_t b = (i % n_batches) * o.batch;
     optimizer.zero_grad();
-    auto loss = torch::nn::functional::cross_entropy(model->forward(x.narrow(0, b, o.batch)), y.narrow(0, b, o.batch));
+    auto loss = torch::nn::functional::cross_entropy(model->forward(x.narrow(0, b, o.batch)),
+                                                     y.narrow(0, b, o.batch));
     loss.backward();
     optimizer.step();
   };
@@ -153,11 +157,14 @@ void run_profiler_bench(const ProfilerBenchOptions& o, const GlobalOptions& glob
 void add_profiler_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   auto o = std::make_shared<ProfilerBenchOptions>();
   CLI::App* sub = app.add_subcommand(
-      "profiler", "wick::Profiler's cost on an MLP training step: off vs schedule wait phase vs recording");
+      "profiler",
+      "wick::Profiler's cost on an MLP training step: off vs schedule wait phase vs recording");
   sub->add_option("--threads", o->threads, "intra-op threads")->capture_default_str();
   sub->add_option("--steps", o->steps, "timed steps per run")->capture_default_str();
-  sub->add_option("--warmup", o->warmup, "untimed steps before each run's timed ones")->capture_default_str();
-  sub->add_option("--repeats", o->repeats, "rounds (each runs every case once); figures are medians")
+  sub->add_option("--warmup", o->warmup, "untimed steps before each run's timed ones")
+      ->capture_default_str();
+  sub->add_option("--repeats", o->repeats,
+                  "rounds (each runs every case once); figures are medians")
       ->capture_default_str();
   sub->add_option("--batch", o->batch, "samples per batch")->capture_default_str();
   sub->add_flag("--no-active", o->no_active, "skip the recording case");

@@ -17,13 +17,13 @@
 #include <wick/pruner.h>
 #include <wick/quantizer.h>
 
-#include <CLI/CLI.hpp>
 #include <torch/cuda.h>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
 #include <chrono>
-#include <cstdio>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -80,7 +80,8 @@ double per_call_ms(F&& fn, int warmup, double min_time) {
   while (true) {
     fn();
     ++calls;
-    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (elapsed >= min_time) return 1e3 * elapsed / static_cast<double>(calls);
   }
 }
@@ -90,7 +91,8 @@ wick::QuantEngine parse_engine(const std::string& s) {
                  wick::QuantEngine::kQnnpack}) {
     if (s == wick::to_string(e)) return e;
   }
-  TORCH_CHECK(false, "wick-bench quant: --engine must be auto, fbgemm, onednn or qnnpack, got '", s, "'");
+  TORCH_CHECK(false, "wick-bench quant: --engine must be auto, fbgemm, onednn or qnnpack, got '", s,
+              "'");
 }
 
 using Key = std::tuple<std::string, int64_t, int>;  // model, batch, threads
@@ -154,16 +156,18 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
       std::ostringstream models_arg, batches_arg;
       for (size_t i = 0; i < o.models.size(); ++i) models_arg << (i ? "," : "") << o.models[i];
       for (size_t i = 0; i < o.batches.size(); ++i) batches_arg << (i ? "," : "") << o.batches[i];
-      auto peer = run_peer(global, "quant_peer.py",
-                           {"--threads", std::to_string(threads), "--seed", std::to_string(o.seed), "--models",
-                            models_arg.str(), "--batches", batches_arg.str(), "--warmup", std::to_string(o.warmup),
-                            "--min-time", std::to_string(o.min_time)});
+      auto peer =
+          run_peer(global, "quant_peer.py",
+                   {"--threads", std::to_string(threads), "--seed", std::to_string(o.seed),
+                    "--models", models_arg.str(), "--batches", batches_arg.str(), "--warmup",
+                    std::to_string(o.warmup), "--min-time", std::to_string(o.min_time)});
       if (!peer.ok()) {
         peer_error = peer.error.empty() ? "the peer printed nothing" : peer.error;
         continue;
       }
       for (const auto& line : peer.lines) {
-        Case& c = cases[Key{line.at("model").get<std::string>(), line.at("batch").get<int64_t>(), threads}];
+        Case& c = cases[Key{line.at("model").get<std::string>(), line.at("batch").get<int64_t>(),
+                            threads}];
         c.py_fp32.push_back(line.at("fp32_ms").get<double>());
         c.py_int8.push_back(line.at("int8_ms").get<double>());
         c.py_check = line.at("check_fp32").get<double>();
@@ -173,8 +177,8 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   }
 
   // A table for a person on stderr; the JSON lines on stdout stay machine-readable.
-  std::fprintf(stderr, "%-18s %7s %5s %10s %10s %8s %12s %10s\n", "model", "threads", "batch", "fp32 ms",
-               "int8 ms", "speedup", "python ms", "vs python");
+  std::fprintf(stderr, "%-18s %7s %5s %10s %10s %8s %12s %10s\n", "model", "threads", "batch",
+               "fp32 ms", "int8 ms", "speedup", "python ms", "vs python");
   double min_small = INFINITY, min_large = INFINITY, min_python = INFINITY;
   std::string worst_small, worst_large, worst_python, py_engine;
   bool same_weights = true;
@@ -300,8 +304,10 @@ void run_quant_cuda(const QuantBenchOptions& o, const GlobalOptions& global) {
       line["fp8_speedup"] = d / f;
       line["sparse_24_speedup"] = d / z;
       const auto ref = dense->forward(x).to(torch::kFloat);
-      line["int8_rel_error"] = ((int8->forward(x).to(torch::kFloat) - ref).norm() / ref.norm()).item<double>();
-      line["fp8_rel_error"] = ((fp8->forward(x).to(torch::kFloat) - ref).norm() / ref.norm()).item<double>();
+      line["int8_rel_error"] =
+          ((int8->forward(x).to(torch::kFloat) - ref).norm() / ref.norm()).item<double>();
+      line["fp8_rel_error"] =
+          ((fp8->forward(x).to(torch::kFloat) - ref).norm() / ref.norm()).item<double>();
       min_int8 = std::min(min_int8, d / q);
       min_fp8 = std::min(min_fp8, d / f);
       min_24 = std::min(min_24, d / z);
@@ -320,18 +326,26 @@ void run_quant_cuda(const QuantBenchOptions& o, const GlobalOptions& global) {
 void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   auto o = std::make_shared<QuantBenchOptions>();
   CLI::App* sub = app.add_subcommand(
-      "quant", "wick int8 (quantize_dynamic) vs fp32 vs Python's quantize_dynamic: MLP and Linear layers");
-  sub->add_option("--threads", o->threads, "intra-op thread counts to measure")->delimiter(',')->capture_default_str();
+      "quant",
+      "wick int8 (quantize_dynamic) vs fp32 vs Python's quantize_dynamic: MLP and Linear layers");
+  sub->add_option("--threads", o->threads, "intra-op thread counts to measure")
+      ->delimiter(',')
+      ->capture_default_str();
   sub->add_option("--batches", o->batches, "batch sizes")->delimiter(',')->capture_default_str();
-  sub->add_option("--models", o->models, "mlp, linear_1024x1024, linear_1024x4096")->delimiter(',')->capture_default_str();
+  sub->add_option("--models", o->models, "mlp, linear_1024x1024, linear_1024x4096")
+      ->delimiter(',')
+      ->capture_default_str();
   sub->add_option("--repeats", o->repeats, "rounds; figures are medians")->capture_default_str();
   sub->add_option("--warmup", o->warmup, "untimed calls before each timing")->capture_default_str();
-  sub->add_option("--min-time", o->min_time, "seconds each timing lasts at least")->capture_default_str();
+  sub->add_option("--min-time", o->min_time, "seconds each timing lasts at least")
+      ->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the weights and inputs")->capture_default_str();
-  sub->add_option("--engine", o->engine, "wick's engine: auto, fbgemm, onednn, qnnpack")->capture_default_str();
+  sub->add_option("--engine", o->engine, "wick's engine: auto, fbgemm, onednn, qnnpack")
+      ->capture_default_str();
   sub->add_flag("--no-python", o->no_python, "skip the Python peer");
   sub->add_flag("--cuda", o->cuda,
-                "instead: on the GPU, bf16 vs weight-only int8 vs fp8 (_scaled_mm) vs 2:4 sparse (cuSPARSELt)");
+                "instead: on the GPU, bf16 vs weight-only int8 vs fp8 (_scaled_mm) vs 2:4 sparse "
+                "(cuSPARSELt)");
   sub->callback([o, global] {
     if (o->cuda) {
       run_quant_cuda(*o, *global);

@@ -16,8 +16,8 @@
 #include <wick/optim.h>
 #include <wick/trainer.h>
 
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
+#include <CLI/CLI.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -120,9 +120,11 @@ Run run_trainer(const TrainerBenchOptions& o, const Data& d, bool fused = false)
   auto model = make_mlp(o.seed);
   std::unique_ptr<torch::optim::Optimizer> owned_optimizer;
   if (fused) {
-    owned_optimizer = std::make_unique<wick::FusedAdam>(model->parameters(), wick::FusedAdamOptions(o.lr));
+    owned_optimizer =
+        std::make_unique<wick::FusedAdam>(model->parameters(), wick::FusedAdamOptions(o.lr));
   } else {
-    owned_optimizer = std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(o.lr));
+    owned_optimizer =
+        std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(o.lr));
   }
   torch::optim::Optimizer& optimizer = *owned_optimizer;
   wick::SupervisedTask task(model);
@@ -130,13 +132,14 @@ Run run_trainer(const TrainerBenchOptions& o, const Data& d, bool fused = false)
   if (o.trainer_source == "slices") {
     owned = std::make_unique<SliceSource>(d.x, d.y, o.batch);
   } else {
-    owned = std::make_unique<wick::TensorBatchSource>(d.x, d.y,
-                                                      wick::TensorBatchSourceOptions(o.batch).shuffle(false));
+    owned = std::make_unique<wick::TensorBatchSource>(
+        d.x, d.y, wick::TensorBatchSourceOptions(o.batch).shuffle(false));
   }
   wick::BatchSource& source = *owned;
   const auto options = [&](int64_t max_steps) {
     return wick::TrainerOptions()
-        .max_epochs(std::numeric_limits<int64_t>::max())  // max_steps ends the run, as i % n_batches does below
+        .max_epochs(std::numeric_limits<int64_t>::max())  // max_steps ends the run, as i %
+                                                          // n_batches does below
         .max_steps(max_steps)
         .log_every_n_steps(std::numeric_limits<int64_t>::max())
         .seed(o.seed);
@@ -149,8 +152,8 @@ Run run_trainer(const TrainerBenchOptions& o, const Data& d, bool fused = false)
   Stopwatch sw;
   auto result = trainer.fit(task, optimizer, source);
   Run run = measured(sw);
-  TORCH_CHECK(result.state.step == o.steps, "wick-bench trainer: the Trainer took ", result.state.step,
-              " steps, expected ", o.steps);
+  TORCH_CHECK(result.state.step == o.steps, "wick-bench trainer: the Trainer took ",
+              result.state.step, " steps, expected ", o.steps);
   run.check_loss = check_loss(model, d, o.batch);
   return run;
 }
@@ -197,7 +200,8 @@ Run run_raw_fused_adam(const TrainerBenchOptions& o, const Data& d) {
     torch::NoGradGuard no_grad;
     for (size_t k = 0; k < params.size(); ++k) grads[k] = params[k].grad();
     at::_foreach_add_(state_steps, 1);
-    at::_fused_adam_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, state_steps, o.lr,
+    at::_fused_adam_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, state_steps,
+                     o.lr,
                      /*beta1=*/0.9, /*beta2=*/0.999, /*weight_decay=*/0.0, /*eps=*/1e-8,
                      /*amsgrad=*/false, /*maximize=*/false);
     for (auto& p : params) p.mutable_grad().reset();
@@ -249,7 +253,8 @@ Json case_line(const CaseRuns& c, const TrainerBenchOptions& o, int threads) {
   j["batch"] = o.batch;
   j["steps"] = o.steps;
   j["warmup"] = o.warmup;
-  if (c.name == "wick_trainer" || c.name == "wick_trainer_fused_adam") j["source"] = o.trainer_source;
+  if (c.name == "wick_trainer" || c.name == "wick_trainer_fused_adam")
+    j["source"] = o.trainer_source;
   j["repeats"] = c.ms.size();
   j["runs_ms_per_step"] = c.ms;
   j["runs_cpu_ms_per_step"] = c.cpu_ms;
@@ -263,10 +268,10 @@ Json case_line(const CaseRuns& c, const TrainerBenchOptions& o, int threads) {
 }
 
 std::vector<std::string> peer_args(const TrainerBenchOptions& o, int repeats) {
-  return {"--threads", std::to_string(o.threads), "--steps", std::to_string(o.steps),
-          "--warmup", std::to_string(o.warmup), "--repeats", std::to_string(repeats),
-          "--batch", std::to_string(o.batch), "--lr", Json(o.lr).dump(),
-          "--seed", std::to_string(o.seed)};
+  return {"--threads", std::to_string(o.threads), "--steps",   std::to_string(o.steps),
+          "--warmup",  std::to_string(o.warmup),  "--repeats", std::to_string(repeats),
+          "--batch",   std::to_string(o.batch),   "--lr",      Json(o.lr).dump(),
+          "--seed",    std::to_string(o.seed)};
 }
 
 // Reads the peer's case line into `c`; false (with c.error set) when the peer failed.
@@ -296,7 +301,8 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
   TORCH_CHECK(o.repeats >= 1, "wick-bench trainer: --repeats must be >= 1, got ", o.repeats);
   TORCH_CHECK(o.batch >= 1, "wick-bench trainer: --batch must be >= 1, got ", o.batch);
   TORCH_CHECK(o.trainer_source == "tensor" || o.trainer_source == "slices",
-              "wick-bench trainer: --trainer-source must be tensor or slices, got ", o.trainer_source);
+              "wick-bench trainer: --trainer-source must be tensor or slices, got ",
+              o.trainer_source);
   const int threads = set_torch_threads(o.threads);
   JsonOut out(global.jsonl);
   const double load_start = load_average_1m();
@@ -346,13 +352,15 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
   s["overhead_ratio"] = t / b;
   s["python_ratio"] = eager.measured() ? Json(eager.median_ms() / t) : Json(nullptr);
   if (!o.no_python && o.compile) {
-    s["python_compile_ms_per_step"] = compiled.measured() ? Json(compiled.median_ms()) : Json(nullptr);
+    s["python_compile_ms_per_step"] =
+        compiled.measured() ? Json(compiled.median_ms()) : Json(nullptr);
     if (!compiled.error.empty()) s["python_compile_error"] = compiled.error;
   }
   if (o.fused_adam) {
     s["raw_fused_adam_ms_per_step"] = fused.median_ms();
     s["trainer_fused_adam_ms_per_step"] = trainer_fused.median_ms();
-    s["python_ratio_fused"] = eager.measured() ? Json(eager.median_ms() / trainer_fused.median_ms()) : Json(nullptr);
+    s["python_ratio_fused"] =
+        eager.measured() ? Json(eager.median_ms() / trainer_fused.median_ms()) : Json(nullptr);
   }
   // The same ratios from process CPU time, which load from other processes hardly moves.
   s["overhead_ratio_cpu"] = trainer.median_cpu_ms() / raw.median_cpu_ms();
@@ -375,25 +383,31 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
 void add_trainer_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   auto o = std::make_shared<TrainerBenchOptions>();
   CLI::App* sub = app.add_subcommand(
-      "trainer", "wick::Trainer vs a hand-written LibTorch loop vs PyTorch eager: MLP 784-512-256-10, Adam");
+      "trainer",
+      "wick::Trainer vs a hand-written LibTorch loop vs PyTorch eager: MLP 784-512-256-10, Adam");
   sub->add_option("--threads", o->threads, "intra-op threads for torch here and in the peer")
       ->capture_default_str();
   sub->add_option("--steps", o->steps, "timed optimizer steps per run")->capture_default_str();
-  sub->add_option("--warmup", o->warmup, "untimed steps before each run's timed ones")->capture_default_str();
-  sub->add_option("--repeats", o->repeats, "runs of each case; figures are medians")->capture_default_str();
+  sub->add_option("--warmup", o->warmup, "untimed steps before each run's timed ones")
+      ->capture_default_str();
+  sub->add_option("--repeats", o->repeats, "runs of each case; figures are medians")
+      ->capture_default_str();
   sub->add_option("--batch", o->batch, "samples per batch")->capture_default_str();
   sub->add_option("--lr", o->lr, "Adam's learning rate")->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the model's initialization and of the data")
       ->capture_default_str();
   sub->add_flag("--no-python", o->no_python, "skip the Python peer");
-  sub->add_flag("--compile", o->compile, "also time the peer under torch.compile (case python_compile)");
+  sub->add_flag("--compile", o->compile,
+                "also time the peer under torch.compile (case python_compile)");
   sub->add_option("--compile-repeats", o->compile_repeats, "runs of the torch.compile case")
       ->capture_default_str();
-  sub->add_option("--trainer-source", o->trainer_source,
-                  "the Trainer's batches: tensor (TensorBatchSource, gathers a copy) or slices (views)")
+  sub->add_option(
+         "--trainer-source", o->trainer_source,
+         "the Trainer's batches: tensor (TensorBatchSource, gathers a copy) or slices (views)")
       ->capture_default_str();
   sub->add_flag("--fused-adam", o->fused_adam,
-                "also time the raw loop with at::_fused_adam_ instead of torch::optim::Adam (case raw_fused_adam) "
+                "also time the raw loop with at::_fused_adam_ instead of torch::optim::Adam (case "
+                "raw_fused_adam) "
                 "and the Trainer with wick::FusedAdam (case wick_trainer_fused_adam)");
   sub->callback([o, global] { run_trainer_bench(*o, *global); });
 }

@@ -25,8 +25,8 @@
 
 #include <wick/checkpoint.h>
 
-#include <nlohmann/json.hpp>
 #include <zlib.h>
+#include <nlohmann/json.hpp>
 
 #include <map>
 #include <vector>
@@ -133,7 +133,8 @@ void make_seeds(const std::string& out) {
     wick::Checkpoint c;
     c.put_module("model", *model);
     if (optimizer) c.put_optimizer("optimizer", adam);
-    if (extra) c.put("extra", [](torch::serialize::OutputArchive& a) { a.write("x", torch::arange(3)); });
+    if (extra)
+      c.put("extra", [](torch::serialize::OutputArchive& a) { a.write("x", torch::arange(3)); });
     if (rng) c.put_rng_state();
     c.set_train_state({7, 1, 3, 28});
     c.set_fingerprint("optimizer=adam;lr=0.001");
@@ -189,7 +190,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   write_dir(dir, files);
 
   wick::Checkpoint ckpt;
-  if (!wick::fuzz::expect_clear_error("Checkpoint", [&] { ckpt = wick::Checkpoint::load(dir); })) return 0;
+  if (!wick::fuzz::expect_clear_error("Checkpoint", [&] { ckpt = wick::Checkpoint::load(dir); }))
+    return 0;
   const auto& ts = ckpt.train_state();
   expect(ts.step >= 0 && ts.epoch >= 0 && ts.batch_in_epoch >= 0 && ts.samples_seen >= 0,
          "Checkpoint::load accepted a negative train state");
@@ -206,10 +208,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (action == 0) {
       std::vector<torch::Tensor> before;
       for (const auto& p : model->parameters()) before.push_back(p.detach().clone());
-      if (!wick::fuzz::expect_clear_error("Checkpoint", [&] { ckpt.restore_module(section, *model); })) {
+      if (!wick::fuzz::expect_clear_error("Checkpoint",
+                                          [&] { ckpt.restore_module(section, *model); })) {
         const auto params = model->parameters();
         for (size_t i = 0; i < params.size(); ++i)
-          expect(torch::equal(params[i], before[i]), "restore_module changed the module and then failed");
+          expect(torch::equal(params[i], before[i]),
+                 "restore_module changed the module and then failed");
       }
     } else if (action == 1) {
       wick::fuzz::expect_clear_error("Checkpoint", [&] { ckpt.restore_optimizer(section, adam); });

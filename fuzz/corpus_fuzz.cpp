@@ -38,20 +38,26 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   wick::fuzz::write_file(dir + "/fortunes-0.dat", "\x00\x00\x00\x02", 4);
 
   gpt::Corpus c;
-  if (!wick::fuzz::expect_clear_error("load_fortunes", [&] { c = gpt::load_fortunes(dir, val_every); })) return 0;
-  expect(c.files == files, "load_fortunes: file count " + std::to_string(c.files) + ", wrote " + std::to_string(files));
-  expect(c.train.scalar_type() == torch::kLong && c.val.scalar_type() == torch::kLong && c.train.dim() == 1 &&
-             c.val.dim() == 1,
+  if (!wick::fuzz::expect_clear_error("load_fortunes",
+                                      [&] { c = gpt::load_fortunes(dir, val_every); }))
+    return 0;
+  expect(c.files == files, "load_fortunes: file count " + std::to_string(c.files) + ", wrote " +
+                               std::to_string(files));
+  expect(c.train.scalar_type() == torch::kLong && c.val.scalar_type() == torch::kLong &&
+             c.train.dim() == 1 && c.val.dim() == 1,
          "load_fortunes: tensors are not 1-d int64");
-  expect(c.train_fortunes >= 0 && c.val_fortunes >= 0 && c.val_fortunes >= c.train_fortunes / (val_every - 1) &&
+  expect(c.train_fortunes >= 0 && c.val_fortunes >= 0 &&
+             c.val_fortunes >= c.train_fortunes / (val_every - 1) &&
              c.val_fortunes <= c.train_fortunes / (val_every - 1) + 1,
          "load_fortunes: the split is not every val_every-th fortune");
   // Every fortune ends in "\n" and holds at least one byte besides.
   expect(c.train.numel() >= 2 * c.train_fortunes && c.val.numel() >= 2 * c.val_fortunes,
          "load_fortunes: fewer bytes than fortunes");
   if (c.train.numel() > 0)
-    expect(c.train.min().item<int64_t>() >= 0 && c.train.max().item<int64_t>() <= 255, "load_fortunes: not bytes");
+    expect(c.train.min().item<int64_t>() >= 0 && c.train.max().item<int64_t>() <= 255,
+           "load_fortunes: not bytes");
   if (c.val.numel() > 0)
-    expect(c.val.min().item<int64_t>() >= 0 && c.val.max().item<int64_t>() <= 255, "load_fortunes: not bytes");
+    expect(c.val.min().item<int64_t>() >= 0 && c.val.max().item<int64_t>() <= 255,
+           "load_fortunes: not bytes");
   return 0;
 }

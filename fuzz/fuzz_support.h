@@ -46,7 +46,8 @@ class ScratchDir {
   ScratchDir() {
     const char* tmp = std::getenv("TMPDIR");
     std::string pattern = std::string(tmp && tmp[0] ? tmp : "/tmp") + "/wick-fuzz-XXXXXX";
-    if (::mkdtemp(pattern.data()) == nullptr) finding("mkdtemp failed: " + std::string(std::strerror(errno)));
+    if (::mkdtemp(pattern.data()) == nullptr)
+      finding("mkdtemp failed: " + std::string(std::strerror(errno)));
     root_ = pattern;
   }
   ~ScratchDir() { detail::remove_tree(root_); }
@@ -56,8 +57,10 @@ class ScratchDir {
   /// An empty directory <root>/<name>.
   std::string fresh(const std::string& name = "in") {
     const std::string dir = root_ + "/" + name;
-    if (int err = detail::remove_tree(dir)) finding("cannot empty " + dir + ": " + detail::errno_text(err));
-    if (::mkdir(dir.c_str(), 0755) != 0) finding("cannot create " + dir + ": " + detail::errno_text(errno));
+    if (int err = detail::remove_tree(dir))
+      finding("cannot empty " + dir + ": " + detail::errno_text(err));
+    if (::mkdir(dir.c_str(), 0755) != 0)
+      finding("cannot create " + dir + ": " + detail::errno_text(errno));
     return dir;
   }
   const std::string& root() const { return root_; }
@@ -99,7 +102,8 @@ bool expect_clear_error(const char* component, F&& f) {
   } catch (const c10::Error& e) {
     const std::string msg = e.what_without_backtrace();
     if (msg.find(component) == std::string::npos)
-      finding(std::string("c10::Error without the component '") + component + "' in its message: " + msg);
+      finding(std::string("c10::Error without the component '") + component +
+              "' in its message: " + msg);
     return false;
   } catch (const std::exception& e) {
     finding(std::string("non-c10 exception (") + typeid(e).name() + ") escaped: " + e.what());

@@ -35,9 +35,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const size_t end = html.find("</script>", from);
   expect(end != std::string::npos, "RunReport: wick-logs script element not closed");
   const std::string logs = html.substr(from, end - from);
-  expect(logs.find('<') == std::string::npos, "RunReport: a '<' inside the wick-logs script element: " + logs);
+  expect(logs.find('<') == std::string::npos,
+         "RunReport: a '<' inside the wick-logs script element: " + logs);
   const auto parsed = nlohmann::json::parse(logs, nullptr, /*allow_exceptions=*/false);
-  expect(!parsed.is_discarded() && parsed.is_array(), "RunReport: the embedded logs are not a JSON array");
+  expect(!parsed.is_discarded() && parsed.is_array(),
+         "RunReport: the embedded logs are not a JSON array");
   size_t lines = 0;
   std::string_view text(reinterpret_cast<const char*>(data), size);
   while (!text.empty()) {
@@ -47,7 +49,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (nl == std::string_view::npos) break;
     text.remove_prefix(nl + 1);
   }
-  expect(parsed.size() == lines, "RunReport: " + std::to_string(parsed.size()) + " logs embedded for " +
-                                     std::to_string(lines) + " non-blank lines");
+  expect(parsed.size() == lines, "RunReport: " + std::to_string(parsed.size()) +
+                                     " logs embedded for " + std::to_string(lines) +
+                                     " non-blank lines");
   return 0;
 }

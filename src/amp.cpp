@@ -117,9 +117,9 @@ void validate_options(const AmpScalerOptions& o, const char* where) {
               ": growth_factor must be > 1 and finite, got ", o.growth_factor());
   TORCH_CHECK(o.backoff_factor() > 0.0 && o.backoff_factor() < 1.0, where,
               ": backoff_factor must be in (0, 1), got ", o.backoff_factor());
-  TORCH_CHECK(o.growth_interval() >= 1 &&
-                  o.growth_interval() <= std::numeric_limits<int32_t>::max(),
-              where, ": growth_interval must be in [1, 2^31 - 1], got ", o.growth_interval());
+  TORCH_CHECK(
+      o.growth_interval() >= 1 && o.growth_interval() <= std::numeric_limits<int32_t>::max(), where,
+      ": growth_interval must be in [1, 2^31 - 1], got ", o.growth_interval());
 }
 
 }  // namespace
@@ -129,14 +129,17 @@ AmpScaler::AmpScaler(AmpScalerOptions options) : options_(std::move(options)) {
 }
 
 void AmpScaler::lazy_init(const torch::Device& device) {
-  TORCH_INTERNAL_ASSERT(!growth_tracker_.defined(), "AmpScaler: growth tracker created before scale");
+  TORCH_INTERNAL_ASSERT(!growth_tracker_.defined(),
+                        "AmpScaler: growth tracker created before scale");
   scale_ = torch::full({}, options_.init_scale(), torch::dtype(torch::kFloat32).device(device));
-  growth_tracker_ = torch::full({}, init_growth_tracker_, torch::dtype(torch::kInt32).device(device));
+  growth_tracker_ =
+      torch::full({}, init_growth_tracker_, torch::dtype(torch::kInt32).device(device));
 }
 
 void AmpScaler::check_initialized(const char* method) const {
-  TORCH_CHECK(scale_.defined() && growth_tracker_.defined(), "AmpScaler: ", method,
-              "() called before the scale exists; call scaler.scale(loss) earlier in the iteration");
+  TORCH_CHECK(
+      scale_.defined() && growth_tracker_.defined(), "AmpScaler: ", method,
+      "() called before the scale exists; call scaler.scale(loss) earlier in the iteration");
 }
 
 AmpScaler::PerOptimizer& AmpScaler::state_of(const torch::optim::Optimizer& optimizer) {
@@ -219,8 +222,9 @@ bool AmpScaler::step(torch::optim::Optimizer& optimizer) {
   }
   check_initialized("step");
   auto& state = state_of(optimizer);
-  TORCH_CHECK(state.stage != Stage::kStepped,
-              "AmpScaler: step() has already been called on this optimizer since the last update()");
+  TORCH_CHECK(
+      state.stage != Stage::kStepped,
+      "AmpScaler: step() has already been called on this optimizer since the last update()");
   if (state.stage == Stage::kReady) unscale_(optimizer);
   TORCH_CHECK(!state.found_inf_per_device.empty(),
               "AmpScaler: step(): no inf checks were recorded for this optimizer: none of its "
@@ -322,8 +326,7 @@ int64_t read_int(torch::serialize::InputArchive& archive, const std::string& key
 
 bool read_bool(torch::serialize::InputArchive& archive, const std::string& key) {
   auto v = read_key(archive, key);
-  TORCH_CHECK(v.isBool(), "AmpScaler: load(): key '", key, "' must hold a bool, got ",
-              v.tagKind());
+  TORCH_CHECK(v.isBool(), "AmpScaler: load(): key '", key, "' must hold a bool, got ", v.tagKind());
   return v.toBool();
 }
 

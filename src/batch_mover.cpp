@@ -33,8 +33,9 @@ BatchMover::BatchMover(torch::Device device) : device_(device) {
 #ifdef WICK_WITH_CUDA
   if (device_.is_cuda()) {
     const auto index = device_.has_index() ? device_.index() : c10::cuda::current_device();
-    cuda_ = std::make_unique<Cuda>(Cuda{c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index),
-                                        at::cuda::CUDAEvent(), false});
+    cuda_ =
+        std::make_unique<Cuda>(Cuda{c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index),
+                                    at::cuda::CUDAEvent(), false});
   }
 #endif
 }

@@ -56,8 +56,8 @@ struct LatencyWindow {
 
 struct BatcherCore::State {
   std::mutex mutex;
-  std::condition_variable work_cv;   // workers: queue changed or stopping
-  std::condition_variable room_cv;   // blocked submitters: room freed or stopping
+  std::condition_variable work_cv;  // workers: queue changed or stopping
+  std::condition_variable room_cv;  // blocked submitters: room freed or stopping
   std::deque<std::unique_ptr<BatcherJob>> queue;
   bool stopping = false;
 
@@ -74,7 +74,8 @@ BatcherCore::BatcherCore(BatcherOptions options, std::function<void(BatcherJobs&
               options_.max_delay().count());
   TORCH_CHECK(options_.max_queue_size() >= 1, "DynamicBatcher: max_queue_size must be >= 1, got ",
               options_.max_queue_size());
-  TORCH_CHECK(options_.block_timeout().count() >= 0, "DynamicBatcher: block_timeout must be >= 0 us, got ",
+  TORCH_CHECK(options_.block_timeout().count() >= 0,
+              "DynamicBatcher: block_timeout must be >= 0 us, got ",
               options_.block_timeout().count());
   TORCH_CHECK(options_.request_timeout().count() >= 0,
               "DynamicBatcher: request_timeout must be >= 0 us (0 = none), got ",
@@ -85,7 +86,8 @@ BatcherCore::BatcherCore(BatcherOptions options, std::function<void(BatcherJobs&
   state_->stats.batch_size_histogram.assign(static_cast<size_t>(options_.max_batch_size()) + 1, 0);
   workers_.reserve(static_cast<size_t>(options_.num_workers()));
   try {
-    for (int64_t i = 0; i < options_.num_workers(); ++i) workers_.emplace_back([this] { worker_loop(); });
+    for (int64_t i = 0; i < options_.num_workers(); ++i)
+      workers_.emplace_back([this] { worker_loop(); });
   } catch (...) {
     shutdown();
     throw;
@@ -104,23 +106,27 @@ void BatcherCore::submit(std::unique_ptr<BatcherJob> job) {
   auto& s = *state_;
   const auto now = Clock::now();
   job->enqueued = now;
-  if (!job->deadline && options_.request_timeout().count() > 0) job->deadline = now + options_.request_timeout();
+  if (!job->deadline && options_.request_timeout().count() > 0)
+    job->deadline = now + options_.request_timeout();
   {
     std::lock_guard<std::mutex> g(s.stats_mutex);
     ++s.stats.requests_submitted;
   }
   std::unique_lock<std::mutex> lock(s.mutex);
   const auto max_queue = static_cast<size_t>(options_.max_queue_size());
-  if (!s.stopping && s.queue.size() >= max_queue && options_.queue_full_policy() == QueueFullPolicy::kBlock) {
-    s.room_cv.wait_for(lock, options_.block_timeout(), [&] { return s.stopping || s.queue.size() < max_queue; });
+  if (!s.stopping && s.queue.size() >= max_queue &&
+      options_.queue_full_policy() == QueueFullPolicy::kBlock) {
+    s.room_cv.wait_for(lock, options_.block_timeout(),
+                       [&] { return s.stopping || s.queue.size() < max_queue; });
   }
   std::exception_ptr refused;
   if (s.stopping) {
-    refused = batcher_error(BatcherError::Kind::kShutdown, "DynamicBatcher: shut down, request not accepted");
+    refused = batcher_error(BatcherError::Kind::kShutdown,
+                            "DynamicBatcher: shut down, request not accepted");
   } else if (s.queue.size() >= max_queue) {
     refused = batcher_error(BatcherError::Kind::kQueueFull,
-                            "DynamicBatcher: queue full (max_queue_size " + std::to_string(max_queue) +
-                                "), request rejected");
+                            "DynamicBatcher: queue full (max_queue_size " +
+                                std::to_string(max_queue) + "), request rejected");
   }
   if (refused) {
     lock.unlock();
@@ -233,7 +239,8 @@ void BatcherCore::shutdown() {
       std::lock_guard<std::mutex> g(s.stats_mutex);
       s.stats.requests_cancelled += static_cast<int64_t>(cancelled.size());
     }
-    auto error = batcher_error(BatcherError::Kind::kCancelled, "DynamicBatcher: cancelled by shutdown");
+    auto error =
+        batcher_error(BatcherError::Kind::kCancelled, "DynamicBatcher: cancelled by shutdown");
     for (auto& j : cancelled) j->fail(error);
   }
   // From inside the batch function a worker cannot join itself: intake is
@@ -257,7 +264,9 @@ BatcherStats BatcherCore::stats() const {
   for (size_t n = 0; n < out.batch_size_histogram.size(); ++n) {
     requests += static_cast<int64_t>(n) * out.batch_size_histogram[n];
   }
-  out.mean_batch_size = out.batches_run > 0 ? static_cast<double>(requests) / static_cast<double>(out.batches_run) : 0;
+  out.mean_batch_size = out.batches_run > 0
+                            ? static_cast<double>(requests) / static_cast<double>(out.batches_run)
+                            : 0;
   out.queue_wait = s.queue_wait.summary();
   out.end_to_end = s.end_to_end.summary();
   return out;
@@ -286,9 +295,9 @@ std::vector<std::vector<size_t>> group_by(const std::vector<torch::Tensor>& xs, 
 }
 
 void check_rows(const torch::Tensor& out, size_t n, const char* fn) {
-  TORCH_CHECK(out.defined() && out.dim() >= 1 && out.size(0) == static_cast<int64_t>(n), "DynamicBatcher ", fn,
-              ": the model must return [B, ...] with B = ", n, " (the batch's requests), got ",
-              out.defined() ? out.sizes() : c10::IntArrayRef{});
+  TORCH_CHECK(out.defined() && out.dim() >= 1 && out.size(0) == static_cast<int64_t>(n),
+              "DynamicBatcher ", fn, ": the model must return [B, ...] with B = ", n,
+              " (the batch's requests), got ", out.defined() ? out.sizes() : c10::IntArrayRef{});
 }
 
 }  // namespace
@@ -312,12 +321,13 @@ TensorBatcher::BatchFn stack_batches(std::function<torch::Tensor(const torch::Te
   };
 }
 
-TensorBatcher::BatchFn pad_batches(std::function<torch::Tensor(const PaddedBatch&)> model, bool unpad_outputs,
-                                   double pad_value) {
+TensorBatcher::BatchFn pad_batches(std::function<torch::Tensor(const PaddedBatch&)> model,
+                                   bool unpad_outputs, double pad_value) {
   TORCH_CHECK(model, "pad_batches: the model must not be empty");
   return [model = std::move(model), unpad_outputs, pad_value](std::vector<torch::Tensor>&& xs) {
     for (const auto& x : xs) {
-      TORCH_CHECK(x.dim() >= 1, "pad_batches: each request must have >= 1 dims (the sequence first), got ",
+      TORCH_CHECK(x.dim() >= 1,
+                  "pad_batches: each request must have >= 1 dims (the sequence first), got ",
                   x.dim());
     }
     std::vector<torch::Tensor> results(xs.size());
@@ -347,8 +357,10 @@ TensorBatcher::BatchFn pad_batches(std::function<torch::Tensor(const PaddedBatch
       torch::Tensor out = model(batch);
       check_rows(out, g.size(), "pad_batches");
       if (unpad_outputs) {
-        TORCH_CHECK(out.dim() >= 2 && out.size(1) == longest, "pad_batches: with unpad_outputs the model must ",
-                    "return [B, T, ...] with T = ", longest, " (the longest request), got ", out.sizes());
+        TORCH_CHECK(out.dim() >= 2 && out.size(1) == longest,
+                    "pad_batches: with unpad_outputs the model must ",
+                    "return [B, T, ...] with T = ", longest, " (the longest request), got ",
+                    out.sizes());
       }
       for (int64_t k = 0; k < b; ++k) {
         const auto i = g[static_cast<size_t>(k)];

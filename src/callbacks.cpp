@@ -101,7 +101,9 @@ std::string format_duration(double seconds) {
   return format("%02lld:%02lld", ll(s / 60), ll(s % 60));
 }
 
-std::string join(const std::string& dir, const std::string& name) { return detail::join_path(dir, name); }
+std::string join(const std::string& dir, const std::string& name) {
+  return detail::join_path(dir, name);
+}
 
 bool non_empty_file(const std::string& path) {
   struct stat st;
@@ -120,7 +122,8 @@ int64_t steps_for(int64_t batches, int64_t accum) { return (batches + accum - 1)
 
 ProgressBar::ProgressBar(ProgressBarOptions options) : options_(options) {
   TORCH_CHECK(options_.print_every_n_steps() >= 1,
-              "ProgressBar: print_every_n_steps must be >= 1, got ", options_.print_every_n_steps());
+              "ProgressBar: print_every_n_steps must be >= 1, got ",
+              options_.print_every_n_steps());
   TORCH_CHECK(options_.width() >= 1, "ProgressBar: width must be >= 1, got ", options_.width());
   TORCH_CHECK(options_.stream() != nullptr, "ProgressBar: stream must not be null");
 }
@@ -169,7 +172,8 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
   const double samples_per_s =
       elapsed > 0 ? static_cast<double>(s.samples_seen - epoch_first_samples_) / elapsed : 0.0;
 
-  std::string text = format("epoch %lld/%lld ", ll(s.epoch + 1), ll(trainer.options().max_epochs()));
+  std::string text =
+      format("epoch %lld/%lld ", ll(s.epoch + 1), ll(trainer.options().max_epochs()));
   const int64_t step_in_epoch = steps_for(s.batch_in_epoch, accum);
   if (batches.has_value() && *batches > 0) {
     const int64_t total_steps = steps_for(*batches, accum);
@@ -235,7 +239,7 @@ void ProgressBar::on_step_end(Trainer& trainer) {
 
 void ProgressBar::on_validation_end(Trainer& trainer, const Metrics& metrics) {
   std::string text = format("epoch %lld/%lld validation:", ll(trainer.state().epoch + 1),
-                             ll(trainer.options().max_epochs()));
+                            ll(trainer.options().max_epochs()));
   for (const auto& [name, value] : metrics) text += "  " + name + " " + format_value(value);
   print_line(text);
 }
@@ -245,8 +249,9 @@ void ProgressBar::on_epoch_end(Trainer& trainer) {
   const double elapsed = std::chrono::duration<double>(last_step_end_ - epoch_start_).count();
   const int64_t steps = s.step - epoch_first_step_;
   const int64_t samples = s.samples_seen - epoch_first_samples_;
-  std::string text = format("epoch %lld/%lld done: %lld steps in %s", ll(s.epoch + 1),
-                             ll(trainer.options().max_epochs()), ll(steps), format_duration(elapsed).c_str());
+  std::string text =
+      format("epoch %lld/%lld done: %lld steps in %s", ll(s.epoch + 1),
+             ll(trainer.options().max_epochs()), ll(steps), format_duration(elapsed).c_str());
   if (elapsed > 0) text += format(", %.0f samples/s", samples / elapsed);
   auto it = last_logs_.find("train/loss");
   if (it != last_logs_.end()) text += ", loss " + format_value(it->second);
@@ -274,12 +279,14 @@ void MetricLogger::on_fit_start(Trainer& trainer) {
   csv_.close();
   if (options_.jsonl()) {
     jsonl_.open(jsonl_path(), mode);
-    TORCH_CHECK(jsonl_.is_open(), "MetricLogger: cannot open ", jsonl_path(), ": ", std::strerror(errno));
+    TORCH_CHECK(jsonl_.is_open(), "MetricLogger: cannot open ", jsonl_path(), ": ",
+                std::strerror(errno));
   }
   if (options_.csv()) {
     const bool had_rows = append && non_empty_file(csv_path());
     csv_.open(csv_path(), mode);
-    TORCH_CHECK(csv_.is_open(), "MetricLogger: cannot open ", csv_path(), ": ", std::strerror(errno));
+    TORCH_CHECK(csv_.is_open(), "MetricLogger: cannot open ", csv_path(), ": ",
+                std::strerror(errno));
     if (!had_rows) {
       csv_ << "kind,step,epoch,name,value\n";
       csv_.flush();
@@ -307,10 +314,10 @@ std::string csv_field(const std::string& field) {
 }  // namespace
 
 void MetricLogger::write(Trainer& trainer, const char* kind, const Metrics& metrics) {
-  TORCH_CHECK(!options_.jsonl() || jsonl_.is_open(),
-              "MetricLogger: ", kind, " metrics before on_fit_start (the Trainer opens the files)");
-  TORCH_CHECK(!options_.csv() || csv_.is_open(),
-              "MetricLogger: ", kind, " metrics before on_fit_start (the Trainer opens the files)");
+  TORCH_CHECK(!options_.jsonl() || jsonl_.is_open(), "MetricLogger: ", kind,
+              " metrics before on_fit_start (the Trainer opens the files)");
+  TORCH_CHECK(!options_.csv() || csv_.is_open(), "MetricLogger: ", kind,
+              " metrics before on_fit_start (the Trainer opens the files)");
   const auto& s = trainer.state();
   const double time = seconds_since(start_);
   if (jsonl_.is_open()) {
@@ -353,8 +360,8 @@ void MetricLogger::on_fit_end(Trainer& trainer) {
 
 Checkpointer::Checkpointer(CheckpointerOptions options) : options_(std::move(options)) {
   TORCH_CHECK(!options_.dir().empty(), "Checkpointer: dir must not be empty");
-  TORCH_CHECK(options_.every_n_steps() >= 0, "Checkpointer: every_n_steps must be >= 0 (0 = off), got ",
-              options_.every_n_steps());
+  TORCH_CHECK(options_.every_n_steps() >= 0,
+              "Checkpointer: every_n_steps must be >= 0 (0 = off), got ", options_.every_n_steps());
 }
 
 void Checkpointer::save_step(Trainer& trainer) {
@@ -372,8 +379,7 @@ void Checkpointer::save_step(Trainer& trainer) {
     std::tie(last_saved_step_, last_path_) = previous;
     throw;
   }
-  prune_checkpoints(options_.dir(), options_.keep_last_k(),
-                    {join(options_.dir(), "best")});
+  prune_checkpoints(options_.dir(), options_.keep_last_k(), {join(options_.dir(), "best")});
 }
 
 void Checkpointer::on_step_end(Trainer& trainer) {
@@ -423,7 +429,8 @@ void Checkpointer::load(torch::serialize::InputArchive& archive) {
 
 EarlyStopping::EarlyStopping(EarlyStoppingOptions options) : options_(std::move(options)) {
   TORCH_CHECK(!options_.monitor().empty(), "EarlyStopping: monitor must name a validation metric");
-  TORCH_CHECK(options_.patience() >= 1, "EarlyStopping: patience must be >= 1, got ", options_.patience());
+  TORCH_CHECK(options_.patience() >= 1, "EarlyStopping: patience must be >= 1, got ",
+              options_.patience());
   TORCH_CHECK(std::isfinite(options_.min_delta()) && options_.min_delta() >= 0.0,
               "EarlyStopping: min_delta must be finite and >= 0, got ", options_.min_delta());
 }
@@ -438,7 +445,7 @@ void EarlyStopping::on_validation_end(Trainer& trainer, const Metrics& metrics) 
   ++wait_;
   if (wait_ >= options_.patience()) {
     trainer.request_stop(format("early stopping: %s did not improve for %lld validations",
-                                 options_.monitor().c_str(), ll(wait_)));
+                                options_.monitor().c_str(), ll(wait_)));
   }
 }
 
@@ -455,12 +462,14 @@ void EarlyStopping::load(torch::serialize::InputArchive& archive) {
 // ---------------------------------------------------------------------------
 // LRSchedulerCallback
 
-LRSchedulerCallback::LRSchedulerCallback(std::shared_ptr<LRScheduler> scheduler, ScheduleInterval interval)
+LRSchedulerCallback::LRSchedulerCallback(std::shared_ptr<LRScheduler> scheduler,
+                                         ScheduleInterval interval)
     : scheduler_(std::move(scheduler)), interval_(interval) {
   TORCH_CHECK(scheduler_ != nullptr, "LRSchedulerCallback: scheduler must not be null");
 }
 
-LRSchedulerCallback::LRSchedulerCallback(std::shared_ptr<ReduceLROnPlateau> scheduler, std::string monitor)
+LRSchedulerCallback::LRSchedulerCallback(std::shared_ptr<ReduceLROnPlateau> scheduler,
+                                         std::string monitor)
     : plateau_(std::move(scheduler)), monitor_(std::move(monitor)) {
   TORCH_CHECK(plateau_ != nullptr, "LRSchedulerCallback: scheduler must not be null");
   TORCH_CHECK(!monitor_.empty(), "LRSchedulerCallback: monitor must name a validation metric");

@@ -56,7 +56,8 @@ std::string where(const std::string& path) { return path.empty() ? "<in memory>"
 // (torch::jit::ErrorReport) for a corrupt code/ entry, found by
 // fuzz/checkpoint_fuzz.cpp.
 std::string message_of(const std::exception& e) {
-  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) return c10_error->what_without_backtrace();
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e))
+    return c10_error->what_without_backtrace();
   return e.what();
 }
 
@@ -250,9 +251,13 @@ std::string read_file(const fs::path& p, std::optional<uint64_t> expected_size,
 
 using Kind = detail::PathKind;
 Kind kind_of(const fs::path& p) { return detail::path_kind(p.string(), "Checkpoint"); }
-std::vector<std::string> list_dir(const fs::path& p) { return detail::list_dir(p.string(), "Checkpoint"); }
+std::vector<std::string> list_dir(const fs::path& p) {
+  return detail::list_dir(p.string(), "Checkpoint");
+}
 // mkdir -p, fsyncing the parent of every directory it creates.
-void make_directories(const fs::path& p) { detail::make_directories(p.string(), "Checkpoint", true); }
+void make_directories(const fs::path& p) {
+  detail::make_directories(p.string(), "Checkpoint", true);
+}
 int remove_tree(const fs::path& p) { return detail::remove_tree(p.string()); }
 
 // `p` made absolute with symlinks resolved where it exists, else lexically.
@@ -411,9 +416,9 @@ void Checkpoint::save(const std::string& path) const {
     const int err = errno;
     if (err != EEXIST || attempt >= 8) {
       // Named like the write failures below: the checkpoint first, then the cause.
-      fail(c10::str("Checkpoint: cannot save '", target.string(), "': cannot create temporary directory '",
-                    tmp.string(), "': ", detail::errno_text(err), "; nothing was changed at '", target.string(),
-                    "'"));
+      fail(c10::str("Checkpoint: cannot save '", target.string(),
+                    "': cannot create temporary directory '", tmp.string(), "': ",
+                    detail::errno_text(err), "; nothing was changed at '", target.string(), "'"));
     }
   }
   auto remove_tmp = [&tmp] { remove_tree(tmp); };
@@ -538,9 +543,11 @@ Checkpoint Checkpoint::load(const std::string& path) {
     // fail later, inside the Trainer's resume.
     auto count = [&](const char* key) -> int64_t {
       const json& v = ts.at(key);
-      TORCH_CHECK(v.is_number_unsigned() && v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
-                  "Checkpoint: '", meta_path.string(), "' has train_state.", key,
-                  " = ", v.dump(), "; it must be an integer in [0, 2^63)");
+      TORCH_CHECK(
+          v.is_number_unsigned() &&
+              v.get<uint64_t>() <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
+          "Checkpoint: '", meta_path.string(), "' has train_state.", key, " = ", v.dump(),
+          "; it must be an integer in [0, 2^63)");
       return v.get<int64_t>();
     };
     ckpt.train_state_.step = count("step");

@@ -8,7 +8,8 @@ namespace wick {
 namespace {
 
 bool is_tf32(at::Float32Op op) {
-  return at::globalContext().float32Precision(at::Float32Backend::CUDA, op) == at::Float32Precision::TF32;
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, op) ==
+         at::Float32Precision::TF32;
 }
 
 void set(at::Float32Op op, bool tf32) {
@@ -19,8 +20,8 @@ void set(at::Float32Op op, bool tf32) {
     // code that still uses them (torch.compile's inductor does).
     at::globalContext().setFloat32MatmulPrecision(tf32 ? "high" : "highest");
   }
-  at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, op,
-                                          tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE);
+  at::globalContext().setFloat32Precision(
+      at::Float32Backend::CUDA, op, tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE);
 }
 
 }  // namespace

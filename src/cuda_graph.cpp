@@ -28,12 +28,14 @@ torch::Tensor clip_grad_norm_tensor(const std::vector<torch::Tensor>& parameters
   if (grads.empty()) return torch::zeros({});
   const auto device = grads[0].device();
   for (size_t i = 1; i < grads.size(); ++i) {
-    TORCH_CHECK(grads[i].device() == device, "clip_grad_norm_tensor: gradients must be on one device, got ", device,
-                " and ", grads[i].device());
+    TORCH_CHECK(grads[i].device() == device,
+                "clip_grad_norm_tensor: gradients must be on one device, got ", device, " and ",
+                grads[i].device());
   }
   torch::NoGradGuard no_grad;
   const auto norms = at::_foreach_norm(grads, 2);
-  auto total = torch::linalg_vector_norm(torch::stack(norms).to(torch::kFloat), 2, c10::nullopt, false, c10::nullopt);
+  auto total = torch::linalg_vector_norm(torch::stack(norms).to(torch::kFloat), 2, c10::nullopt,
+                                         false, c10::nullopt);
   auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
   at::_foreach_mul_(grads, coef);
   return total;
@@ -85,32 +87,39 @@ struct CudaGraphStep::Impl {
       }
       at::autocast::set_autocast_cache_enabled(cache);
     }
-    TORCH_CHECK(loss.defined() && loss.numel() == 1, "CudaGraphStep: the loss function must return a scalar, got ",
+    TORCH_CHECK(loss.defined() && loss.numel() == 1,
+                "CudaGraphStep: the loss function must return a scalar, got ",
                 loss.defined() ? loss.sizes() : c10::IntArrayRef{});
     loss.backward();
-    if (options.grad_clip_norm() > 0) static_norm = clip_grad_norm_tensor(params, options.grad_clip_norm());
+    if (options.grad_clip_norm() > 0)
+      static_norm = clip_grad_norm_tensor(params, options.grad_clip_norm());
     optimizer.step();
     static_loss = loss.detach();
   }
 };
 
-CudaGraphStep::CudaGraphStep(std::vector<torch::Tensor> parameters, FusedAdam& optimizer, LossFn loss_fn,
-                             CudaGraphStepOptions options) {
-  TORCH_CHECK(options.warmup_steps() >= 1, "CudaGraphStep: warmup_steps must be >= 1, got ", options.warmup_steps());
+CudaGraphStep::CudaGraphStep(std::vector<torch::Tensor> parameters, FusedAdam& optimizer,
+                             LossFn loss_fn, CudaGraphStepOptions options) {
+  TORCH_CHECK(options.warmup_steps() >= 1, "CudaGraphStep: warmup_steps must be >= 1, got ",
+              options.warmup_steps());
   TORCH_CHECK(options.grad_clip_norm() >= 0, "CudaGraphStep: grad_clip_norm must be >= 0, got ",
               options.grad_clip_norm());
   TORCH_CHECK(options.precision() != Precision::kFP16,
-              "CudaGraphStep: precision fp16 cannot be captured: GradScaler skips a step on inf/NaN and changes its "
+              "CudaGraphStep: precision fp16 cannot be captured: GradScaler skips a step on "
+              "inf/NaN and changes its "
               "scale, host decisions a replayed graph cannot take; use bf16 or fp32");
   TORCH_CHECK(loss_fn != nullptr, "CudaGraphStep: loss_fn must be set");
   TORCH_CHECK(!parameters.empty(), "CudaGraphStep: parameters must not be empty");
   check_optimizer(optimizer);
   const auto device = parameters[0].device();
   for (size_t i = 0; i < parameters.size(); ++i) {
-    TORCH_CHECK(parameters[i].device().is_cuda(), "CudaGraphStep: parameters must be on a CUDA device (a CUDA graph "
-                "captures GPU work), got parameter ", i, " on ", parameters[i].device());
-    TORCH_CHECK(parameters[i].device() == device, "CudaGraphStep: parameters must be on one device, got ", device,
-                " and ", parameters[i].device(), " (parameter ", i, ")");
+    TORCH_CHECK(parameters[i].device().is_cuda(),
+                "CudaGraphStep: parameters must be on a CUDA device (a CUDA graph "
+                "captures GPU work), got parameter ",
+                i, " on ", parameters[i].device());
+    TORCH_CHECK(parameters[i].device() == device,
+                "CudaGraphStep: parameters must be on one device, got ", device, " and ",
+                parameters[i].device(), " (parameter ", i, ")");
   }
 #ifndef WICK_WITH_CUDA
   TORCH_CHECK(false, "CudaGraphStep: this wick build has no CUDA paths (WICK_WITH_CUDA is off)");
@@ -129,17 +138,22 @@ torch::Tensor CudaGraphStep::grad_norm() const { return impl_->static_norm; }
 
 torch::Tensor CudaGraphStep::step(const torch::Tensor& input, const torch::Tensor& target) {
   auto& s = *impl_;
-  TORCH_CHECK(input.defined() && target.defined(), "CudaGraphStep: input and target must be defined");
+  TORCH_CHECK(input.defined() && target.defined(),
+              "CudaGraphStep: input and target must be defined");
   if (!s.static_input.defined()) {
     s.static_input = torch::empty(input.sizes(), input.options().device(s.device));
     s.static_target = torch::empty(target.sizes(), target.options().device(s.device));
   }
-  TORCH_CHECK(input.sizes() == s.static_input.sizes() && input.scalar_type() == s.static_input.scalar_type(),
-              "CudaGraphStep: the graph's shapes are static: input must be ", s.static_input.sizes(), " ",
-              s.static_input.scalar_type(), " as in the first step, got ", input.sizes(), " ", input.scalar_type());
-  TORCH_CHECK(target.sizes() == s.static_target.sizes() && target.scalar_type() == s.static_target.scalar_type(),
-              "CudaGraphStep: the graph's shapes are static: target must be ", s.static_target.sizes(), " ",
-              s.static_target.scalar_type(), " as in the first step, got ", target.sizes(), " ", target.scalar_type());
+  TORCH_CHECK(input.sizes() == s.static_input.sizes() &&
+                  input.scalar_type() == s.static_input.scalar_type(),
+              "CudaGraphStep: the graph's shapes are static: input must be ",
+              s.static_input.sizes(), " ", s.static_input.scalar_type(),
+              " as in the first step, got ", input.sizes(), " ", input.scalar_type());
+  TORCH_CHECK(target.sizes() == s.static_target.sizes() &&
+                  target.scalar_type() == s.static_target.scalar_type(),
+              "CudaGraphStep: the graph's shapes are static: target must be ",
+              s.static_target.sizes(), " ", s.static_target.scalar_type(),
+              " as in the first step, got ", target.sizes(), " ", target.scalar_type());
 #ifdef WICK_WITH_CUDA
   c10::cuda::CUDAGuard device_guard(s.device);
   {

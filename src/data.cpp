@@ -14,7 +14,6 @@
 #include <memory>
 #include <vector>
 
-
 namespace wick {
 
 // ---------------------------------------------------------------------------
@@ -55,16 +54,18 @@ TensorBatchSource::TensorBatchSource(torch::Tensor data, torch::Tensor targets,
   TORCH_CHECK(targets_.dim() >= 1,
               "TensorBatchSource: targets must have a sample dimension, got a ", targets_.dim(),
               "-d tensor");
-  TORCH_CHECK(options_.world_size() >= 1 && options_.rank() >= 0 && options_.rank() < options_.world_size(),
-              "TensorBatchSource: rank must be in [0, world_size=", options_.world_size(), "), got ",
-              options_.rank());
+  TORCH_CHECK(
+      options_.world_size() >= 1 && options_.rank() >= 0 && options_.rank() < options_.world_size(),
+      "TensorBatchSource: rank must be in [0, world_size=", options_.world_size(), "), got ",
+      options_.rank());
   TORCH_CHECK(data_.size(0) == targets_.size(0),
               "TensorBatchSource: data and targets must have the same number of samples, got ",
               data_.size(0), " and ", targets_.size(0));
   TORCH_CHECK(data_.size(0) > 0, "TensorBatchSource: data must hold at least one sample, got 0");
-  epoch_samples_ = options_.world_size() == 1
-                       ? data_.size(0)
-                       : DistributedSampler(data_.size(0), options_.rank(), options_.world_size()).num_samples();
+  epoch_samples_ =
+      options_.world_size() == 1
+          ? data_.size(0)
+          : DistributedSampler(data_.size(0), options_.rank(), options_.world_size()).num_samples();
   TORCH_CHECK(options_.batch_size() >= 1, "TensorBatchSource: batch_size must be >= 1, got ",
               options_.batch_size());
   TORCH_CHECK(targets_.device() == data_.device(),
@@ -72,13 +73,13 @@ TensorBatchSource::TensorBatchSource(torch::Tensor data, torch::Tensor targets,
               data_.device(), " and ", targets_.device());
 }
 
-
 void TensorBatchSource::reset(int64_t epoch) {
   TORCH_CHECK(epoch >= 0, "TensorBatchSource: epoch must be >= 0, got ", epoch);
   const int64_t n = data_.size(0);
   if (options_.world_size() > 1) {
-    DistributedSampler sampler(n, options_.rank(), options_.world_size(),
-                               DistributedSamplerOptions().shuffle(options_.shuffle()).seed(options_.seed()));
+    DistributedSampler sampler(
+        n, options_.rank(), options_.world_size(),
+        DistributedSamplerOptions().shuffle(options_.shuffle()).seed(options_.seed()));
     sampler.set_epoch(epoch);
     order_ = sampler.indices();
   } else if (options_.shuffle()) {
@@ -133,8 +134,8 @@ void TensorBatchSource::skip(int64_t n) {
   TORCH_CHECK(n >= 0, "TensorBatchSource: skip count must be >= 0, got ", n);
   TORCH_CHECK(order_.defined(), "TensorBatchSource: skip() before reset()");
   const int64_t samples = epoch_samples_;
-  const int64_t remaining_batches = (samples - cursor_ + options_.batch_size() - 1) /
-                                    options_.batch_size();
+  const int64_t remaining_batches =
+      (samples - cursor_ + options_.batch_size() - 1) / options_.batch_size();
   cursor_ = n >= remaining_batches ? samples : cursor_ + n * options_.batch_size();
 }
 
@@ -144,17 +145,26 @@ void TensorBatchSource::skip(int64_t n) {
 namespace {
 
 using detail::PathKind;
-PathKind path_kind(const std::string& path) { return detail::path_kind(path, "wick data", /*follow_symlinks=*/true); }
+PathKind path_kind(const std::string& path) {
+  return detail::path_kind(path, "wick data", /*follow_symlinks=*/true);
+}
 
 const char* idx_type_name(int type) {
   switch (type) {
-    case 0x08: return "unsigned byte";
-    case 0x09: return "signed byte";
-    case 0x0B: return "short";
-    case 0x0C: return "int";
-    case 0x0D: return "float";
-    case 0x0E: return "double";
-    default: return "unknown";
+    case 0x08:
+      return "unsigned byte";
+    case 0x09:
+      return "signed byte";
+    case 0x0B:
+      return "short";
+    case 0x0C:
+      return "int";
+    case 0x0D:
+      return "float";
+    case 0x0E:
+      return "double";
+    default:
+      return "unknown";
   }
 }
 
@@ -176,8 +186,7 @@ using GzFile = std::unique_ptr<gzFile_s, GzCloser>;
 int64_t gz_read_full(gzFile f, const std::string& path, uint8_t* out, int64_t len) {
   int64_t done = 0;
   while (done < len) {
-    const auto chunk =
-        static_cast<unsigned>(std::min<int64_t>(len - done, int64_t{1} << 24));
+    const auto chunk = static_cast<unsigned>(std::min<int64_t>(len - done, int64_t{1} << 24));
     const int got = gzread(f, out + done, chunk);
     if (got < 0) {
       int errnum = 0;
@@ -220,15 +229,16 @@ torch::Tensor read_idx(const std::string& path) {
     std::array<uint8_t, 4> b{};
     TORCH_CHECK(gz_read_full(file.get(), path, b.data(), 4) == 4, "read_idx: '", path,
                 "' is truncated: its header ends inside dimension ", d, " of ", ndims);
-    const uint32_t dim = (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) |
-                         (uint32_t{b[2]} << 8) | uint32_t{b[3]};
-    TORCH_CHECK(dim > 0, "read_idx: '", path, "' has dimension ", d, " of size 0; sizes must be > 0");
-    TORCH_CHECK(dim <= static_cast<uint32_t>(std::numeric_limits<int32_t>::max()),
-                "read_idx: '", path, "' has dimension ", d, " of size ", dim,
+    const uint32_t dim =
+        (uint32_t{b[0]} << 24) | (uint32_t{b[1]} << 16) | (uint32_t{b[2]} << 8) | uint32_t{b[3]};
+    TORCH_CHECK(dim > 0, "read_idx: '", path, "' has dimension ", d,
+                " of size 0; sizes must be > 0");
+    TORCH_CHECK(dim <= static_cast<uint32_t>(std::numeric_limits<int32_t>::max()), "read_idx: '",
+                path, "' has dimension ", d, " of size ", dim,
                 ", more than 2^31 - 1 (corrupt header?)");
     shape[d] = static_cast<int64_t>(dim);
-    TORCH_CHECK(expected <= kMaxIdxBytes / shape[d], "read_idx: '", path,
-                "' declares more than ", kMaxIdxBytes, " bytes of data (corrupt header?)");
+    TORCH_CHECK(expected <= kMaxIdxBytes / shape[d], "read_idx: '", path, "' declares more than ",
+                kMaxIdxBytes, " bytes of data (corrupt header?)");
     expected *= shape[d];
   }
 
@@ -250,9 +260,8 @@ torch::Tensor read_idx(const std::string& path) {
   }
   const int64_t header_bytes = 4 + 4 * int64_t{ndims};
   TORCH_CHECK(got == expected, "read_idx: '", path, "' is truncated: its header declares shape ",
-              c10::IntArrayRef(shape), " = ", expected, " bytes of data, but the file has ",
-              got, " (", header_bytes + got, " bytes in all, expected ",
-              header_bytes + expected, ")");
+              c10::IntArrayRef(shape), " = ", expected, " bytes of data, but the file has ", got,
+              " (", header_bytes + got, " bytes in all, expected ", header_bytes + expected, ")");
   int64_t trailing = 0;
   {
     std::array<uint8_t, 4096> scratch{};
@@ -294,9 +303,8 @@ FashionMNIST::FashionMNIST(const std::string& root, Split split, bool normalize)
 
   torch::Tensor images = read_idx(images_path);
   torch::Tensor labels = read_idx(labels_path);
-  TORCH_CHECK(images.dim() == 3 && images.size(1) == 28 && images.size(2) == 28,
-              "FashionMNIST: '", images_path, "' must hold [N, 28, 28] images, got shape ",
-              images.sizes());
+  TORCH_CHECK(images.dim() == 3 && images.size(1) == 28 && images.size(2) == 28, "FashionMNIST: '",
+              images_path, "' must hold [N, 28, 28] images, got shape ", images.sizes());
   TORCH_CHECK(labels.dim() == 1, "FashionMNIST: '", labels_path,
               "' must hold [N] labels, got shape ", labels.sizes());
   TORCH_CHECK(images.size(0) == labels.size(0), "FashionMNIST: '", images_path, "' has ",
@@ -304,8 +312,8 @@ FashionMNIST::FashionMNIST(const std::string& root, Split split, bool normalize)
   TORCH_CHECK(images.size(0) == expected, "FashionMNIST: the ", prefix, " split must have ",
               expected, " samples, got ", images.size(0), " in '", images_path, "'");
   const int64_t max_label = labels.max().item<int64_t>();
-  TORCH_CHECK(max_label <= 9, "FashionMNIST: '", labels_path,
-              "' has labels outside 0..9 (max ", max_label, ")");
+  TORCH_CHECK(max_label <= 9, "FashionMNIST: '", labels_path, "' has labels outside 0..9 (max ",
+              max_label, ")");
 
   images_ = images.to(torch::kFloat32).div_(255.0);
   if (normalize) images_.sub_(kMean).div_(kStd);
@@ -321,8 +329,6 @@ Batch FashionMNIST::get(size_t index) {
   return {images_[i], targets_[i]};
 }
 
-torch::optional<size_t> FashionMNIST::size() const {
-  return static_cast<size_t>(images_.size(0));
-}
+torch::optional<size_t> FashionMNIST::size() const { return static_cast<size_t>(images_.size(0)); }
 
 }  // namespace wick

@@ -98,8 +98,9 @@ struct DistributedDataParallel::Impl {
 
   struct GradReadyHook : torch::autograd::FunctionPostHook {
     GradReadyHook(Impl* impl, size_t index) : impl_(impl), index_(index) {}
-    torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
-                                              const torch::autograd::variable_list& /*inputs*/) override {
+    torch::autograd::variable_list operator()(
+        const torch::autograd::variable_list& outputs,
+        const torch::autograd::variable_list& /*inputs*/) override {
       impl_->on_grad_ready(index_);
       return outputs;
     }
@@ -135,9 +136,10 @@ void DistributedDataParallel::Impl::check_same_parameters(
     mine.push_back(std::move(s));
   }
   const auto i64 = torch::TensorOptions().dtype(torch::kInt64).device(pg->device());
-  auto header = torch::tensor({static_cast<int64_t>(mine.size()), static_cast<int64_t>(encoded.size())},
-                              torch::kInt64)
-                    .to(pg->device());
+  auto header =
+      torch::tensor({static_cast<int64_t>(mine.size()), static_cast<int64_t>(encoded.size())},
+                    torch::kInt64)
+          .to(pg->device());
   pg->broadcast({header}, 0);
   header = header.cpu();
   const int64_t n0 = header[0].item<int64_t>(), len0 = header[1].item<int64_t>();
@@ -169,11 +171,11 @@ void DistributedDataParallel::Impl::check_same_parameters(
       os << "parameter #" << i << " is '" << name << "' on rank " << rank
          << " but has another name on rank 0";
     } else if (m.shape != t.shape) {
-      os << "parameter '" << name << "' has shape " << shape_str(m.shape) << " on rank " << rank << " but "
-         << shape_str(t.shape) << " on rank 0";
+      os << "parameter '" << name << "' has shape " << shape_str(m.shape) << " on rank " << rank
+         << " but " << shape_str(t.shape) << " on rank 0";
     } else if (m.dtype != t.dtype) {
-      os << "parameter '" << name << "' has dtype " << c10::ScalarType(m.dtype) << " on rank " << rank
-         << " but " << c10::ScalarType(t.dtype) << " on rank 0";
+      os << "parameter '" << name << "' has dtype " << c10::ScalarType(m.dtype) << " on rank "
+         << rank << " but " << c10::ScalarType(t.dtype) << " on rank 0";
     } else {
       continue;
     }
@@ -183,7 +185,8 @@ void DistributedDataParallel::Impl::check_same_parameters(
   if (first_bad < 0 && mine.size() != theirs.size()) {
     first_bad = static_cast<int64_t>(common);
     std::ostringstream os;
-    os << "rank " << rank << " has " << mine.size() << " parameters but rank 0 has " << theirs.size();
+    os << "rank " << rank << " has " << mine.size() << " parameters but rank 0 has "
+       << theirs.size();
     if (mine.size() > theirs.size()) os << " (first extra: '" << named[common].first << "')";
     message = os.str();
   }
@@ -203,9 +206,11 @@ void DistributedDataParallel::Impl::check_same_parameters(
     if (v[r] == 0) continue;
     const int64_t i = v[r] - 1;
     std::ostringstream os;
-    os << kName << ": the ranks' models differ: rank " << r << " differs from rank 0 at parameter #" << i;
+    os << kName << ": the ranks' models differ: rank " << r << " differs from rank 0 at parameter #"
+       << i;
     if (i < static_cast<int64_t>(named.size())) {
-      os << " ('" << named[i].first << "', shape " << named[i].second.sizes() << " on rank " << rank << ")";
+      os << " ('" << named[i].first << "', shape " << named[i].second.sizes() << " on rank " << rank
+         << ")";
     }
     os << "; every rank must build the same model";
     TORCH_CHECK(false, os.str());
@@ -226,9 +231,10 @@ void DistributedDataParallel::Impl::build_buckets(
   double bytes = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto& t = params[i].tensor;
-    const bool new_bucket = buckets.empty() || bytes >= cap_bytes ||
-                            params[buckets.back().params.front()].tensor.scalar_type() != t.scalar_type() ||
-                            params[buckets.back().params.front()].tensor.device() != t.device();
+    const bool new_bucket =
+        buckets.empty() || bytes >= cap_bytes ||
+        params[buckets.back().params.front()].tensor.scalar_type() != t.scalar_type() ||
+        params[buckets.back().params.front()].tensor.device() != t.device();
     if (new_bucket) {
       buckets.emplace_back();
       bytes = 0;
@@ -282,9 +288,10 @@ void DistributedDataParallel::Impl::reset_round() {
 void DistributedDataParallel::Impl::on_grad_ready(size_t index) {
   std::lock_guard<std::mutex> lock(mutex);
   if (!sync) return;
-  TORCH_CHECK(!grad_ready[index], kName, ": parameter '", params[index].name,
-              "' received a gradient twice before finalize_backward(); call finalize_backward() after "
-              "each backward, and run accumulation micro-batches under no_sync()");
+  TORCH_CHECK(
+      !grad_ready[index], kName, ": parameter '", params[index].name,
+      "' received a gradient twice before finalize_backward(); call finalize_backward() after "
+      "each backward, and run accumulation micro-batches under no_sync()");
   grad_ready[index] = 1;
   auto& b = buckets[params[index].bucket];
   if (--b.pending == 0) b.ready = true;
@@ -344,11 +351,12 @@ void DistributedDataParallel::Impl::finalize() {
     if (!options.find_unused_parameters()) {
       wait_launched();
       reset_round();
-      TORCH_CHECK(false, kName, ": parameter '", params[i].name,
-                  "' got no gradient in this backward, so its bucket cannot be reduced; if parts of the "
-                  "model are unused on purpose, construct with "
-                  "DistributedDataParallelOptions().find_unused_parameters(true) (and call "
-                  "finalize_backward() only after a backward)");
+      TORCH_CHECK(
+          false, kName, ": parameter '", params[i].name,
+          "' got no gradient in this backward, so its bucket cannot be reduced; if parts of the "
+          "model are unused on purpose, construct with "
+          "DistributedDataParallelOptions().find_unused_parameters(true) (and call "
+          "finalize_backward() only after a backward)");
     }
     grad_ready[i] = 1;
     auto& b = buckets[params[i].bucket];
@@ -421,7 +429,8 @@ DistributedDataParallel::~DistributedDataParallel() {
 }
 
 DistributedDataParallel::DistributedDataParallel(DistributedDataParallel&&) noexcept = default;
-DistributedDataParallel& DistributedDataParallel::operator=(DistributedDataParallel&& other) noexcept {
+DistributedDataParallel& DistributedDataParallel::operator=(
+    DistributedDataParallel&& other) noexcept {
   if (this != &other) {
     if (impl_) {
       impl_->wait_launched();
@@ -447,9 +456,15 @@ void DistributedDataParallel::set_sync(bool enabled) {
 
 bool DistributedDataParallel::sync_enabled() const { return impl_->sync; }
 
-const std::shared_ptr<torch::nn::Module>& DistributedDataParallel::module() const { return impl_->module; }
-const std::shared_ptr<ProcessGroup>& DistributedDataParallel::process_group() const { return impl_->pg; }
-const DistributedDataParallelOptions& DistributedDataParallel::options() const { return impl_->options; }
+const std::shared_ptr<torch::nn::Module>& DistributedDataParallel::module() const {
+  return impl_->module;
+}
+const std::shared_ptr<ProcessGroup>& DistributedDataParallel::process_group() const {
+  return impl_->pg;
+}
+const DistributedDataParallelOptions& DistributedDataParallel::options() const {
+  return impl_->options;
+}
 
 DistributedDataParallelStats DistributedDataParallel::stats() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);

@@ -37,7 +37,8 @@ std::optional<int64_t> env_int(const char* name, const std::optional<int64_t>& o
   char* end = nullptr;
   const long long v = std::strtoll(text->c_str(), &end, 10);
   TORCH_CHECK(errno == 0 && end != text->c_str() && *end == '\0',
-              "init_process_group: environment variable ", name, " must be an integer, got '", *text, "'");
+              "init_process_group: environment variable ", name, " must be an integer, got '",
+              *text, "'");
   return static_cast<int64_t>(v);
 }
 
@@ -58,11 +59,12 @@ void wait_for(const c10::intrusive_ptr<c10d::Work>& work, const char* what, int6
     done = work->wait(timeout);
   } catch (const std::exception& e) {
     const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
-    const std::string message = c10_error != nullptr ? c10_error->what_without_backtrace() : e.what();
-    const bool timeout_error =
-        message.find("timed out") != std::string::npos || message.find("Timed out") != std::string::npos;
-    TORCH_CHECK(!timeout_error, "ProcessGroup: ", what, timed_out, rank, " after ", timeout.count(), hint, ": ",
-                message);
+    const std::string message =
+        c10_error != nullptr ? c10_error->what_without_backtrace() : e.what();
+    const bool timeout_error = message.find("timed out") != std::string::npos ||
+                               message.find("Timed out") != std::string::npos;
+    TORCH_CHECK(!timeout_error, "ProcessGroup: ", what, timed_out, rank, " after ", timeout.count(),
+                hint, ": ", message);
     TORCH_CHECK(false, "ProcessGroup: ", what, " failed on rank ", rank, ": ", message);
   }
   TORCH_CHECK(done, "ProcessGroup: ", what, timed_out, rank, " after ", timeout.count(), hint);
@@ -89,11 +91,14 @@ torch::Tensor flatten(const std::vector<torch::Tensor>& group) {
   std::vector<torch::Tensor> flat;
   flat.reserve(group.size());
   for (const auto& t : group) flat.push_back(t.reshape(-1));
-  return group.size() == 1 && group.front().is_contiguous() ? group.front().view(-1) : torch::cat(flat);
+  return group.size() == 1 && group.front().is_contiguous() ? group.front().view(-1)
+                                                            : torch::cat(flat);
 }
 
 void unflatten_into(const torch::Tensor& flat, const std::vector<torch::Tensor>& group) {
-  if (group.size() == 1 && group.front().is_contiguous() && flat.data_ptr() == group.front().data_ptr()) return;
+  if (group.size() == 1 && group.front().is_contiguous() &&
+      flat.data_ptr() == group.front().data_ptr())
+    return;
   int64_t offset = 0;
   for (const auto& t : group) {
     t.copy_(flat.narrow(0, offset, t.numel()).view_as(t));
@@ -125,8 +130,9 @@ class DoneWork : public ProcessGroup::Work {
 
 ProcessGroup::ProcessGroup() = default;
 
-ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend,
-                           int64_t rank, int64_t world_size, int64_t local_rank, int64_t local_world_size,
+ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Store> store,
+                           c10::intrusive_ptr<c10d::Backend> backend, int64_t rank,
+                           int64_t world_size, int64_t local_rank, int64_t local_world_size,
                            torch::Device device, std::chrono::milliseconds timeout)
     : store_(std::move(store)),
       backend_(std::move(backend)),
@@ -139,7 +145,9 @@ ProcessGroup::ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive
 
 ProcessGroup::~ProcessGroup() = default;
 
-std::string ProcessGroup::backend_name() const { return backend_ ? backend_->getBackendName() : "none"; }
+std::string ProcessGroup::backend_name() const {
+  return backend_ ? backend_->getBackendName() : "none";
+}
 
 void ProcessGroup::allreduce_sum(std::vector<torch::Tensor> tensors) {
   if (!backend_ || world_size_ == 1 || tensors.empty()) return;
@@ -154,8 +162,8 @@ void ProcessGroup::allreduce_sum(std::vector<torch::Tensor> tensors) {
 }
 
 void ProcessGroup::broadcast(std::vector<torch::Tensor> tensors, int64_t root) {
-  TORCH_CHECK(root >= 0 && root < world_size_, "ProcessGroup: broadcast root must be in [0, ", world_size_,
-              "), got ", root);
+  TORCH_CHECK(root >= 0 && root < world_size_, "ProcessGroup: broadcast root must be in [0, ",
+              world_size_, "), got ", root);
   if (!backend_ || world_size_ == 1 || tensors.empty()) return;
   for (auto& group : by_kind(tensors)) {
     std::vector<torch::Tensor> flat{flatten(group)};
@@ -189,20 +197,23 @@ std::shared_ptr<ProcessGroup::Work> ProcessGroup::allreduce_sum_async(torch::Ten
 std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
   const auto rank = env_int("RANK", options.rank());
   const auto world = env_int("WORLD_SIZE", options.world_size());
-  TORCH_CHECK(rank.has_value() == world.has_value(), "init_process_group: ",
-              rank.has_value() ? "RANK is set but WORLD_SIZE is not" : "WORLD_SIZE is set but RANK is not",
-              " (launch with torchrun, or set both)");
+  TORCH_CHECK(
+      rank.has_value() == world.has_value(), "init_process_group: ",
+      rank.has_value() ? "RANK is set but WORLD_SIZE is not" : "WORLD_SIZE is set but RANK is not",
+      " (launch with torchrun, or set both)");
   const auto timeout = options.timeout();
-  TORCH_CHECK(timeout.count() > 0, "init_process_group: timeout must be > 0 ms, got ", timeout.count());
+  TORCH_CHECK(timeout.count() > 0, "init_process_group: timeout must be > 0 ms, got ",
+              timeout.count());
   if (!rank.has_value()) return std::make_shared<ProcessGroup>();  // a world of one
 
   TORCH_CHECK(*world >= 1, "init_process_group: WORLD_SIZE must be >= 1, got ", *world);
-  TORCH_CHECK(*rank >= 0 && *rank < *world, "init_process_group: RANK must be in [0, WORLD_SIZE=", *world,
-              "), got ", *rank);
+  TORCH_CHECK(*rank >= 0 && *rank < *world,
+              "init_process_group: RANK must be in [0, WORLD_SIZE=", *world, "), got ", *rank);
   const int64_t local_rank = env_int("LOCAL_RANK", std::nullopt).value_or(*rank);
   const int64_t local_world = env_int("LOCAL_WORLD_SIZE", std::nullopt).value_or(*world);
-  TORCH_CHECK(local_rank >= 0 && local_rank < local_world, "init_process_group: LOCAL_RANK must be in [0, ",
-              "LOCAL_WORLD_SIZE=", local_world, "), got ", local_rank);
+  TORCH_CHECK(local_rank >= 0 && local_rank < local_world,
+              "init_process_group: LOCAL_RANK must be in [0, ", "LOCAL_WORLD_SIZE=", local_world,
+              "), got ", local_rank);
 
   torch::Device device = options.device().value_or(torch::kCPU);
   if (device.is_cuda() && !device.has_index()) device = torch::Device(torch::kCUDA, local_rank);
@@ -219,7 +230,8 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
   TORCH_CHECK(addr.has_value(), "init_process_group: MASTER_ADDR is not set (WORLD_SIZE=", *world,
               "); launch with torchrun or set it");
   const auto port = env_int("MASTER_PORT", options.master_port());
-  TORCH_CHECK(port.has_value(), "init_process_group: MASTER_PORT is not set; launch with torchrun or set it");
+  TORCH_CHECK(port.has_value(),
+              "init_process_group: MASTER_PORT is not set; launch with torchrun or set it");
   TORCH_CHECK(*port > 0 && *port <= std::numeric_limits<uint16_t>::max(),
               "init_process_group: MASTER_PORT must be in [1, 65535], got ", *port);
 
@@ -235,9 +247,9 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
   try {
     store = c10::make_intrusive<c10d::TCPStore>(*addr, store_options);
   } catch (const std::exception& e) {
-    TORCH_CHECK(false, "init_process_group: rank ", *rank, " cannot rendezvous at ", *addr, ":", *port,
-                store_options.isServer ? " (hosting the store)" : "", " within ", timeout.count(), " ms: ",
-                e.what());
+    TORCH_CHECK(false, "init_process_group: rank ", *rank, " cannot rendezvous at ", *addr, ":",
+                *port, store_options.isServer ? " (hosting the store)" : "", " within ",
+                timeout.count(), " ms: ", e.what());
   }
   store = c10::make_intrusive<c10d::PrefixStore>("wick/default_pg", store);
 
@@ -253,30 +265,37 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
       gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
     try {
-      impl = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(*rank), static_cast<int>(*world),
-                                                          gloo_options);
+      impl = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(*rank),
+                                                         static_cast<int>(*world), gloo_options);
     } catch (const std::exception& e) {
-      TORCH_CHECK(false, "init_process_group: rank ", *rank, " could not connect the Gloo group of ", *world,
-                  " through ", *addr, ":", *port, ": ", e.what());
+      TORCH_CHECK(false, "init_process_group: rank ", *rank,
+                  " could not connect the Gloo group of ", *world, " through ", *addr, ":", *port,
+                  ": ", e.what());
     }
 #else
-    TORCH_CHECK(false, "init_process_group: this LibTorch build has no Gloo backend (USE_C10D_GLOO)");
+    TORCH_CHECK(false,
+                "init_process_group: this LibTorch build has no Gloo backend (USE_C10D_GLOO)");
 #endif
   } else {
 #if defined(WICK_WITH_CUDA) && defined(USE_C10D_NCCL)
-    TORCH_CHECK(device.is_cuda(), "init_process_group: the NCCL backend needs a CUDA device, got ", device);
-    TORCH_CHECK(torch::cuda::is_available(), "init_process_group: the NCCL backend needs CUDA, and no GPU is visible");
+    TORCH_CHECK(device.is_cuda(), "init_process_group: the NCCL backend needs a CUDA device, got ",
+                device);
+    TORCH_CHECK(torch::cuda::is_available(),
+                "init_process_group: the NCCL backend needs CUDA, and no GPU is visible");
     c10::cuda::set_device(device.index());
     auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
     nccl_options->timeout = timeout;
-    impl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, static_cast<int>(*rank), static_cast<int>(*world),
-                                                        nccl_options);
+    impl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, static_cast<int>(*rank),
+                                                       static_cast<int>(*world), nccl_options);
 #else
-    TORCH_CHECK(false, "init_process_group: this wick build has no NCCL backend (needs WICK_WITH_CUDA and a "
-                       "LibTorch built with NCCL)");
+    TORCH_CHECK(
+        false,
+        "init_process_group: this wick build has no NCCL backend (needs WICK_WITH_CUDA and a "
+        "LibTorch built with NCCL)");
 #endif
   }
-  return std::make_shared<ProcessGroup>(store, impl, *rank, *world, local_rank, local_world, device, timeout);
+  return std::make_shared<ProcessGroup>(store, impl, *rank, *world, local_rank, local_world, device,
+                                        timeout);
 }
 
 // ---------------------------------------------------------------------------
@@ -285,12 +304,14 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
 DistributedSampler::DistributedSampler(int64_t dataset_size, int64_t rank, int64_t world_size,
                                        DistributedSamplerOptions options)
     : size_(dataset_size), rank_(rank), world_size_(world_size), options_(options) {
-  TORCH_CHECK(dataset_size >= 1, "DistributedSampler: dataset_size must be >= 1, got ", dataset_size);
+  TORCH_CHECK(dataset_size >= 1, "DistributedSampler: dataset_size must be >= 1, got ",
+              dataset_size);
   TORCH_CHECK(world_size >= 1, "DistributedSampler: world_size must be >= 1, got ", world_size);
-  TORCH_CHECK(rank >= 0 && rank < world_size, "DistributedSampler: rank must be in [0, ", world_size, "), got ",
-              rank);
-  TORCH_CHECK(!options.drop_last() || dataset_size >= world_size, "DistributedSampler: drop_last with ",
-              dataset_size, " samples and ", world_size, " ranks leaves no sample per rank");
+  TORCH_CHECK(rank >= 0 && rank < world_size, "DistributedSampler: rank must be in [0, ",
+              world_size, "), got ", rank);
+  TORCH_CHECK(!options.drop_last() || dataset_size >= world_size,
+              "DistributedSampler: drop_last with ", dataset_size, " samples and ", world_size,
+              " ranks leaves no sample per rank");
 }
 
 int64_t DistributedSampler::num_samples() const {
@@ -302,7 +323,8 @@ torch::Tensor DistributedSampler::indices() const {
   // seed + epoch, so the order is the same on every rank (and as Python's).
   torch::Tensor order;
   if (options_.shuffle()) {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(options_.seed() + static_cast<uint64_t>(epoch_));
+    auto gen =
+        at::make_generator<at::CPUGeneratorImpl>(options_.seed() + static_cast<uint64_t>(epoch_));
     order = torch::randperm(size_, gen, torch::TensorOptions().dtype(torch::kLong));
   } else {
     order = torch::arange(size_, torch::TensorOptions().dtype(torch::kLong));

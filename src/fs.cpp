@@ -68,7 +68,10 @@ void make_directories(const std::string& path, const char* who, bool fsync_paren
     if (::mkdir(prefix.c_str(), 0755) == 0) {
       if (fsync_parents) {
         const auto slash = prefix.find_last_of('/');
-        fsync_dir(slash == std::string::npos ? "." : slash == 0 ? "/" : prefix.substr(0, slash), who);
+        fsync_dir(slash == std::string::npos ? "."
+                  : slash == 0               ? "/"
+                                             : prefix.substr(0, slash),
+                  who);
       }
       continue;
     }
@@ -83,7 +86,9 @@ void make_directories(const std::string& path, const char* who, bool fsync_paren
 int remove_tree(const std::string& path) {
   const int r = ::nftw(
       path.c_str(),
-      [](const char* f, const struct stat*, int, struct FTW*) { return ::remove(f) == 0 ? 0 : errno; },
+      [](const char* f, const struct stat*, int, struct FTW*) {
+        return ::remove(f) == 0 ? 0 : errno;
+      },
       16, FTW_DEPTH | FTW_PHYS);
   if (r == -1) return errno == ENOENT ? 0 : errno;
   return r;

@@ -17,7 +17,8 @@ enum class PathKind { kMissing, kDirectory, kRegular, kOther };
 /// strerror text with the number: "No space left on device (errno 28)".
 std::string errno_text(int err);
 /// Throws "<who>: <what> '<path>': <errno_text(err)>".
-[[noreturn]] void fail_errno(const char* who, const std::string& what, const std::string& path, int err);
+[[noreturn]] void fail_errno(const char* who, const std::string& what, const std::string& path,
+                             int err);
 
 /// What `path` is; a final symlink is followed only with `follow_symlinks`.
 /// kMissing covers ENOENT and ENOTDIR (a parent is not a directory); other

@@ -25,7 +25,8 @@ InferenceSession::InferenceSession(std::shared_ptr<torch::nn::Module> module, Fo
   TORCH_CHECK(forward != nullptr, "InferenceSession: forward must be a function, got an empty one");
   TORCH_CHECK(options_.num_threads() >= 0, "InferenceSession: num_threads must be >= 0, got ",
               options_.num_threads());
-  TORCH_CHECK(options_.warmup_iterations() >= 0, "InferenceSession: warmup_iterations must be >= 0, got ",
+  TORCH_CHECK(options_.warmup_iterations() >= 0,
+              "InferenceSession: warmup_iterations must be >= 0, got ",
               options_.warmup_iterations());
   for (int64_t d : options_.warmup_shape()) {
     TORCH_CHECK(d >= 0, "InferenceSession: warmup_shape must have sizes >= 0, got ",
@@ -45,13 +46,14 @@ InferenceSession::InferenceSession(std::shared_ptr<torch::nn::Module> module, Fo
                   "': ", e.what_without_backtrace());
     }
     TORCH_CHECK(ckpt.has(options_.section()), "InferenceSession: checkpoint '", checkpoint,
-                "' has no section '", options_.section(), "' (it has: ", c10::Join(", ", ckpt.sections()),
-                ")");
+                "' has no section '", options_.section(),
+                "' (it has: ", c10::Join(", ", ckpt.sections()), ")");
     try {
       ckpt.restore_module(options_.section(), *module);
     } catch (const c10::Error& e) {
       TORCH_CHECK(false, "InferenceSession: the model does not fit checkpoint '", checkpoint, "'",
-                  options_.transform() ? " (after the transform)" : "", ": ", e.what_without_backtrace());
+                  options_.transform() ? " (after the transform)" : "", ": ",
+                  e.what_without_backtrace());
     }
   }
 
@@ -64,7 +66,8 @@ InferenceSession::InferenceSession(std::shared_ptr<torch::nn::Module> module, Fo
   state_ = std::move(state);
 
   if (!options_.warmup_shape().empty()) {
-    auto x = torch::zeros(options_.warmup_shape(), torch::TensorOptions().dtype(options_.warmup_dtype()));
+    auto x = torch::zeros(options_.warmup_shape(),
+                          torch::TensorOptions().dtype(options_.warmup_dtype()));
     for (int64_t i = 0; i < options_.warmup_iterations(); ++i) run(x);
   }
 }
@@ -75,7 +78,9 @@ torch::Tensor InferenceSession::run_on(const State& state, const torch::Tensor& 
   return state.forward(input.device() == state.device ? input : input.to(state.device));
 }
 
-torch::Tensor InferenceSession::run(const torch::Tensor& input) const { return run_on(*state_, input); }
+torch::Tensor InferenceSession::run(const torch::Tensor& input) const {
+  return run_on(*state_, input);
+}
 
 TensorBatcher::BatchFn InferenceSession::batch_fn() const {
   return stack_batches([state = state_](const torch::Tensor& x) { return run_on(*state, x); });

@@ -27,21 +27,24 @@ struct Redirect {
 struct RedirectImpl : at::OpaqueTensorImpl<std::shared_ptr<Redirect>> {
   RedirectImpl(std::shared_ptr<Redirect> handle, const caffe2::TypeMeta dtype, c10::Device device,
                c10::IntArrayRef sizes)
-      : at::OpaqueTensorImpl<std::shared_ptr<Redirect>>(c10::DispatchKeySet(c10::DispatchKey::PrivateUse3), dtype,
-                                                         device, std::move(handle), sizes) {
+      : at::OpaqueTensorImpl<std::shared_ptr<Redirect>>(
+            c10::DispatchKeySet(c10::DispatchKey::PrivateUse3), dtype, device, std::move(handle),
+            sizes) {
     key_set_ = key_set_.remove(c10::DispatchKey::ADInplaceOrView);
   }
 };
 
 at::Tensor make_redirect(std::shared_ptr<Redirect> handle, const at::Tensor& like) {
-  return at::detail::make_tensor<RedirectImpl>(std::move(handle), like.dtype(), like.device(), like.sizes());
+  return at::detail::make_tensor<RedirectImpl>(std::move(handle), like.dtype(), like.device(),
+                                               like.sizes());
 }
 
 const Redirect& redirect_of(const at::Tensor& t) {
   auto* impl = dynamic_cast<RedirectImpl*>(t.unsafeGetTensorImpl());
-  TORCH_CHECK(impl != nullptr,
-              "wick: a PrivateUse3 tensor that is not one of wick's redirected Linear weights reached its "
-              "kernels (does another library use the PrivateUse3 dispatch key?)");
+  TORCH_CHECK(
+      impl != nullptr,
+      "wick: a PrivateUse3 tensor that is not one of wick's redirected Linear weights reached its "
+      "kernels (does another library use the PrivateUse3 dispatch key?)");
   return *impl->opaque_handle();
 }
 
@@ -51,9 +54,11 @@ const Redirect& redirect_of(const at::Tensor& t) {
 at::Tensor redirected_linear(const at::Tensor& input, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias) {
   const Redirect& r = redirect_of(weight);
-  TORCH_CHECK(!r.transposed, "wick: linear() got the transposed weight of replaced Linear '", r.name, "'");
-  TORCH_CHECK(!bias.has_value() || !bias->defined(), "wick: Linear '", r.name, "' was replaced by a ",
-              r.replaced_by, "; its bias lives there and cannot be passed again");
+  TORCH_CHECK(!r.transposed, "wick: linear() got the transposed weight of replaced Linear '",
+              r.name, "'");
+  TORCH_CHECK(!bias.has_value() || !bias->defined(), "wick: Linear '", r.name,
+              "' was replaced by a ", r.replaced_by,
+              "; its bias lives there and cannot be passed again");
   return r.forward(input);
 }
 
@@ -74,9 +79,11 @@ at::Tensor redirected_matmul(const at::Tensor& input, const at::Tensor& other) {
 }
 
 void redirect_fallback(const c10::OperatorHandle& op, torch::jit::Stack* /*stack*/) {
-  TORCH_CHECK(false, "wick replaced this torch::nn::Linear by another module (the module tree holds the new "
-                     "one); the old module's weight only supports linear(), which runs the new module, not '",
-              op.schema().name(), "'. Use the module from the tree (named_children()).");
+  TORCH_CHECK(
+      false,
+      "wick replaced this torch::nn::Linear by another module (the module tree holds the new "
+      "one); the old module's weight only supports linear(), which runs the new module, not '",
+      op.schema().name(), "'. Use the module from the tree (named_children()).");
 }
 
 TORCH_LIBRARY_IMPL(aten, PrivateUse3, m) {
@@ -107,7 +114,8 @@ struct Done {
 // Swaps the child `key` of `parent`, in the container's own list as well as
 // in the registered children.
 void replace_child(torch::nn::Module& parent, const std::string& key,
-                   const std::shared_ptr<torch::nn::Module>& old_child, const LinearReplacement& r) {
+                   const std::shared_ptr<torch::nn::Module>& old_child,
+                   const LinearReplacement& r) {
   if (auto* seq = dynamic_cast<torch::nn::SequentialImpl*>(&parent)) {
     // Every entry: a Linear registered twice is swapped at its first key.
     for (auto& any : *seq) {
@@ -120,7 +128,8 @@ void replace_child(torch::nn::Module& parent, const std::string& key,
     }
     parent.replace_module(key, r.module);
   } else if (auto* dict = dynamic_cast<torch::nn::ModuleDictImpl*>(&parent)) {
-    dict->update(std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{{key, r.module}});
+    dict->update(
+        std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>{{key, r.module}});
   } else {
     parent.replace_module(key, r.module);
   }
@@ -153,7 +162,9 @@ void swap_tree(torch::nn::Module& module, const std::string& prefix, const MakeR
       TORCH_CHECK(false, who, ": cannot replace '", path, "': ", e.what_without_backtrace());
     }
     replace_child(module, child.key(), linear, r);
-    done.push_back({SwappedLinear{path, linear, r.module, bytes_of(linear->weight) + bytes_of(linear->bias)}, r});
+    done.push_back(
+        {SwappedLinear{path, linear, r.module, bytes_of(linear->weight) + bytes_of(linear->bias)},
+         r});
   }
 }
 
@@ -169,8 +180,9 @@ std::vector<SwappedLinear> swap_linears(torch::nn::Module& root, const MakeRepla
     // Retire the old module: free its weights and point whoever still holds
     // it (a custom module's member) at the replacement.
     auto& old = *d.swapped.old_module;
-    auto handle = std::make_shared<Redirect>(
-        Redirect{d.replacement.forward, d.replacement.module, d.swapped.path, d.replacement.module->name(), false});
+    auto handle =
+        std::make_shared<Redirect>(Redirect{d.replacement.forward, d.replacement.module,
+                                            d.swapped.path, d.replacement.module->name(), false});
     const at::Tensor like = old.weight;
     at::Tensor redirect = make_redirect(handle, like);
     old.weight.set_data(torch::empty({0}, like.options()));

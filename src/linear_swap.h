@@ -28,8 +28,10 @@ struct SwappedLinear {
   int64_t bytes_before = 0;  ///< the old weight and bias
 };
 
-using SelectLinear = std::function<bool(const std::string& path, const torch::nn::LinearImpl& linear)>;
-using MakeReplacement = std::function<LinearReplacement(const std::string& path, torch::nn::LinearImpl& linear)>;
+using SelectLinear =
+    std::function<bool(const std::string& path, const torch::nn::LinearImpl& linear)>;
+using MakeReplacement =
+    std::function<LinearReplacement(const std::string& path, torch::nn::LinearImpl& linear)>;
 
 /// Replaces every Linear of `root`'s tree for which `select` says yes (all
 /// when it is empty) with make(...)'s module, once per Linear object even if it

@@ -78,8 +78,8 @@ void LRScheduler::load(torch::serialize::InputArchive& archive) {
   TORCH_CHECK(step_count >= 0, name(), ": saved step_count must be >= 0, got ", step_count);
   std::vector<double> base_lrs = read_value(archive, name(), "base_lrs").to<std::vector<double>>();
   TORCH_CHECK(base_lrs.size() == optimizer_.param_groups().size(), name(), ": saved state has ",
-              base_lrs.size(), " base lrs but the optimizer has ",
-              optimizer_.param_groups().size(), " parameter groups");
+              base_lrs.size(), " base lrs but the optimizer has ", optimizer_.param_groups().size(),
+              " parameter groups");
   step_count_ = step_count;
   base_lrs_ = std::move(base_lrs);
   apply();
@@ -103,8 +103,7 @@ double StepLR::compute_lr(double base_lr, int64_t step) const {
 // ---------------------------------------------------------------------------
 
 CosineWarmupLR::CosineWarmupLR(torch::optim::Optimizer& optimizer, int64_t warmup_steps,
-                               int64_t total_steps, double min_lr_ratio,
-                               double warmup_start_factor)
+                               int64_t total_steps, double min_lr_ratio, double warmup_start_factor)
     : LRScheduler(optimizer),
       warmup_steps_(warmup_steps),
       total_steps_(total_steps),
@@ -127,10 +126,9 @@ double CosineWarmupLR::compute_lr(double base_lr, int64_t step) const {
     return base_lr * (warmup_start_factor_ + (1.0 - warmup_start_factor_) * t);
   }
   if (step >= total_steps_) return base_lr * min_lr_ratio_;
-  const double progress = static_cast<double>(step - warmup_steps_) /
-                          static_cast<double>(total_steps_ - warmup_steps_);
-  return base_lr *
-         (min_lr_ratio_ + (1.0 - min_lr_ratio_) * 0.5 * (1.0 + std::cos(kPi * progress)));
+  const double progress =
+      static_cast<double>(step - warmup_steps_) / static_cast<double>(total_steps_ - warmup_steps_);
+  return base_lr * (min_lr_ratio_ + (1.0 - min_lr_ratio_) * 0.5 * (1.0 + std::cos(kPi * progress)));
 }
 
 // ---------------------------------------------------------------------------
@@ -157,8 +155,8 @@ void ReduceLROnPlateau::step(double metric) {
   const double inf = std::numeric_limits<double>::infinity();
   const double best = best_.value_or(o.maximize() ? -inf : inf);
   // Python's threshold_mode="rel"; a NaN metric is never an improvement.
-  const bool better = o.maximize() ? metric > best * (1.0 + o.threshold())
-                                   : metric < best * (1.0 - o.threshold());
+  const bool better =
+      o.maximize() ? metric > best * (1.0 + o.threshold()) : metric < best * (1.0 - o.threshold());
   if (better) {
     best_ = metric;
     num_bad_ = 0;

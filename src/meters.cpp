@@ -19,15 +19,18 @@ namespace wick {
 // ThroughputMeter
 
 ThroughputMeter::ThroughputMeter(double smoothing) : smoothing_(smoothing) {
-  TORCH_CHECK(smoothing >= 0.0 && smoothing < 1.0, "ThroughputMeter: smoothing must be in [0, 1), got ", smoothing);
+  TORCH_CHECK(smoothing >= 0.0 && smoothing < 1.0,
+              "ThroughputMeter: smoothing must be in [0, 1), got ", smoothing);
 }
 
 void ThroughputMeter::update(int64_t samples, double seconds, int64_t tokens) {
   TORCH_CHECK(seconds > 0.0, "ThroughputMeter: seconds must be > 0, got ", seconds);
-  TORCH_CHECK(samples >= 0 && tokens >= 0, "ThroughputMeter: samples and tokens must be >= 0, got ", samples, " and ",
-              tokens);
-  ema_samples_ = smoothing_ * ema_samples_ + (1.0 - smoothing_) * (static_cast<double>(samples) / seconds);
-  ema_tokens_ = smoothing_ * ema_tokens_ + (1.0 - smoothing_) * (static_cast<double>(tokens) / seconds);
+  TORCH_CHECK(samples >= 0 && tokens >= 0, "ThroughputMeter: samples and tokens must be >= 0, got ",
+              samples, " and ", tokens);
+  ema_samples_ =
+      smoothing_ * ema_samples_ + (1.0 - smoothing_) * (static_cast<double>(samples) / seconds);
+  ema_tokens_ =
+      smoothing_ * ema_tokens_ + (1.0 - smoothing_) * (static_cast<double>(tokens) / seconds);
   ++updates_;
   total_samples_ += samples;
   total_tokens_ += tokens;
@@ -84,7 +87,9 @@ double StepTimeMeter::mean() const {
   return s / static_cast<double>(times_.size());
 }
 
-double StepTimeMeter::max() const { return times_.empty() ? 0.0 : *std::max_element(times_.begin(), times_.end()); }
+double StepTimeMeter::max() const {
+  return times_.empty() ? 0.0 : *std::max_element(times_.begin(), times_.end());
+}
 
 // ---------------------------------------------------------------------------
 // Memory
@@ -113,8 +118,11 @@ HostMemory host_memory() {
 CudaMemory cuda_memory(int device) {
   CudaMemory m;
 #ifdef WICK_WITH_CUDA
-  if (!torch::cuda::is_available() || device < 0 || device >= static_cast<int>(torch::cuda::device_count())) return m;
-  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  if (!torch::cuda::is_available() || device < 0 ||
+      device >= static_cast<int>(torch::cuda::device_count()))
+    return m;
+  const auto stats =
+      c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
   const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
   m.available = true;
   m.allocated_bytes = stats.allocated_bytes[agg].current;
@@ -127,7 +135,9 @@ CudaMemory cuda_memory(int device) {
 
 void reset_cuda_peak_memory(int device) {
 #ifdef WICK_WITH_CUDA
-  if (!torch::cuda::is_available() || device < 0 || device >= static_cast<int>(torch::cuda::device_count())) return;
+  if (!torch::cuda::is_available() || device < 0 ||
+      device >= static_cast<int>(torch::cuda::device_count()))
+    return;
   c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
 #endif
 }
@@ -172,7 +182,8 @@ Nvml::Nvml(const std::string& library) {
   handle_ = ::dlopen(library.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (handle_ == nullptr) {
     const char* err = ::dlerror();
-    reason_ = library + " could not be loaded (no NVIDIA driver?): " + (err ? err : "unknown error");
+    reason_ =
+        library + " could not be loaded (no NVIDIA driver?): " + (err ? err : "unknown error");
     return;
   }
   auto api = std::make_unique<Api>();
@@ -210,7 +221,8 @@ Nvml::~Nvml() {
     api_->shutdown();
     delete api_;
   }
-  // The library stays loaded: unloading a driver library at exit gains nothing and risks order-of-exit trouble.
+  // The library stays loaded: unloading a driver library at exit gains nothing and risks
+  // order-of-exit trouble.
 }
 
 int Nvml::device_count() const {
@@ -228,7 +240,8 @@ GpuStats Nvml::query(int index) const {
   nvmlDevice_t dev = nullptr;
   nvmlReturn_t rc = api_->handle(static_cast<unsigned int>(index), &dev);
   if (index < 0 || rc != 0) {
-    s.reason = "no GPU " + std::to_string(index) + ": " + (index < 0 ? "negative index" : api_->error_string(rc));
+    s.reason = "no GPU " + std::to_string(index) + ": " +
+               (index < 0 ? "negative index" : api_->error_string(rc));
     return s;
   }
   char name[96] = {0};
@@ -260,9 +273,11 @@ double mfu(double samples_per_s, double flops_per_sample, double peak_flops) {
 }
 
 double linear_stack_train_flops(const std::vector<int64_t>& sizes) {
-  TORCH_CHECK(sizes.size() >= 2, "linear_stack_train_flops: sizes needs >= 2 entries, got ", sizes.size());
+  TORCH_CHECK(sizes.size() >= 2, "linear_stack_train_flops: sizes needs >= 2 entries, got ",
+              sizes.size());
   double macs = 0;
-  for (size_t i = 0; i + 1 < sizes.size(); ++i) macs += static_cast<double>(sizes[i]) * static_cast<double>(sizes[i + 1]);
+  for (size_t i = 0; i + 1 < sizes.size(); ++i)
+    macs += static_cast<double>(sizes[i]) * static_cast<double>(sizes[i + 1]);
   return 6.0 * macs;
 }
 

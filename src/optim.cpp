@@ -103,7 +103,8 @@ bool operator==(const FusedAdamParamState& lhs, const FusedAdamParamState& rhs) 
     return a.defined() == b.defined() && (!a.defined() || torch::equal(a, b));
   };
   return same(lhs.step(), rhs.step()) && same(lhs.exp_avg(), rhs.exp_avg()) &&
-         same(lhs.exp_avg_sq(), rhs.exp_avg_sq()) && same(lhs.max_exp_avg_sq(), rhs.max_exp_avg_sq());
+         same(lhs.exp_avg_sq(), rhs.exp_avg_sq()) &&
+         same(lhs.max_exp_avg_sq(), rhs.max_exp_avg_sq());
 }
 
 void FusedAdamParamState::serialize(torch::serialize::OutputArchive& archive) const {
@@ -163,8 +164,9 @@ torch::Tensor FusedAdam::step(LossClosure closure) {
       auto& p = group.params()[i];
       const auto& grad = p.grad();
       if (!grad.defined()) continue;
-      TORCH_CHECK(!grad.is_sparse(), "FusedAdam: sparse gradients are not supported, got one for parameter ",
-                  i, " of group ", g);
+      TORCH_CHECK(!grad.is_sparse(),
+                  "FusedAdam: sparse gradients are not supported, got one for parameter ", i,
+                  " of group ", g);
       auto& slot = state_[p.unsafeGetTensorImpl()];
       if (!slot) {
         auto s = std::make_unique<FusedAdamParamState>();
@@ -201,18 +203,21 @@ torch::Tensor FusedAdam::step(LossClosure closure) {
         auto lr = lr_tensor(g, b.device);
         if (!capturing(b.device)) lr.fill_(o.lr());
         if (o.decoupled_weight_decay()) {
-          at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, lr, beta1,
-                            beta2, o.weight_decay(), o.eps(), o.amsgrad(), o.maximize());
+          at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
+                            b.steps, lr, beta1, beta2, o.weight_decay(), o.eps(), o.amsgrad(),
+                            o.maximize());
         } else {
-          at::_fused_adam_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, lr, beta1,
-                           beta2, o.weight_decay(), o.eps(), o.amsgrad(), o.maximize());
+          at::_fused_adam_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps,
+                           lr, beta1, beta2, o.weight_decay(), o.eps(), o.amsgrad(), o.maximize());
         }
       } else if (o.decoupled_weight_decay()) {
-        at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, o.lr(), beta1,
-                          beta2, o.weight_decay(), o.eps(), o.amsgrad(), o.maximize());
+        at::_fused_adamw_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps,
+                          o.lr(), beta1, beta2, o.weight_decay(), o.eps(), o.amsgrad(),
+                          o.maximize());
       } else {
-        at::_fused_adam_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps, o.lr(), beta1,
-                         beta2, o.weight_decay(), o.eps(), o.amsgrad(), o.maximize());
+        at::_fused_adam_(b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs, b.steps,
+                         o.lr(), beta1, beta2, o.weight_decay(), o.eps(), o.amsgrad(),
+                         o.maximize());
       }
     }
   }
@@ -224,8 +229,9 @@ torch::Tensor FusedAdam::lr_tensor(size_t group, const c10::Device& device) {
     if (t.group == group && t.device == device) return t.lr;
   }
   const auto& o = static_cast<const FusedAdamOptions&>(param_groups_[group].options());
-  TORCH_CHECK(!capturing(device), "FusedAdam: the lr tensor of parameter group ", group, " on ", device,
-              " is first needed inside a CUDA graph capture; run one step eagerly before capturing");
+  TORCH_CHECK(
+      !capturing(device), "FusedAdam: the lr tensor of parameter group ", group, " on ", device,
+      " is first needed inside a CUDA graph capture; run one step eagerly before capturing");
   auto lr = torch::full({}, o.lr(), torch::TensorOptions(torch::kFloat32).device(device));
   lr_tensors_.push_back(LrTensor{group, device, lr});
   return lr;

@@ -9,9 +9,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <exception>
 #include <map>
@@ -29,13 +29,14 @@ std::vector<torch::nn::Sequential> split_sequential(const torch::nn::Sequential&
   TORCH_CHECK(!sizes.empty(), "split_sequential: sizes is empty");
   int64_t total = 0;
   for (size_t i = 0; i < sizes.size(); ++i) {
-    TORCH_CHECK(sizes[i] >= 1, "split_sequential: every part needs at least one module, part ", i, " has ",
-                sizes[i]);
+    TORCH_CHECK(sizes[i] >= 1, "split_sequential: every part needs at least one module, part ", i,
+                " has ", sizes[i]);
     total += sizes[i];
   }
-  TORCH_CHECK(total == static_cast<int64_t>(model->size()), "split_sequential: sizes sum to ", total,
-              " but the Sequential has ", model->size(), " modules");
-  const auto children = model->named_children();  // names kept, so parameter names stay recognisable
+  TORCH_CHECK(total == static_cast<int64_t>(model->size()), "split_sequential: sizes sum to ",
+              total, " but the Sequential has ", model->size(), " modules");
+  const auto children =
+      model->named_children();  // names kept, so parameter names stay recognisable
   std::vector<torch::nn::Sequential> parts;
   size_t next = 0;
   for (int64_t n : sizes) {
@@ -48,15 +49,17 @@ std::vector<torch::nn::Sequential> split_sequential(const torch::nn::Sequential&
   return parts;
 }
 
-std::vector<torch::nn::Sequential> split_sequential(const torch::nn::Sequential& model, int64_t parts) {
+std::vector<torch::nn::Sequential> split_sequential(const torch::nn::Sequential& model,
+                                                    int64_t parts) {
   const auto n = static_cast<int64_t>(model->size());
-  TORCH_CHECK(parts >= 1 && parts <= n, "split_sequential: parts must be in [1, ", n, "] (the modules), got ",
-              parts);
+  TORCH_CHECK(parts >= 1 && parts <= n, "split_sequential: parts must be in [1, ", n,
+              "] (the modules), got ", parts);
   std::vector<int64_t> params(n);
   for (int64_t i = 0; i < n; ++i) {
     for (const auto& p : model->ptr(i)->parameters()) params[i] += p.numel();
   }
-  const double total = static_cast<double>(std::accumulate(params.begin(), params.end(), int64_t{0}));
+  const double total =
+      static_cast<double>(std::accumulate(params.begin(), params.end(), int64_t{0}));
   // Greedy: close a part once the running count reaches its share, leaving
   // at least one module for every part still to come.
   std::vector<int64_t> sizes;
@@ -65,7 +68,8 @@ std::vector<torch::nn::Sequential> split_sequential(const torch::nn::Sequential&
     running += params[i];
     const int64_t left_parts = parts - static_cast<int64_t>(sizes.size()) - 1;
     const int64_t left_modules = n - i - 1;
-    const double target = total * static_cast<double>(sizes.size() + 1) / static_cast<double>(parts);
+    const double target =
+        total * static_cast<double>(sizes.size() + 1) / static_cast<double>(parts);
     if (left_parts > 0 && (static_cast<double>(running) >= target || left_modules == left_parts)) {
       sizes.push_back(i - start + 1);
       start = i + 1;
@@ -82,7 +86,8 @@ PipelineImpl::PipelineImpl(std::vector<PipelineStage> stages, PipelineOptions op
   TORCH_CHECK(!stages_.empty(), "Pipeline: no stages");
   TORCH_CHECK(options_.chunks() >= 1, "Pipeline: chunks must be >= 1, got ", options_.chunks());
   for (size_t s = 0; s < stages_.size(); ++s) {
-    TORCH_CHECK(stages_[s].module && stages_[s].module->size() > 0, "Pipeline: stage ", s, " has no modules");
+    TORCH_CHECK(stages_[s].module && stages_[s].module->size() > 0, "Pipeline: stage ", s,
+                " has no modules");
     stages_[s].module->to(stages_[s].device);
     register_module("stage" + std::to_string(s), stages_[s].module);
   }
@@ -96,10 +101,11 @@ std::string stage_name(size_t s, const PipelineStage& stage) {
 
 void check_move(const std::vector<PipelineStage>& stages, const torch::Device& device) {
   for (size_t s = 0; s < stages.size(); ++s) {
-    TORCH_CHECK(stages[s].device == device, "Pipeline: cannot move the pipeline to ", device, ": ",
-                stage_name(s, stages[s]),
-                " has its own device (build the Pipeline with the devices you want; in a Trainer, leave "
-                "TrainerOptions::device unset)");
+    TORCH_CHECK(
+        stages[s].device == device, "Pipeline: cannot move the pipeline to ", device, ": ",
+        stage_name(s, stages[s]),
+        " has its own device (build the Pipeline with the devices you want; in a Trainer, leave "
+        "TrainerOptions::device unset)");
   }
 }
 
@@ -110,7 +116,9 @@ void PipelineImpl::to(torch::Device device, torch::Dtype dtype, bool non_blockin
   torch::nn::Module::to(device, dtype, non_blocking);
 }
 
-void PipelineImpl::to(torch::Dtype dtype, bool non_blocking) { torch::nn::Module::to(dtype, non_blocking); }
+void PipelineImpl::to(torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(dtype, non_blocking);
+}
 
 void PipelineImpl::to(torch::Device device, bool non_blocking) {
   check_move(stages_, device);
@@ -141,8 +149,8 @@ torch::Tensor PipelineImpl::forward(const torch::Tensor& input) {
       try {
         x = stages_[s].module->forward(x.to(stages_[s].device));
       } catch (const c10::Error& e) {
-        TORCH_CHECK(false, "Pipeline: ", stage_name(s, stages_[s]), " failed on its input of shape ",
-                    x.sizes(), ": ", e.what_without_backtrace());
+        TORCH_CHECK(false, "Pipeline: ", stage_name(s, stages_[s]),
+                    " failed on its input of shape ", x.sizes(), ": ", e.what_without_backtrace());
       }
     }
     outputs.push_back(x);
@@ -228,7 +236,8 @@ struct AutocastState {
 enum class Op { kForward, kBackward };
 
 // Stage s's order of work for p stages and m micro-batches.
-std::vector<std::pair<Op, int64_t>> stage_schedule(PipelineSchedule schedule, int64_t s, int64_t p, int64_t m) {
+std::vector<std::pair<Op, int64_t>> stage_schedule(PipelineSchedule schedule, int64_t s, int64_t p,
+                                                   int64_t m) {
   std::vector<std::pair<Op, int64_t>> ops;
   if (schedule == PipelineSchedule::kGPipe) {
     for (int64_t i = 0; i < m; ++i) ops.emplace_back(Op::kForward, i);
@@ -258,8 +267,9 @@ torch::Tensor PipelineImpl::train_step(const torch::Tensor& input, const torch::
               "Pipeline: target must have the input's batch size ", input.size(0), ", got shape ",
               target.defined() ? target.sizes() : c10::IntArrayRef{});
   TORCH_CHECK(loss_fn, "Pipeline: no loss function");
-  TORCH_CHECK(torch::GradMode::is_enabled() && !c10::InferenceMode::is_enabled(),
-              "Pipeline: train_step needs gradients; it was called under NoGradGuard or InferenceMode");
+  TORCH_CHECK(
+      torch::GradMode::is_enabled() && !c10::InferenceMode::is_enabled(),
+      "Pipeline: train_step needs gradients; it was called under NoGradGuard or InferenceMode");
   const auto rows = chunk_rows(input.size(0), options_.chunks());
   const auto p = static_cast<int64_t>(stages_.size());
   const auto m = static_cast<int64_t>(rows.size());
@@ -290,7 +300,8 @@ torch::Tensor PipelineImpl::train_step(const torch::Tensor& input, const torch::
   // optimizer) sees the gradients.
   std::vector<std::optional<c10::cuda::CUDAStream>> streams(p);
   for (int64_t s = 0; s < p; ++s) {
-    if (stages_[s].device.is_cuda()) streams[s] = c10::cuda::getStreamFromPool(false, stages_[s].device.index());
+    if (stages_[s].device.is_cuda())
+      streams[s] = c10::cuda::getStreamFromPool(false, stages_[s].device.index());
   }
 #endif
   auto run_stage = [&](int64_t s) {
@@ -312,7 +323,8 @@ torch::Tensor PipelineImpl::train_step(const torch::Tensor& input, const torch::
     const bool recompute = checkpointing == ActivationCheckpointing::kAlways ||
                            (checkpointing == ActivationCheckpointing::kExceptLast && !last);
     struct Stash {
-      torch::Tensor input, output;  // output (or the loss, last stage) with its graph, unless recomputing
+      torch::Tensor input,
+          output;  // output (or the loss, last stage) with its graph, unless recomputing
     };
     std::map<int64_t, Stash> stash;
     auto stage_output = [&](const torch::Tensor& x, int64_t mb) {
@@ -367,8 +379,8 @@ torch::Tensor PipelineImpl::train_step(const torch::Tensor& input, const torch::
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error && !abort.load()) {
         error = std::current_exception();
-        error_where = c10::str(stage_name(s, stages_[s]), ", ", op == Op::kForward ? "forward" : "backward",
-                               " of micro-batch ", mb);
+        error_where = c10::str(stage_name(s, stages_[s]), ", ",
+                               op == Op::kForward ? "forward" : "backward", " of micro-batch ", mb);
       }
       abort = true;
       for (auto& box : activations) box.wake();
@@ -423,8 +435,9 @@ namespace {
 // which is what backward of g x loss would have added (gradients are linear
 // in the loss's scale).
 struct PipelineLoss : torch::autograd::Function<PipelineLoss> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor anchor, PipelineImpl* pipeline,
-                               const torch::Tensor& input, const torch::Tensor& target, const PipelineLossFn* loss_fn,
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor anchor,
+                               PipelineImpl* pipeline, const torch::Tensor& input,
+                               const torch::Tensor& target, const PipelineLossFn* loss_fn,
                                double provisional) {
     std::vector<torch::Tensor> params = pipeline->parameters();
     std::vector<torch::Tensor> before;  // gradients from earlier micro-steps, set aside
@@ -460,7 +473,8 @@ struct PipelineLoss : torch::autograd::Function<PipelineLoss> {
     const torch::Tensor& g = grad_outputs[0];
     torch::NoGradGuard no_grad;
     auto params = pipeline->parameters();
-    TORCH_CHECK(computed.size() == params.size(), "PipelineTask: the pipeline's parameters changed during a step");
+    TORCH_CHECK(computed.size() == params.size(),
+                "PipelineTask: the pipeline's parameters changed during a step");
     for (size_t i = 0; i < params.size(); ++i) {
       const std::optional<at::Tensor> c = computed.get(i);
       if (!c.has_value()) continue;
@@ -472,7 +486,8 @@ struct PipelineLoss : torch::autograd::Function<PipelineLoss> {
         grad = add;
       }
     }
-    return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -482,18 +497,20 @@ PipelineTask::PipelineTask(Pipeline pipeline, PipelineLossFn loss_fn)
     : pipeline_(std::move(pipeline)),
       loss_fn_(std::move(loss_fn)),
       // Validation: the pipeline's output brought back to the batch's device.
-      validation_(pipeline_.ptr(),
-                  [p = pipeline_](const torch::Tensor& x) mutable { return p->forward(x).to(x.device()); },
-                  loss_fn_),
+      validation_(
+          pipeline_.ptr(),
+          [p = pipeline_](const torch::Tensor& x) mutable { return p->forward(x).to(x.device()); },
+          loss_fn_),
       anchor_(torch::zeros({}, torch::TensorOptions().requires_grad(true))) {
   TORCH_CHECK(loss_fn_, "PipelineTask: no loss function");
 }
 
 StepOutput PipelineTask::training_step(const Batch& batch) {
   const double provisional = grad_scale_source_ ? grad_scale_source_() : 1.0;
-  TORCH_CHECK(provisional > 0 && std::isfinite(provisional), "PipelineTask: the grad scale source gave ",
-              provisional);
-  return PipelineLoss::apply(anchor_, pipeline_.get(), batch.data, batch.target, &loss_fn_, provisional);
+  TORCH_CHECK(provisional > 0 && std::isfinite(provisional),
+              "PipelineTask: the grad scale source gave ", provisional);
+  return PipelineLoss::apply(anchor_, pipeline_.get(), batch.data, batch.target, &loss_fn_,
+                             provisional);
 }
 
 std::map<std::string, torch::Tensor> PipelineTask::validation_step(const Batch& batch) {

@@ -25,9 +25,14 @@ const Profiler* g_active = nullptr;
 
 // The events Python's key_averages leaves out (torch/autograd/profiler_util.py _filter_name).
 bool filtered_name(const std::string& name) {
-  static const std::unordered_set<std::string> names = {
-      "[memory]", "[OutOfMemory]", "profiler::_record_function_enter", "profiler::_record_function_enter_new",
-      "profiler::_record_function_exit", "aten::is_leaf", "aten::output_nr", "aten::_version"};
+  static const std::unordered_set<std::string> names = {"[memory]",
+                                                        "[OutOfMemory]",
+                                                        "profiler::_record_function_enter",
+                                                        "profiler::_record_function_enter_new",
+                                                        "profiler::_record_function_exit",
+                                                        "aten::is_leaf",
+                                                        "aten::output_nr",
+                                                        "aten::_version"};
   return names.count(name) > 0;
 }
 
@@ -52,8 +57,8 @@ std::string shapes_string(const std::vector<std::vector<int64_t>>& shapes) {
 }
 
 bool is_device(c10::DeviceType t) {
-  return t == c10::DeviceType::CUDA || t == c10::DeviceType::PrivateUse1 || t == c10::DeviceType::XPU ||
-         t == c10::DeviceType::HIP;
+  return t == c10::DeviceType::CUDA || t == c10::DeviceType::PrivateUse1 ||
+         t == c10::DeviceType::XPU || t == c10::DeviceType::HIP;
 }
 bool is_cpu_memory(c10::DeviceType t) {
   return t == c10::DeviceType::CPU || t == c10::DeviceType::MKLDNN || t == c10::DeviceType::IDEEP;
@@ -90,10 +95,14 @@ struct Profiler::Trace {
 
 std::string to_string(ProfilerAction action) {
   switch (action) {
-    case ProfilerAction::kNone: return "none";
-    case ProfilerAction::kWarmup: return "warmup";
-    case ProfilerAction::kRecord: return "record";
-    case ProfilerAction::kRecordAndSave: return "record_and_save";
+    case ProfilerAction::kNone:
+      return "none";
+    case ProfilerAction::kWarmup:
+      return "warmup";
+    case ProfilerAction::kRecord:
+      return "record";
+    case ProfilerAction::kRecordAndSave:
+      return "record_and_save";
   }
   return "unknown";
 }
@@ -103,7 +112,8 @@ std::string to_string(ProfilerAction action) {
 
 Profiler::Profiler(ProfilerOptions options) : options_(std::move(options)) {
   if (const auto& s = options_.schedule()) {
-    TORCH_CHECK(s->skip_first() >= 0, "Profiler: schedule skip_first must be >= 0, got ", s->skip_first());
+    TORCH_CHECK(s->skip_first() >= 0, "Profiler: schedule skip_first must be >= 0, got ",
+                s->skip_first());
     TORCH_CHECK(s->wait() >= 0, "Profiler: schedule wait must be >= 0, got ", s->wait());
     TORCH_CHECK(s->warmup() >= 0, "Profiler: schedule warmup must be >= 0, got ", s->warmup());
     TORCH_CHECK(s->active() >= 1, "Profiler: schedule active must be >= 1, got ", s->active());
@@ -152,13 +162,14 @@ struct Config {
   std::set<ActivityType> activities;
 };
 Config make_config(const ProfilerOptions& o) {
-  Config c{P::ProfilerConfig(P::ProfilerState::KINETO, o.record_shapes(), o.profile_memory(), o.with_stack(),
-                             o.with_flops()),
+  Config c{P::ProfilerConfig(P::ProfilerState::KINETO, o.record_shapes(), o.profile_memory(),
+                             o.with_stack(), o.with_flops()),
            {}};
   for (auto a : o.activities()) {
     if (a == ProfilerActivity::kCPU) c.activities.insert(ActivityType::CPU);
     // CUPTI only where a GPU is visible; a CPU-only machine records CPU events.
-    if (a == ProfilerActivity::kCUDA && torch::cuda::is_available()) c.activities.insert(ActivityType::CUDA);
+    if (a == ProfilerActivity::kCUDA && torch::cuda::is_available())
+      c.activities.insert(ActivityType::CUDA);
   }
   if (c.activities.empty()) c.activities.insert(ActivityType::CPU);
   return c;
@@ -177,8 +188,10 @@ void Profiler::enable() {
 
 void Profiler::start() {
   TORCH_CHECK(!started_, "Profiler: start() called twice without stop()");
-  TORCH_CHECK(g_active == nullptr, "Profiler: another wick::Profiler is running (LibTorch's profiler is process-wide)");
-  TORCH_CHECK(!P::isProfilerEnabledInMainThread(), "Profiler: LibTorch's profiler is already enabled in this process");
+  TORCH_CHECK(g_active == nullptr,
+              "Profiler: another wick::Profiler is running (LibTorch's profiler is process-wide)");
+  TORCH_CHECK(!P::isProfilerEnabledInMainThread(),
+              "Profiler: LibTorch's profiler is already enabled in this process");
   g_active = this;
   started_ = true;
   transition(ProfilerAction::kNone, current_action());
@@ -192,7 +205,8 @@ void Profiler::stop() {
   started_ = false;
   g_active = nullptr;
   if (recording_) {
-    if (action == ProfilerAction::kRecord || action == ProfilerAction::kRecordAndSave) ++steps_in_recording_;
+    if (action == ProfilerAction::kRecord || action == ProfilerAction::kRecordAndSave)
+      ++steps_in_recording_;
     disable_and_keep(true);
     if (options_.on_trace_ready()) options_.on_trace_ready()(*this);
   } else if (prepared_) {
@@ -212,7 +226,8 @@ void Profiler::step() {
   TORCH_CHECK(started_, "Profiler: step() before start()");
   end_step_range();
   const auto prev = current_action();
-  if (prev == ProfilerAction::kRecord || prev == ProfilerAction::kRecordAndSave) ++steps_in_recording_;
+  if (prev == ProfilerAction::kRecord || prev == ProfilerAction::kRecordAndSave)
+    ++steps_in_recording_;
   ++step_num_;
   transition(prev, current_action());
   begin_step_range();
@@ -285,7 +300,8 @@ void Profiler::disable_and_keep(bool keep) {
     if (ev.pub.on_device) trace->has_cuda = true;
     if (e.deviceType() == c10::DeviceType::CPU) {
       // Python's MemRecordsAcc.in_interval: every record with start <= t <= end.
-      auto lo = std::lower_bound(memory.begin(), memory.end(), std::make_pair(static_cast<int64_t>(e.startNs()), int64_t{-1}));
+      auto lo = std::lower_bound(memory.begin(), memory.end(),
+                                 std::make_pair(static_cast<int64_t>(e.startNs()), int64_t{-1}));
       for (auto it = lo; it != memory.end() && it->first <= static_cast<int64_t>(e.endNs()); ++it) {
         const auto& m = kevents[static_cast<size_t>(it->second)];
         if (is_cpu_memory(m.deviceType())) ev.cpu_mem += m.nBytes();
@@ -293,7 +309,8 @@ void Profiler::disable_and_keep(bool keep) {
         memory_used[static_cast<size_t>(it - memory.begin())] = true;
       }
     }
-    if (ev.linked == 0 && !ev.pub.on_device) by_correlation.emplace(ev.pub.correlation, trace->events.size());
+    if (ev.linked == 0 && !ev.pub.on_device)
+      by_correlation.emplace(ev.pub.correlation, trace->events.size());
     trace->events.push_back(std::move(ev));
   }
   // Kernels count as CUDA time of the CPU op that launched them (correlation ids).
@@ -326,7 +343,8 @@ void Profiler::disable_and_keep(bool keep) {
   for (auto& [tid, idx] : threads) {
     auto& evs = trace->events;
     std::stable_sort(idx.begin(), idx.end(), [&](size_t a, size_t b) {
-      if (evs[a].pub.start_ns != evs[b].pub.start_ns) return evs[a].pub.start_ns < evs[b].pub.start_ns;
+      if (evs[a].pub.start_ns != evs[b].pub.start_ns)
+        return evs[a].pub.start_ns < evs[b].pub.start_ns;
       return evs[a].end_ns > evs[b].end_ns;
     });
     std::vector<size_t> stack;
@@ -353,7 +371,9 @@ void Profiler::disable_and_keep(bool keep) {
 }
 
 OpTable Profiler::key_averages(bool group_by_input_shape) const {
-  TORCH_CHECK(result_, "Profiler: key_averages() before any trace was recorded (start() ... stop(), or a schedule's active steps)");
+  TORCH_CHECK(result_,
+              "Profiler: key_averages() before any trace was recorded (start() ... stop(), or a "
+              "schedule's active steps)");
   const auto& evs = result_->events;
   // Totals per event: CUDA time includes the children's, as in Python's FunctionEvent.
   const size_t n = evs.size();
@@ -405,7 +425,8 @@ OpTable Profiler::key_averages(bool group_by_input_shape) const {
   std::vector<OpStats> out;
   out.reserve(order.size());
   for (const auto& k : order) out.push_back(rows.at(k));
-  return OpTable(std::move(out), result_->has_cuda, options_.profile_memory(), group_by_input_shape);
+  return OpTable(std::move(out), result_->has_cuda, options_.profile_memory(),
+                 group_by_input_shape);
 }
 
 void Profiler::export_chrome_trace(const std::string& path) const {
@@ -418,7 +439,10 @@ void Profiler::export_chrome_trace(const std::string& path) const {
 // OpTable
 
 OpTable::OpTable(std::vector<OpStats> rows, bool has_cuda, bool has_memory, bool has_shapes)
-    : rows_(std::move(rows)), has_cuda_(has_cuda), has_memory_(has_memory), has_shapes_(has_shapes) {}
+    : rows_(std::move(rows)),
+      has_cuda_(has_cuda),
+      has_memory_(has_memory),
+      has_shapes_(has_shapes) {}
 
 const OpStats* OpTable::find(const std::string& name) const {
   for (const auto& r : rows_)
@@ -453,17 +477,22 @@ const std::map<std::string, KeyFn>& sort_keys() {
       {"self_cpu_time_total", [](const OpStats& r) { return static_cast<double>(r.self_cpu_ns); }},
       {"cpu_time_total", [](const OpStats& r) { return static_cast<double>(r.cpu_total_ns); }},
       {"cpu_time", [](const OpStats& r) { return r.cpu_avg_ns(); }},
-      {"self_cuda_time_total", [](const OpStats& r) { return static_cast<double>(r.self_cuda_ns); }},
+      {"self_cuda_time_total",
+       [](const OpStats& r) { return static_cast<double>(r.self_cuda_ns); }},
       {"cuda_time_total", [](const OpStats& r) { return static_cast<double>(r.cuda_total_ns); }},
       {"cuda_time", [](const OpStats& r) { return r.cuda_avg_ns(); }},
-      {"self_device_time_total", [](const OpStats& r) { return static_cast<double>(r.self_cuda_ns); }},
+      {"self_device_time_total",
+       [](const OpStats& r) { return static_cast<double>(r.self_cuda_ns); }},
       {"device_time_total", [](const OpStats& r) { return static_cast<double>(r.cuda_total_ns); }},
       {"device_time", [](const OpStats& r) { return r.cuda_avg_ns(); }},
-      {"self_cpu_memory_usage", [](const OpStats& r) { return static_cast<double>(r.self_cpu_memory); }},
+      {"self_cpu_memory_usage",
+       [](const OpStats& r) { return static_cast<double>(r.self_cpu_memory); }},
       {"cpu_memory_usage", [](const OpStats& r) { return static_cast<double>(r.cpu_memory); }},
-      {"self_cuda_memory_usage", [](const OpStats& r) { return static_cast<double>(r.self_cuda_memory); }},
+      {"self_cuda_memory_usage",
+       [](const OpStats& r) { return static_cast<double>(r.self_cuda_memory); }},
       {"cuda_memory_usage", [](const OpStats& r) { return static_cast<double>(r.cuda_memory); }},
-      {"self_device_memory_usage", [](const OpStats& r) { return static_cast<double>(r.self_cuda_memory); }},
+      {"self_device_memory_usage",
+       [](const OpStats& r) { return static_cast<double>(r.self_cuda_memory); }},
       {"device_memory_usage", [](const OpStats& r) { return static_cast<double>(r.cuda_memory); }},
       {"flops", [](const OpStats& r) { return static_cast<double>(r.flops); }},
   };
@@ -480,7 +509,8 @@ std::string pad(const std::string& s, size_t width, bool left) {
 std::string share(int64_t part, int64_t total) {
   if (total == 0) return "NaN";
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f%%", 100.0 * static_cast<double>(part) / static_cast<double>(total));
+  std::snprintf(buf, sizeof buf, "%.2f%%",
+                100.0 * static_cast<double>(part) / static_cast<double>(total));
   return buf;
 }
 }  // namespace
@@ -488,7 +518,8 @@ std::string share(int64_t part, int64_t total) {
 OpTable OpTable::sorted(const std::string& sort_by) const {
   OpTable t = *this;
   if (sort_by == "name") {
-    std::stable_sort(t.rows_.begin(), t.rows_.end(), [](const OpStats& a, const OpStats& b) { return a.name < b.name; });
+    std::stable_sort(t.rows_.begin(), t.rows_.end(),
+                     [](const OpStats& a, const OpStats& b) { return a.name < b.name; });
     return t;
   }
   auto it = sort_keys().find(sort_by);
@@ -557,27 +588,42 @@ std::string OpTable::table(const std::string& sort_by, int64_t row_limit) const 
   auto us = [](double ns) { return format_profiler_time(ns / 1000.0); };
   std::vector<Col> cols;
   cols.push_back({"Name", name_w, false, [](const OpStats& r) { return r.name; }});
-  cols.push_back({"Self CPU %", w, false, [&](const OpStats& r) { return share(r.self_cpu_ns, cpu_total); }});
-  cols.push_back({"Self CPU", w, false, [&](const OpStats& r) { return us(static_cast<double>(r.self_cpu_ns)); }});
-  cols.push_back({"CPU total %", w, false, [&](const OpStats& r) { return share(r.cpu_total_ns, cpu_total); }});
-  cols.push_back({"CPU total", w, false, [&](const OpStats& r) { return us(static_cast<double>(r.cpu_total_ns)); }});
+  cols.push_back(
+      {"Self CPU %", w, false, [&](const OpStats& r) { return share(r.self_cpu_ns, cpu_total); }});
+  cols.push_back({"Self CPU", w, false,
+                  [&](const OpStats& r) { return us(static_cast<double>(r.self_cpu_ns)); }});
+  cols.push_back({"CPU total %", w, false,
+                  [&](const OpStats& r) { return share(r.cpu_total_ns, cpu_total); }});
+  cols.push_back({"CPU total", w, false,
+                  [&](const OpStats& r) { return us(static_cast<double>(r.cpu_total_ns)); }});
   cols.push_back({"CPU time avg", w, false, [&](const OpStats& r) { return us(r.cpu_avg_ns()); }});
   if (has_cuda_) {
-    cols.push_back({"Self CUDA", w, false, [&](const OpStats& r) { return us(static_cast<double>(r.self_cuda_ns)); }});
-    cols.push_back({"Self CUDA %", w, false, [&](const OpStats& r) { return share(r.self_cuda_ns, cuda_total); }});
-    cols.push_back({"CUDA total", w, false, [&](const OpStats& r) { return us(static_cast<double>(r.cuda_total_ns)); }});
-    cols.push_back({"CUDA time avg", w, false, [&](const OpStats& r) { return us(r.cuda_avg_ns()); }});
+    cols.push_back({"Self CUDA", w, false,
+                    [&](const OpStats& r) { return us(static_cast<double>(r.self_cuda_ns)); }});
+    cols.push_back({"Self CUDA %", w, false,
+                    [&](const OpStats& r) { return share(r.self_cuda_ns, cuda_total); }});
+    cols.push_back({"CUDA total", w, false,
+                    [&](const OpStats& r) { return us(static_cast<double>(r.cuda_total_ns)); }});
+    cols.push_back(
+        {"CUDA time avg", w, false, [&](const OpStats& r) { return us(r.cuda_avg_ns()); }});
   }
   if (has_memory_) {
-    cols.push_back({"CPU Mem", w, false, [](const OpStats& r) { return format_profiler_memory(r.cpu_memory); }});
-    cols.push_back({"Self CPU Mem", w, false, [](const OpStats& r) { return format_profiler_memory(r.self_cpu_memory); }});
+    cols.push_back({"CPU Mem", w, false,
+                    [](const OpStats& r) { return format_profiler_memory(r.cpu_memory); }});
+    cols.push_back({"Self CPU Mem", w, false,
+                    [](const OpStats& r) { return format_profiler_memory(r.self_cpu_memory); }});
     if (has_cuda_) {
-      cols.push_back({"CUDA Mem", w, false, [](const OpStats& r) { return format_profiler_memory(r.cuda_memory); }});
-      cols.push_back({"Self CUDA Mem", w, false, [](const OpStats& r) { return format_profiler_memory(r.self_cuda_memory); }});
+      cols.push_back({"CUDA Mem", w, false,
+                      [](const OpStats& r) { return format_profiler_memory(r.cuda_memory); }});
+      cols.push_back({"Self CUDA Mem", w, false,
+                      [](const OpStats& r) { return format_profiler_memory(r.self_cuda_memory); }});
     }
   }
-  cols.push_back({"# of Calls", w, false, [](const OpStats& r) { return std::to_string(r.count); }});
-  if (has_shapes_) cols.push_back({"Input Shapes", shapes_w, true, [](const OpStats& r) { return r.input_shapes; }});
+  cols.push_back(
+      {"# of Calls", w, false, [](const OpStats& r) { return std::to_string(r.count); }});
+  if (has_shapes_)
+    cols.push_back(
+        {"Input Shapes", shapes_w, true, [](const OpStats& r) { return r.input_shapes; }});
 
   std::string sep, head;
   for (const auto& c : cols) {

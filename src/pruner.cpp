@@ -70,17 +70,19 @@ void Pruner::global_unstructured(const std::vector<std::string>& names, double a
   TORCH_CHECK(!names.empty(), "Pruner: global_unstructured needs at least one parameter name");
   for (size_t i = 0; i < names.size(); ++i)
     for (size_t j = 0; j < i; ++j)
-      TORCH_CHECK(names[i] != names[j], "Pruner: global_unstructured names must be distinct, '", names[i],
-                  "' appears twice");
+      TORCH_CHECK(names[i] != names[j], "Pruner: global_unstructured names must be distinct, '",
+                  names[i], "' appears twice");
   prune_smallest(names, amount);
 }
 
 void Pruner::prune_smallest(const std::vector<std::string>& names, double amount) {
   std::vector<torch::Tensor> scores;
-  for (const auto& name : names) scores.push_back(importance(name).reshape({-1}).to(torch::kFloat64));
+  for (const auto& name : names)
+    scores.push_back(importance(name).reshape({-1}).to(torch::kFloat64));
   auto all = torch::cat(scores);
   const int64_t k = round_half_even(amount * static_cast<double>(all.numel()));
-  auto keep = torch::ones({all.numel()}, torch::TensorOptions().dtype(torch::kBool).device(all.device()));
+  auto keep =
+      torch::ones({all.numel()}, torch::TensorOptions().dtype(torch::kBool).device(all.device()));
   if (k > 0) keep.index_fill_(0, std::get<1>(all.topk(k, /*dim=*/0, /*largest=*/false)), false);
   int64_t offset = 0;
   for (size_t i = 0; i < names.size(); ++i) {
@@ -107,7 +109,8 @@ void Pruner::ln_structured(const std::string& name, double amount, double n, int
                              : torch::linalg_vector_norm(w, n, other, /*keepdim=*/false);
   const int64_t slices = p.size(dim);
   const int64_t k = round_half_even(amount * static_cast<double>(slices));
-  auto keep_slice = torch::ones({slices}, torch::TensorOptions().dtype(torch::kBool).device(w.device()));
+  auto keep_slice =
+      torch::ones({slices}, torch::TensorOptions().dtype(torch::kBool).device(w.device()));
   if (k > 0) keep_slice.index_fill_(0, std::get<1>(norms.topk(k, 0, /*largest=*/false)), false);
   std::vector<int64_t> shape(p.dim(), 1);
   shape[dim] = slices;
@@ -116,12 +119,14 @@ void Pruner::ln_structured(const std::string& name, double amount, double n, int
 
 void Pruner::semi_structured_24(const std::string& name) {
   const auto& p = parameter(name);
-  TORCH_CHECK(p.dim() == 2 && p.size(1) % 4 == 0,
-              "Pruner: semi_structured_24 needs a 2-D parameter whose size(1) is a multiple of 4, '",
-              name, "' has shape ", p.sizes());
+  TORCH_CHECK(
+      p.dim() == 2 && p.size(1) % 4 == 0,
+      "Pruner: semi_structured_24 needs a 2-D parameter whose size(1) is a multiple of 4, '", name,
+      "' has shape ", p.sizes());
   auto groups = importance(name).reshape({p.size(0), p.size(1) / 4, 4});
   auto top2 = std::get<1>(groups.topk(2, /*dim=*/-1, /*largest=*/true));
-  auto keep = torch::zeros(groups.sizes(), torch::TensorOptions().dtype(torch::kBool).device(p.device()));
+  auto keep =
+      torch::zeros(groups.sizes(), torch::TensorOptions().dtype(torch::kBool).device(p.device()));
   keep.scatter_(-1, top2, true);
   set_mask(name, keep.reshape(p.sizes()));
 }
@@ -159,7 +164,8 @@ std::vector<SparsityRow> Pruner::report() const {
     row.name = name;
     row.numel = p.numel();
     row.zeros = row.numel - p.count_nonzero().item<int64_t>();
-    row.sparsity = row.numel ? static_cast<double>(row.zeros) / static_cast<double>(row.numel) : 0.0;
+    row.sparsity =
+        row.numel ? static_cast<double>(row.zeros) / static_cast<double>(row.numel) : 0.0;
     rows.push_back(row);
   }
   return rows;
@@ -180,7 +186,8 @@ std::string Pruner::format_report() const {
   for (const auto& r : rows) width = std::max(width, r.name.size());
   std::ostringstream out;
   char line[512];
-  auto put = [&](const std::string& name, const std::string& a, const std::string& b, const std::string& c) {
+  auto put = [&](const std::string& name, const std::string& a, const std::string& b,
+                 const std::string& c) {
     std::snprintf(line, sizeof(line), "%-*s %12s %12s %9s\n", static_cast<int>(width), name.c_str(),
                   a.c_str(), b.c_str(), c.c_str());
     out << line;
@@ -210,11 +217,12 @@ CubicSchedule::CubicSchedule(CubicScheduleOptions options) : options_(std::move(
   TORCH_CHECK(o.final_sparsity() >= 0.0 && o.final_sparsity() <= 1.0,
               "CubicSchedule: final_sparsity must be in [0, 1], got ", o.final_sparsity());
   TORCH_CHECK(o.initial_sparsity() >= 0.0 && o.initial_sparsity() <= o.final_sparsity(),
-              "CubicSchedule: initial_sparsity must be in [0, final_sparsity = ", o.final_sparsity(),
-              "], got ", o.initial_sparsity());
+              "CubicSchedule: initial_sparsity must be in [0, final_sparsity = ",
+              o.final_sparsity(), "], got ", o.initial_sparsity());
   TORCH_CHECK(o.begin_step() >= 0, "CubicSchedule: begin_step must be >= 0, got ", o.begin_step());
   TORCH_CHECK(o.frequency() >= 1, "CubicSchedule: frequency must be >= 1, got ", o.frequency());
-  TORCH_CHECK(o.num_prunings() >= 1, "CubicSchedule: num_prunings must be >= 1, got ", o.num_prunings());
+  TORCH_CHECK(o.num_prunings() >= 1, "CubicSchedule: num_prunings must be >= 1, got ",
+              o.num_prunings());
 }
 
 int64_t CubicSchedule::end_step() const {
@@ -244,7 +252,8 @@ PrunerCallback::PrunerCallback(std::shared_ptr<Pruner> pruner, PrunerCallbackOpt
     : pruner_(std::move(pruner)), options_(std::move(options)) {
   TORCH_CHECK(pruner_ != nullptr, "PrunerCallback: pruner must not be null");
   if (options_.schedule()) {
-    TORCH_CHECK(!options_.names().empty(), "PrunerCallback: a schedule needs the names of the parameters to prune");
+    TORCH_CHECK(!options_.names().empty(),
+                "PrunerCallback: a schedule needs the names of the parameters to prune");
     for (const auto& name : options_.names()) pruner_->parameter(name);  // unknown names fail now
     schedule_.emplace(*options_.schedule());
   }

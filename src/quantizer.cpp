@@ -45,8 +45,8 @@ std::mutex& engine_mutex() {
   return m;
 }
 
-PackedPtr prepack(QuantEngine engine, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  bool fp16) {
+PackedPtr prepack(QuantEngine engine, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, bool fp16) {
   static auto int8_op = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("quantized::linear_prepack", "")
                             .typed<PackedPtr(at::Tensor, std::optional<at::Tensor>)>();
@@ -155,9 +155,10 @@ int64_t version_of(const at::Tensor& t) {
 
 void check_dtype_device(torch::Dtype dtype, const torch::Device& device) {
   if (device.is_cpu()) {
-    TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kFloat16,
-                "QuantizedLinear: on CPU the weight dtype must be torch::kInt8 or torch::kFloat16, got ",
-                dtype_name(dtype));
+    TORCH_CHECK(
+        dtype == torch::kInt8 || dtype == torch::kFloat16,
+        "QuantizedLinear: on CPU the weight dtype must be torch::kInt8 or torch::kFloat16, got ",
+        dtype_name(dtype));
   } else {
     TORCH_CHECK(device.is_cuda(), "QuantizedLinear: weights must be on CPU or CUDA, got ", device);
     TORCH_CHECK(dtype == torch::kInt8 || dtype == torch::kFloat8_e4m3fn,
@@ -171,15 +172,16 @@ void check_options(const QuantizeOptions& options) {
   TORCH_CHECK(options.onednn_min_rows() >= 1, "QuantizeOptions: onednn_min_rows must be >= 1, got ",
               options.onednn_min_rows());
   if (options.engine() != QuantEngine::kAuto) {
-    TORCH_CHECK(engine_available(options.engine()), "QuantizeOptions: engine '", to_string(options.engine()),
-                "' is not built into this LibTorch");
+    TORCH_CHECK(engine_available(options.engine()), "QuantizeOptions: engine '",
+                to_string(options.engine()), "' is not built into this LibTorch");
   }
 }
 
 }  // namespace
 
 QuantizedLinearImpl::QuantizedLinearImpl(int64_t in_features, int64_t out_features, bool with_bias,
-                                         torch::Dtype dtype, QuantizeOptions options, torch::Device device)
+                                         torch::Dtype dtype, QuantizeOptions options,
+                                         torch::Device device)
     : in_features_(in_features),
       out_features_(out_features),
       with_bias_(with_bias),
@@ -191,21 +193,23 @@ QuantizedLinearImpl::QuantizedLinearImpl(int64_t in_features, int64_t out_featur
   check_dtype_device(dtype, device);
   check_options(options);
   if (dtype == torch::kFloat8_e4m3fn) {
-    TORCH_CHECK(in_features % 16 == 0 && out_features % 16 == 0,
-                "QuantizedLinear: fp8 (at::_scaled_mm) needs in and out features that are multiples of 16, "
-                "got in ",
-                in_features, ", out ", out_features);
+    TORCH_CHECK(
+        in_features % 16 == 0 && out_features % 16 == 0,
+        "QuantizedLinear: fp8 (at::_scaled_mm) needs in and out features that are multiples of 16, "
+        "got in ",
+        in_features, ", out ", out_features);
   }
   reset();
 }
 
 QuantizedLinearImpl::QuantizedLinearImpl(const torch::nn::LinearImpl& linear, torch::Dtype dtype,
                                          QuantizeOptions options)
-    : QuantizedLinearImpl(linear.options.in_features(), linear.options.out_features(), linear.options.bias(),
-                          dtype, options, linear.weight.device()) {
+    : QuantizedLinearImpl(linear.options.in_features(), linear.options.out_features(),
+                          linear.options.bias(), dtype, options, linear.weight.device()) {
   torch::NoGradGuard no_grad;
   const at::Tensor w = linear.weight.detach();
-  TORCH_CHECK(w.is_floating_point(), "QuantizedLinear: the Linear's weight must be floating point, got ",
+  TORCH_CHECK(w.is_floating_point(),
+              "QuantizedLinear: the Linear's weight must be floating point, got ",
               dtype_name(w.scalar_type()));
   const at::Tensor wf = w.to(torch::kFloat);
   if (dtype == torch::kFloat16) {
@@ -240,8 +244,8 @@ QuantizedLinearImpl::QuantizedLinearImpl(const QuantizedLinearImpl& other)
 void QuantizedLinearImpl::reset() {
   packed_ = std::make_shared<Packed>();
   auto on = torch::TensorOptions().device(device_);
-  weight = register_buffer("weight", torch::zeros({out_features_, in_features_}, on.dtype(torch::kFloat))
-                                         .to(dtype_));
+  weight = register_buffer(
+      "weight", torch::zeros({out_features_, in_features_}, on.dtype(torch::kFloat)).to(dtype_));
   // fp16 weights need no scale; int8 has one per row or one in all; fp8 one per row.
   int64_t scales = out_features_;
   if (dtype_ == torch::kFloat16) scales = 0;
@@ -255,8 +259,9 @@ void QuantizedLinearImpl::reset() {
 }
 
 void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
-  stream << "wick::QuantizedLinear(in_features=" << in_features_ << ", out_features=" << out_features_
-         << ", bias=" << (with_bias_ ? "true" : "false") << ", dtype=" << dtype_name(dtype_);
+  stream << "wick::QuantizedLinear(in_features=" << in_features_
+         << ", out_features=" << out_features_ << ", bias=" << (with_bias_ ? "true" : "false")
+         << ", dtype=" << dtype_name(dtype_);
   if (dtype_ == torch::kInt8) stream << (options_.per_channel() ? ", per_channel" : ", per_tensor");
   if (device_.is_cpu()) stream << ", engine=" << to_string(options_.engine());
   stream << ")";
@@ -269,31 +274,37 @@ torch::Tensor QuantizedLinearImpl::dequantized_weight() const {
   return weight.to(torch::kFloat) * s;
 }
 
-int64_t QuantizedLinearImpl::state_bytes() const { return bytes_of(weight) + bytes_of(scale) + bytes_of(bias); }
+int64_t QuantizedLinearImpl::state_bytes() const {
+  return bytes_of(weight) + bytes_of(scale) + bytes_of(bias);
+}
 
 torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {
   TORCH_CHECK(input.defined(), "QuantizedLinear: input is undefined");
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in_features_, "QuantizedLinear: input's last dimension must be ",
-              in_features_, ", got shape ", input.sizes());
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in_features_,
+              "QuantizedLinear: input's last dimension must be ", in_features_, ", got shape ",
+              input.sizes());
   TORCH_CHECK(input.device() == weight.device(), "QuantizedLinear: input is on ", input.device(),
               " but the weights are on ", weight.device());
   return weight.is_cuda() ? forward_cuda(input) : forward_cpu(input);
 }
 
 QuantEngine QuantizedLinearImpl::engine_for(int64_t rows) const {
-  if (dtype_ == torch::kFloat16) return QuantEngine::kFbgemm;  // LibTorch's fp16 dynamic linear is FBGEMM's
+  if (dtype_ == torch::kFloat16)
+    return QuantEngine::kFbgemm;  // LibTorch's fp16 dynamic linear is FBGEMM's
   if (options_.engine() != QuantEngine::kAuto) return options_.engine();
   const bool fb = engine_available(QuantEngine::kFbgemm);
   const bool dnn = engine_available(QuantEngine::kOnednn);
   // oneDNN's fixed cost per call (about 8 us on one core here) outweighs its
   // speed on small layers and small batches.
-  const bool large = rows >= options_.onednn_min_rows() && in_features_ * out_features_ >= kOnednnMinWeights;
+  const bool large =
+      rows >= options_.onednn_min_rows() && in_features_ * out_features_ >= kOnednnMinWeights;
   if (dnn && (!fb || large)) return QuantEngine::kOnednn;
   return fb ? QuantEngine::kFbgemm : QuantEngine::kQnnpack;
 }
 
 torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
-  TORCH_CHECK(input.scalar_type() == torch::kFloat, "QuantizedLinear: input must be float32 on CPU, got ",
+  TORCH_CHECK(input.scalar_type() == torch::kFloat,
+              "QuantizedLinear: input must be float32 on CPU, got ",
               dtype_name(input.scalar_type()));
   const int64_t rows = input.numel() / in_features_;
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
@@ -307,7 +318,8 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
     std::lock_guard<std::mutex> lock(packed_->mutex);
     Packed& p = *packed_;
     const int64_t versions[3] = {version_of(weight), version_of(scale), version_of(bias)};
-    const void* ptrs[3] = {weight.data_ptr(), scale.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr};
+    const void* ptrs[3] = {weight.data_ptr(), scale.data_ptr(),
+                           bias.defined() ? bias.data_ptr() : nullptr};
     if (ptrs[0] != p.weight_ptr || ptrs[1] != p.scale_ptr || ptrs[2] != p.bias_ptr ||
         !std::equal(versions, versions + 3, p.versions)) {
       for (auto& slot : p.by_engine) slot.reset();
@@ -329,8 +341,8 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
         at::Tensor qw =
             s.numel() == 1 && !options_.per_channel()
                 ? at::_make_per_tensor_quantized_tensor(w, s.item<double>(), 0)
-                : at::_make_per_channel_quantized_tensor(w, s.to(torch::kDouble),
-                                                         torch::zeros({out_features_}, torch::kLong), 0);
+                : at::_make_per_channel_quantized_tensor(
+                      w, s.to(torch::kDouble), torch::zeros({out_features_}, torch::kLong), 0);
         slot = prepack(engine, qw, b, /*fp16=*/false);
       }
     }
@@ -338,7 +350,8 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
   }
   // FBGEMM without VNNI multiplies u8 x s8 pairs into int16 and could
   // saturate; 7-bit activations avoid that (what torch.ao does on every CPU).
-  const bool reduce_range = engine == QuantEngine::kFbgemm && !fp16 && !at::cpu::is_avx512_vnni_supported();
+  const bool reduce_range =
+      engine == QuantEngine::kFbgemm && !fp16 && !at::cpu::is_avx512_vnni_supported();
   at::Tensor x = input.dim() == 1 ? input.unsqueeze(0) : input;
   at::Tensor y = packed->apply_dynamic(x.contiguous(), reduce_range);
   return input.dim() == 1 ? y.squeeze(0) : y;
@@ -366,7 +379,8 @@ torch::Tensor QuantizedLinearImpl::forward_cuda(const torch::Tensor& input) {
   at::Tensor xq = (xf / sx).clamp(-448.0f, 448.0f).to(torch::kFloat8_e4m3fn);
   // _scaled_mm: mat2 column-major [in, out], scale_a [rows, 1], scale_b [1, out].
   const auto mm_dtype = out_dtype == torch::kFloat ? torch::kBFloat16 : out_dtype;
-  at::Tensor y = at::_scaled_mm(xq, weight.t(), sx, scale.unsqueeze(0), std::nullopt, std::nullopt, mm_dtype);
+  at::Tensor y =
+      at::_scaled_mm(xq, weight.t(), sx, scale.unsqueeze(0), std::nullopt, std::nullopt, mm_dtype);
   if (bias.defined()) y = y.to(torch::kFloat).add_(bias);
   return y.to(out_dtype).reshape(out_shape);
 }
@@ -376,16 +390,18 @@ torch::Tensor QuantizedLinearImpl::forward_cuda(const torch::Tensor& input) {
 namespace {
 
 bool is_linear_type(const std::type_index& t) {
-  return t == std::type_index(typeid(torch::nn::LinearImpl)) || t == std::type_index(typeid(torch::nn::Linear));
+  return t == std::type_index(typeid(torch::nn::LinearImpl)) ||
+         t == std::type_index(typeid(torch::nn::Linear));
 }
 
 void find_quantized(const torch::nn::Module& module, const std::string& prefix) {
   for (const auto& child : module.named_children()) {
     const std::string path = prefix.empty() ? child.key() : prefix + "." + child.key();
-    TORCH_CHECK(std::dynamic_pointer_cast<QuantizedLinearImpl>(child.value()) == nullptr,
-                "quantize_dynamic: '", path,
-                "' is already a wick::QuantizedLinear; quantizing a quantized model again would compound "
-                "the rounding error. Quantize the fp32 model once.");
+    TORCH_CHECK(
+        std::dynamic_pointer_cast<QuantizedLinearImpl>(child.value()) == nullptr,
+        "quantize_dynamic: '", path,
+        "' is already a wick::QuantizedLinear; quantizing a quantized model again would compound "
+        "the rounding error. Quantize the fp32 model once.");
     find_quantized(*child.value(), path);
   }
 }
@@ -401,14 +417,17 @@ int64_t module_state_bytes(const torch::nn::Module& module) {
 
 QuantizeReport quantize_dynamic(torch::nn::Module& module, const std::set<std::type_index>& types,
                                 torch::Dtype dtype, QuantizeOptions options) {
-  TORCH_CHECK(!types.empty(), "quantize_dynamic: the set of module types is empty; pass {typeid(torch::nn::Linear)}");
+  TORCH_CHECK(
+      !types.empty(),
+      "quantize_dynamic: the set of module types is empty; pass {typeid(torch::nn::Linear)}");
   for (const auto& t : types) {
     TORCH_CHECK(is_linear_type(t), "quantize_dynamic: module type ", c10::demangle(t.name()),
                 " is not supported; wick quantizes torch::nn::Linear (typeid(torch::nn::Linear) or "
                 "typeid(torch::nn::LinearImpl))");
   }
   TORCH_CHECK(dynamic_cast<torch::nn::LinearImpl*>(&module) == nullptr,
-              "quantize_dynamic: the module is itself a torch::nn::Linear, which cannot be replaced in place; "
+              "quantize_dynamic: the module is itself a torch::nn::Linear, which cannot be "
+              "replaced in place; "
               "wrap it (torch::nn::Sequential(linear)) or build a wick::QuantizedLinear from it");
   TORCH_CHECK(dynamic_cast<QuantizedLinearImpl*>(&module) == nullptr,
               "quantize_dynamic: the module is already a wick::QuantizedLinear");
@@ -422,12 +441,14 @@ QuantizeReport quantize_dynamic(torch::nn::Module& module, const std::set<std::t
       try {
         check_dtype_device(dtype, device);
       } catch (const c10::Error& e) {
-        TORCH_CHECK(false, "quantize_dynamic: '", item.key(), "' (on ", device, "): ", e.what_without_backtrace());
+        TORCH_CHECK(false, "quantize_dynamic: '", item.key(), "' (on ", device,
+                    "): ", e.what_without_backtrace());
       }
       if (dtype == torch::kFloat8_e4m3fn) {
-        TORCH_CHECK(linear->options.in_features() % 16 == 0 && linear->options.out_features() % 16 == 0,
-                    "quantize_dynamic: '", item.key(), "' is ", linear->options.in_features(), " -> ",
-                    linear->options.out_features(), "; fp8 (at::_scaled_mm) needs multiples of 16");
+        TORCH_CHECK(
+            linear->options.in_features() % 16 == 0 && linear->options.out_features() % 16 == 0,
+            "quantize_dynamic: '", item.key(), "' is ", linear->options.in_features(), " -> ",
+            linear->options.out_features(), "; fp8 (at::_scaled_mm) needs multiples of 16");
       }
     }
   }
@@ -463,19 +484,23 @@ std::string QuantizeReport::format() const {
   std::ostringstream s;
   size_t width = 5;
   for (const auto& l : layers) width = std::max(width, l.name.size());
-  s << std::left << std::setw(static_cast<int>(width)) << "layer" << std::right << std::setw(14) << "shape"
-    << std::setw(14) << "bytes before" << std::setw(14) << (dtype_name(dtype) + " bytes") << "\n";
+  s << std::left << std::setw(static_cast<int>(width)) << "layer" << std::right << std::setw(14)
+    << "shape" << std::setw(14) << "bytes before" << std::setw(14) << (dtype_name(dtype) + " bytes")
+    << "\n";
   for (const auto& l : layers) {
     std::ostringstream shape;
     shape << l.in_features << "->" << l.out_features;
-    s << std::left << std::setw(static_cast<int>(width)) << l.name << std::right << std::setw(14) << shape.str()
-      << std::setw(14) << l.bytes_before << std::setw(14) << l.bytes_after << "\n";
+    s << std::left << std::setw(static_cast<int>(width)) << l.name << std::right << std::setw(14)
+      << shape.str() << std::setw(14) << l.bytes_before << std::setw(14) << l.bytes_after << "\n";
   }
-  auto ratio = [](int64_t a, int64_t b) { return b > 0 ? static_cast<double>(a) / static_cast<double>(b) : 0.0; };
+  auto ratio = [](int64_t a, int64_t b) {
+    return b > 0 ? static_cast<double>(a) / static_cast<double>(b) : 0.0;
+  };
   s << std::fixed << std::setprecision(3);
-  s << layers.size() << " Linear layers: " << linear_bytes_before << " -> " << linear_bytes_after << " bytes ("
-    << ratio(linear_bytes_after, linear_bytes_before) << "x); whole model " << model_bytes_before << " -> "
-    << model_bytes_after << " bytes (" << ratio(model_bytes_after, model_bytes_before) << "x)\n";
+  s << layers.size() << " Linear layers: " << linear_bytes_before << " -> " << linear_bytes_after
+    << " bytes (" << ratio(linear_bytes_after, linear_bytes_before) << "x); whole model "
+    << model_bytes_before << " -> " << model_bytes_after << " bytes ("
+    << ratio(model_bytes_after, model_bytes_before) << "x)\n";
   return s.str();
 }
 

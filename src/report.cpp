@@ -17,11 +17,20 @@ std::string html_escape(const std::string& s) {
   out.reserve(s.size());
   for (char c : s) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -128,7 +137,8 @@ document.body.setAttribute('data-charts', String(drawn));
 }  // namespace
 
 std::string render_run_report(const RunReportOptions& options) {
-  TORCH_CHECK(options.ops_row_limit() >= 1, "RunReport: ops_row_limit must be >= 1, got ", options.ops_row_limit());
+  TORCH_CHECK(options.ops_row_limit() >= 1, "RunReport: ops_row_limit must be >= 1, got ",
+              options.ops_row_limit());
   std::ifstream in(options.metrics_jsonl());
   TORCH_CHECK(in.good(), "RunReport: cannot read metrics_jsonl '", options.metrics_jsonl(), "'");
   nlohmann::json logs = nlohmann::json::array();
@@ -138,21 +148,24 @@ std::string render_run_report(const RunReportOptions& options) {
     ++line_no;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    TORCH_CHECK(!j.is_discarded() && j.is_object(), "RunReport: line ", line_no, " of '", options.metrics_jsonl(),
-                "' is not a JSON object");
+    TORCH_CHECK(!j.is_discarded() && j.is_object(), "RunReport: line ", line_no, " of '",
+                options.metrics_jsonl(), "' is not a JSON object");
     logs.push_back(std::move(j));
   }
 
   std::ostringstream html;
-  html << "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>" << html_escape(options.title())
-       << "</title>\n<style>" << kStyle << "</style></head>\n<body>\n<h1>" << html_escape(options.title()) << "</h1>\n";
+  html << "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n<title>"
+       << html_escape(options.title()) << "</title>\n<style>" << kStyle
+       << "</style></head>\n<body>\n<h1>" << html_escape(options.title()) << "</h1>\n";
   html << "<div class=\"summary\">";
-  for (const auto& [k, v] : options.summary()) html << "<span><b>" << html_escape(k) << ":</b> " << html_escape(v) << "</span>";
+  for (const auto& [k, v] : options.summary())
+    html << "<span><b>" << html_escape(k) << ":</b> " << html_escape(v) << "</span>";
   int64_t n_train = 0, n_val = 0;
   for (const auto& l : logs) {
     // "kind" is free-form on input: only the strings "train" and "val" count.
     const auto kind_it = l.find("kind");
-    const std::string kind = kind_it != l.end() && kind_it->is_string() ? kind_it->get<std::string>() : "";
+    const std::string kind =
+        kind_it != l.end() && kind_it->is_string() ? kind_it->get<std::string>() : "";
     n_train += kind == "train";
     n_val += kind == "val";
   }
@@ -168,7 +181,8 @@ std::string render_run_report(const RunReportOptions& options) {
     if (!options.trace_path().empty())
       html << "<p class=\"note\">Trace: " << html_escape(options.trace_path())
            << " (open in https://ui.perfetto.dev or chrome://tracing)</p>\n";
-    html << "<table id=\"wick-ops\"><tr><th>Name</th><th>Self CPU %</th><th>Self CPU</th><th>CPU total</th>"
+    html << "<table id=\"wick-ops\"><tr><th>Name</th><th>Self CPU %</th><th>Self CPU</th><th>CPU "
+            "total</th>"
             "<th>CPU time avg</th>";
     if (cuda) html << "<th>Self CUDA</th><th>CUDA total</th>";
     html << "<th># of Calls</th></tr>\n";
@@ -176,15 +190,18 @@ std::string render_run_report(const RunReportOptions& options) {
     for (const auto& r : sorted.rows()) {
       if (shown++ >= options.ops_row_limit()) break;
       char pct[32];
-      std::snprintf(pct, sizeof pct, "%.2f%%",
-                    self_total ? 100.0 * static_cast<double>(r.self_cpu_ns) / static_cast<double>(self_total) : 0.0);
+      std::snprintf(
+          pct, sizeof pct, "%.2f%%",
+          self_total ? 100.0 * static_cast<double>(r.self_cpu_ns) / static_cast<double>(self_total)
+                     : 0.0);
       html << "<tr><td>" << html_escape(r.name) << "</td><td>" << pct << "</td><td>"
            << format_profiler_time(static_cast<double>(r.self_cpu_ns) / 1e3) << "</td><td>"
            << format_profiler_time(static_cast<double>(r.cpu_total_ns) / 1e3) << "</td><td>"
            << format_profiler_time(r.cpu_avg_ns() / 1e3) << "</td>";
       if (cuda)
-        html << "<td>" << format_profiler_time(static_cast<double>(r.self_cuda_ns) / 1e3) << "</td><td>"
-             << format_profiler_time(static_cast<double>(r.cuda_total_ns) / 1e3) << "</td>";
+        html << "<td>" << format_profiler_time(static_cast<double>(r.self_cuda_ns) / 1e3)
+             << "</td><td>" << format_profiler_time(static_cast<double>(r.cuda_total_ns) / 1e3)
+             << "</td>";
       html << "<td>" << r.count << "</td></tr>\n";
     }
     html << "</table>\n<p class=\"note\">Self CPU time total: "
@@ -192,7 +209,8 @@ std::string render_run_report(const RunReportOptions& options) {
   }
   html << "<p class=\"note\">Generated by wick from " << html_escape(options.metrics_jsonl())
        << "; self-contained (no network).</p>\n";
-  html << "<script type=\"application/json\" id=\"wick-logs\">" << script_safe(logs.dump()) << "</script>\n";
+  html << "<script type=\"application/json\" id=\"wick-logs\">" << script_safe(logs.dump())
+       << "</script>\n";
   html << "<script type=\"application/json\" id=\"wick-charts\">" << kChartsJson << "</script>\n";
   html << "<script>" << kScript << "</script>\n</body></html>\n";
   return html.str();
@@ -209,8 +227,8 @@ std::string write_run_report(const RunReportOptions& options) {
     out.flush();
     TORCH_CHECK(out.good(), "RunReport: writing '", tmp, "' failed: ", std::strerror(errno));
   }
-  TORCH_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "RunReport: cannot rename '", tmp, "' to '", path,
-              "': ", std::strerror(errno));
+  TORCH_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "RunReport: cannot rename '", tmp,
+              "' to '", path, "': ", std::strerror(errno));
   return path;
 }
 

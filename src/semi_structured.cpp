@@ -9,9 +9,11 @@ namespace {
 
 std::string why_not_convertible(const torch::nn::LinearImpl& linear) {
   const auto& w = linear.weight;
-  if (!w.is_cuda()) return c10::str("its weight is on ", w.device(), "; semi-structured sparse kernels need CUDA");
+  if (!w.is_cuda())
+    return c10::str("its weight is on ", w.device(), "; semi-structured sparse kernels need CUDA");
   if (w.scalar_type() != torch::kHalf && w.scalar_type() != torch::kBFloat16) {
-    return c10::str("its weight is ", w.scalar_type(), "; cuSPARSELt's 2:4 kernels take float16 or bfloat16");
+    return c10::str("its weight is ", w.scalar_type(),
+                    "; cuSPARSELt's 2:4 kernels take float16 or bfloat16");
   }
   if (w.size(0) % 16 != 0 || w.size(1) % 16 != 0) {
     return c10::str("its weight is ", w.sizes(), "; both dimensions must be multiples of 16");
@@ -37,9 +39,10 @@ SemiStructuredLinearImpl::SemiStructuredLinearImpl(const torch::nn::LinearImpl& 
       device_(linear.weight.device()) {
   const std::string why = why_not_convertible(linear);
   TORCH_CHECK(why.empty(), "SemiStructuredLinear: ", why);
-  TORCH_CHECK(follows_24_pattern(linear.weight),
-              "SemiStructuredLinear: the weight does not keep at most 2 of every 4 entries along its input "
-              "dimension; prune it with Pruner::semi_structured_24 first");
+  TORCH_CHECK(
+      follows_24_pattern(linear.weight),
+      "SemiStructuredLinear: the weight does not keep at most 2 of every 4 entries along its input "
+      "dimension; prune it with Pruner::semi_structured_24 first");
   torch::NoGradGuard no_grad;
   const at::Tensor compressed = at::_cslt_compress(linear.weight.detach().contiguous());
   packed_numel_ = compressed.numel();
@@ -55,8 +58,9 @@ void SemiStructuredLinearImpl::reset() {
 }
 
 void SemiStructuredLinearImpl::pretty_print(std::ostream& stream) const {
-  stream << "wick::SemiStructuredLinear(in_features=" << in_features_ << ", out_features=" << out_features_
-         << ", bias=" << (with_bias_ ? "true" : "false") << ", dtype=" << dtype_ << ", 2:4)";
+  stream << "wick::SemiStructuredLinear(in_features=" << in_features_
+         << ", out_features=" << out_features_ << ", bias=" << (with_bias_ ? "true" : "false")
+         << ", dtype=" << dtype_ << ", 2:4)";
 }
 
 torch::Tensor SemiStructuredLinearImpl::forward(const torch::Tensor& input) {
@@ -75,9 +79,10 @@ torch::Tensor SemiStructuredLinearImpl::forward(const torch::Tensor& input) {
   const int64_t pad = (8 - rows % 8) % 8;
   if (pad) x = torch::cat({x, torch::zeros({pad, in_features_}, x.options())});
   // W (sparse, [out, in]) @ x^T ([in, rows]) = y^T.
-  at::Tensor yt = at::_cslt_sparse_mm(packed, x.t(), bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
-                                      std::nullopt, std::nullopt, /*transpose_result=*/false, /*alg_id=*/0,
-                                      /*split_k=*/1, /*split_k_mode=*/-1);
+  at::Tensor yt = at::_cslt_sparse_mm(
+      packed, x.t(), bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, std::nullopt,
+      std::nullopt, /*transpose_result=*/false, /*alg_id=*/0,
+      /*split_k=*/1, /*split_k_mode=*/-1);
   return yt.t().narrow(0, 0, rows).reshape(out_shape);
 }
 
@@ -88,11 +93,13 @@ std::vector<std::string> to_semi_structured(torch::nn::Module& module) {
     auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(item.value());
     if (!linear || !follows_24_pattern(linear->weight)) continue;
     const std::string why = why_not_convertible(*linear);
-    TORCH_CHECK(why.empty(), "to_semi_structured: '", item.key(), "' follows the 2:4 pattern but ", why);
+    TORCH_CHECK(why.empty(), "to_semi_structured: '", item.key(), "' follows the 2:4 pattern but ",
+                why);
     ++matching;
   }
   TORCH_CHECK(matching > 0,
-              "to_semi_structured: no torch::nn::Linear weight follows the 2:4 pattern (at most 2 nonzeros in "
+              "to_semi_structured: no torch::nn::Linear weight follows the 2:4 pattern (at most 2 "
+              "nonzeros in "
               "every 4 along the input dimension); prune with Pruner::semi_structured_24 first");
   const auto swapped = detail::swap_linears(
       module,

@@ -13,7 +13,8 @@ namespace wick {
 // ---------------------------------------------------------------------------
 // SupervisedTask
 
-SupervisedTask::SupervisedTask(std::shared_ptr<torch::nn::Module> module, ForwardFn forward, LossFn loss_fn)
+SupervisedTask::SupervisedTask(std::shared_ptr<torch::nn::Module> module, ForwardFn forward,
+                               LossFn loss_fn)
     : module_(std::move(module)), forward_(std::move(forward)), loss_fn_(std::move(loss_fn)) {
   TORCH_CHECK(module_ != nullptr, "SupervisedTask: the module is null");
   TORCH_CHECK(forward_ != nullptr, "SupervisedTask: the forward function is empty");
@@ -65,9 +66,10 @@ void check_options(const TrainerOptions& o) {
   TORCH_CHECK(o.checkpoint_every_n_steps() >= 0,
               "Trainer: checkpoint_every_n_steps must be >= 0, got ", o.checkpoint_every_n_steps());
   TORCH_CHECK(o.max_nonfinite_losses() >= 0,
-              "Trainer: max_nonfinite_losses must be >= 0 (0 = off), got ", o.max_nonfinite_losses());
-  TORCH_CHECK(o.grad_clip_norm() >= 0.0,
-              "Trainer: grad_clip_norm must be >= 0 (0 = off), got ", o.grad_clip_norm());
+              "Trainer: max_nonfinite_losses must be >= 0 (0 = off), got ",
+              o.max_nonfinite_losses());
+  TORCH_CHECK(o.grad_clip_norm() >= 0.0, "Trainer: grad_clip_norm must be >= 0 (0 = off), got ",
+              o.grad_clip_norm());
   TORCH_CHECK(o.resume().empty() || !o.checkpoint_dir().empty() || o.resume() != "latest",
               "Trainer: resume=\"latest\" needs checkpoint_dir");
   if (o.precision() != Precision::kFP32 && o.device().has_value()) {
@@ -77,8 +79,8 @@ void check_options(const TrainerOptions& o) {
 }
 
 // sums[name] += mean(value) * samples, kept on the device (no sync).
-void add_weighted(std::map<std::string, torch::Tensor>& sums, const std::string& name, const torch::Tensor& value,
-                  int64_t samples) {
+void add_weighted(std::map<std::string, torch::Tensor>& sums, const std::string& name,
+                  const torch::Tensor& value, int64_t samples) {
   auto v = value.detach().to(torch::kFloat64).mean() * static_cast<double>(samples);
   auto& sum = sums[name];
   sum = sum.defined() ? sum + v : v;
@@ -136,7 +138,8 @@ std::string Trainer::fingerprint() const {
       << ";grad_clip_norm=" << o.grad_clip_norm() << ";seed=" << o.seed()
       << ";deterministic=" << o.deterministic() << ";world_size=" << world_size();
   if (o.precision() == Precision::kFP16) {
-    out << ";scaler.growth_factor=" << s.growth_factor() << ";scaler.backoff_factor=" << s.backoff_factor()
+    out << ";scaler.growth_factor=" << s.growth_factor()
+        << ";scaler.backoff_factor=" << s.backoff_factor()
         << ";scaler.growth_interval=" << s.growth_interval() << ";scaler.enabled=" << s.enabled();
   }
   return out.str();
@@ -174,7 +177,8 @@ std::string fingerprint_diff(const std::string& saved, const std::string& now) {
 
 }  // namespace
 
-void Trainer::save_checkpoint(const std::string& path, const std::map<std::string, std::string>& meta) {
+void Trainer::save_checkpoint(const std::string& path,
+                              const std::map<std::string, std::string>& meta) {
   TORCH_CHECK(task_ != nullptr && optimizer_ != nullptr,
               "Trainer: save_checkpoint is only available during fit");
   Checkpoint ckpt;
@@ -201,7 +205,8 @@ void Trainer::load_checkpoint(const std::string& path) {
               "Trainer: load_checkpoint is only available during fit (set TrainerOptions::resume)");
   auto ckpt = Checkpoint::load(path);
   TORCH_CHECK(ckpt.fingerprint() == fingerprint(), "Trainer: checkpoint ", path,
-              " was written with other training options:", fingerprint_diff(ckpt.fingerprint(), fingerprint()),
+              " was written with other training options:",
+              fingerprint_diff(ckpt.fingerprint(), fingerprint()),
               " resuming would not continue the same run");
   ckpt.restore_module("model", task_->module());
   ckpt.restore_optimizer("optimizer", *optimizer_);
@@ -236,8 +241,9 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   for (const auto& group : optimizer.param_groups()) {
     for (const auto& p : group.params()) params_.push_back(p);
   }
-  scaler_ = options_.precision() == Precision::kFP16 ? std::make_unique<AmpScaler>(options_.scaler())
-                                                     : nullptr;
+  scaler_ = options_.precision() == Precision::kFP16
+                ? std::make_unique<AmpScaler>(options_.scaler())
+                : nullptr;
   accumulator_ = std::make_unique<GradAccumulator>(options_.grad_accum_steps());
   state_ = TrainState{};
   stop_reason_.clear();
@@ -251,10 +257,10 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
     bool have = std::any_of(callbacks_.begin(), callbacks_.end(),
                             [](const auto& cb) { return cb->name() == "Checkpointer"; });
     if (!have) {
-      callbacks_.push_back(std::make_shared<Checkpointer>(
-          CheckpointerOptions(options_.checkpoint_dir())
-              .every_n_steps(options_.checkpoint_every_n_steps())
-              .keep_last_k(options_.keep_last_k())));
+      callbacks_.push_back(
+          std::make_shared<Checkpointer>(CheckpointerOptions(options_.checkpoint_dir())
+                                             .every_n_steps(options_.checkpoint_every_n_steps())
+                                             .keep_last_k(options_.keep_last_k())));
     }
   }
 
@@ -273,8 +279,8 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
 
   if (world_size() > 1) {
     // After a resume, so every rank starts from rank 0's (restored) parameters.
-    ddp_ = std::make_unique<DistributedDataParallel>(task.module().shared_from_this(), options_.process_group(),
-                                                     options_.ddp());
+    ddp_ = std::make_unique<DistributedDataParallel>(task.module().shared_from_this(),
+                                                     options_.process_group(), options_.ddp());
   }
 
   reset_log_window();
@@ -333,11 +339,12 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
       const double value = out.loss.detach().to(torch::kFloat64).item<double>();
       nonfinite_losses_ = std::isfinite(value) ? 0 : nonfinite_losses_ + 1;
       // Steps count from 1, as in TrainState::step and checkpoint names.
-      TORCH_CHECK(nonfinite_losses_ < options_.max_nonfinite_losses(), "Trainer: ", nonfinite_losses_,
+      TORCH_CHECK(nonfinite_losses_ < options_.max_nonfinite_losses(),
+                  "Trainer: ", nonfinite_losses_,
                   " consecutive non-finite training losses (max_nonfinite_losses=",
-                  options_.max_nonfinite_losses(), "), the last ", value, " at step ", state_.step + 1,
-                  " (epoch ", state_.epoch, ", micro-batch ", state_.batch_in_epoch + 1,
-                  " of the epoch); stopping");
+                  options_.max_nonfinite_losses(), "), the last ", value, " at step ",
+                  state_.step + 1, " (epoch ", state_.epoch, ", micro-batch ",
+                  state_.batch_in_epoch + 1, " of the epoch); stopping");
     }
     torch::Tensor loss = weight == 1.0 ? out.loss : out.loss * weight;
     if (scaler_) loss = scaler_->scale(loss);
@@ -361,7 +368,8 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
       state_.step += 1;
       steps_since_log_ += 1;
       if (state_.step % options_.log_every_n_steps() == 0) emit_logs();
-      if (options_.max_steps() > 0 && state_.step >= options_.max_steps()) request_stop("max_steps");
+      if (options_.max_steps() > 0 && state_.step >= options_.max_steps())
+        request_stop("max_steps");
       each_callback([&](Callback& cb) { cb.on_step_end(*this); });
     }
   }
@@ -424,9 +432,11 @@ void Trainer::emit_logs() {
     logs["amp/skipped_steps"] = static_cast<double>(scaler_->skipped_steps());
   }
   if (options_.log_system_metrics()) add_system_metrics(logs);
-  if (options_.flops_per_sample() > 0 && options_.peak_flops() > 0 && logs.count("train/samples_per_s")) {
-    logs["train/mfu"] = mfu(logs["train/samples_per_s"] * static_cast<double>(world_size()),
-                            options_.flops_per_sample(), options_.peak_flops() * static_cast<double>(world_size()));
+  if (options_.flops_per_sample() > 0 && options_.peak_flops() > 0 &&
+      logs.count("train/samples_per_s")) {
+    logs["train/mfu"] =
+        mfu(logs["train/samples_per_s"] * static_cast<double>(world_size()),
+            options_.flops_per_sample(), options_.peak_flops() * static_cast<double>(world_size()));
   }
   last_logs_ = logs;
   reset_log_window();
@@ -474,7 +484,8 @@ std::map<std::string, double> Trainer::validate(Task& task, BatchSource& val) {
   return run_validation(task, val, /*with_callbacks=*/task_ == &task);
 }
 
-std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& val, bool with_callbacks) {
+std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& val,
+                                                      bool with_callbacks) {
   auto& module = task.module();
   const bool was_training = module.is_training();
   module.eval();
@@ -507,7 +518,8 @@ std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& v
     // counts, so the result is the mean over all ranks' samples.
     std::vector<torch::Tensor> totals;
     totals.reserve(sums.size() + 1);
-    for (auto& [name, sum] : sums) totals.push_back(sum.to(torch::kCPU, torch::kFloat64).reshape({1}));
+    for (auto& [name, sum] : sums)
+      totals.push_back(sum.to(torch::kCPU, torch::kFloat64).reshape({1}));
     totals.push_back(torch::tensor({static_cast<double>(samples)}, torch::kFloat64));
     options_.process_group()->allreduce_sum(totals);
     size_t i = 0;

@@ -36,8 +36,8 @@ bool same_float(float a, float b) {
   const float* p = c.data_ptr<float>();
   for (int i = 0; i < n; ++i) {
     if (!same_float(p[i], expected[i])) {
-      return ::testing::AssertionFailure() << "element " << i << ": " << p[i] << " vs expected "
-                                           << expected[i];
+      return ::testing::AssertionFailure()
+             << "element " << i << ": " << p[i] << " vs expected " << expected[i];
     }
   }
   return ::testing::AssertionSuccess();
@@ -59,8 +59,7 @@ void set_grads(torch::nn::Linear& model, int step, double scale, const base::Ano
   auto fill = [&](torch::Tensor& p, int param) {
     std::vector<float> g(p.numel());
     for (int i = 0; i < p.numel(); ++i) g[i] = grad_value(step, param, i);
-    p.mutable_grad() =
-        (torch::tensor(g).reshape(p.sizes()) * scale).to(p.device());
+    p.mutable_grad() = (torch::tensor(g).reshape(p.sizes()) * scale).to(p.device());
   };
   fill(model->weight, 0);
   if (bias_none) {
@@ -678,7 +677,8 @@ TEST(AmpDocExample, TrainsWithFp16AutocastAndLossScaling) {
   auto x = torch::randn({256, 8}, device);
   auto y = x.matmul(torch::randn({8, 1}, device)) + 0.01 * torch::randn({256, 1}, device);
 
-  torch::nn::Sequential model(torch::nn::Linear(8, 32), torch::nn::ReLU(), torch::nn::Linear(32, 1));
+  torch::nn::Sequential model(torch::nn::Linear(8, 32), torch::nn::ReLU(),
+                              torch::nn::Linear(32, 1));
   model->to(device);
   torch::optim::AdamW optimizer(model->parameters(), torch::optim::AdamWOptions(1e-2));
   wick::AmpScaler scaler;  // fp16 needs loss scaling; bf16 does not
@@ -689,13 +689,13 @@ TEST(AmpDocExample, TrainsWithFp16AutocastAndLossScaling) {
     torch::Tensor loss;
     {
       wick::AutocastGuard autocast(device, wick::Precision::kFP16);
-      auto prediction = model->forward(x);                   // fp16 matmuls
+      auto prediction = model->forward(x);                      // fp16 matmuls
       loss = torch::mse_loss(prediction.to(torch::kFloat), y);  // reduce in fp32
     }
     scaler.scale(loss).backward();
     scaler.unscale_(optimizer);  // clip the true gradients, not the scaled ones
     torch::nn::utils::clip_grad_norm_(model->parameters(), 1.0);
-    scaler.step(optimizer);      // skipped when a gradient is inf/NaN
+    scaler.step(optimizer);  // skipped when a gradient is inf/NaN
     scaler.update();
     if (step == 0) first_loss = loss.item<float>();
     last_loss = loss.item<float>();

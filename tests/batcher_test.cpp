@@ -72,19 +72,26 @@ TEST(DynamicBatcherTest, RejectsBadOptions) {
   auto fn = wick::stack_batches([](const torch::Tensor& x) { return x; });
   EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().max_batch_size(0)),
                      "DynamicBatcher: max_batch_size must be >= 1, got 0");
-  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().max_delay(-1us)), "max_delay must be >= 0 us, got -1");
-  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().max_queue_size(0)), "max_queue_size must be >= 1, got 0");
-  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().num_workers(0)), "num_workers must be >= 1, got 0");
-  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().block_timeout(-5us)), "block_timeout must be >= 0 us");
-  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().request_timeout(-5us)), "request_timeout must be >= 0 us");
+  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().max_delay(-1us)),
+                     "max_delay must be >= 0 us, got -1");
+  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().max_queue_size(0)),
+                     "max_queue_size must be >= 1, got 0");
+  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().num_workers(0)),
+                     "num_workers must be >= 1, got 0");
+  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().block_timeout(-5us)),
+                     "block_timeout must be >= 0 us");
+  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().request_timeout(-5us)),
+                     "request_timeout must be >= 0 us");
 }
 
 TEST(DynamicBatcherTest, EachFutureGetsItsOwnResult) {
   RecordingModel model;
-  TensorBatcher batcher(recording(model), BatcherOptions().max_batch_size(8).max_delay(2ms).num_workers(2));
+  TensorBatcher batcher(recording(model),
+                        BatcherOptions().max_batch_size(8).max_delay(2ms).num_workers(2));
   std::vector<std::future<torch::Tensor>> futures;
   for (int64_t i = 0; i < 100; ++i) futures.push_back(batcher.submit(request(i)));
-  for (int64_t i = 0; i < 100; ++i) EXPECT_TRUE(wick::testing::tensors_equal(futures[i].get(), expected(i))) << i;
+  for (int64_t i = 0; i < 100; ++i)
+    EXPECT_TRUE(wick::testing::tensors_equal(futures[i].get(), expected(i))) << i;
   batcher.shutdown();
   auto st = batcher.stats();
   EXPECT_EQ(st.requests_succeeded, 100);
@@ -133,8 +140,8 @@ TEST(DynamicBatcherTest, LoneRequestWaitsMaxDelayThenRuns) {
   auto y = batcher.submit(request(3)).get();
   auto elapsed = Clock::now() - t0;
   EXPECT_TRUE(wick::testing::tensors_equal(y, expected(3)));
-  EXPECT_GE(elapsed, delay - 1ms);         // it did wait for company
-  EXPECT_LT(elapsed, delay + 250ms);       // max_delay + compute (~µs) + scheduling slack
+  EXPECT_GE(elapsed, delay - 1ms);    // it did wait for company
+  EXPECT_LT(elapsed, delay + 250ms);  // max_delay + compute (~µs) + scheduling slack
   auto st = batcher.stats();
   EXPECT_EQ(st.end_to_end.count, 1);
   EXPECT_GE(st.queue_wait.p50_us, 19000.0);
@@ -146,7 +153,8 @@ TEST(DynamicBatcherTest, FullBatchRunsWithoutWaitingForDelay) {
   auto t0 = Clock::now();
   std::vector<std::future<torch::Tensor>> fs;
   for (int64_t i = 0; i < 4; ++i) fs.push_back(batcher.submit(request(i)));
-  for (int64_t i = 0; i < 4; ++i) EXPECT_TRUE(wick::testing::tensors_equal(fs[i].get(), expected(i)));
+  for (int64_t i = 0; i < 4; ++i)
+    EXPECT_TRUE(wick::testing::tensors_equal(fs[i].get(), expected(i)));
   EXPECT_LT(Clock::now() - t0, 2s);
   EXPECT_EQ(model.sizes, std::vector<int64_t>({4}));
 }
@@ -155,7 +163,8 @@ TEST(DynamicBatcherTest, RejectsWhenQueueFull) {
   RecordingModel model;
   std::promise<void> open;
   model.gate = open.get_future().share();
-  TensorBatcher batcher(recording(model), BatcherOptions().max_batch_size(1).max_delay(0us).max_queue_size(2));
+  TensorBatcher batcher(recording(model),
+                        BatcherOptions().max_batch_size(1).max_delay(0us).max_queue_size(2));
   auto a = batcher.submit(request(0));
   model.entered.get_future().wait();  // request 0 is in the model, the queue is empty
   auto b = batcher.submit(request(1));
@@ -233,8 +242,8 @@ TEST(DynamicBatcherTest, ExpiredRequestIsAnsweredWithErrorAndNeverRun) {
   TensorBatcher batcher(recording(model), BatcherOptions().max_batch_size(4).max_delay(0us));
   auto a = batcher.submit(request(0));
   model.entered.get_future().wait();
-  auto b = batcher.submit(request(1), Clock::now() + 10ms);   // expires while a runs
-  auto c = batcher.submit(request(2), Clock::now() + 10s);    // does not
+  auto b = batcher.submit(request(1), Clock::now() + 10ms);  // expires while a runs
+  auto c = batcher.submit(request(2), Clock::now() + 10s);   // does not
   std::this_thread::sleep_for(30ms);
   open.set_value();
   EXPECT_TRUE(wick::testing::tensors_equal(a.get(), expected(0)));
@@ -283,7 +292,8 @@ TEST(DynamicBatcherTest, ModelErrorFailsItsBatchAndServingContinues) {
   for (auto& f : fs) EXPECT_NE(error_of(f).find("model refuses request 2"), std::string::npos);
   std::vector<std::future<torch::Tensor>> later;
   for (int64_t i = 10; i < 14; ++i) later.push_back(batcher.submit(request(i)));
-  for (int64_t i = 0; i < 4; ++i) EXPECT_TRUE(wick::testing::tensors_equal(later[i].get(), expected(10 + i)));
+  for (int64_t i = 0; i < 4; ++i)
+    EXPECT_TRUE(wick::testing::tensors_equal(later[i].get(), expected(10 + i)));
   EXPECT_EQ(calls.load(), 2);
   auto st = batcher.stats();
   EXPECT_EQ(st.requests_failed, 4);
@@ -313,7 +323,8 @@ TEST(DynamicBatcherTest, ShutdownDrainsPendingRequests) {
   open.set_value();
   stopper.join();
   EXPECT_TRUE(wick::testing::tensors_equal(a.get(), expected(0)));
-  for (int64_t i = 1; i <= 10; ++i) EXPECT_TRUE(wick::testing::tensors_equal(pending[i - 1].get(), expected(i)));
+  for (int64_t i = 1; i <= 10; ++i)
+    EXPECT_TRUE(wick::testing::tensors_equal(pending[i - 1].get(), expected(i)));
   auto late = batcher.submit(request(99));
   try {
     late.get();
@@ -327,8 +338,9 @@ TEST(DynamicBatcherTest, ShutdownCancelsPendingRequests) {
   RecordingModel model;
   std::promise<void> open;
   model.gate = open.get_future().share();
-  TensorBatcher batcher(recording(model), BatcherOptions().max_batch_size(4).max_delay(0us).shutdown_policy(
-                                              ShutdownPolicy::kCancel));
+  TensorBatcher batcher(
+      recording(model),
+      BatcherOptions().max_batch_size(4).max_delay(0us).shutdown_policy(ShutdownPolicy::kCancel));
   auto a = batcher.submit(request(0));
   model.entered.get_future().wait();
   std::vector<std::future<torch::Tensor>> pending;
@@ -389,7 +401,8 @@ TEST(DynamicBatcherTest, ManyThreadsNoLostOrDuplicatedAnswer) {
       auto settle = [&] {
         auto& [id, f] = inflight.front();
         auto y = f.get();
-        (y[0].item<double>() == 2.0 * id + 1 && y[1].item<double>() == -2.0 * id + 1 ? correct : wrong)++;
+        (y[0].item<double>() == 2.0 * id + 1 && y[1].item<double>() == -2.0 * id + 1 ? correct
+                                                                                     : wrong)++;
         inflight.pop_front();
       };
       for (int64_t i = 0; i < kPerThread; ++i) {
@@ -409,7 +422,8 @@ TEST(DynamicBatcherTest, ManyThreadsNoLostOrDuplicatedAnswer) {
   EXPECT_EQ(not_once, 0);
   auto st = batcher.stats();
   EXPECT_EQ(st.requests_succeeded, kThreads * kPerThread);
-  EXPECT_EQ(st.requests_rejected + st.requests_failed + st.requests_expired + st.requests_cancelled, 0);
+  EXPECT_EQ(st.requests_rejected + st.requests_failed + st.requests_expired + st.requests_cancelled,
+            0);
   EXPECT_LE(st.end_to_end.p50_us, st.end_to_end.p95_us);
   EXPECT_LE(st.end_to_end.p95_us, st.end_to_end.p99_us);
   EXPECT_LE(st.end_to_end.p99_us, st.end_to_end.max_us);
@@ -441,7 +455,8 @@ TEST(DynamicBatcherTest, PadsVariableLengthSequencesWithMask) {
   EXPECT_TRUE(wick::testing::tensors_equal(f1.get(), x1 * 10 + 1));
   EXPECT_TRUE(wick::testing::tensors_equal(f2.get(), x2 * 10 + 1));
   ASSERT_EQ(masks.size(), 1u);
-  auto expected_mask = torch::tensor({1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1}).reshape({3, 5}).to(torch::kBool);
+  auto expected_mask =
+      torch::tensor({1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1}).reshape({3, 5}).to(torch::kBool);
   EXPECT_TRUE(wick::testing::tensors_equal(masks[0], expected_mask));
 }
 

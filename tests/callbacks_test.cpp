@@ -41,10 +41,14 @@ constexpr int64_t kBatch = 8;  // 8 batches per epoch
 class ScriptedTask : public wick::Task {
  public:
   explicit ScriptedTask(std::vector<double> val_losses = {}, int val_sleep_ms = 0)
-      : model_(torch::nn::Linear(4, 3)), inner_(model_), val_losses_(std::move(val_losses)),
+      : model_(torch::nn::Linear(4, 3)),
+        inner_(model_),
+        val_losses_(std::move(val_losses)),
         val_sleep_ms_(val_sleep_ms) {}
   torch::nn::Module& module() override { return *model_; }
-  wick::StepOutput training_step(const wick::Batch& batch) override { return inner_.training_step(batch); }
+  wick::StepOutput training_step(const wick::Batch& batch) override {
+    return inner_.training_step(batch);
+  }
   std::map<std::string, torch::Tensor> validation_step(const wick::Batch& batch) override {
     if (val_sleep_ms_ > 0) std::this_thread::sleep_for(std::chrono::milliseconds(val_sleep_ms_));
     auto metrics = inner_.validation_step(batch);
@@ -125,8 +129,10 @@ TEST_F(EarlyStoppingTest, StopsAfterPatienceValidationsWithoutImprovement) {
 
 TEST_F(EarlyStoppingTest, MinDeltaAndMaxMode) {
   wick::Trainer trainer;
-  wick::EarlyStopping es(
-      wick::EarlyStoppingOptions("val/accuracy").mode(wick::Mode::kMax).patience(2).min_delta(0.05));
+  wick::EarlyStopping es(wick::EarlyStoppingOptions("val/accuracy")
+                             .mode(wick::Mode::kMax)
+                             .patience(2)
+                             .min_delta(0.05));
   es.on_validation_end(trainer, {{"val/accuracy", 0.50}});  // best 0.50
   es.on_validation_end(trainer, {{"val/accuracy", 0.54}});  // +0.04 < min_delta: wait 1
   EXPECT_EQ(es.wait(), 1);
@@ -145,7 +151,8 @@ TEST_F(EarlyStoppingTest, StopsAtTheRightEpochOfARealFit) {
   ScriptedTask task({1.0, 0.7, 0.75, 0.71, 0.9, 0.1, 0.1});
   torch::optim::SGD opt(task.module().parameters(), 0.1);
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(10));
-  auto es = std::make_shared<wick::EarlyStopping>(wick::EarlyStoppingOptions("val/loss").patience(3));
+  auto es =
+      std::make_shared<wick::EarlyStopping>(wick::EarlyStoppingOptions("val/loss").patience(3));
   trainer.add_callback(es);
   auto result = trainer.fit(task, opt, d.train, &d.val);
   EXPECT_EQ(result.stop_reason, "early stopping: val/loss did not improve for 3 validations");
@@ -199,13 +206,17 @@ TEST_F(MetricLoggerTest, WritesParsableJsonlAndCsv) {
   ScriptedTask task;
   torch::optim::SGD opt(task.module().parameters(), 0.1);
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(2).log_every_n_steps(4));
-  auto logger = std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(dir.str() + "/logs"));
+  auto logger =
+      std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(dir.str() + "/logs"));
   trainer.add_callback(logger);
   auto result = trainer.fit(task, opt, d.train, &d.val);
 
   // Steps 4, 8 (epoch 0), 12, 16 (epoch 1) log; validation ends epochs 0 and 1.
-  struct Want { const char* kind; int64_t step, epoch; };
-  const std::vector<Want> want = {{"train", 4, 0}, {"train", 8, 0}, {"val", 8, 0},
+  struct Want {
+    const char* kind;
+    int64_t step, epoch;
+  };
+  const std::vector<Want> want = {{"train", 4, 0},  {"train", 8, 0},  {"val", 8, 0},
                                   {"train", 12, 1}, {"train", 16, 1}, {"val", 16, 1}};
   const auto lines = read_lines(logger->jsonl_path());
   ASSERT_EQ(lines.size(), want.size());
@@ -244,7 +255,8 @@ TEST_F(MetricLoggerTest, WritesParsableJsonlAndCsv) {
   size_t r = 1;
   for (const auto& rec : records) {
     for (auto it = rec.begin(); it != rec.end(); ++it) {
-      if (it.key() == "kind" || it.key() == "step" || it.key() == "epoch" || it.key() == "time") continue;
+      if (it.key() == "kind" || it.key() == "step" || it.key() == "epoch" || it.key() == "time")
+        continue;
       std::stringstream row(rows[r++]);
       std::string kind, step, epoch, name, value;
       std::getline(row, kind, ',');
@@ -268,11 +280,9 @@ TEST_F(MetricLoggerTest, FreshRunTruncatesAndResumeAppends) {
     Data d;
     ScriptedTask task;
     torch::optim::SGD opt(task.module().parameters(), 0.1);
-    wick::Trainer trainer(wick::TrainerOptions()
-                              .max_epochs(epochs)
-                              .log_every_n_steps(8)
-                              .checkpoint_dir(ckpts)
-                              .resume(resume));
+    wick::Trainer trainer(
+        wick::TrainerOptions().max_epochs(epochs).log_every_n_steps(8).checkpoint_dir(ckpts).resume(
+            resume));
     trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(logs)));
     trainer.fit(task, opt, d.train, &d.val);
   };
@@ -293,7 +303,8 @@ TEST_F(MetricLoggerTest, LoggingBeforeFitStartFails) {
   TempDir dir;
   wick::Trainer trainer;
   wick::MetricLogger logger(wick::MetricLoggerOptions(dir.str()));
-  EXPECT_THROWS_WITH(logger.on_log(trainer, {{"train/loss", 1.0}}), "MetricLogger: train metrics before on_fit_start");
+  EXPECT_THROWS_WITH(logger.on_log(trainer, {{"train/loss", 1.0}}),
+                     "MetricLogger: train metrics before on_fit_start");
 }
 
 // ---------------------------------------------------------------------------
@@ -343,7 +354,8 @@ TEST_F(CheckpointerTest, ResumeDoesNotRewriteTheCheckpointItStartedFrom) {
     Data d;
     ScriptedTask task;
     torch::optim::SGD opt(task.module().parameters(), 0.1);
-    wick::Trainer trainer(wick::TrainerOptions().max_epochs(epochs).checkpoint_dir(dir.str()).resume(resume));
+    wick::Trainer trainer(
+        wick::TrainerOptions().max_epochs(epochs).checkpoint_dir(dir.str()).resume(resume));
     auto recorder = std::make_shared<Recorder>();
     trainer.add_callback(recorder);
     auto result = trainer.fit(task, opt, d.train, &d.val);
@@ -382,7 +394,8 @@ TEST_F(ProgressBarTest, PipedOutputPrintsOneLinePerNSteps) {
 
 TEST_F(ProgressBarTest, TerminalOutputRedrawsOneLine) {
   const int master = ::posix_openpt(O_RDWR | O_NOCTTY);
-  if (master < 0 || ::grantpt(master) != 0 || ::unlockpt(master) != 0) GTEST_SKIP() << "no pseudo-terminal";
+  if (master < 0 || ::grantpt(master) != 0 || ::unlockpt(master) != 0)
+    GTEST_SKIP() << "no pseudo-terminal";
   std::FILE* tty = std::fopen(::ptsname(master), "w");
   ASSERT_NE(tty, nullptr);
   ASSERT_EQ(::isatty(::fileno(tty)), 1);
@@ -390,13 +403,15 @@ TEST_F(ProgressBarTest, TerminalOutputRedrawsOneLine) {
   ScriptedTask task;
   torch::optim::SGD opt(task.module().parameters(), 0.1);
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(1).log_every_n_steps(1));
-  trainer.add_callback(std::make_shared<wick::ProgressBar>(wick::ProgressBarOptions().width(8).stream(tty)));
+  trainer.add_callback(
+      std::make_shared<wick::ProgressBar>(wick::ProgressBarOptions().width(8).stream(tty)));
   trainer.fit(task, opt, d.train, &d.val);
   std::fclose(tty);
   ::fcntl(master, F_SETFL, O_NONBLOCK);
   std::string text;
   char buf[4096];
-  for (ssize_t n; (n = ::read(master, buf, sizeof buf)) > 0;) text.append(buf, static_cast<size_t>(n));
+  for (ssize_t n; (n = ::read(master, buf, sizeof buf)) > 0;)
+    text.append(buf, static_cast<size_t>(n));
   ::close(master);
   // The bar is drawn with '\r' and ends full at the epoch's last step.
   EXPECT_NE(text.find("\repoch 1/1 ["), std::string::npos) << text;
@@ -431,10 +446,9 @@ class LRSchedulerCallbackTest : public SeededTest {};
 const std::vector<std::vector<double>>& kCosine = bl::kCosineWarmup5Total20;
 
 auto make_cosine(torch::optim::Optimizer& opt) {
-  return std::make_shared<wick::CosineWarmupLR>(opt, bl::kCosineWarmup5Total20Warmup,
-                                                bl::kCosineWarmup5Total20Total,
-                                                bl::kCosineWarmup5Total20MinRatio,
-                                                bl::kCosineWarmup5Total20Start);
+  return std::make_shared<wick::CosineWarmupLR>(
+      opt, bl::kCosineWarmup5Total20Warmup, bl::kCosineWarmup5Total20Total,
+      bl::kCosineWarmup5Total20MinRatio, bl::kCosineWarmup5Total20Start);
 }
 
 TEST_F(LRSchedulerCallbackTest, CosineWarmupFollowsPythonThroughARealFit) {
@@ -443,7 +457,8 @@ TEST_F(LRSchedulerCallbackTest, CosineWarmupFollowsPythonThroughARealFit) {
   torch::optim::SGD opt(task.module().parameters(), bl::kBaseLrs[0]);
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(2).log_every_n_steps(1));
   auto recorder = std::make_shared<Recorder>();
-  trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(make_cosine(opt))).add_callback(recorder);
+  trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(make_cosine(opt)))
+      .add_callback(recorder);
   auto result = trainer.fit(task, opt, d.train, nullptr);
   ASSERT_EQ(result.state.step, 16);
   // The lr logged at step s is the one that step used: the schedule after s - 1 steps.
@@ -460,10 +475,14 @@ TEST_F(LRSchedulerCallbackTest, ResumedFitContinuesTheSchedule) {
     Data d;
     ScriptedTask task;
     torch::optim::SGD opt(task.module().parameters(), bl::kBaseLrs[0]);
-    wick::Trainer trainer(
-        wick::TrainerOptions().max_epochs(epochs).log_every_n_steps(1).checkpoint_dir(dir.str()).resume(resume));
+    wick::Trainer trainer(wick::TrainerOptions()
+                              .max_epochs(epochs)
+                              .log_every_n_steps(1)
+                              .checkpoint_dir(dir.str())
+                              .resume(resume));
     auto recorder = std::make_shared<Recorder>();
-    trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(make_cosine(opt))).add_callback(recorder);
+    trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(make_cosine(opt)))
+        .add_callback(recorder);
     trainer.fit(task, opt, d.train, nullptr);
     return std::make_pair(recorder->logs_, wick::get_lrs(opt)[0]);
   };
@@ -483,7 +502,8 @@ TEST_F(LRSchedulerCallbackTest, StepsPerEpoch) {
   torch::optim::SGD opt(task.module().parameters(), 0.1);
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(3));
   trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(
-      std::make_shared<wick::StepLR>(opt, /*step_size=*/1, /*gamma=*/0.5), wick::ScheduleInterval::kEpoch));
+      std::make_shared<wick::StepLR>(opt, /*step_size=*/1, /*gamma=*/0.5),
+      wick::ScheduleInterval::kEpoch));
   trainer.fit(task, opt, d.train, nullptr);
   EXPECT_DOUBLE_EQ(wick::get_lrs(opt)[0], 0.1 * 0.125);
 }
@@ -525,10 +545,13 @@ TEST_F(LRSchedulerCallbackTest, PlateauStepsOnValidationLikePython) {
   // cooldown=1, min_lr=0.004) on the baseline's metric sequence.
   auto p1 = torch::zeros({2}, torch::requires_grad());
   auto p2 = torch::zeros({3}, torch::requires_grad());
-  torch::optim::SGD opt(std::vector<torch::optim::OptimizerParamGroup>{
-                            torch::optim::OptimizerParamGroup({p1}, std::make_unique<torch::optim::SGDOptions>(bl::kBaseLrs[0])),
-                            torch::optim::OptimizerParamGroup({p2}, std::make_unique<torch::optim::SGDOptions>(bl::kBaseLrs[1]))},
-                        torch::optim::SGDOptions(bl::kBaseLrs[0]));
+  torch::optim::SGD opt(
+      std::vector<torch::optim::OptimizerParamGroup>{
+          torch::optim::OptimizerParamGroup(
+              {p1}, std::make_unique<torch::optim::SGDOptions>(bl::kBaseLrs[0])),
+          torch::optim::OptimizerParamGroup(
+              {p2}, std::make_unique<torch::optim::SGDOptions>(bl::kBaseLrs[1]))},
+      torch::optim::SGDOptions(bl::kBaseLrs[0]));
   auto plateau = std::make_shared<wick::ReduceLROnPlateau>(
       opt, wick::ReduceLROnPlateauOptions()
                .factor(bl::kPlateauMinPatience2Cooldown1Factor)
@@ -548,8 +571,9 @@ TEST_F(LRSchedulerCallbackTest, PlateauStepsOnValidationLikePython) {
     EXPECT_NEAR(lrs[0], table[i + 1][0], 1e-12 * table[i + 1][0]) << i;
     EXPECT_NEAR(lrs[1], table[i + 1][1], 1e-12 * table[i + 1][1]) << i;
   }
-  EXPECT_THROWS_WITH(cb.on_validation_end(trainer, {{"val/acc", 1.0}}),
-                     "LRSchedulerCallback: monitored metric 'val/loss' is not among the validation metrics");
+  EXPECT_THROWS_WITH(
+      cb.on_validation_end(trainer, {{"val/acc", 1.0}}),
+      "LRSchedulerCallback: monitored metric 'val/loss' is not among the validation metrics");
 }
 
 // ---------------------------------------------------------------------------
@@ -574,7 +598,8 @@ TEST_F(ThroughputMonitorTest, ExcludesValidationAndEpochEndWork) {
   trainer.add_callback(std::make_shared<SlowEpochEnd>()).add_callback(monitor);
   const auto start = std::chrono::steady_clock::now();
   auto result = trainer.fit(task, opt, d.train, &d.val);
-  const double fit_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double fit_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ASSERT_EQ(monitor->epoch_samples_per_s().size(), 2u);
   for (double v : monitor->epoch_samples_per_s()) EXPECT_GT(v, 0.0);
   EXPECT_GT(monitor->train_seconds(), 0.0);
@@ -595,7 +620,6 @@ TEST_F(ThroughputMonitorTest, CountsAnEpochCutShort) {
   EXPECT_TRUE(monitor->epoch_samples_per_s().empty());
   EXPECT_NEAR(monitor->samples_per_s() * monitor->train_seconds(), 5.0 * kBatch, 1e-6);
 }
-
 
 // ---------------------------------------------------------------------------
 // The examples of docs/callbacks.md.
@@ -639,14 +663,17 @@ TEST_F(DocsExampleTest, TrainsWithEveryCallback) {
   auto throughput = std::make_shared<wick::ThroughputMonitor>();
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(epochs).log_every_n_steps(4));
   trainer
-      .add_callback(std::make_shared<wick::ProgressBar>(wick::ProgressBarOptions().print_every_n_steps(10)))
-      .add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(run_dir + "/logs")))
+      .add_callback(
+          std::make_shared<wick::ProgressBar>(wick::ProgressBarOptions().print_every_n_steps(10)))
+      .add_callback(
+          std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(run_dir + "/logs")))
       .add_callback(std::make_shared<wick::Checkpointer>(
           wick::CheckpointerOptions(run_dir + "/checkpoints").keep_last_k(2).monitor("val/loss")))
       .add_callback(std::make_shared<wick::EarlyStopping>(
           wick::EarlyStoppingOptions("val/loss").patience(2).min_delta(1e-4)))
-      .add_callback(std::make_shared<wick::LRSchedulerCallback>(std::make_shared<wick::CosineWarmupLR>(
-          optimizer, /*warmup_steps=*/total_steps / 10, total_steps)))
+      .add_callback(
+          std::make_shared<wick::LRSchedulerCallback>(std::make_shared<wick::CosineWarmupLR>(
+              optimizer, /*warmup_steps=*/total_steps / 10, total_steps)))
       .add_callback(throughput);
   auto result = trainer.fit(task, optimizer, train, &val);
   std::printf("%s after %lld steps: val/loss %.4f, %.0f samples/s\n", result.stop_reason.c_str(),

@@ -34,7 +34,9 @@ torch::Tensor loss_of(torch::nn::Sequential& m, const torch::Tensor& x, const to
 
 // A schedule with lrs that float32 holds exactly, so that the tensor path's
 // rounding of the lr to float32 changes nothing.
-double lr_at(int64_t step) { return step < 3 ? 0.0625 : 0.015625 * static_cast<double>(1 + step % 3); }
+double lr_at(int64_t step) {
+  return step < 3 ? 0.0625 : 0.015625 * static_cast<double>(1 + step % 3);
+}
 
 class CudaTest : public wick::testing::SeededTest {};
 
@@ -75,10 +77,12 @@ TEST_F(CudaTest, FusedAdamTensorLrFollowsTheScheduleLikeTorchAdam) {
       std::unique_ptr<torch::optim::Optimizer> ref;
       if (decoupled) {
         ref = std::make_unique<torch::optim::AdamW>(
-            ref_model->parameters(), torch::optim::AdamWOptions(lr_at(0)).weight_decay(0.1).amsgrad(amsgrad));
+            ref_model->parameters(),
+            torch::optim::AdamWOptions(lr_at(0)).weight_decay(0.1).amsgrad(amsgrad));
       } else {
         ref = std::make_unique<torch::optim::Adam>(
-            ref_model->parameters(), torch::optim::AdamOptions(lr_at(0)).weight_decay(0.1).amsgrad(amsgrad));
+            ref_model->parameters(),
+            torch::optim::AdamOptions(lr_at(0)).weight_decay(0.1).amsgrad(amsgrad));
       }
       for (int64_t i = 0; i < 7; ++i) {
         for (auto& g : fused.param_groups()) g.options().set_lr(lr_at(i));
@@ -102,7 +106,9 @@ TEST_F(CudaTest, FusedAdamTensorLrFollowsTheScheduleLikeTorchAdam) {
 
 TEST_F(CudaTest, FusedAdamTensorLrEqualsTheDoubleLrPath) {
   auto a_model = make_mlp(), b_model = make_mlp();
-  const auto opts = wick::FusedAdamOptions(lr_at(0)).betas(std::make_tuple(0.9, 0.95)).weight_decay(0.1)
+  const auto opts = wick::FusedAdamOptions(lr_at(0))
+                        .betas(std::make_tuple(0.9, 0.95))
+                        .weight_decay(0.1)
                         .decoupled_weight_decay(true);
   wick::FusedAdam a(a_model->parameters(), opts);
   wick::FusedAdam b(b_model->parameters(), wick::FusedAdamOptions(opts).tensor_lr(true));
@@ -117,7 +123,8 @@ TEST_F(CudaTest, FusedAdamTensorLrEqualsTheDoubleLrPath) {
     b.step();
   }
   const auto p = a_model->parameters(), q = b_model->parameters();
-  for (size_t k = 0; k < p.size(); ++k) EXPECT_TRUE(tensors_close(p[k], q[k], 1e-6, 1e-8)) << "parameter " << k;
+  for (size_t k = 0; k < p.size(); ++k)
+    EXPECT_TRUE(tensors_close(p[k], q[k], 1e-6, 1e-8)) << "parameter " << k;
   // The option survives a save / load (and an older archive without it loads as false).
   std::stringstream ss;
   {
@@ -130,7 +137,8 @@ TEST_F(CudaTest, FusedAdamTensorLrEqualsTheDoubleLrPath) {
   torch::serialize::InputArchive in;
   in.load_from(ss);
   c.load(in);
-  EXPECT_TRUE(static_cast<const wick::FusedAdamOptions&>(c.param_groups()[0].options()).tensor_lr());
+  EXPECT_TRUE(
+      static_cast<const wick::FusedAdamOptions&>(c.param_groups()[0].options()).tensor_lr());
 }
 
 TEST_F(CudaTest, ClipGradNormTensorMatchesTorchClipGradNorm) {
@@ -143,9 +151,11 @@ TEST_F(CudaTest, ClipGradNormTensorMatchesTorchClipGradNorm) {
     const double ref = torch::nn::utils::clip_grad_norm_(b->parameters(), max_norm);
     EXPECT_NEAR(norm.item<double>(), ref, 1e-6 * ref);
     const auto p = a->parameters(), q = b->parameters();
-    for (size_t k = 0; k < p.size(); ++k) EXPECT_TRUE(tensors_close(p[k].grad(), q[k].grad(), 1e-5, 1e-9));
+    for (size_t k = 0; k < p.size(); ++k)
+      EXPECT_TRUE(tensors_close(p[k].grad(), q[k].grad(), 1e-5, 1e-9));
   }
-  EXPECT_THROWS_WITH(wick::clip_grad_norm_tensor(make_mlp()->parameters(), 0.0), "max_norm must be > 0");
+  EXPECT_THROWS_WITH(wick::clip_grad_norm_tensor(make_mlp()->parameters(), 0.0),
+                     "max_norm must be > 0");
 }
 
 TEST_F(CudaTest, CudaGraphStepRefusesWhatCannotBeCaptured) {
@@ -153,16 +163,19 @@ TEST_F(CudaTest, CudaGraphStepRefusesWhatCannotBeCaptured) {
   auto loss = [&](const torch::Tensor& x, const torch::Tensor& y) { return loss_of(m, x, y); };
   wick::FusedAdam tensor_lr(m->parameters(), wick::FusedAdamOptions(0.01).tensor_lr(true));
   wick::FusedAdam host_lr(m->parameters(), wick::FusedAdamOptions(0.01));
-  EXPECT_THROWS_WITH(wick::CudaGraphStep(m->parameters(), tensor_lr, loss), "parameters must be on a CUDA device");
+  EXPECT_THROWS_WITH(wick::CudaGraphStep(m->parameters(), tensor_lr, loss),
+                     "parameters must be on a CUDA device");
   EXPECT_THROWS_WITH(wick::CudaGraphStep(m->parameters(), host_lr, loss), "tensor_lr false");
   EXPECT_THROWS_WITH(
-      wick::CudaGraphStep(m->parameters(), tensor_lr, loss, wick::CudaGraphStepOptions().precision(wick::Precision::kFP16)),
+      wick::CudaGraphStep(m->parameters(), tensor_lr, loss,
+                          wick::CudaGraphStepOptions().precision(wick::Precision::kFP16)),
       "precision fp16 cannot be captured");
-  EXPECT_THROWS_WITH(wick::CudaGraphStep(m->parameters(), tensor_lr, loss, wick::CudaGraphStepOptions().warmup_steps(0)),
+  EXPECT_THROWS_WITH(wick::CudaGraphStep(m->parameters(), tensor_lr, loss,
+                                         wick::CudaGraphStepOptions().warmup_steps(0)),
                      "warmup_steps must be >= 1, got 0");
-  EXPECT_THROWS_WITH(
-      wick::CudaGraphStep(m->parameters(), tensor_lr, loss, wick::CudaGraphStepOptions().grad_clip_norm(-1)),
-      "grad_clip_norm must be >= 0");
+  EXPECT_THROWS_WITH(wick::CudaGraphStep(m->parameters(), tensor_lr, loss,
+                                         wick::CudaGraphStepOptions().grad_clip_norm(-1)),
+                     "grad_clip_norm must be >= 0");
 }
 
 // ---- CUDA only ----
@@ -181,7 +194,10 @@ TEST_F(CudaTest, GraphReplayEqualsEagerStepsAndFollowsTheSchedule) {
   wick::CudaGraphStep step(
       g_model->parameters(), g_opt,
       [&](const torch::Tensor& x, const torch::Tensor& y) { return loss_of(g_model, x, y); },
-      wick::CudaGraphStepOptions().warmup_steps(2).precision(wick::Precision::kFP32).grad_clip_norm(0.5));
+      wick::CudaGraphStepOptions()
+          .warmup_steps(2)
+          .precision(wick::Precision::kFP32)
+          .grad_clip_norm(0.5));
   for (int64_t i = 0; i < 8; ++i) {
     g_opt.param_groups()[0].options().set_lr(lr_at(i));
     e_opt.param_groups()[0].options().set_lr(lr_at(i));
@@ -198,7 +214,8 @@ TEST_F(CudaTest, GraphReplayEqualsEagerStepsAndFollowsTheSchedule) {
   }
   EXPECT_EQ(step.steps(), 8);
   const auto p = g_model->parameters(), q = e_model->parameters();
-  for (size_t k = 0; k < p.size(); ++k) EXPECT_TRUE(tensors_close(p[k], q[k], 1e-4, 1e-6)) << "parameter " << k;
+  for (size_t k = 0; k < p.size(); ++k)
+    EXPECT_TRUE(tensors_close(p[k], q[k], 1e-4, 1e-6)) << "parameter " << k;
 }
 
 TEST_F(CudaTest, GraphShapesAreStatic) {
@@ -206,9 +223,10 @@ TEST_F(CudaTest, GraphShapesAreStatic) {
   const torch::Device cuda(torch::kCUDA);
   auto m = make_mlp(cuda);
   wick::FusedAdam opt(m->parameters(), wick::FusedAdamOptions(0.01).tensor_lr(true));
-  wick::CudaGraphStep step(m->parameters(), opt, [&](const torch::Tensor& x, const torch::Tensor& y) {
-    return loss_of(m, x, y);
-  }, wick::CudaGraphStepOptions().warmup_steps(1));
+  wick::CudaGraphStep step(
+      m->parameters(), opt,
+      [&](const torch::Tensor& x, const torch::Tensor& y) { return loss_of(m, x, y); },
+      wick::CudaGraphStepOptions().warmup_steps(1));
   for (int64_t i = 0; i < 3; ++i) {
     const auto b = batch_x(16, i);
     step.step(b[0], b[1]);

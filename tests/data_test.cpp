@@ -8,8 +8,8 @@
 #include <zlib.h>
 
 #include <algorithm>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -50,7 +50,8 @@ Bytes iota_bytes(size_t n, uint8_t start = 0) {
 std::string write_plain(const TempDir& dir, const std::string& name, const Bytes& bytes) {
   auto path = (dir.path() / name).string();
   std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
   return path;
 }
 
@@ -208,9 +209,9 @@ bool is_directory(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
-#define WICK_REQUIRE_FASHION_MNIST()                                                   \
-  if (!is_directory(real_root()))                                                      \
-  GTEST_SKIP() << "no Fashion-MNIST at " << real_root()                                \
+#define WICK_REQUIRE_FASHION_MNIST()                    \
+  if (!is_directory(real_root()))                       \
+  GTEST_SKIP() << "no Fashion-MNIST at " << real_root() \
                << " (install dataset-fashion-mnist or set WICK_FASHION_MNIST_DIR)"
 
 // Expected values below come from independent Python (gzip + numpy), e.g.
@@ -266,9 +267,10 @@ TEST(FashionMNISTTest, TrainSplitMatchesNormalizationConstants) {
   WICK_REQUIRE_FASHION_MNIST();
   wick::FashionMNIST train(real_root(), wick::FashionMNIST::Split::kTrain, /*normalize=*/false);
   ASSERT_EQ(train.size().value(), 60000u);
-  EXPECT_TRUE(tensors_equal(torch::bincount(train.targets()), torch::full({10}, 6000, torch::kLong)));
-  // Python over the raw training bytes: x.mean() = 0.2860405969887955, x.std() = 0.35302424451492254
-  // (x = bytes/255 in float64; pixel sum 3431114169).
+  EXPECT_TRUE(
+      tensors_equal(torch::bincount(train.targets()), torch::full({10}, 6000, torch::kLong)));
+  // Python over the raw training bytes: x.mean() = 0.2860405969887955, x.std() =
+  // 0.35302424451492254 (x = bytes/255 in float64; pixel sum 3431114169).
   auto x = train.images().to(torch::kFloat64);
   // float32 x/255 values: agree to ~1e-8.
   EXPECT_NEAR(x.mean().item<double>(), 0.2860405969887955, 1e-7);
@@ -426,7 +428,8 @@ TEST(TensorBatchSourceTest, OrderMatchesPythonRandperm) {
   //     M=(1<<64)-1; z&=M; z=((z^(z>>30))*0xbf58476d1ce4e5b9)&M
   //     z=((z^(z>>27))*0x94d049bb133111eb)&M; return z^(z>>31)
   //   torch.randperm(10, generator=torch.Generator().manual_seed(mix64(seed*1000003+epoch)))
-  //   (1,0) -> [7,8,4,9,5,0,6,2,3,1]  (1,1) -> [5,0,4,8,3,2,1,6,9,7]  (42,3) -> [4,8,6,1,3,2,9,5,7,0]
+  //   (1,0) -> [7,8,4,9,5,0,6,2,3,1]  (1,1) -> [5,0,4,8,3,2,1,6,9,7]  (42,3) ->
+  //   [4,8,6,1,3,2,9,5,7,0]
   Samples s(10);
   wick::TensorBatchSource one(s.data, s.targets, wick::TensorBatchSourceOptions(4).seed(1));
   EXPECT_TRUE(tensors_equal(epoch_order(one, 0),
@@ -501,8 +504,9 @@ TEST(TensorBatchSourceTest, RejectsBadInput) {
   using Opts = wick::TensorBatchSourceOptions;
   EXPECT_THROWS_WITH(wick::TensorBatchSource(s.data, s.targets.slice(0, 0, 9), Opts(2)),
                      "same number of samples, got 10 and 9");
-  EXPECT_THROWS_WITH(wick::TensorBatchSource(s.data.slice(0, 0, 0), s.targets.slice(0, 0, 0), Opts(2)),
-                     "at least one sample, got 0");
+  EXPECT_THROWS_WITH(
+      wick::TensorBatchSource(s.data.slice(0, 0, 0), s.targets.slice(0, 0, 0), Opts(2)),
+      "at least one sample, got 0");
   EXPECT_THROWS_WITH(wick::TensorBatchSource(s.data, s.targets, Opts(0)),
                      "batch_size must be >= 1, got 0");
   EXPECT_THROWS_WITH(wick::TensorBatchSource(torch::tensor(1.0), s.targets, Opts(2)),
@@ -640,7 +644,8 @@ TEST(DataLoaderSourceTest, ServesFashionMNISTThroughWorkers) {
   }
   // end doc-example
   EXPECT_EQ(seen, 100);
-  // The first batch's raw pixels are Python's numbers: sample 0 sums to 33456/255 before normalization.
+  // The first batch's raw pixels are Python's numbers: sample 0 sums to 33456/255 before
+  // normalization.
   source.reset(1);
   auto first = source.next();
   ASSERT_TRUE(first.has_value());

@@ -57,7 +57,9 @@ std::shared_ptr<wick::ProcessGroup> child_group() {
   return wick::init_process_group(wick::ProcessGroupOptions().timeout(std::chrono::seconds(30)));
 }
 
-std::string params_file(const std::string& dir, int rank) { return dir + "/params" + std::to_string(rank) + ".pt"; }
+std::string params_file(const std::string& dir, int rank) {
+  return dir + "/params" + std::to_string(rank) + ".pt";
+}
 
 std::vector<torch::Tensor> load_tensors(const std::string& path) {
   std::vector<torch::Tensor> out;
@@ -71,9 +73,9 @@ std::vector<torch::Tensor> load_tensors(const std::string& path) {
 TEST(DistributedDataParallelTest, RejectsBadOptions) {
   auto pg = std::make_shared<wick::ProcessGroup>();
   auto net = make_net(0, torch::kFloat32);
-  EXPECT_THROWS_WITH(
-      wick::DistributedDataParallel(net.ptr(), pg, wick::DistributedDataParallelOptions().bucket_cap_mb(0)),
-      "DistributedDataParallel: bucket_cap_mb must be > 0, got 0");
+  EXPECT_THROWS_WITH(wick::DistributedDataParallel(
+                         net.ptr(), pg, wick::DistributedDataParallelOptions().bucket_cap_mb(0)),
+                     "DistributedDataParallel: bucket_cap_mb must be > 0, got 0");
   EXPECT_THROWS_WITH(wick::DistributedDataParallel(nullptr, pg), "module must not be null");
 }
 
@@ -82,13 +84,15 @@ TEST(DistributedDataParallelTest, BucketsFollowReverseRegistrationOrderUpToTheCa
   auto net = make_net(0, torch::kFloat32);
   wick::DistributedDataParallel one(net.ptr(), pg);
   EXPECT_EQ(one.bucket_parameter_names(),
-            (std::vector<std::vector<std::string>>{{"fc2.bias", "fc2.weight", "fc1.bias", "fc1.weight"}}));
+            (std::vector<std::vector<std::string>>{
+                {"fc2.bias", "fc2.weight", "fc1.bias", "fc1.weight"}}));
   // fc2.bias is 12 bytes, fc2.weight 96, fc1.bias 32, fc1.weight 192: a 100-byte
   // cap closes a bucket once it holds 100 bytes or more.
-  wick::DistributedDataParallel small(net.ptr(), pg,
-                                      wick::DistributedDataParallelOptions().bucket_cap_mb(100.0 / (1 << 20)));
+  wick::DistributedDataParallel small(
+      net.ptr(), pg, wick::DistributedDataParallelOptions().bucket_cap_mb(100.0 / (1 << 20)));
   EXPECT_EQ(small.bucket_parameter_names(),
-            (std::vector<std::vector<std::string>>{{"fc2.bias", "fc2.weight"}, {"fc1.bias", "fc1.weight"}}));
+            (std::vector<std::vector<std::string>>{{"fc2.bias", "fc2.weight"},
+                                                   {"fc1.bias", "fc1.weight"}}));
   EXPECT_EQ(small.stats().num_buckets, 2);
 }
 
@@ -141,8 +145,8 @@ TEST(DistributedDataParallelTest, TwoRanksHoldBitwiseEqualParameters) {
   }
   auto pg = child_group();
   auto net = make_net(static_cast<uint64_t>(pg->rank()), torch::kFloat32);
-  wick::DistributedDataParallel ddp(net.ptr(), pg,
-                                    wick::DistributedDataParallelOptions().bucket_cap_mb(100.0 / (1 << 20)));
+  wick::DistributedDataParallel ddp(
+      net.ptr(), pg, wick::DistributedDataParallelOptions().bucket_cap_mb(100.0 / (1 << 20)));
   ASSERT_EQ(ddp.stats().num_buckets, 2);
   torch::optim::Adam opt(net->parameters(), torch::optim::AdamOptions(0.01));
   for (int64_t step = 0; step < steps; ++step) {
@@ -181,13 +185,15 @@ TEST(DistributedDataParallelTest, TwoRanksMatchOneProcessWithTheWholeBatch) {
       auto got = load_tensors(params_file(dir.str(), rank));
       ASSERT_EQ(got.size(), expected.size());
       for (size_t i = 0; i < got.size(); ++i) {
-        WICK_EXPECT_CLOSE(got[i], expected[i], 1e-5, 1e-12) << "rank " << rank << " parameter " << i;
+        WICK_EXPECT_CLOSE(got[i], expected[i], 1e-5, 1e-12)
+            << "rank " << rank << " parameter " << i;
       }
     }
     return;
   }
   auto pg = child_group();
-  auto net = make_net(static_cast<uint64_t>(10 + pg->rank() * 7), torch::kFloat64);  // rank 0's differs from the parent's
+  auto net = make_net(static_cast<uint64_t>(10 + pg->rank() * 7),
+                      torch::kFloat64);  // rank 0's differs from the parent's
   // Rank 0 starts from the parent's weights; the broadcast gives them to rank 1.
   if (pg->rank() == 0) net = make_net(0, torch::kFloat64);
   wick::DistributedDataParallel ddp(net.ptr(), pg);
@@ -241,7 +247,8 @@ TEST(DistributedDataParallelTest, AccumulationUnderNoSyncEqualsOneBigBatch) {
     opt_whole.step();
   }
   auto a = accum->parameters(), w = whole->parameters();
-  for (size_t i = 0; i < a.size(); ++i) WICK_EXPECT_CLOSE(a[i], w[i], 1e-10, 1e-14) << "parameter " << i;
+  for (size_t i = 0; i < a.size(); ++i)
+    WICK_EXPECT_CLOSE(a[i], w[i], 1e-10, 1e-14) << "parameter " << i;
   EXPECT_FALSE(torch::equal(a[0], make_net(0, torch::kFloat64)->parameters()[0]));
 }
 
@@ -267,7 +274,8 @@ TEST(DistributedDataParallelTest, UnusedParametersNeedTheOption) {
     EXPECT_NO_THROW(ddp.finalize_backward());
   }
   auto net = make_net(0, torch::kFloat64, 8, /*extra=*/true);
-  wick::DistributedDataParallel ddp(net.ptr(), pg, wick::DistributedDataParallelOptions().find_unused_parameters(true));
+  wick::DistributedDataParallel ddp(
+      net.ptr(), pg, wick::DistributedDataParallelOptions().find_unused_parameters(true));
   torch::mse_loss(net->forward(b.x, /*use_extra=*/pg->rank() == 0), b.y).backward();
   ddp.finalize_backward();
   EXPECT_EQ(ddp.stats().buckets_launched_in_finalize, pg->rank() == 0 ? 0 : 1);
@@ -300,12 +308,13 @@ TEST(DistributedDataParallelTest, BuffersFollowRankZeroBeforeEachForward) {
   auto bn = make();
   wick::DistributedDataParallel ddp(bn.ptr(), pg);
   EXPECT_TRUE(torch::equal(bn->running_mean, torch::ones({3})));  // rank 0's value
-  bn->running_mean.fill_(10 * (r + 1));                          // as a forward on different data would
+  bn->running_mean.fill_(10 * (r + 1));  // as a forward on different data would
   ddp.prepare_forward();
   EXPECT_TRUE(torch::equal(bn->running_mean, torch::full({3}, 10.0)));
 
   auto own = make();
-  wick::DistributedDataParallel keep(own.ptr(), pg, wick::DistributedDataParallelOptions().broadcast_buffers(false));
+  wick::DistributedDataParallel keep(
+      own.ptr(), pg, wick::DistributedDataParallelOptions().broadcast_buffers(false));
   own->running_mean.fill_(10 * (r + 1));
   keep.prepare_forward();
   EXPECT_TRUE(torch::equal(own->running_mean, torch::full({3}, 10 * (r + 1))));

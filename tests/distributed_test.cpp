@@ -1,8 +1,8 @@
 #include <wick/data.h>
 #include <wick/distributed.h>
 
-#include "sampler_baseline.h"
 #include "multiprocess.h"
+#include "sampler_baseline.h"
 #include "support.h"
 
 #include <chrono>
@@ -11,7 +11,6 @@
 #include <map>
 #include <string>
 #include <vector>
-
 
 namespace {
 
@@ -26,12 +25,13 @@ TEST(DistributedSamplerTest, MatchesPythonDistributedSampler) {
           wick::DistributedSamplerOptions().shuffle(c.shuffle).seed(c.seed).drop_last(c.drop_last));
       sampler.set_epoch(c.epoch);
       auto idx = sampler.indices();
-      SCOPED_TRACE("size " + std::to_string(c.size) + " world " + std::to_string(c.world) + " rank " +
-                   std::to_string(rank) + " epoch " + std::to_string(c.epoch));
+      SCOPED_TRACE("size " + std::to_string(c.size) + " world " + std::to_string(c.world) +
+                   " rank " + std::to_string(rank) + " epoch " + std::to_string(c.epoch));
       EXPECT_EQ(sampler.num_samples(), c.num_samples);
       ASSERT_EQ(idx.size(0), c.num_samples);
       const auto& head = c.per_rank[rank];
-      for (size_t i = 0; i < head.size(); ++i) EXPECT_EQ(idx[i].item<int64_t>(), head[i]) << "position " << i;
+      for (size_t i = 0; i < head.size(); ++i)
+        EXPECT_EQ(idx[i].item<int64_t>(), head[i]) << "position " << i;
       EXPECT_EQ(idx.sum().item<int64_t>(), c.per_rank_sum[rank]);
     }
   }
@@ -66,26 +66,30 @@ TEST(DistributedSamplerTest, TensorBatchSourceReadsItsRanksShard) {
     for (int64_t rank = 0; rank < c.world; ++rank) {
       wick::TensorBatchSource source(
           data, data.view(-1),
-          wick::TensorBatchSourceOptions(3).shuffle(c.shuffle).seed(c.seed).rank(rank).world_size(c.world));
+          wick::TensorBatchSourceOptions(3).shuffle(c.shuffle).seed(c.seed).rank(rank).world_size(
+              c.world));
       source.reset(c.epoch);
       std::vector<int64_t> read;
       while (auto b = source.next()) {
-        for (int64_t i = 0; i < b->target.size(0); ++i) read.push_back(b->target[i].item<int64_t>());
+        for (int64_t i = 0; i < b->target.size(0); ++i)
+          read.push_back(b->target[i].item<int64_t>());
       }
       EXPECT_EQ(read, c.per_rank[rank]) << "size " << c.size << " rank " << rank;
       EXPECT_EQ(*source.size(), (c.num_samples + 2) / 3);
     }
   }
-  EXPECT_THROWS_WITH(wick::TensorBatchSource(torch::zeros({4, 1}), torch::zeros({4}),
-                                             wick::TensorBatchSourceOptions(2).rank(2).world_size(2)),
-                     "rank must be in [0, world_size=2), got 2");
+  EXPECT_THROWS_WITH(
+      wick::TensorBatchSource(torch::zeros({4, 1}), torch::zeros({4}),
+                              wick::TensorBatchSourceOptions(2).rank(2).world_size(2)),
+      "rank must be in [0, world_size=2), got 2");
 }
 
 TEST(DistributedSamplerTest, RejectsBadArguments) {
   EXPECT_THROWS_WITH(wick::DistributedSampler(10, 3, 3), "rank must be in [0, 3), got 3");
   EXPECT_THROWS_WITH(wick::DistributedSampler(0, 0, 1), "dataset_size must be >= 1, got 0");
-  EXPECT_THROWS_WITH(wick::DistributedSampler(2, 0, 4, wick::DistributedSamplerOptions().drop_last(true)),
-                     "leaves no sample per rank");
+  EXPECT_THROWS_WITH(
+      wick::DistributedSampler(2, 0, 4, wick::DistributedSamplerOptions().drop_last(true)),
+      "leaves no sample per rank");
 }
 
 // ---------------------------------------------------------------------------
@@ -121,7 +125,8 @@ class EnvGuard {
 
 TEST(InitProcessGroupTest, WithoutTorchrunIsAWorldOfOne) {
   EnvGuard env;
-  for (auto name : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}) env.set(name, nullptr);
+  for (auto name : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"})
+    env.set(name, nullptr);
   auto pg = wick::init_process_group();
   EXPECT_EQ(pg->rank(), 0);
   EXPECT_EQ(pg->world_size(), 1);
@@ -137,7 +142,8 @@ TEST(InitProcessGroupTest, WithoutTorchrunIsAWorldOfOne) {
 
 TEST(InitProcessGroupTest, NamesMissingOrMalformedVariables) {
   EnvGuard env;
-  for (auto name : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}) {
+  for (auto name :
+       {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}) {
     env.set(name, nullptr);
   }
   env.set("RANK", "0");
@@ -200,15 +206,18 @@ TEST(ProcessGroupTest, RankThatNeverJoinsTimesOut) {
     TempDir dir;
     const auto start = std::chrono::steady_clock::now();
     auto status = run_rank_processes({0}, 2, dir.str(), 60);  // rank 1 is never started
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     EXPECT_EQ(status, (std::vector<int>{0}));  // the child's own checks passed
     EXPECT_LT(seconds, 30.0);
     return;
   }
   const auto start = std::chrono::steady_clock::now();
-  EXPECT_THROWS_WITH(wick::init_process_group(wick::ProcessGroupOptions().timeout(std::chrono::seconds(3))),
-                     "cannot rendezvous at 127.0.0.1");
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_THROWS_WITH(
+      wick::init_process_group(wick::ProcessGroupOptions().timeout(std::chrono::seconds(3))),
+      "cannot rendezvous at 127.0.0.1");
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_GE(seconds, 2.5);
   EXPECT_LT(seconds, 15.0);
 }
@@ -226,7 +235,8 @@ TEST(ProcessGroupTest, PeerDeathFailsTheCollective) {
   const auto start = std::chrono::steady_clock::now();
   auto t = torch::ones({16});
   EXPECT_THROWS_WITH(pg->allreduce_sum({t}), "ProcessGroup: allreduce");
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   EXPECT_LT(seconds, 15.0);
 }
 

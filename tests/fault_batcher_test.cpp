@@ -43,13 +43,16 @@ using namespace std::chrono_literals;
 constexpr int64_t kIn = 32, kHidden = 1024;
 constexpr int kClients = 16;
 
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
 
 /// The small model: 30 -> 1024 -> 1024 -> 32, about 4.3 MFLOP per request.
 torch::nn::Sequential make_model() {
   torch::manual_seed(7);
-  return torch::nn::Sequential(torch::nn::Linear(kIn - 2, kHidden), torch::nn::ReLU(), torch::nn::Linear(kHidden, kHidden),
-                               torch::nn::ReLU(), torch::nn::Linear(kHidden, kIn));
+  return torch::nn::Sequential(torch::nn::Linear(kIn - 2, kHidden), torch::nn::ReLU(),
+                               torch::nn::Linear(kHidden, kHidden), torch::nn::ReLU(),
+                               torch::nn::Linear(kHidden, kIn));
 }
 
 /// Request `id`: [id, -id, 30 values that depend on id].
@@ -58,7 +61,8 @@ torch::Tensor request(int64_t id) {
   float* p = x.data_ptr<float>();
   p[0] = static_cast<float>(id);
   p[1] = -static_cast<float>(id);
-  for (int64_t j = 2; j < kIn; ++j) p[j] = static_cast<float>(std::sin(0.37 * static_cast<double>(id) + j));
+  for (int64_t j = 2; j < kIn; ++j)
+    p[j] = static_cast<float>(std::sin(0.37 * static_cast<double>(id) + j));
   return x;
 }
 
@@ -95,7 +99,11 @@ struct Served {
 
 wick::BatcherOptions served_options() {
   // The defaults, spelled out: the queue holds at most 1024 waiting requests.
-  return wick::BatcherOptions().max_batch_size(32).max_delay(1000us).max_queue_size(1024).num_workers(1);
+  return wick::BatcherOptions()
+      .max_batch_size(32)
+      .max_delay(1000us)
+      .max_queue_size(1024)
+      .num_workers(1);
 }
 
 /// Requests per second the batcher serves when it is never idle: kClients
@@ -103,8 +111,9 @@ wick::BatcherOptions served_options() {
 /// `seconds` after a short warm-up.
 double measure_capacity(double seconds) {
   Served served(1 << 22);
-  wick::TensorBatcher batcher(served.batch_fn(),
-                              served_options().queue_full_policy(wick::QueueFullPolicy::kBlock).block_timeout(10s));
+  wick::TensorBatcher batcher(
+      served.batch_fn(),
+      served_options().queue_full_policy(wick::QueueFullPolicy::kBlock).block_timeout(10s));
   std::atomic<int64_t> next_id{0}, served_in_window{0};
   std::atomic<bool> measuring{false}, stop{false};
   std::vector<std::thread> clients;
@@ -112,7 +121,8 @@ double measure_capacity(double seconds) {
     clients.emplace_back([&] {
       std::deque<std::future<torch::Tensor>> inflight;
       while (!stop.load()) {
-        while (inflight.size() < 8) inflight.push_back(batcher.submit(request(next_id++ % (1 << 22))));
+        while (inflight.size() < 8)
+          inflight.push_back(batcher.submit(request(next_id++ % (1 << 22))));
         inflight.front().get();
         inflight.pop_front();
         if (measuring.load()) ++served_in_window;
@@ -146,11 +156,13 @@ void run_overload(double seconds) {
   ASSERT_GT(fig.capacity, 0);
   fig.target = 10 * fig.capacity;
 
-  // Every id is offered once; room for 1.5x the target (clients catch up when late, never beyond schedule).
+  // Every id is offered once; room for 1.5x the target (clients catch up when late, never beyond
+  // schedule).
   const auto max_ids = static_cast<size_t>(1.5 * fig.target * seconds) + 1024;
   Served served(max_ids);
   std::vector<uint8_t> outcome(max_ids, 0);  // 1 result, 2 rejected (queue full), 3 any other error
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> samples[kClients];  // every 997th result, checked after
+  std::vector<std::pair<torch::Tensor, torch::Tensor>>
+      samples[kClients];  // every 997th result, checked after
   std::atomic<int64_t> next_id{0}, wrong{0};
 
   // RSS every 50 ms, from just before the clients start to after the last answer.
@@ -168,7 +180,8 @@ void run_overload(double seconds) {
     wick::TensorBatcher batcher(served.batch_fn(), served_options());  // kReject
     const auto interval = std::chrono::duration<double>(kClients / fig.target);
     const auto start = Clock::now() + 20ms;
-    const auto end = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    const auto end =
+        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
     std::vector<std::thread> clients;
     for (int c = 0; c < kClients; ++c) {
       clients.emplace_back([&, c] {
@@ -209,7 +222,8 @@ void run_overload(double seconds) {
             inflight.push_back(std::move(item));
           }
           // Settle what is answered, oldest first, without waiting.
-          while (!inflight.empty() && inflight.front().second.wait_for(0s) == std::future_status::ready) {
+          while (!inflight.empty() &&
+                 inflight.front().second.wait_for(0s) == std::future_status::ready) {
             settle(inflight.front());
             inflight.pop_front();
           }
@@ -268,7 +282,8 @@ void run_overload(double seconds) {
     torch::NoGradGuard no_grad;
     for (const auto& per_client : samples) {
       for (const auto& [x, y] : per_client) {
-        const auto expected = model->forward(x.narrow(0, 2, kIn - 2).to(torch::kFloat64).unsqueeze(0)).squeeze(0);
+        const auto expected =
+            model->forward(x.narrow(0, 2, kIn - 2).to(torch::kFloat64).unsqueeze(0)).squeeze(0);
         EXPECT_TRUE(wick::testing::tensors_close(y.to(torch::kFloat64), expected, 1e-4, 1e-5));
         ++checked;
       }
@@ -298,24 +313,32 @@ void run_overload(double seconds) {
     const double t = 0.02 + seconds * k / 10;
     while (i + 1 < static_cast<int>(rss.size()) && rss[static_cast<size_t>(i) + 1].first <= t) ++i;
     char buf[32];
-    std::snprintf(buf, sizeof(buf), "%s%.0f", k == 1 ? "" : " ", static_cast<double>(rss[static_cast<size_t>(i)].second) * mb);
+    std::snprintf(buf, sizeof(buf), "%s%.0f", k == 1 ? "" : " ",
+                  static_cast<double>(rss[static_cast<size_t>(i)].second) * mb);
     series += buf;
   }
   EXPECT_LT(fig.rss_peak_mb - fig.rss_start_mb, 64.0);
   EXPECT_LT(fig.rss_end_mb - fig.rss_quarter_mb, 16.0);
 
   std::printf(
-      "[ figures  ] overload %.1f s: capacity %.0f req/s, target 10x = %.0f req/s, offered %.0f req/s "
-      "(%lld requests from %d threads), served %.0f req/s (%lld), rejected queue-full %lld (%.1f%%), other errors "
-      "%lld, wrong answers %lld, run twice %lld; end-to-end p50 %.2f ms p99 %.2f ms, queue wait p99 %.2f ms; "
-      "RSS start %.1f MiB, at 1/4 %.1f MiB, peak %.1f MiB, end %.1f MiB (each tenth of the run: %s MiB); %lld answers "
+      "[ figures  ] overload %.1f s: capacity %.0f req/s, target 10x = %.0f req/s, offered %.0f "
+      "req/s "
+      "(%lld requests from %d threads), served %.0f req/s (%lld), rejected queue-full %lld "
+      "(%.1f%%), other errors "
+      "%lld, wrong answers %lld, run twice %lld; end-to-end p50 %.2f ms p99 %.2f ms, queue wait "
+      "p99 %.2f ms; "
+      "RSS start %.1f MiB, at 1/4 %.1f MiB, peak %.1f MiB, end %.1f MiB (each tenth of the run: %s "
+      "MiB); %lld answers "
       "checked against batch-of-1\n",
-      seconds, fig.capacity, fig.target, fig.offered, static_cast<long long>(fig.submitted), kClients, fig.served,
-      static_cast<long long>(fig.succeeded), static_cast<long long>(fig.rejected),
-      100.0 * static_cast<double>(fig.rejected) / static_cast<double>(std::max<int64_t>(1, fig.submitted)),
+      seconds, fig.capacity, fig.target, fig.offered, static_cast<long long>(fig.submitted),
+      kClients, fig.served, static_cast<long long>(fig.succeeded),
+      static_cast<long long>(fig.rejected),
+      100.0 * static_cast<double>(fig.rejected) /
+          static_cast<double>(std::max<int64_t>(1, fig.submitted)),
       static_cast<long long>(fig.other_errors), static_cast<long long>(wrong.load()),
-      static_cast<long long>(run_twice), fig.p50_ms, fig.p99_ms, fig.queue_wait_p99_ms, fig.rss_start_mb,
-      fig.rss_quarter_mb, fig.rss_peak_mb, fig.rss_end_mb, series.c_str(), static_cast<long long>(checked));
+      static_cast<long long>(run_twice), fig.p50_ms, fig.p99_ms, fig.queue_wait_p99_ms,
+      fig.rss_start_mb, fig.rss_quarter_mb, fig.rss_peak_mb, fig.rss_end_mb, series.c_str(),
+      static_cast<long long>(checked));
 }
 
 class FaultBatcherTest : public wick::testing::SeededTest {};

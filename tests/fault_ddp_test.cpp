@@ -90,15 +90,18 @@ std::string hash_file(const std::string& dir, const std::string& run, int rank) 
 /// checkpointing into `ckpt_dir` every 2 steps; resumes from its newest
 /// checkpoint when there is one. Writes the final parameters' SHA-256 to
 /// <child_dir>/<run>-hash<rank>.
-void train(const std::shared_ptr<wick::ProcessGroup>& pg, const std::string& ckpt_dir, const std::string& run,
-           const std::shared_ptr<FaultHook>& hook = nullptr) {
+void train(const std::shared_ptr<wick::ProcessGroup>& pg, const std::string& ckpt_dir,
+           const std::string& run, const std::shared_ptr<FaultHook>& hook = nullptr) {
   static const Data data = make_data();
   auto model = make_model();
   wick::SupervisedTask task(model);
   torch::optim::Adam opt(model->parameters(), 1e-2);
-  wick::TensorBatchSource source(
-      data.x, data.y,
-      wick::TensorBatchSourceOptions(4).shuffle(true).seed(11).rank(pg->rank()).world_size(pg->world_size()));
+  wick::TensorBatchSource source(data.x, data.y,
+                                 wick::TensorBatchSourceOptions(4)
+                                     .shuffle(true)
+                                     .seed(11)
+                                     .rank(pg->rank())
+                                     .world_size(pg->world_size()));
   auto options = wick::TrainerOptions()
                      .max_epochs(1000)
                      .max_steps(kSteps)
@@ -150,11 +153,13 @@ void child_body(int sig, const std::string& expected_error) {
     error = e.what_without_backtrace();
   }
   const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - hook->kill_step_start).count();
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - hook->kill_step_start)
+          .count();
   ASSERT_NE(pg->rank(), kVictim) << "the victim survived its signal";
   ASSERT_FALSE(error.empty()) << "rank " << pg->rank() << " finished training without its peer";
   // The collective, what happened to it, and this rank.
-  EXPECT_NE(error.find("ProcessGroup: allreduce " + expected_error + " on rank " + std::to_string(pg->rank())),
+  EXPECT_NE(error.find("ProcessGroup: allreduce " + expected_error + " on rank " +
+                       std::to_string(pg->rank())),
             std::string::npos)
       << error;
   if (sig == SIGSTOP) EXPECT_NE(error.find(" after 3000 ms"), std::string::npos) << error;
@@ -175,9 +180,12 @@ void parent_body(const std::string& label, double min_s, double max_s) {
   const auto t0 = std::chrono::steady_clock::now();
   ::setenv("WICK_FAULT_PHASE", "fault", 1);
   const auto status = run_rank_processes({0, 1, 2}, kWorld, dir.str(), 60);
-  const double fault_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double fault_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::string logs;
-  for (int r = 0; r < kWorld; ++r) logs += "rank " + std::to_string(r) + ":\n" + read_text(dir.str() + "/rank" + std::to_string(r) + ".log");
+  for (int r = 0; r < kWorld; ++r)
+    logs += "rank " + std::to_string(r) + ":\n" +
+            read_text(dir.str() + "/rank" + std::to_string(r) + ".log");
   ASSERT_EQ(status, (std::vector<int>{0, 128 + SIGKILL, 0})) << logs;
 
   // The newest complete checkpoint is step 4's (2 and 4 written, 6 never reached).
@@ -191,17 +199,20 @@ void parent_body(const std::string& label, double min_s, double max_s) {
     const double seconds = std::atof(text.c_str());
     EXPECT_GE(seconds, min_s) << "rank " << r << ": " << text;
     EXPECT_LT(seconds, max_s) << "rank " << r << ": " << text;
-    figures += " rank " + std::to_string(r) + " failed " + std::to_string(seconds) + " s into step 5 with \"" +
-               text.substr(text.find('\n') + 1) + "\";";
+    figures += " rank " + std::to_string(r) + " failed " + std::to_string(seconds) +
+               " s into step 5 with \"" + text.substr(text.find('\n') + 1) + "\";";
   }
 
   const auto t1 = std::chrono::steady_clock::now();
   ::setenv("WICK_FAULT_PHASE", "resume", 1);
   const auto resumed = run_rank_processes({0, 1, 2}, kWorld, dir.str(), 120);
   ::unsetenv("WICK_FAULT_PHASE");
-  const double resume_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+  const double resume_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   logs.clear();
-  for (int r = 0; r < kWorld; ++r) logs += "rank " + std::to_string(r) + ":\n" + read_text(dir.str() + "/rank" + std::to_string(r) + ".log");
+  for (int r = 0; r < kWorld; ++r)
+    logs += "rank " + std::to_string(r) + ":\n" +
+            read_text(dir.str() + "/rank" + std::to_string(r) + ".log");
   ASSERT_EQ(resumed, (std::vector<int>{0, 0, 0})) << logs;
   const std::string straight = read_text(hash_file(dir.str(), "straight", 0));
   ASSERT_EQ(straight.size(), 64u);
@@ -209,8 +220,8 @@ void parent_body(const std::string& label, double min_s, double max_s) {
     EXPECT_EQ(read_text(hash_file(dir.str(), "straight", r)), straight) << "rank " << r;
     EXPECT_EQ(read_text(hash_file(dir.str(), "resumed", r)), straight) << "rank " << r;
   }
-  std::cout << "[ figures  ] " << label << ":" << figures << " fault phase " << fault_s << " s, resume + straight "
-            << resume_s << " s\n";
+  std::cout << "[ figures  ] " << label << ":" << figures << " fault phase " << fault_s
+            << " s, resume + straight " << resume_s << " s\n";
 }
 
 // Rank 1 SIGKILLed in step 5's backward: the survivors' allreduce fails at

@@ -16,8 +16,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <csignal>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -122,7 +122,8 @@ struct Child {
   /// Reaps the child (waiting at most `timeout_s`, then killing it); returns
   /// its exit status as described above, -1 after a timeout.
   int wait(double timeout_s, std::string* report_text = nullptr) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
     int status = -1;
     for (;;) {
       int st = 0;
@@ -185,7 +186,8 @@ std::string train(const std::string& dir, int64_t max_steps, std::shared_ptr<Hoo
   auto model = make_model();
   wick::SupervisedTask task(model);
   torch::optim::Adam opt(model->parameters(), 1e-2);
-  wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(true).seed(9));
+  wick::TensorBatchSource source(data.x, data.y,
+                                 wick::TensorBatchSourceOptions(kBatch).shuffle(true).seed(9));
   auto options = wick::TrainerOptions()
                      .max_epochs(1000000)
                      .max_steps(max_steps)
@@ -210,14 +212,17 @@ std::string checkpoint_hash(const wick::Checkpoint& ckpt) {
 }
 
 bool is_temp_of(const std::string& name, pid_t pid) {
-  return name.find(".tmp-") != std::string::npos && name.find("-" + std::to_string(pid) + "-") != std::string::npos;
+  return name.find(".tmp-") != std::string::npos &&
+         name.find("-" + std::to_string(pid) + "-") != std::string::npos;
 }
 
 /// The uninterrupted run's parameter hashes after each of `steps` steps ([0] unused).
 std::vector<std::string> reference_hashes(int64_t steps) {
   std::vector<std::string> out(steps + 1);
   auto record = std::make_shared<Hook>();
-  record->step = [&](wick::Trainer& t) { out[t.state().step] = wick::parameters_sha256(t.task().module()); };
+  record->step = [&](wick::Trainer& t) {
+    out[t.state().step] = wick::parameters_sha256(t.task().module());
+  };
   train("", steps, record);
   return out;
 }
@@ -237,7 +242,8 @@ TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
   // The uninterrupted reference, without checkpoints, and its parameters after every step.
   const auto reference = reference_hashes(kSteps);
   const std::string final_hash = reference[kSteps];
-  const double reference_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double reference_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   // One checkpointed step's time on this machine (disks differ by 10x), so
   // that kills land about once per step whatever the disk: delays uniform in
@@ -262,7 +268,8 @@ TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
       hook->start = [report](wick::Trainer&) { write_all(report, "R"); };
       train(dir, kSteps, hook);
     });
-    ASSERT_TRUE(child.wait_ready(30000)) << "child after " << kills << " kills never started training";
+    ASSERT_TRUE(child.wait_ready(30000))
+        << "child after " << kills << " kills never started training";
     ::usleep(static_cast<useconds_t>(delay_us(rng)));
     ::kill(child.pid, SIGKILL);
     std::string text;
@@ -308,12 +315,13 @@ TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
   EXPECT_EQ(resumed, final_hash);
   EXPECT_EQ(checkpoint_hash(wick::Checkpoint::load(*wick::latest_checkpoint(dir))), final_hash);
 
-  const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double total_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << "[ figures  ] " << kills << " SIGKILLs survived, " << in_write
             << " inside a checkpoint write (temp dir of the killed pid left), " << completed
-            << " runs finished between kills; newest checkpoint before the final resume at step " << last_step
-            << " of " << kSteps << "; checkpointed step " << 1e3 * step_s << " ms, reference run " << reference_s
-            << " s, test " << total_s << " s\n";
+            << " runs finished between kills; newest checkpoint before the final resume at step "
+            << last_step << " of " << kSteps << "; checkpointed step " << 1e3 * step_s
+            << " ms, reference run " << reference_s << " s, test " << total_s << " s\n";
 }
 
 // What a failed checkpoint write must leave: the directory as it was, its
@@ -347,8 +355,8 @@ TEST_F(FaultInjectionTest, CheckpointIntoReadOnlyDirectoryFailsClearly) {
 
   auto child = Child::start([&](int) {
     if (::geteuid() == 0) {
-      TORCH_CHECK(::setgid(65534) == 0 && ::setuid(65534) == 0, "cannot drop to uid 65534: ",
-                  std::strerror(errno));
+      TORCH_CHECK(::setgid(65534) == 0 && ::setuid(65534) == 0,
+                  "cannot drop to uid 65534: ", std::strerror(errno));
     }
     train(dir, 6);
   });
@@ -357,7 +365,8 @@ TEST_F(FaultInjectionTest, CheckpointIntoReadOnlyDirectoryFailsClearly) {
   ASSERT_EQ(::chmod(dir.c_str(), 0755), 0);
   if (status == 1 && text.find("cannot drop") != std::string::npos) GTEST_SKIP() << text;
   EXPECT_EQ(status, 1) << text;
-  EXPECT_NE(text.find("Checkpoint: cannot save '" + dir + "/step-00000004'"), std::string::npos) << text;
+  EXPECT_NE(text.find("Checkpoint: cannot save '" + dir + "/step-00000004'"), std::string::npos)
+      << text;
   EXPECT_NE(text.find("Permission denied"), std::string::npos) << text;
   expect_previous_intact(dir, before, reference, 3);
 }
@@ -387,8 +396,10 @@ TEST_F(FaultInjectionTest, CheckpointBeyondFileSizeLimitFailsClearly) {
   });
   std::string text;
   const int status = child.wait(60, &text);
-  EXPECT_EQ(status, 1) << "want a thrown error, not death by SIGXFSZ (" << 128 + SIGXFSZ << "): " << text;
-  EXPECT_NE(text.find("Checkpoint: cannot save '" + dir + "/step-00000004'"), std::string::npos) << text;
+  EXPECT_EQ(status, 1) << "want a thrown error, not death by SIGXFSZ (" << 128 + SIGXFSZ
+                       << "): " << text;
+  EXPECT_NE(text.find("Checkpoint: cannot save '" + dir + "/step-00000004'"), std::string::npos)
+      << text;
   EXPECT_NE(text.find("File too large"), std::string::npos) << text;
   EXPECT_NE(text.find("model.pt"), std::string::npos) << text;
   expect_previous_intact(dir, before, reference, 3);
@@ -400,12 +411,14 @@ TEST_F(FaultInjectionTest, CheckpointBeyondFileSizeLimitFailsClearly) {
 /// micro-batch count), a constant NaN or inf: the loss value is non-finite but
 /// its gradient (d loss / d cross-entropy = 1) is not, so the parameters stay
 /// finite and later losses are finite again.
-wick::SupervisedTask poisoned_task(torch::nn::Sequential model, std::map<int, double> poison, int* calls) {
-  return wick::SupervisedTask(model, [poison, calls](const torch::Tensor& out, const torch::Tensor& target) {
-    auto loss = torch::nn::functional::cross_entropy(out, target);
-    auto it = poison.find(++*calls);
-    return it == poison.end() ? loss : loss + it->second;
-  });
+wick::SupervisedTask poisoned_task(torch::nn::Sequential model, std::map<int, double> poison,
+                                   int* calls) {
+  return wick::SupervisedTask(
+      model, [poison, calls](const torch::Tensor& out, const torch::Tensor& target) {
+        auto loss = torch::nn::functional::cross_entropy(out, target);
+        auto it = poison.find(++*calls);
+        return it == poison.end() ? loss : loss + it->second;
+      });
 }
 
 // 48 samples in batches of 8, two micro-batches per step: 6 micro-batches and
@@ -414,7 +427,8 @@ wick::SupervisedTask poisoned_task(torch::nn::Sequential model, std::map<int, do
 // third in a row is call 10 = micro-batch 4 of epoch 1, in step 5.
 TEST_F(FaultInjectionTest, ConsecutiveNonFiniteLossesStopNamingTheStep) {
   static const Data data = make_data();
-  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN(),
+               inf = std::numeric_limits<double>::infinity();
   const std::map<int, double> poison{{3, nan}, {4, nan}, {8, nan}, {9, nan}, {10, inf}};
   auto options = wick::TrainerOptions().max_epochs(3).grad_accum_steps(2).log_system_metrics(false);
   {
@@ -422,11 +436,13 @@ TEST_F(FaultInjectionTest, ConsecutiveNonFiniteLossesStopNamingTheStep) {
     auto model = make_model();
     auto task = poisoned_task(model, poison, &calls);
     torch::optim::SGD opt(model->parameters(), 0.1);
-    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+    wick::TensorBatchSource source(data.x, data.y,
+                                   wick::TensorBatchSourceOptions(kBatch).shuffle(false));
     wick::Trainer trainer(wick::TrainerOptions(options).max_nonfinite_losses(3));
-    EXPECT_THROWS_WITH(trainer.fit(task, opt, source),
-                       "Trainer: 3 consecutive non-finite training losses (max_nonfinite_losses=3), the last inf "
-                       "at step 5 (epoch 1, micro-batch 4 of the epoch); stopping");
+    EXPECT_THROWS_WITH(
+        trainer.fit(task, opt, source),
+        "Trainer: 3 consecutive non-finite training losses (max_nonfinite_losses=3), the last inf "
+        "at step 5 (epoch 1, micro-batch 4 of the epoch); stopping");
     EXPECT_EQ(calls, 10);
     EXPECT_EQ(trainer.state().step, 4);
   }
@@ -435,7 +451,8 @@ TEST_F(FaultInjectionTest, ConsecutiveNonFiniteLossesStopNamingTheStep) {
     auto model = make_model();
     auto task = poisoned_task(model, poison, &calls);
     torch::optim::SGD opt(model->parameters(), 0.1);
-    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+    wick::TensorBatchSource source(data.x, data.y,
+                                   wick::TensorBatchSourceOptions(kBatch).shuffle(false));
     wick::Trainer trainer(wick::TrainerOptions(options).max_nonfinite_losses(4));
     auto result = trainer.fit(task, opt, source);
     EXPECT_EQ(result.stop_reason, "max_epochs");
@@ -448,7 +465,8 @@ TEST_F(FaultInjectionTest, ConsecutiveNonFiniteLossesStopNamingTheStep) {
     auto model = make_model();
     auto task = poisoned_task(model, {{1, nan}}, &calls);
     torch::optim::SGD opt(model->parameters(), 0.1);
-    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+    wick::TensorBatchSource source(data.x, data.y,
+                                   wick::TensorBatchSourceOptions(kBatch).shuffle(false));
     wick::Trainer trainer(options);
     EXPECT_EQ(trainer.fit(task, opt, source).state.step, 9);
   }
@@ -457,9 +475,11 @@ TEST_F(FaultInjectionTest, ConsecutiveNonFiniteLossesStopNamingTheStep) {
     auto model = make_model();
     auto task = poisoned_task(model, {{1, nan}}, &calls);
     torch::optim::SGD opt(model->parameters(), 0.1);
-    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+    wick::TensorBatchSource source(data.x, data.y,
+                                   wick::TensorBatchSourceOptions(kBatch).shuffle(false));
     wick::Trainer trainer(wick::TrainerOptions(options).max_nonfinite_losses(1));
-    EXPECT_THROWS_WITH(trainer.fit(task, opt, source), "the last nan at step 1 (epoch 0, micro-batch 1 of the epoch)");
+    EXPECT_THROWS_WITH(trainer.fit(task, opt, source),
+                       "the last nan at step 1 (epoch 0, micro-batch 1 of the epoch)");
   }
   EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().max_nonfinite_losses(-1)),
                      "Trainer: max_nonfinite_losses must be >= 0 (0 = off), got -1");
@@ -473,7 +493,9 @@ TEST_F(FaultInjectionTest, Fp16SkippedStepsAreCountedInTheLogs) {
   struct Logs : wick::Callback {
     std::vector<double> skipped;
     std::string name() const override { return "Logs"; }
-    void on_log(wick::Trainer&, const wick::Metrics& logs) override { skipped.push_back(logs.at("amp/skipped_steps")); }
+    void on_log(wick::Trainer&, const wick::Metrics& logs) override {
+      skipped.push_back(logs.at("amp/skipped_steps"));
+    }
   };
   int calls = 0;
   auto model = make_model();
@@ -483,7 +505,8 @@ TEST_F(FaultInjectionTest, Fp16SkippedStepsAreCountedInTheLogs) {
     return ++calls == 2 ? loss * std::numeric_limits<float>::infinity() : loss;
   });
   torch::optim::SGD opt(model->parameters(), 0.1);
-  wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(kBatch).shuffle(false));
+  wick::TensorBatchSource source(data.x, data.y,
+                                 wick::TensorBatchSourceOptions(kBatch).shuffle(false));
   auto logs = std::make_shared<Logs>();
   wick::Trainer trainer(wick::TrainerOptions()
                             .precision(wick::Precision::kFP16)

@@ -7,8 +7,10 @@ namespace {
 // Expected digests from Python's hashlib (an independent implementation):
 //   python3 -c "import hashlib;print(hashlib.sha256(b'abc').hexdigest())"
 TEST(Sha256Test, MatchesHashlibOnKnownVectors) {
-  EXPECT_EQ(wick::sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-  EXPECT_EQ(wick::sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(wick::sha256_hex(""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(wick::sha256_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
   // 56 bytes: the padding spills into a second block.
   EXPECT_EQ(wick::sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
             "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");

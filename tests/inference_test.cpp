@@ -20,7 +20,8 @@ namespace {
 // session that forgot eval() fails the comparisons below.
 torch::nn::Sequential make_net() {
   namespace nn = torch::nn;
-  return nn::Sequential(nn::Linear(6, 16), nn::BatchNorm1d(16), nn::ReLU(), nn::Dropout(0.5), nn::Linear(16, 3));
+  return nn::Sequential(nn::Linear(6, 16), nn::BatchNorm1d(16), nn::ReLU(), nn::Dropout(0.5),
+                        nn::Linear(16, 3));
 }
 
 // A few Trainer steps on random data so BatchNorm's running statistics and the
@@ -120,7 +121,8 @@ TEST_F(InferenceSessionTest, LoadsTrainerCheckpointAndMatchesTheModelRunByHandIn
 TEST_F(InferenceSessionTest, MissingCheckpointIsAnErrorNamingThePath) {
   wick::testing::TempDir dir;
   const std::string path = dir.str() + "/no-such-checkpoint";
-  EXPECT_THROWS_WITH(InferenceSession(make_net(), path), "InferenceSession: cannot load checkpoint '" + path);
+  EXPECT_THROWS_WITH(InferenceSession(make_net(), path),
+                     "InferenceSession: cannot load checkpoint '" + path);
   EXPECT_THROWS_WITH(InferenceSession(make_net(), path), "no such directory");
 }
 
@@ -128,12 +130,15 @@ TEST_F(InferenceSessionTest, StateThatDoesNotFitTheModelNamesTheKey) {
   wick::testing::TempDir dir;
   const std::string ckpt = train_and_checkpoint(make_net(), dir.str() + "/checkpoints");
   namespace nn = torch::nn;
-  auto wider = nn::Sequential(nn::Linear(6, 17), nn::BatchNorm1d(17), nn::ReLU(), nn::Dropout(0.5), nn::Linear(17, 3));
-  EXPECT_THROWS_WITH(InferenceSession(wider, ckpt), "'0.weight' has shape [16, 6] in the checkpoint but [17, 6]");
+  auto wider = nn::Sequential(nn::Linear(6, 17), nn::BatchNorm1d(17), nn::ReLU(), nn::Dropout(0.5),
+                              nn::Linear(17, 3));
+  EXPECT_THROWS_WITH(InferenceSession(wider, ckpt),
+                     "'0.weight' has shape [16, 6] in the checkpoint but [17, 6]");
   auto shorter = nn::Sequential(nn::Linear(6, 16), nn::BatchNorm1d(16));
   EXPECT_THROWS_WITH(InferenceSession(shorter, ckpt), "the checkpoint has '4.weight'");
-  EXPECT_THROWS_WITH(InferenceSession(make_net(), ckpt, InferenceSessionOptions().section("weights")),
-                     "has no section 'weights'");
+  EXPECT_THROWS_WITH(
+      InferenceSession(make_net(), ckpt, InferenceSessionOptions().section("weights")),
+      "has no section 'weights'");
 }
 
 TEST_F(InferenceSessionTest, TransformRunsBeforeLoadingSoAQuantizedCheckpointFits) {
@@ -197,7 +202,8 @@ TEST_F(InferenceSessionTest, RunFromManyThreadsAtOnceMatchesOneThread) {
 TEST_F(InferenceSessionTest, WarmsUpAndSetsTheThreadCount) {
   const int before = torch::get_num_threads();
   Counting counting;
-  InferenceSession session(counting, InferenceSessionOptions().warmup_shape({8, 3}).warmup_iterations(4).num_threads(2));
+  InferenceSession session(
+      counting, InferenceSessionOptions().warmup_shape({8, 3}).warmup_iterations(4).num_threads(2));
   EXPECT_EQ(counting->calls.load(), 4);
   EXPECT_EQ(torch::get_num_threads(), 2);
   torch::set_num_threads(before);
@@ -212,7 +218,8 @@ TEST_F(InferenceSessionTest, RejectsBadOptions) {
   EXPECT_THROWS_WITH(InferenceSession(Counting(), InferenceSessionOptions().warmup_iterations(-2)),
                      "InferenceSession: warmup_iterations must be >= 0, got -2");
   InferenceSession session{Counting()};
-  EXPECT_THROWS_WITH(session.run(torch::Tensor()), "InferenceSession: run() needs a defined input tensor");
+  EXPECT_THROWS_WITH(session.run(torch::Tensor()),
+                     "InferenceSession: run() needs a defined input tensor");
 }
 
 // docs/batching.md, "Serving a trained model": this code is shown there.
@@ -225,9 +232,8 @@ TEST_F(InferenceSessionTest, DocExample) {
   // --- begin doc example ---
   auto model = make_net();  // the architecture that was trained, fresh weights
   wick::InferenceSession session(model, *wick::latest_checkpoint(checkpoint_dir),
-                                 wick::InferenceSessionOptions()
-                                     .num_threads(1)
-                                     .warmup_shape({32, 6}));  // eval mode, InferenceMode, warm
+                                 wick::InferenceSessionOptions().num_threads(1).warmup_shape(
+                                     {32, 6}));  // eval mode, InferenceMode, warm
 
   wick::TensorBatcher batcher(session.batch_fn(), wick::BatcherOptions()
                                                       .max_batch_size(32)
@@ -257,7 +263,8 @@ TEST_F(InferenceSessionTest, RunsOnCudaWithInputsFromTheCpu) {
   wick::testing::TempDir dir;
   auto trained = make_net();
   const std::string ckpt = train_and_checkpoint(trained, dir.str() + "/checkpoints");
-  InferenceSession session(make_net(), ckpt, InferenceSessionOptions().device(torch::Device(torch::kCUDA)));
+  InferenceSession session(make_net(), ckpt,
+                           InferenceSessionOptions().device(torch::Device(torch::kCUDA)));
   EXPECT_TRUE(session.device().is_cuda());
   auto x = torch::randn({10, 6});
   auto y = session.run(x);

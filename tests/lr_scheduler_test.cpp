@@ -25,21 +25,23 @@ struct TwoGroups {
   torch::Tensor p2 = torch::zeros({3}, torch::requires_grad());
   torch::optim::SGD optimizer{
       std::vector<torch::optim::OptimizerParamGroup>{
-          torch::optim::OptimizerParamGroup({p1}, std::make_unique<torch::optim::SGDOptions>(bl::kBaseLrs[0])),
-          torch::optim::OptimizerParamGroup({p2}, std::make_unique<torch::optim::SGDOptions>(bl::kBaseLrs[1]))},
+          torch::optim::OptimizerParamGroup(
+              {p1}, std::make_unique<torch::optim::SGDOptions>(bl::kBaseLrs[0])),
+          torch::optim::OptimizerParamGroup(
+              {p2}, std::make_unique<torch::optim::SGDOptions>(bl::kBaseLrs[1]))},
       torch::optim::SGDOptions(bl::kBaseLrs[0])};
 };
 
-::testing::AssertionResult lrs_close(const std::vector<double>& got, const std::vector<double>& want,
-                                     size_t row) {
+::testing::AssertionResult lrs_close(const std::vector<double>& got,
+                                     const std::vector<double>& want, size_t row) {
   if (got.size() != want.size()) {
-    return ::testing::AssertionFailure() << "row " << row << ": " << got.size() << " groups, want "
-                                         << want.size();
+    return ::testing::AssertionFailure()
+           << "row " << row << ": " << got.size() << " groups, want " << want.size();
   }
   for (size_t g = 0; g < got.size(); ++g) {
     if (!(std::abs(got[g] - want[g]) <= kRtol * std::abs(want[g]))) {
-      return ::testing::AssertionFailure() << "row " << row << " group " << g << ": got "
-                                           << got[g] << ", Python " << want[g];
+      return ::testing::AssertionFailure()
+             << "row " << row << " group " << g << ": got " << got[g] << ", Python " << want[g];
     }
   }
   return ::testing::AssertionSuccess();
@@ -76,11 +78,11 @@ void load_from_string(const std::string& bytes,
 
 class StepLRTest : public SeededTest {};
 
-#define WICK_STEP_CASE(Name)                                                              \
-  TEST_F(StepLRTest, MatchesPython##Name) {                                               \
-    TwoGroups t;                                                                          \
+#define WICK_STEP_CASE(Name)                                                                \
+  TEST_F(StepLRTest, MatchesPython##Name) {                                                 \
+    TwoGroups t;                                                                            \
     wick::StepLR sched(t.optimizer, bl::kStepLR##Name##StepSize, bl::kStepLR##Name##Gamma); \
-    replay(sched, t.optimizer, bl::kStepLR##Name);                                        \
+    replay(sched, t.optimizer, bl::kStepLR##Name);                                          \
   }
 WICK_STEP_CASE(StepSize3Gamma05)
 WICK_STEP_CASE(StepSize1Gamma09)
@@ -114,7 +116,8 @@ TEST_F(StepLRTest, ResumesMidScheduleIdentically) {
 TEST_F(StepLRTest, RejectsBadArguments) {
   TwoGroups t;
   EXPECT_THROWS_WITH(wick::StepLR(t.optimizer, 0), "StepLR: step_size must be >= 1, got 0");
-  EXPECT_THROWS_WITH(wick::StepLR(t.optimizer, 3, 0.0), "StepLR: gamma must be finite and > 0, got 0");
+  EXPECT_THROWS_WITH(wick::StepLR(t.optimizer, 3, 0.0),
+                     "StepLR: gamma must be finite and > 0, got 0");
   EXPECT_THROWS_WITH(wick::StepLR(t.optimizer, 3, -0.5), "gamma");
 }
 
@@ -122,12 +125,12 @@ TEST_F(StepLRTest, RejectsBadArguments) {
 
 class CosineWarmupLRTest : public SeededTest {};
 
-#define WICK_COSINE_CASE(Name)                                                                 \
-  TEST_F(CosineWarmupLRTest, MatchesPython##Name) {                                            \
-    TwoGroups t;                                                                               \
+#define WICK_COSINE_CASE(Name)                                                                   \
+  TEST_F(CosineWarmupLRTest, MatchesPython##Name) {                                              \
+    TwoGroups t;                                                                                 \
     wick::CosineWarmupLR sched(t.optimizer, bl::kCosine##Name##Warmup, bl::kCosine##Name##Total, \
-                               bl::kCosine##Name##MinRatio, bl::kCosine##Name##Start);         \
-    replay(sched, t.optimizer, bl::kCosine##Name);                                             \
+                               bl::kCosine##Name##MinRatio, bl::kCosine##Name##Start);           \
+    replay(sched, t.optimizer, bl::kCosine##Name);                                               \
   }
 WICK_COSINE_CASE(Warmup5Total20)
 WICK_COSINE_CASE(NoWarmupToZero)
@@ -137,8 +140,9 @@ WICK_COSINE_CASE(WarmupEqualsTotal)
 TEST_F(CosineWarmupLRTest, ResumesMidScheduleIdentically) {
   const auto& table = bl::kCosineWarmup5Total20;
   const auto make = [](torch::optim::Optimizer& opt) {
-    return wick::CosineWarmupLR(opt, bl::kCosineWarmup5Total20Warmup, bl::kCosineWarmup5Total20Total,
-                                bl::kCosineWarmup5Total20MinRatio, bl::kCosineWarmup5Total20Start);
+    return wick::CosineWarmupLR(opt, bl::kCosineWarmup5Total20Warmup,
+                                bl::kCosineWarmup5Total20Total, bl::kCosineWarmup5Total20MinRatio,
+                                bl::kCosineWarmup5Total20Start);
   };
   for (int stop : {3, 5, 11, 22}) {
     SCOPED_TRACE("saved after " + std::to_string(stop) + " steps");
@@ -193,19 +197,19 @@ TEST_F(CosineWarmupLRTest, LoadingIntoAnotherGroupCountFails) {
 
 class ReduceLROnPlateauTest : public SeededTest {};
 
-#define WICK_PLATEAU_OPTIONS(Name)                            \
-  wick::ReduceLROnPlateauOptions()                            \
-      .maximize(bl::kPlateau##Name##Maximize)                 \
-      .factor(bl::kPlateau##Name##Factor)                     \
-      .patience(bl::kPlateau##Name##Patience)                 \
-      .threshold(bl::kPlateau##Name##Threshold)               \
-      .cooldown(bl::kPlateau##Name##Cooldown)                 \
-      .min_lr(bl::kPlateau##Name##MinLr)                      \
+#define WICK_PLATEAU_OPTIONS(Name)              \
+  wick::ReduceLROnPlateauOptions()              \
+      .maximize(bl::kPlateau##Name##Maximize)   \
+      .factor(bl::kPlateau##Name##Factor)       \
+      .patience(bl::kPlateau##Name##Patience)   \
+      .threshold(bl::kPlateau##Name##Threshold) \
+      .cooldown(bl::kPlateau##Name##Cooldown)   \
+      .min_lr(bl::kPlateau##Name##MinLr)        \
       .eps(bl::kPlateau##Name##Eps)
 
 void replay_plateau(wick::ReduceLROnPlateau& sched, torch::optim::Optimizer& opt,
-                    const std::vector<double>& metrics, const std::vector<std::vector<double>>& table,
-                    size_t from = 0) {
+                    const std::vector<double>& metrics,
+                    const std::vector<std::vector<double>>& table, size_t from = 0) {
   ASSERT_EQ(table.size(), metrics.size() + 1);
   ASSERT_TRUE(lrs_close(wick::get_lrs(opt), table[from], from));
   for (size_t n = from + 1; n < table.size(); ++n) {
@@ -215,10 +219,10 @@ void replay_plateau(wick::ReduceLROnPlateau& sched, torch::optim::Optimizer& opt
   }
 }
 
-#define WICK_PLATEAU_CASE(Name)                                                        \
-  TEST_F(ReduceLROnPlateauTest, MatchesPython##Name) {                                 \
-    TwoGroups t;                                                                       \
-    wick::ReduceLROnPlateau sched(t.optimizer, WICK_PLATEAU_OPTIONS(Name));            \
+#define WICK_PLATEAU_CASE(Name)                                                          \
+  TEST_F(ReduceLROnPlateauTest, MatchesPython##Name) {                                   \
+    TwoGroups t;                                                                         \
+    wick::ReduceLROnPlateau sched(t.optimizer, WICK_PLATEAU_OPTIONS(Name));              \
     replay_plateau(sched, t.optimizer, bl::kPlateau##Name##Metrics, bl::kPlateau##Name); \
   }
 WICK_PLATEAU_CASE(MinPatience2Cooldown1)
@@ -289,7 +293,8 @@ TEST_F(SetLrTest, SetsEveryGroupOfEveryOptimizerKind) {
   optimizers.push_back(std::make_unique<torch::optim::Adagrad>(std::vector<torch::Tensor>{w}));
   optimizers.push_back(std::make_unique<torch::optim::LBFGS>(std::vector<torch::Tensor>{w}));
   for (auto& opt : optimizers) {
-    opt->add_param_group(torch::optim::OptimizerParamGroup({torch::zeros({1}, torch::requires_grad())}));
+    opt->add_param_group(
+        torch::optim::OptimizerParamGroup({torch::zeros({1}, torch::requires_grad())}));
     ASSERT_EQ(opt->param_groups().size(), 2u);
     wick::set_lr(*opt, 0.0123);
     EXPECT_EQ(wick::get_lrs(*opt), (std::vector<double>{0.0123, 0.0123}));

@@ -30,7 +30,8 @@ TEST_F(MetersTest, ThroughputSmoothsAsABiasCorrectedAverage) {
   wick::ThroughputMeter c(0.9);
   c.update(32, 0.5);
   EXPECT_NEAR(c.samples_per_s(), 64.0, 1e-9);
-  EXPECT_THROWS_WITH(wick::ThroughputMeter(1.0), "ThroughputMeter: smoothing must be in [0, 1), got 1");
+  EXPECT_THROWS_WITH(wick::ThroughputMeter(1.0),
+                     "ThroughputMeter: smoothing must be in [0, 1), got 1");
   EXPECT_THROWS_WITH(c.update(1, 0.0), "ThroughputMeter: seconds must be > 0, got 0");
 }
 
@@ -72,7 +73,8 @@ TEST_F(MetersTest, HostMemorySeesATouchedAllocation) {
 TEST_F(MetersTest, NvmlMissingIsUnavailableNotACrash) {
   wick::Nvml nvml("libnvidia-ml-does-not-exist.so.1");
   EXPECT_FALSE(nvml.available());
-  EXPECT_NE(nvml.reason().find("libnvidia-ml-does-not-exist.so.1 could not be loaded"), std::string::npos)
+  EXPECT_NE(nvml.reason().find("libnvidia-ml-does-not-exist.so.1 could not be loaded"),
+            std::string::npos)
       << nvml.reason();
   EXPECT_EQ(nvml.device_count(), 0);
   const auto s = nvml.query(0);
@@ -99,7 +101,8 @@ TEST_F(MetersTest, CudaAllocatorStatsFollowAnAllocation) {
   wick::reset_cuda_peak_memory(0);
   const auto before = wick::cuda_memory(0);
   ASSERT_TRUE(before.available);
-  auto t = torch::empty({1 << 20}, torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat32));
+  auto t =
+      torch::empty({1 << 20}, torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat32));
   const auto during = wick::cuda_memory(0);
   EXPECT_EQ(during.allocated_bytes - before.allocated_bytes, 4 << 20);
   EXPECT_GE(during.reserved_bytes, during.allocated_bytes);
@@ -131,14 +134,16 @@ TEST_F(MetersTest, TrainerLogsCarryMeters) {
   auto x = torch::randn({256, 784}), y = torch::randint(0, 10, {256});
   auto run = [&](wick::TrainerOptions options) {
     torch::manual_seed(0);
-    auto model = nn::Sequential(nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(), nn::Linear(256, 10));
+    auto model = nn::Sequential(nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(),
+                                nn::Linear(256, 10));
     wick::SupervisedTask task(model);
     torch::optim::SGD optimizer(model->parameters(), 0.01);
     wick::TensorBatchSource train(x, y, 32);
     wick::Trainer trainer(options.max_epochs(1).log_every_n_steps(4));
     const auto t0 = std::chrono::steady_clock::now();
     auto result = trainer.fit(task, optimizer, train);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return std::make_pair(result.last_logs, seconds);
   };
   const double flops = wick::linear_stack_train_flops({784, 512, 256, 10});

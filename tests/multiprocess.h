@@ -78,10 +78,11 @@ inline std::string read_text(const std::string& path) {
 /// (a rank left out never joins), sharing `dir`; waits at most `timeout_s`
 /// seconds, then kills what still runs. Returns each child's exit status
 /// (128 + signal when killed by one, -1 when it outlived the timeout).
-inline std::vector<int> run_rank_processes(const std::vector<int>& ranks, int world, const std::string& dir,
-                                           int timeout_s) {
+inline std::vector<int> run_rank_processes(const std::vector<int>& ranks, int world,
+                                           const std::string& dir, int timeout_s) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  const std::string filter = std::string("--gtest_filter=") + info->test_suite_name() + "." + info->name();
+  const std::string filter =
+      std::string("--gtest_filter=") + info->test_suite_name() + "." + info->name();
   const std::string port = std::to_string(free_port());
   std::vector<pid_t> pids;
   for (int rank : ranks) {
@@ -135,7 +136,8 @@ inline std::vector<int> run_rank_processes(const std::vector<int>& ranks, int wo
 /// Runs the current test in `world` children (ranks 0..world-1) sharing
 /// `dir`, waits at most `timeout_s` seconds (then kills them), and succeeds
 /// when every child exited with status 0; a failure carries every rank's log.
-inline ::testing::AssertionResult run_ranks(int world, const std::string& dir, int timeout_s = 120) {
+inline ::testing::AssertionResult run_ranks(int world, const std::string& dir,
+                                            int timeout_s = 120) {
   std::vector<int> ranks;
   for (int rank = 0; rank < world; ++rank) ranks.push_back(rank);
   const auto status = run_rank_processes(ranks, world, dir, timeout_s);
@@ -145,7 +147,8 @@ inline ::testing::AssertionResult run_ranks(int world, const std::string& dir, i
   auto failure = ::testing::AssertionFailure();
   for (int rank = 0; rank < world; ++rank) {
     failure << "rank " << rank << " exit status " << status[rank]
-            << (status[rank] == -1 ? " (still running after the timeout, killed)" : "") << "; log:\n"
+            << (status[rank] == -1 ? " (still running after the timeout, killed)" : "")
+            << "; log:\n"
             << read_text(dir + "/rank" + std::to_string(rank) + ".log") << "\n";
   }
   return failure;

@@ -37,14 +37,16 @@ torch::nn::Sequential make_mlp(torch::Dtype dtype = torch::kFloat64) {
 
 using wick::testing::clone_parameters;
 
-// `steps` steps of cross-entropy on consecutive batches of 8 (sign -1: maximize the loss's negative).
+// `steps` steps of cross-entropy on consecutive batches of 8 (sign -1: maximize the loss's
+// negative).
 void train(torch::nn::Sequential& model, torch::optim::Optimizer& opt, const Data& d, int64_t steps,
            int64_t first = 0, double sign = 1.0) {
   const int64_t batches = d.x.size(0) / 8;
   for (int64_t s = first; s < first + steps; ++s) {
     const int64_t i = (s % batches) * 8;
     opt.zero_grad();
-    auto loss = torch::nn::functional::cross_entropy(model->forward(d.x.narrow(0, i, 8)), d.y.narrow(0, i, 8));
+    auto loss = torch::nn::functional::cross_entropy(model->forward(d.x.narrow(0, i, 8)),
+                                                     d.y.narrow(0, i, 8));
     (sign * loss).backward();
     opt.step();
   }
@@ -52,10 +54,12 @@ void train(torch::nn::Sequential& model, torch::optim::Optimizer& opt, const Dat
 
 class FusedAdamTest : public wick::testing::SeededTest {};
 
-void expect_models_close(const torch::nn::Module& a, const torch::nn::Module& b, double rtol, double atol) {
+void expect_models_close(const torch::nn::Module& a, const torch::nn::Module& b, double rtol,
+                         double atol) {
   auto pa = clone_parameters(a), pb = clone_parameters(b);
   ASSERT_EQ(pa.size(), pb.size());
-  for (size_t i = 0; i < pa.size(); ++i) EXPECT_TRUE(tensors_close(pa[i], pb[i], rtol, atol)) << "parameter " << i;
+  for (size_t i = 0; i < pa.size(); ++i)
+    EXPECT_TRUE(tensors_close(pa[i], pb[i], rtol, atol)) << "parameter " << i;
 }
 
 // (1) float64 against torch::optim::Adam / AdamW: the same function to rounding.
@@ -81,7 +85,8 @@ TEST_F(FusedAdamTest, MatchesTorchAdamInFloat64) {
     train(model, opt, data, 20);
     train(reference, ref, data, 20);
     expect_models_close(*model, *reference, 1e-10, 1e-14);
-    EXPECT_FALSE(tensors_close(clone_parameters(*model)[0], make_mlp()->parameters()[0], 1e-3)) << "did not train";
+    EXPECT_FALSE(tensors_close(clone_parameters(*model)[0], make_mlp()->parameters()[0], 1e-3))
+        << "did not train";
   }
 }
 
@@ -90,8 +95,10 @@ TEST_F(FusedAdamTest, DecoupledWeightDecayMatchesTorchAdamW) {
   for (bool amsgrad : {false, true}) {
     SCOPED_TRACE(amsgrad ? "amsgrad" : "plain");
     auto model = make_mlp(), reference = make_mlp();
-    wick::FusedAdam opt(model->parameters(),
-                        wick::FusedAdamOptions(1e-2).weight_decay(0.1).decoupled_weight_decay(true).amsgrad(amsgrad));
+    wick::FusedAdam opt(
+        model->parameters(),
+        wick::FusedAdamOptions(1e-2).weight_decay(0.1).decoupled_weight_decay(true).amsgrad(
+            amsgrad));
     torch::optim::AdamW ref(reference->parameters(),
                             torch::optim::AdamWOptions(1e-2).weight_decay(0.1).amsgrad(amsgrad));
     train(model, opt, data, 20);
@@ -104,8 +111,10 @@ TEST_F(FusedAdamTest, DecoupledWeightDecayMatchesTorchAdamW) {
 TEST_F(FusedAdamTest, MaximizeMatchesTorchAdamOnNegatedLoss) {
   auto data = make_data(80);
   auto model = make_mlp(), reference = make_mlp();
-  wick::FusedAdam opt(model->parameters(), wick::FusedAdamOptions(1e-2).maximize(true).weight_decay(0.02));
-  torch::optim::Adam ref(reference->parameters(), torch::optim::AdamOptions(1e-2).weight_decay(0.02));
+  wick::FusedAdam opt(model->parameters(),
+                      wick::FusedAdamOptions(1e-2).maximize(true).weight_decay(0.02));
+  torch::optim::Adam ref(reference->parameters(),
+                         torch::optim::AdamOptions(1e-2).weight_decay(0.02));
   train(model, opt, data, 20, 0, -1.0);
   train(reference, ref, data, 20, 0, 1.0);
   expect_models_close(*model, *reference, 1e-10, 1e-14);
@@ -124,15 +133,20 @@ TEST_F(FusedAdamTest, ParamGroupsMixedDtypesAndMissingGradsMatchTorchAdam) {
   auto a = make(), b = make();
   auto groups = [](std::vector<torch::Tensor>& p, auto options_a, auto options_b) {
     return std::vector<torch::optim::OptimizerParamGroup>{
-        torch::optim::OptimizerParamGroup({p[0], p[1], p[3]}, std::make_unique<decltype(options_a)>(options_a)),
-        torch::optim::OptimizerParamGroup({p[2]}, std::make_unique<decltype(options_b)>(options_b))};
+        torch::optim::OptimizerParamGroup({p[0], p[1], p[3]},
+                                          std::make_unique<decltype(options_a)>(options_a)),
+        torch::optim::OptimizerParamGroup({p[2]},
+                                          std::make_unique<decltype(options_b)>(options_b))};
   };
-  wick::FusedAdam opt(groups(a, wick::FusedAdamOptions(0.05), wick::FusedAdamOptions(0.2).weight_decay(0.1)),
-                      wick::FusedAdamOptions(1.0));
-  torch::optim::Adam ref(groups(b, torch::optim::AdamOptions(0.05), torch::optim::AdamOptions(0.2).weight_decay(0.1)),
-                         torch::optim::AdamOptions(1.0));
+  wick::FusedAdam opt(
+      groups(a, wick::FusedAdamOptions(0.05), wick::FusedAdamOptions(0.2).weight_decay(0.1)),
+      wick::FusedAdamOptions(1.0));
+  torch::optim::Adam ref(
+      groups(b, torch::optim::AdamOptions(0.05), torch::optim::AdamOptions(0.2).weight_decay(0.1)),
+      torch::optim::AdamOptions(1.0));
   auto loss = [](const std::vector<torch::Tensor>& p) {
-    return p[0].pow(2).sum() + p[1].sin().sum() + (p[2] * p[2].cos()).sum();  // p[3] unused: no grad
+    return p[0].pow(2).sum() + p[1].sin().sum() +
+           (p[2] * p[2].cos()).sum();  // p[3] unused: no grad
   };
   for (int s = 0; s < 15; ++s) {
     opt.zero_grad();
@@ -147,7 +161,8 @@ TEST_F(FusedAdamTest, ParamGroupsMixedDtypesAndMissingGradsMatchTorchAdam) {
   EXPECT_TRUE(tensors_close(a[2], b[2], 1e-10, 1e-14));
   EXPECT_TRUE(tensors_equal(a[3], make()[3]));
   EXPECT_EQ(opt.state().count(a[3].unsafeGetTensorImpl()), 0u);
-  const auto& s0 = static_cast<const wick::FusedAdamParamState&>(*opt.state().at(a[0].unsafeGetTensorImpl()));
+  const auto& s0 =
+      static_cast<const wick::FusedAdamParamState&>(*opt.state().at(a[0].unsafeGetTensorImpl()));
   EXPECT_EQ(s0.step().scalar_type(), torch::kFloat32);
   EXPECT_EQ(s0.step().item<float>(), 15.0f);
 }
@@ -165,12 +180,19 @@ TEST_F(FusedAdamTest, MatchesPythonFusedAdamInFloat32) {
   };
   const std::vector<Case> cases = {
       {"Adam", wick::FusedAdamOptions(1e-2), &kOptimAdam},
-      {"AdamWeightDecay", wick::FusedAdamOptions(1e-2).weight_decay(0.05).betas({0.8, 0.99}).eps(1e-6),
+      {"AdamWeightDecay",
+       wick::FusedAdamOptions(1e-2).weight_decay(0.05).betas({0.8, 0.99}).eps(1e-6),
        &kOptimAdamWeightDecay},
-      {"AdamW", wick::FusedAdamOptions(1e-2).weight_decay(0.1).decoupled_weight_decay(true), &kOptimAdamW},
-      {"AdamAmsgrad", wick::FusedAdamOptions(1e-2).amsgrad(true).weight_decay(0.01), &kOptimAdamAmsgrad},
+      {"AdamW", wick::FusedAdamOptions(1e-2).weight_decay(0.1).decoupled_weight_decay(true),
+       &kOptimAdamW},
+      {"AdamAmsgrad", wick::FusedAdamOptions(1e-2).amsgrad(true).weight_decay(0.01),
+       &kOptimAdamAmsgrad},
       {"AdamWAmsgradMaximize",
-       wick::FusedAdamOptions(5e-3).amsgrad(true).maximize(true).weight_decay(0.02).decoupled_weight_decay(true),
+       wick::FusedAdamOptions(5e-3)
+           .amsgrad(true)
+           .maximize(true)
+           .weight_decay(0.02)
+           .decoupled_weight_decay(true),
        &kOptimAdamWAmsgradMaximize},
   };
   for (const auto& c : cases) {
@@ -193,7 +215,8 @@ TEST_F(FusedAdamTest, MatchesPythonFusedAdamInFloat32) {
       opt.step();
     }
     for (size_t i = 0; i < params.size(); ++i) {
-      auto expected = torch::tensor((*c.expected)[i], torch::kFloat64).to(torch::kFloat32).view_as(params[i]);
+      auto expected =
+          torch::tensor((*c.expected)[i], torch::kFloat64).to(torch::kFloat32).view_as(params[i]);
       EXPECT_TRUE(tensors_equal(params[i], expected)) << "parameter " << i;
     }
   }
@@ -220,12 +243,15 @@ TEST_F(FusedAdamTest, SaveLoadMidRunContinuesBitIdentically) {
     }
     auto second = make_mlp(torch::kFloat32);
     torch::load(second, model_bytes);
-    wick::FusedAdam opt(second->parameters(), wick::FusedAdamOptions(123.0));  // options come from the archive
+    wick::FusedAdam opt(second->parameters(),
+                        wick::FusedAdamOptions(123.0));  // options come from the archive
     torch::load(opt, opt_bytes);
-    EXPECT_TRUE(static_cast<const wick::FusedAdamOptions&>(opt.param_groups()[0].options()) == options);
+    EXPECT_TRUE(static_cast<const wick::FusedAdamOptions&>(opt.param_groups()[0].options()) ==
+                options);
     train(second, opt, data, 6, /*first=*/6);
     auto a = clone_parameters(*second), b = clone_parameters(*straight);
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_equal(a[i], b[i])) << "parameter " << i;
+    for (size_t i = 0; i < a.size(); ++i)
+      EXPECT_TRUE(tensors_equal(a[i], b[i])) << "parameter " << i;
   }
 }
 
@@ -233,19 +259,23 @@ TEST_F(FusedAdamTest, SaveLoadMidRunContinuesBitIdentically) {
 TEST_F(FusedAdamTest, ContinuesFromTorchAdamState) {
   auto data = make_data(80);
   auto reference = make_mlp();
-  torch::optim::Adam ref(reference->parameters(), torch::optim::AdamOptions(1e-2).weight_decay(0.01));
+  torch::optim::Adam ref(reference->parameters(),
+                         torch::optim::AdamOptions(1e-2).weight_decay(0.01));
   train(reference, ref, data, 16);
 
   auto model = make_mlp();
   std::stringstream bytes;
   {
-    torch::optim::Adam adam(model->parameters(), torch::optim::AdamOptions(1e-2).weight_decay(0.01));
+    torch::optim::Adam adam(model->parameters(),
+                            torch::optim::AdamOptions(1e-2).weight_decay(0.01));
     train(model, adam, data, 8);
     torch::save(adam, bytes);
   }
   wick::FusedAdam opt(model->parameters());
   torch::load(opt, bytes);
-  EXPECT_DOUBLE_EQ(static_cast<const wick::FusedAdamOptions&>(opt.param_groups()[0].options()).weight_decay(), 0.01);
+  EXPECT_DOUBLE_EQ(
+      static_cast<const wick::FusedAdamOptions&>(opt.param_groups()[0].options()).weight_decay(),
+      0.01);
   train(model, opt, data, 8, /*first=*/8);
   expect_models_close(*model, *reference, 1e-10, 1e-14);
 }
@@ -257,12 +287,14 @@ TEST_F(FusedAdamTest, TrainsInTrainerWithCosineWarmupLR) {
   auto data = make_data(96);
   auto reference = make_mlp();
   {
-    torch::optim::Adam ref(reference->parameters(), torch::optim::AdamOptions(3e-2).weight_decay(1e-3));
+    torch::optim::Adam ref(reference->parameters(),
+                           torch::optim::AdamOptions(3e-2).weight_decay(1e-3));
     wick::CosineWarmupLR sched(ref, /*warmup_steps=*/3, /*total_steps=*/24);
     for (int epoch = 0; epoch < 2; ++epoch) {
       for (int64_t i = 0; i < 96; i += 8) {
         ref.zero_grad();
-        torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, 8)), data.y.narrow(0, i, 8))
+        torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, 8)),
+                                             data.y.narrow(0, i, 8))
             .backward();
         ref.step();
         sched.step();
@@ -273,7 +305,8 @@ TEST_F(FusedAdamTest, TrainsInTrainerWithCosineWarmupLR) {
   auto model = make_mlp();
   wick::SupervisedTask task(model);
   wick::FusedAdam optimizer(model->parameters(), wick::FusedAdamOptions(3e-2).weight_decay(1e-3));
-  auto schedule = std::make_shared<wick::CosineWarmupLR>(optimizer, /*warmup_steps=*/3, /*total_steps=*/24);
+  auto schedule =
+      std::make_shared<wick::CosineWarmupLR>(optimizer, /*warmup_steps=*/3, /*total_steps=*/24);
   wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(8).shuffle(false));
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(2).log_every_n_steps(1000000));
   trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(schedule));
@@ -290,9 +323,11 @@ TEST_F(FusedAdamTest, TrainerResumeIsBitIdentical) {
   auto run = [&](const std::string& dir, int64_t max_steps, const std::string& resume) {
     auto model = make_mlp(torch::kFloat32);
     wick::SupervisedTask task(model);
-    wick::FusedAdam opt(model->parameters(),
-                        wick::FusedAdamOptions(1e-2).decoupled_weight_decay(true).weight_decay(0.05).amsgrad(true));
-    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(10).shuffle(true).seed(3));
+    wick::FusedAdam opt(
+        model->parameters(),
+        wick::FusedAdamOptions(1e-2).decoupled_weight_decay(true).weight_decay(0.05).amsgrad(true));
+    wick::TensorBatchSource source(data.x, data.y,
+                                   wick::TensorBatchSourceOptions(10).shuffle(true).seed(3));
     wick::Trainer trainer(wick::TrainerOptions()
                               .log_every_n_steps(1000000)
                               .max_epochs(2)
@@ -300,8 +335,8 @@ TEST_F(FusedAdamTest, TrainerResumeIsBitIdentical) {
                               .seed(11)
                               .checkpoint_dir(dir)
                               .resume(resume));
-    trainer.add_callback(
-        std::make_shared<wick::LRSchedulerCallback>(std::make_shared<wick::CosineWarmupLR>(opt, 3, 20)));
+    trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(
+        std::make_shared<wick::CosineWarmupLR>(opt, 3, 20)));
     auto result = trainer.fit(task, opt, source);
     return std::make_pair(result.state.step, wick::parameters_sha256(*model));
   };
@@ -322,7 +357,8 @@ TEST_F(FusedAdamTest, CudaMatchesCpuReference) {
   if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
   auto data = make_data(80);
   auto reference = make_mlp();
-  torch::optim::Adam ref(reference->parameters(), torch::optim::AdamOptions(1e-2).weight_decay(0.01));
+  torch::optim::Adam ref(reference->parameters(),
+                         torch::optim::AdamOptions(1e-2).weight_decay(0.01));
   train(reference, ref, data, 20);
 
   auto model = make_mlp(torch::kFloat32);
@@ -331,14 +367,16 @@ TEST_F(FusedAdamTest, CudaMatchesCpuReference) {
   Data gpu{data.x.to(torch::kCUDA, torch::kFloat32), data.y.to(torch::kCUDA)};
   train(model, opt, gpu, 20);
   auto a = clone_parameters(*model), b = clone_parameters(*reference);
-  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(tensors_close(a[i], b[i], 1e-3, 1e-4)) << "parameter " << i;
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(tensors_close(a[i], b[i], 1e-3, 1e-4)) << "parameter " << i;
   const auto& s = static_cast<const wick::FusedAdamParamState&>(*opt.state().begin()->second);
   EXPECT_TRUE(s.step().is_cuda());
 
   torch::manual_seed(2);
   auto cpu = torch::randn({6}, torch::kFloat64).requires_grad_();
   auto cuda = torch::randn({6}, torch::kFloat64).to(torch::kCUDA).requires_grad_();
-  auto cpu_ref = cpu.detach().clone().requires_grad_(), cuda_ref = cuda.detach().cpu().requires_grad_();
+  auto cpu_ref = cpu.detach().clone().requires_grad_(),
+       cuda_ref = cuda.detach().cpu().requires_grad_();
   wick::FusedAdam mixed({cpu, cuda}, wick::FusedAdamOptions(0.1));
   torch::optim::Adam mixed_ref({cpu_ref, cuda_ref}, torch::optim::AdamOptions(0.1));
   for (int k = 0; k < 5; ++k) {
@@ -356,19 +394,22 @@ TEST_F(FusedAdamTest, CudaMatchesCpuReference) {
 // (6) Bad options and bad parameters.
 TEST_F(FusedAdamTest, RejectsBadOptions) {
   auto p = torch::zeros({2}, torch::requires_grad());
-  EXPECT_THROWS_WITH(wick::FusedAdam({p}, wick::FusedAdamOptions(-1e-3)), "FusedAdam: lr must be >= 0, got -0.001");
+  EXPECT_THROWS_WITH(wick::FusedAdam({p}, wick::FusedAdamOptions(-1e-3)),
+                     "FusedAdam: lr must be >= 0, got -0.001");
   EXPECT_THROWS_WITH(wick::FusedAdam({p}, wick::FusedAdamOptions().betas({1.0, 0.999})),
                      "FusedAdam: betas[0] must be in [0, 1), got 1");
   EXPECT_THROWS_WITH(wick::FusedAdam({p}, wick::FusedAdamOptions().betas({0.9, -0.5})),
                      "FusedAdam: betas[1] must be in [0, 1), got -0.5");
-  EXPECT_THROWS_WITH(wick::FusedAdam({p}, wick::FusedAdamOptions().eps(-1)), "FusedAdam: eps must be >= 0, got -1");
+  EXPECT_THROWS_WITH(wick::FusedAdam({p}, wick::FusedAdamOptions().eps(-1)),
+                     "FusedAdam: eps must be >= 0, got -1");
   EXPECT_THROWS_WITH(wick::FusedAdam({p}, wick::FusedAdamOptions().weight_decay(-0.1)),
                      "FusedAdam: weight_decay must be >= 0, got -0.1");
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(std::vector<torch::Tensor>{p},
                       std::make_unique<wick::FusedAdamOptions>(wick::FusedAdamOptions().eps(-2)));
   EXPECT_THROWS_WITH(wick::FusedAdam bad(groups), "eps must be >= 0, got -2 (parameter group 0)");
-  EXPECT_THROWS_WITH(wick::FusedAdam({torch::zeros({2}, torch::kLong)}), "parameters must be floating point");
+  EXPECT_THROWS_WITH(wick::FusedAdam({torch::zeros({2}, torch::kLong)}),
+                     "parameters must be floating point");
 }
 
 TEST_F(FusedAdamTest, RejectsSparseGradients) {

@@ -5,8 +5,8 @@
 #include <wick/data.h>
 #include <wick/report.h>
 
-#include <nlohmann/json.hpp>
 #include <zlib.h>
+#include <nlohmann/json.hpp>
 
 #include <cstdio>
 
@@ -42,8 +42,9 @@ std::string embedded_logs(const std::string& html) {
 // nlohmann's type_error (not a c10::Error) while counting train/val logs.
 TEST(ParsersTest, RunReportTakesANonStringKind) {
   TempDir dir;
-  const auto path = write(dir, "metrics.jsonl",
-                          "{\"kind\": 1, \"step\": 1}\n{\"kind\": null}\n{\"kind\": \"train\", \"step\": 2}\n");
+  const auto path =
+      write(dir, "metrics.jsonl",
+            "{\"kind\": 1, \"step\": 1}\n{\"kind\": null}\n{\"kind\": \"train\", \"step\": 2}\n");
   const std::string html = wick::render_run_report(wick::RunReportOptions(path, "unused.html"));
   EXPECT_NE(html.find("1 train, 0 validation"), std::string::npos);
   EXPECT_EQ(nlohmann::json::parse(embedded_logs(html)).size(), 3u);
@@ -54,8 +55,9 @@ TEST(ParsersTest, RunReportTakesANonStringKind) {
 // ends it: the page lost its charts. Every '<' is now \u003c in the JSON.
 TEST(ParsersTest, RunReportLogsCannotEndOrGarbleTheirScriptElement) {
   TempDir dir;
-  const auto path = write(dir, "metrics.jsonl",
-                          "{\"kind\": \"train\", \"step\": 1, \"note\": \"<!--<script></script></SCRIPT <b>\"}\n");
+  const auto path = write(
+      dir, "metrics.jsonl",
+      "{\"kind\": \"train\", \"step\": 1, \"note\": \"<!--<script></script></SCRIPT <b>\"}\n");
   const std::string html = wick::render_run_report(wick::RunReportOptions(path, "unused.html"));
   const std::string logs = embedded_logs(html);
   EXPECT_EQ(logs.find('<'), std::string::npos) << logs;
@@ -75,8 +77,9 @@ TEST(ParsersTest, IdxHeaderDeclaringHugeDataOverATinyFile) {
   TempDir dir;
   const std::string header("\x00\x00\x08\x03\x00\x00\x80\x00\x00\x00\x80\x00\x00\x00\x00\x20", 16);
   const auto path = write(dir, "huge-idx3-ubyte", header + "abcd");
-  EXPECT_THROWS_WITH(wick::read_idx(path), "is truncated: its header declares shape [32768, 32768, 32] = "
-                                           "34359738368 bytes of data, but the file has 4");
+  EXPECT_THROWS_WITH(wick::read_idx(path),
+                     "is truncated: its header declares shape [32768, 32768, 32] = "
+                     "34359738368 bytes of data, but the file has 4");
 }
 
 // Checkpoint meta.json numbers: get<int64_t>() truncated 7.5, wrapped
@@ -109,14 +112,17 @@ TEST(ParsersTest, CheckpointMetaNumbersMustBeNonNegativeIntegers) {
   const std::string where = "Checkpoint: '" + path + "/meta.json' has train_state.";
   EXPECT_THROWS_WITH(load_with([](auto& m) { m["train_state"]["step"] = -1; }),
                      where + "step = -1; it must be an integer in [0, 2^63)");
-  EXPECT_THROWS_WITH(load_with([](auto& m) { m["train_state"]["epoch"] = 1e300; }), where + "epoch = 1e+300");
+  EXPECT_THROWS_WITH(load_with([](auto& m) { m["train_state"]["epoch"] = 1e300; }),
+                     where + "epoch = 1e+300");
   EXPECT_THROWS_WITH(load_with([](auto& m) { m["train_state"]["batch_in_epoch"] = 7.5; }),
                      where + "batch_in_epoch = 7.5");
   EXPECT_THROWS_WITH(load_with([](auto& m) { m["train_state"]["samples_seen"] = UINT64_MAX; }),
                      where + "samples_seen = 18446744073709551615");
-  EXPECT_THROWS_WITH(load_with([](auto& m) { m["train_state"]["step"] = "7"; }), where + "step = \"7\"");
-  EXPECT_THROWS_WITH(load_with([](auto& m) { m["sections"]["extra"]["size"] = -1; }),
-                     "has a malformed entry for section 'extra': size = -1; it must be a non-negative integer");
+  EXPECT_THROWS_WITH(load_with([](auto& m) { m["train_state"]["step"] = "7"; }),
+                     where + "step = \"7\"");
+  EXPECT_THROWS_WITH(
+      load_with([](auto& m) { m["sections"]["extra"]["size"] = -1; }),
+      "has a malformed entry for section 'extra': size = -1; it must be a non-negative integer");
   EXPECT_THROWS_WITH(load_with([](auto& m) { m["sections"]["extra"]["size"] = 1e300; }),
                      "size = 1e+300; it must be a non-negative integer");
 }
@@ -151,7 +157,8 @@ TEST(ParsersTest, CheckpointSectionWithCorruptCodeIsAClearError) {
   auto meta = nlohmann::json::parse(meta_text);
   char crc[9];
   std::snprintf(crc, sizeof crc, "%08x",
-                static_cast<unsigned>(::crc32(::crc32(0L, Z_NULL, 0), reinterpret_cast<const Bytef*>(pt.data()),
+                static_cast<unsigned>(::crc32(::crc32(0L, Z_NULL, 0),
+                                              reinterpret_cast<const Bytef*>(pt.data()),
                                               static_cast<uInt>(pt.size()))));
   meta["sections"]["extra"]["crc32"] = crc;
   std::ofstream(path + "/meta.json", std::ios::trunc) << meta.dump(2);
@@ -160,7 +167,8 @@ TEST(ParsersTest, CheckpointSectionWithCorruptCodeIsAClearError) {
   EXPECT_THROWS_WITH(ckpt.get("extra", [](torch::serialize::InputArchive&) {}),
                      "Checkpoint '" + path + "': cannot restore section 'extra': ");
   torch::nn::Linear module(3, 2);
-  EXPECT_THROWS_WITH(ckpt.restore_module("extra", *module), "cannot read section 'extra' as a module: ");
+  EXPECT_THROWS_WITH(ckpt.restore_module("extra", *module),
+                     "cannot read section 'extra' as a module: ");
   torch::optim::SGD sgd(module->parameters(), 0.1);
   EXPECT_THROWS_WITH(ckpt.restore_optimizer("extra", sgd), "cannot restore section 'extra'");
 }

@@ -45,7 +45,7 @@ TEST_F(PipelineTest, SplitsBySizesAndByParameterCount) {
   ASSERT_EQ(parts.size(), 3u);
   EXPECT_EQ(parts[0]->size(), 2u);
   EXPECT_EQ(parts[1]->size(), 3u);
-  EXPECT_EQ(parts[1]->ptr(0), model->ptr(2));  // shared, not copied
+  EXPECT_EQ(parts[1]->ptr(0), model->ptr(2));                      // shared, not copied
   EXPECT_TRUE(parts[2]->named_parameters().contains("6.weight"));  // names kept
 
   // Parameters: 112, 0, 272, 0, 204, 0, 39 -> two parts of about 313 each.
@@ -56,7 +56,8 @@ TEST_F(PipelineTest, SplitsBySizesAndByParameterCount) {
   auto each = wick::split_sequential(model, int64_t{7});
   for (const auto& part : each) EXPECT_EQ(part->size(), 1u);
 
-  EXPECT_THROWS_WITH(wick::split_sequential(model, std::vector<int64_t>{2, 2}), "sizes sum to 4 but the Sequential has 7");
+  EXPECT_THROWS_WITH(wick::split_sequential(model, std::vector<int64_t>{2, 2}),
+                     "sizes sum to 4 but the Sequential has 7");
   EXPECT_THROWS_WITH(wick::split_sequential(model, std::vector<int64_t>{7, 0}), "part 1 has 0");
   EXPECT_THROWS_WITH(wick::split_sequential(model, int64_t{8}), "parts must be in [1, 7]");
 }
@@ -98,7 +99,10 @@ TEST_F(PipelineTest, GradientsEqualTheUnsplitModelsInFloat64) {
     ref_loss.backward();
 
     wick::Pipeline pipe(stages_of(wick::split_sequential(model, std::vector<int64_t>{2, 2, 3})),
-                        wick::PipelineOptions().chunks(c.chunks).schedule(c.schedule).checkpointing(c.checkpointing));
+                        wick::PipelineOptions()
+                            .chunks(c.chunks)
+                            .schedule(c.schedule)
+                            .checkpointing(c.checkpointing));
     auto loss = pipe->train_step(x, y, loss_fn);
     EXPECT_NEAR(loss.item<double>(), ref_loss.item<double>(), 1e-12);
     auto mine = model->named_parameters();
@@ -118,32 +122,42 @@ TEST_F(PipelineTest, AccumulatesIntoExistingGradientsAndScales) {
   auto reference = clone_of(model);
   auto x = torch::randn({8, 6}, torch::kDouble);
   auto y = torch::randint(0, 3, {8});
-  wick::Pipeline pipe(stages_of(wick::split_sequential(model, int64_t{2})), wick::PipelineOptions().chunks(4));
+  wick::Pipeline pipe(stages_of(wick::split_sequential(model, int64_t{2})),
+                      wick::PipelineOptions().chunks(4));
   pipe->train_step(x, y, loss_fn);
   pipe->train_step(x, y, loss_fn, /*grad_scale=*/0.5);
   (loss_fn(reference->forward(x), y) * 1.5).backward();
   auto theirs = reference->named_parameters();
-  for (const auto& p : model->named_parameters()) WICK_EXPECT_CLOSE(p.value().grad(), theirs[p.key()].grad(), 1e-6, 1e-12);
+  for (const auto& p : model->named_parameters())
+    WICK_EXPECT_CLOSE(p.value().grad(), theirs[p.key()].grad(), 1e-6, 1e-12);
 }
 
 TEST_F(PipelineTest, ErrorsNameTheStageAndTheMicroBatch) {
   torch::nn::Sequential a(torch::nn::Linear(6, 8));
   torch::nn::Sequential b(torch::nn::Linear(5, 3));  // does not take stage 0's 8 features
-  wick::Pipeline pipe(std::vector<wick::PipelineStage>{{a, torch::kCPU}, {b, torch::kCPU}}, wick::PipelineOptions().chunks(2));
+  wick::Pipeline pipe(std::vector<wick::PipelineStage>{{a, torch::kCPU}, {b, torch::kCPU}},
+                      wick::PipelineOptions().chunks(2));
   EXPECT_THROWS_WITH(pipe->train_step(torch::randn({4, 6}), torch::randint(0, 3, {4}), loss_fn),
                      "Pipeline: stage 1 (cpu), forward of micro-batch 0 failed");
-  EXPECT_THROWS_WITH(pipe(torch::randn({4, 6})), "Pipeline: stage 1 (cpu) failed on its input of shape [2, 8]");
+  EXPECT_THROWS_WITH(pipe(torch::randn({4, 6})),
+                     "Pipeline: stage 1 (cpu) failed on its input of shape [2, 8]");
   EXPECT_THROWS_WITH(wick::Pipeline(std::vector<wick::PipelineStage>{}), "Pipeline: no stages");
-  EXPECT_THROWS_WITH(wick::Pipeline(std::vector<wick::PipelineStage>{{torch::nn::Sequential(), torch::kCPU}}), "stage 0 has no modules");
-  EXPECT_THROWS_WITH(wick::Pipeline(std::vector<wick::PipelineStage>{{a, torch::kCPU}}, wick::PipelineOptions().chunks(0)), "chunks must be >= 1, got 0");
+  EXPECT_THROWS_WITH(
+      wick::Pipeline(std::vector<wick::PipelineStage>{{torch::nn::Sequential(), torch::kCPU}}),
+      "stage 0 has no modules");
+  EXPECT_THROWS_WITH(wick::Pipeline(std::vector<wick::PipelineStage>{{a, torch::kCPU}},
+                                    wick::PipelineOptions().chunks(0)),
+                     "chunks must be >= 1, got 0");
   wick::Pipeline ok(std::vector<wick::PipelineStage>{{a, torch::kCPU}});
   ok->to(torch::kCPU);  // already there: fine
-  EXPECT_THROWS_WITH(ok->to(torch::Device(torch::kMeta)), "cannot move the pipeline to meta: stage 0 (cpu) has its own device");
+  EXPECT_THROWS_WITH(ok->to(torch::Device(torch::kMeta)),
+                     "cannot move the pipeline to meta: stage 0 (cpu) has its own device");
   EXPECT_THROWS_WITH(ok->train_step(torch::randn({4, 6}), torch::randint(0, 3, {3}), loss_fn),
                      "target must have the input's batch size 4");
   {
     torch::NoGradGuard g;
-    EXPECT_THROWS_WITH(ok->train_step(torch::randn({4, 6}), torch::randint(0, 8, {4}), loss_fn), "needs gradients");
+    EXPECT_THROWS_WITH(ok->train_step(torch::randn({4, 6}), torch::randint(0, 8, {4}), loss_fn),
+                       "needs gradients");
   }
 }
 
@@ -158,10 +172,12 @@ TEST_F(PipelineTest, TrainsUnderTheTrainerLikeTheUnsplitModel) {
     torch::manual_seed(3);
     auto model = make_mlp();
     auto reference = clone_of(model);
-    auto options = wick::TrainerOptions().max_epochs(2).grad_accum_steps(2).precision(precision).seed(5);
+    auto options =
+        wick::TrainerOptions().max_epochs(2).grad_accum_steps(2).precision(precision).seed(5);
 
     wick::Pipeline pipe(stages_of(wick::split_sequential(model, std::vector<int64_t>{3, 4})),
-                        wick::PipelineOptions().chunks(3).checkpointing(wick::ActivationCheckpointing::kExceptLast));
+                        wick::PipelineOptions().chunks(3).checkpointing(
+                            wick::ActivationCheckpointing::kExceptLast));
     wick::PipelineTask task(pipe, loss_fn);
     torch::optim::SGD opt(pipe->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
     wick::TensorBatchSource source(x, y, wick::TensorBatchSourceOptions(8).shuffle(true).seed(5));
@@ -169,12 +185,14 @@ TEST_F(PipelineTest, TrainsUnderTheTrainerLikeTheUnsplitModel) {
 
     wick::SupervisedTask ref_task(reference, loss_fn);
     torch::optim::SGD ref_opt(reference->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
-    wick::TensorBatchSource ref_source(x, y, wick::TensorBatchSourceOptions(8).shuffle(true).seed(5));
+    wick::TensorBatchSource ref_source(x, y,
+                                       wick::TensorBatchSourceOptions(8).shuffle(true).seed(5));
     wick::Trainer(options).fit(ref_task, ref_opt, ref_source);
 
     auto theirs = reference->named_parameters();
     const double tol = precision == wick::Precision::kFP32 ? 1e-5 : 3e-2;
-    for (const auto& p : model->named_parameters()) WICK_EXPECT_CLOSE(p.value(), theirs[p.key()], tol, tol);
+    for (const auto& p : model->named_parameters())
+      WICK_EXPECT_CLOSE(p.value(), theirs[p.key()], tol, tol);
   }
 }
 
@@ -187,7 +205,11 @@ TEST_F(PipelineTest, TrainsInFp16WithTheTrainersLossScale) {
   auto model = make_mlp();
   auto reference = clone_of(model);
   auto initial = clone_of(model);
-  auto options = wick::TrainerOptions().max_epochs(2).grad_accum_steps(2).precision(wick::Precision::kFP16).seed(5);
+  auto options = wick::TrainerOptions()
+                     .max_epochs(2)
+                     .grad_accum_steps(2)
+                     .precision(wick::Precision::kFP16)
+                     .seed(5);
 
   wick::Pipeline pipe(stages_of(wick::split_sequential(model, std::vector<int64_t>{3, 4})),
                       wick::PipelineOptions().chunks(2));
@@ -216,15 +238,18 @@ TEST_F(PipelineTest, TrainsInFp16WithTheTrainersLossScale) {
     moved = std::max(moved, (p.value() - start[p.key()]).abs().max().item<double>());
     apart = std::max(apart, (p.value() - theirs[p.key()]).abs().max().item<double>());
   }
-  EXPECT_LT(apart, 0.05 * moved) << "training moved the weights by " << moved << ", the two runs differ by " << apart;
+  EXPECT_LT(apart, 0.05 * moved) << "training moved the weights by " << moved
+                                 << ", the two runs differ by " << apart;
 }
 
 // The examples of docs/model_parallel.md.
 TEST_F(PipelineTest, DocsExampleTwoDevices) {
-  torch::Device encoder_device(torch::kCPU), decoder_device(torch::kCPU);  // "cuda:0", "cuda:1" with two GPUs
+  torch::Device encoder_device(torch::kCPU),
+      decoder_device(torch::kCPU);  // "cuda:0", "cuda:1" with two GPUs
   auto encoder = torch::nn::Sequential(torch::nn::Linear(32, 64), torch::nn::ReLU());
   auto decoder = torch::nn::Sequential(torch::nn::Linear(64, 10));
-  wick::Pipeline model(std::vector<wick::PipelineStage>{{encoder, encoder_device}, {decoder, decoder_device}});
+  wick::Pipeline model(
+      std::vector<wick::PipelineStage>{{encoder, encoder_device}, {decoder, decoder_device}});
 
   auto x = torch::randn({16, 32});
   auto y = torch::randint(0, 10, {16});
@@ -236,14 +261,16 @@ TEST_F(PipelineTest, DocsExampleTwoDevices) {
 }
 
 TEST_F(PipelineTest, DocsExamplePipelineInTheTrainer) {
-  auto model = torch::nn::Sequential(torch::nn::Linear(32, 64), torch::nn::ReLU(), torch::nn::Linear(64, 64),
-                                     torch::nn::ReLU(), torch::nn::Linear(64, 10));
+  auto model =
+      torch::nn::Sequential(torch::nn::Linear(32, 64), torch::nn::ReLU(), torch::nn::Linear(64, 64),
+                            torch::nn::ReLU(), torch::nn::Linear(64, 10));
   auto parts = wick::split_sequential(model, int64_t{2});  // by parameter count
-  wick::Pipeline pipe(std::vector<wick::PipelineStage>{{parts[0], torch::kCPU}, {parts[1], torch::kCPU}},
-                      wick::PipelineOptions()
-                          .chunks(4)
-                          .schedule(wick::PipelineSchedule::k1F1B)
-                          .checkpointing(wick::ActivationCheckpointing::kExceptLast));
+  wick::Pipeline pipe(
+      std::vector<wick::PipelineStage>{{parts[0], torch::kCPU}, {parts[1], torch::kCPU}},
+      wick::PipelineOptions()
+          .chunks(4)
+          .schedule(wick::PipelineSchedule::k1F1B)
+          .checkpointing(wick::ActivationCheckpointing::kExceptLast));
   wick::PipelineTask task(pipe, [](const torch::Tensor& out, const torch::Tensor& target) {
     return torch::nn::functional::cross_entropy(out, target);
   });
@@ -266,12 +293,14 @@ TEST_F(PipelineTest, CudaStagesOnTheirOwnStreamsMatchTheUnsplitModel) {
   loss_fn(reference->forward(x), y).backward();
   // Three stages on the one GPU (separate streams), the input coming from the CPU.
   auto parts = wick::split_sequential(model, std::vector<int64_t>{2, 2, 3});
-  wick::Pipeline pipe(std::vector<wick::PipelineStage>{{parts[0], torch::kCUDA}, {parts[1], torch::kCUDA},
-                                                       {parts[2], torch::kCUDA}},
-                      wick::PipelineOptions().chunks(4));
+  wick::Pipeline pipe(
+      std::vector<wick::PipelineStage>{
+          {parts[0], torch::kCUDA}, {parts[1], torch::kCUDA}, {parts[2], torch::kCUDA}},
+      wick::PipelineOptions().chunks(4));
   pipe->train_step(x.cpu(), y, loss_fn);
   auto theirs = reference->named_parameters();
-  for (const auto& p : model->named_parameters()) WICK_EXPECT_CLOSE(p.value().grad(), theirs[p.key()].grad(), 1e-6, 1e-12);
+  for (const auto& p : model->named_parameters())
+    WICK_EXPECT_CLOSE(p.value().grad(), theirs[p.key()].grad(), 1e-6, 1e-12);
 }
 
 }  // namespace

@@ -104,7 +104,8 @@ TEST_F(ProfilerTest, NestedScopesNest) {
   // The events carry the nesting in time.
   const auto& evs = profiler.events();
   auto find = [&](const std::string& n) {
-    return *std::find_if(evs.begin(), evs.end(), [&](const wick::ProfiledEvent& e) { return e.name == n; });
+    return *std::find_if(evs.begin(), evs.end(),
+                         [&](const wick::ProfiledEvent& e) { return e.name == n; });
   };
   const auto o = find("outer"), i = find("inner");
   EXPECT_LE(o.start_ns, i.start_ns);
@@ -127,23 +128,28 @@ TEST_F(ProfilerTest, ScopesCostNothingWithoutAProfiler) {
 
 TEST_F(ProfilerTest, ScheduleFollowsTorchProfilerActions) {
   // torch.profiler.schedule(skip_first=1, wait=1, warmup=1, active=2, repeat=2):
-  // steps 0..8 -> none, none, warmup, record, record_and_save, none, warmup, record, record_and_save.
+  // steps 0..8 -> none, none, warmup, record, record_and_save, none, warmup, record,
+  // record_and_save.
   using A = wick::ProfilerAction;
-  const std::vector<A> expected = {A::kNone,   A::kNone,   A::kWarmup, A::kRecord, A::kRecordAndSave,
-                                   A::kNone,   A::kWarmup, A::kRecord, A::kRecordAndSave, A::kNone, A::kNone};
+  const std::vector<A> expected = {A::kNone,          A::kNone, A::kWarmup, A::kRecord,
+                                   A::kRecordAndSave, A::kNone, A::kWarmup, A::kRecord,
+                                   A::kRecordAndSave, A::kNone, A::kNone};
   std::vector<int64_t> ready_at;
   std::vector<int64_t> mm_counts;
   auto a = torch::randn({4, 4});
-  Profiler profiler(ProfilerOptions()
-                        .schedule(ProfilerSchedule().skip_first(1).wait(1).warmup(1).active(2).repeat(2))
-                        .on_trace_ready([&](Profiler& p) {
-                          ready_at.push_back(p.step_num());
-                          mm_counts.push_back(p.key_averages().count("aten::mm"));
-                        }));
+  Profiler profiler(
+      ProfilerOptions()
+          .schedule(ProfilerSchedule().skip_first(1).wait(1).warmup(1).active(2).repeat(2))
+          .on_trace_ready([&](Profiler& p) {
+            ready_at.push_back(p.step_num());
+            mm_counts.push_back(p.key_averages().count("aten::mm"));
+          }));
   profiler.start();
   for (size_t step = 0; step < expected.size(); ++step) {
-    EXPECT_EQ(wick::to_string(profiler.current_action()), wick::to_string(expected[step])) << "step " << step;
-    EXPECT_EQ(profiler.recording(), expected[step] == A::kRecord || expected[step] == A::kRecordAndSave)
+    EXPECT_EQ(wick::to_string(profiler.current_action()), wick::to_string(expected[step]))
+        << "step " << step;
+    EXPECT_EQ(profiler.recording(),
+              expected[step] == A::kRecord || expected[step] == A::kRecordAndSave)
         << "step " << step;
     for (size_t k = 0; k <= step; ++k) a.mm(a);  // step s does s+1 matmuls
     profiler.step();
@@ -160,9 +166,9 @@ TEST_F(ProfilerTest, ScheduleFollowsTorchProfilerActions) {
 TEST_F(ProfilerTest, StopMidCycleDeliversThePartialTrace) {
   int ready = 0;
   auto a = torch::randn({4, 4});
-  Profiler profiler(ProfilerOptions().schedule(ProfilerSchedule().wait(1).active(5)).on_trace_ready([&](Profiler&) {
-    ++ready;
-  }));
+  Profiler profiler(ProfilerOptions()
+                        .schedule(ProfilerSchedule().wait(1).active(5))
+                        .on_trace_ready([&](Profiler&) { ++ready; }));
   profiler.start();
   for (int s = 0; s < 3; ++s) {
     a.mm(a);
@@ -179,9 +185,9 @@ TEST_F(ProfilerTest, StopInWarmupLeavesTheProfilerUsable) {
   auto a = torch::randn({4, 4});
   {
     int ready = 0;
-    Profiler warm(ProfilerOptions().schedule(ProfilerSchedule().warmup(2).active(1)).on_trace_ready([&](Profiler&) {
-      ++ready;
-    }));
+    Profiler warm(ProfilerOptions()
+                      .schedule(ProfilerSchedule().warmup(2).active(1))
+                      .on_trace_ready([&](Profiler&) { ++ready; }));
     warm.start();
     a.mm(a);
     warm.step();
@@ -253,7 +259,8 @@ TEST_F(ProfilerTest, TableLooksLikeTorchProfilers) {
   profiler.stop();
   const auto table = profiler.key_averages();
   const std::string text = table.table("cpu_time_total", 3);
-  EXPECT_NE(text.find("Name    Self CPU %      Self CPU   CPU total %     CPU total  CPU time avg"), std::string::npos)
+  EXPECT_NE(text.find("Name    Self CPU %      Self CPU   CPU total %     CPU total  CPU time avg"),
+            std::string::npos)
       << text;
   EXPECT_NE(text.find("CPU Mem  Self CPU Mem    # of Calls"), std::string::npos) << text;
   EXPECT_NE(text.find("Self CPU time total: "), std::string::npos);
@@ -321,7 +328,8 @@ TEST_F(ProfilerTest, RejectsBadOptionsAndMisuse) {
 // torch.profiler reports for the same step (tests/gen/profiler_baseline.py).
 TEST_F(ProfilerTest, TrainingStepOpsMatchPythonTorchProfiler) {
   namespace nn = torch::nn;
-  auto model = nn::Sequential(nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(), nn::Linear(256, 10));
+  auto model = nn::Sequential(nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(),
+                              nn::Linear(256, 10));
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.01));
   auto x = torch::randn({64, 784});
   auto y = torch::randint(0, 10, {64});
@@ -341,7 +349,8 @@ TEST_F(ProfilerTest, TrainingStepOpsMatchPythonTorchProfiler) {
   for (const auto& r : table.rows()) ours[r.name] = r.count;
   std::map<std::string, int64_t> python(wick::testing::kProfilerPythonStepCounts.begin(),
                                         wick::testing::kProfilerPythonStepCounts.end());
-  // The known differences, exactly (tests/gen/profiler_baseline.py says why each one is legitimate).
+  // The known differences, exactly (tests/gen/profiler_baseline.py says why each one is
+  // legitimate).
   for (const auto& d : wick::testing::kProfilerPythonOnlyOps) {
     EXPECT_EQ(ours.count(d.name), 0u) << d.name;
     EXPECT_EQ(python[d.name], d.count) << d.name;
@@ -356,7 +365,8 @@ TEST_F(ProfilerTest, TrainingStepOpsMatchPythonTorchProfiler) {
     auto it = ours.find(name);
     EXPECT_EQ(it == ours.end() ? 0 : it->second, count) << name << " (Python's count on the right)";
   }
-  for (const auto& [name, count] : ours) EXPECT_TRUE(python.count(name)) << name << " only in C++, " << count << " calls";
+  for (const auto& [name, count] : ours)
+    EXPECT_TRUE(python.count(name)) << name << " only in C++, " << count << " calls";
 }
 
 }  // namespace
@@ -368,19 +378,21 @@ TEST_F(ProfilerTest, DocsExample) {
   TempDir dir;
   const std::string run_dir = dir.path().string();
   namespace nn = torch::nn;
-  auto model = nn::Sequential(nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(), nn::Linear(256, 10));
+  auto model = nn::Sequential(nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(),
+                              nn::Linear(256, 10));
   torch::optim::Adam optimizer(model->parameters(), 1e-3);
   auto x = torch::randn({64, 784});
   auto y = torch::randint(0, 10, {64});
 
   std::string table;
-  wick::Profiler profiler(wick::ProfilerOptions()
-                              .record_shapes(true)
-                              .schedule(wick::ProfilerSchedule().skip_first(2).wait(1).warmup(1).active(3).repeat(1))
-                              .on_trace_ready([&](wick::Profiler& p) {
-                                table = p.key_averages().table("cpu_time_total", 10);
-                                p.export_chrome_trace(run_dir + "/trace.json");
-                              }));
+  wick::Profiler profiler(
+      wick::ProfilerOptions()
+          .record_shapes(true)
+          .schedule(wick::ProfilerSchedule().skip_first(2).wait(1).warmup(1).active(3).repeat(1))
+          .on_trace_ready([&](wick::Profiler& p) {
+            table = p.key_averages().table("cpu_time_total", 10);
+            p.export_chrome_trace(run_dir + "/trace.json");
+          }));
   profiler.start();
   for (int step = 0; step < 10; ++step) {
     torch::Tensor input;

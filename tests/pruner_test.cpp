@@ -23,7 +23,9 @@ torch::Tensor from(const std::vector<float>& values, const std::vector<int64_t>&
 }
 
 torch::Tensor expected_mask(const std::vector<int>& mask, const std::vector<int64_t>& shape) {
-  return torch::tensor(std::vector<int64_t>(mask.begin(), mask.end())).reshape(shape).to(torch::kBool);
+  return torch::tensor(std::vector<int64_t>(mask.begin(), mask.end()))
+      .reshape(shape)
+      .to(torch::kBool);
 }
 
 /// A module holding the baseline tensors a, b, c as parameters.
@@ -39,11 +41,12 @@ struct Baseline : torch::nn::Module {
 
 class PrunerTest : public SeededTest {};
 
-void expect_mask(const wick::Pruner& pruner, const std::string& name, const std::vector<int>& expected,
-                 const torch::Tensor& param) {
+void expect_mask(const wick::Pruner& pruner, const std::string& name,
+                 const std::vector<int>& expected, const torch::Tensor& param) {
   auto want = expected_mask(expected, param.sizes().vec());
   ASSERT_TRUE(pruner.has_mask(name));
-  EXPECT_TRUE(torch::equal(pruner.mask(name), want)) << name << ": mask differs from torch.nn.utils.prune";
+  EXPECT_TRUE(torch::equal(pruner.mask(name), want))
+      << name << ": mask differs from torch.nn.utils.prune";
   // The weight itself: zero exactly where the mask prunes, untouched elsewhere.
   EXPECT_EQ(param.eq(0).logical_and(want.logical_not()).sum().item<int64_t>(),
             want.logical_not().sum().item<int64_t>());
@@ -108,7 +111,8 @@ TEST_F(PrunerTest, SemiStructured24KeepsTheTwoLargestOfEveryFour) {
         // Brute force: a kept entry is beaten in |w| by at most one other of its group.
         int larger = 0;
         for (int64_t j = g; j < g + 4; ++j)
-          if (std::abs(original[r][j].item<float>()) > std::abs(original[r][i].item<float>())) ++larger;
+          if (std::abs(original[r][j].item<float>()) > std::abs(original[r][i].item<float>()))
+            ++larger;
         EXPECT_LE(larger, 1) << "row " << r << " col " << i;
       }
       EXPECT_EQ(nonzeros, 2) << "row " << r << " group " << g / 4;
@@ -166,14 +170,18 @@ TEST_F(PrunerTest, RejectsBadAmountsAndUnknownNames) {
                      "Pruner: l1_unstructured amount must be in [0, 1], got 1.5");
   EXPECT_THROWS_WITH(pruner.global_unstructured({"0.weight"}, -0.1),
                      "Pruner: global_unstructured amount must be in [0, 1], got -0.1");
-  EXPECT_THROWS_WITH(pruner.ln_structured("0.weight", 2.0), "ln_structured amount must be in [0, 1], got 2");
+  EXPECT_THROWS_WITH(pruner.ln_structured("0.weight", 2.0),
+                     "ln_structured amount must be in [0, 1], got 2");
   EXPECT_THROWS_WITH(pruner.l1_unstructured("fc.weight", 0.5),
                      "Pruner: no parameter named 'fc.weight' (available: 0.weight, 0.bias)");
-  EXPECT_THROWS_WITH(pruner.global_unstructured({"0.weight", "nope"}, 0.5), "no parameter named 'nope'");
+  EXPECT_THROWS_WITH(pruner.global_unstructured({"0.weight", "nope"}, 0.5),
+                     "no parameter named 'nope'");
   EXPECT_THROWS_WITH(pruner.global_unstructured({"0.weight", "0.weight"}, 0.5),
                      "global_unstructured names must be distinct, '0.weight' appears twice");
-  EXPECT_THROWS_WITH(pruner.semi_structured_24("0.bias"), "semi_structured_24 needs a 2-D parameter");
-  EXPECT_THROWS_WITH(pruner.ln_structured("0.weight", 0.5, 2.0, 2), "ln_structured dim must be in [-2, 1]");
+  EXPECT_THROWS_WITH(pruner.semi_structured_24("0.bias"),
+                     "semi_structured_24 needs a 2-D parameter");
+  EXPECT_THROWS_WITH(pruner.ln_structured("0.weight", 0.5, 2.0, 2),
+                     "ln_structured dim must be in [-2, 1]");
   EXPECT_THROWS_WITH(pruner.mask("0.weight"), "Pruner: parameter '0.weight' has no mask");
   EXPECT_TRUE(pruner.masks().empty());  // failed calls left nothing behind
   EXPECT_THROWS_WITH(wick::CubicSchedule(wick::CubicScheduleOptions(1.2)),
@@ -181,7 +189,8 @@ TEST_F(PrunerTest, RejectsBadAmountsAndUnknownNames) {
   EXPECT_THROWS_WITH(wick::CubicSchedule(wick::CubicScheduleOptions(0.5).frequency(0)),
                      "CubicSchedule: frequency must be >= 1, got 0");
   EXPECT_THROWS_WITH(wick::PrunerCallback(std::make_shared<wick::Pruner>(*model),
-                                          wick::PrunerCallbackOptions({"x"}).schedule(wick::CubicScheduleOptions(0.5))),
+                                          wick::PrunerCallbackOptions({"x"}).schedule(
+                                              wick::CubicScheduleOptions(0.5))),
                      "Pruner: no parameter named 'x'");
 }
 
@@ -190,7 +199,8 @@ TEST_F(PrunerTest, RejectsBadAmountsAndUnknownNames) {
 
 struct Fixture {
   Fixture()
-      : model(torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 4))),
+      : model(torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(),
+                                    torch::nn::Linear(32, 4))),
         x(torch::randn({64, 16})),
         y(torch::randint(0, 4, {64})),
         train(x, y, wick::TensorBatchSourceOptions(8).seed(3)) {}
@@ -218,13 +228,18 @@ TEST_F(PrunerTest, MasksSurviveSgdWithMomentumInATrainer) {
     pruner->global_unstructured(names, 0.5);
     auto masks = pruner->masks();
     auto before0 = f.model[0]->as<torch::nn::Linear>()->weight.detach().clone();
-    torch::optim::SGD opt(f.model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-3));
+    torch::optim::SGD opt(f.model->parameters(),
+                          torch::optim::SGDOptions(0.1).momentum(0.9).weight_decay(1e-3));
     wick::Trainer trainer(wick::TrainerOptions().max_epochs(2).log_every_n_steps(1000));
     int64_t leaks = 0;
     if (with_callback) trainer.add_callback(std::make_shared<wick::PrunerCallback>(pruner));
     trainer.add_callback(std::make_shared<StepProbe>([&](int64_t) {
       for (const auto& [name, keep] : masks)
-        leaks += f.model->named_parameters()[name].ne(0).logical_and(keep.logical_not()).sum().item<int64_t>();
+        leaks += f.model->named_parameters()[name]
+                     .ne(0)
+                     .logical_and(keep.logical_not())
+                     .sum()
+                     .item<int64_t>();
     }));
     trainer.fit(task, opt, f.train);
     auto w0 = f.model[0]->as<torch::nn::Linear>()->weight.detach();
@@ -251,7 +266,9 @@ TEST_F(PrunerTest, CubicScheduleSparsityFollowsTheFormulaEveryStep) {
     double r = 1.0 - double(t - t0) / double(n * dt);
     return sf + (si - sf) * r * r * r;
   };
-  wick::CubicSchedule schedule(wick::CubicScheduleOptions(sf).initial_sparsity(si).begin_step(t0).frequency(dt).num_prunings(n));
+  wick::CubicSchedule schedule(
+      wick::CubicScheduleOptions(sf).initial_sparsity(si).begin_step(t0).frequency(dt).num_prunings(
+          n));
   EXPECT_EQ(schedule.end_step(), 17);
   for (int64_t s = 0; s < 25; ++s) {
     EXPECT_NEAR(schedule.sparsity_at(s), formula(s), 1e-15) << "step " << s;
@@ -263,15 +280,19 @@ TEST_F(PrunerTest, CubicScheduleSparsityFollowsTheFormulaEveryStep) {
   auto pruner = std::make_shared<wick::Pruner>(*f.model);
   const std::vector<std::string> names = {"0.weight", "2.weight"};
   auto cb = std::make_shared<wick::PrunerCallback>(
-      pruner, wick::PrunerCallbackOptions(names).schedule(
-                  wick::CubicScheduleOptions(sf).initial_sparsity(si).begin_step(t0).frequency(dt).num_prunings(n)));
+      pruner, wick::PrunerCallbackOptions(names).schedule(wick::CubicScheduleOptions(sf)
+                                                              .initial_sparsity(si)
+                                                              .begin_step(t0)
+                                                              .frequency(dt)
+                                                              .num_prunings(n)));
   torch::optim::SGD opt(f.model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(3).log_every_n_steps(1000));  // 24 steps
   trainer.add_callback(cb);
   const int64_t total = 16 * 32 + 32 * 4;
   int64_t checked = 0;
   trainer.add_callback(std::make_shared<StepProbe>([&](int64_t step) {
-    int64_t z = zeros(f.model[0]->as<torch::nn::Linear>()->weight) + zeros(f.model[2]->as<torch::nn::Linear>()->weight);
+    int64_t z = zeros(f.model[0]->as<torch::nn::Linear>()->weight) +
+                zeros(f.model[2]->as<torch::nn::Linear>()->weight);
     EXPECT_EQ(z, std::llround(formula(step) * total)) << "step " << step;
     ++checked;
   }));
@@ -286,8 +307,9 @@ TEST_F(PrunerTest, CallbackStateSavesAndLoads) {
   const std::string path = dir.str() + "/pruner.pt";
   auto model = torch::nn::Sequential(torch::nn::Linear(8, 8), torch::nn::Linear(8, 4));
   auto pruner = std::make_shared<wick::Pruner>(*model);
-  wick::PrunerCallback cb(pruner, wick::PrunerCallbackOptions({"0.weight", "1.weight"})
-                                      .schedule(wick::CubicScheduleOptions(0.5).frequency(2).num_prunings(4)));
+  wick::PrunerCallback cb(
+      pruner, wick::PrunerCallbackOptions({"0.weight", "1.weight"})
+                  .schedule(wick::CubicScheduleOptions(0.5).frequency(2).num_prunings(4)));
   cb.step(0);
   cb.step(1);
   cb.step(2);
@@ -301,8 +323,9 @@ TEST_F(PrunerTest, CallbackStateSavesAndLoads) {
   // A fresh model (other weights) and callback: the loaded masks are the saved ones, and applied.
   auto model2 = torch::nn::Sequential(torch::nn::Linear(8, 8), torch::nn::Linear(8, 4));
   auto pruner2 = std::make_shared<wick::Pruner>(*model2);
-  wick::PrunerCallback cb2(pruner2, wick::PrunerCallbackOptions({"0.weight", "1.weight"})
-                                        .schedule(wick::CubicScheduleOptions(0.5).frequency(2).num_prunings(4)));
+  wick::PrunerCallback cb2(
+      pruner2, wick::PrunerCallbackOptions({"0.weight", "1.weight"})
+                   .schedule(wick::CubicScheduleOptions(0.5).frequency(2).num_prunings(4)));
   {
     torch::serialize::InputArchive archive;
     archive.load_from(path);
@@ -312,10 +335,12 @@ TEST_F(PrunerTest, CallbackStateSavesAndLoads) {
   ASSERT_EQ(pruner2->masks().size(), 2u);
   for (const auto& [name, keep] : pruner->masks()) {
     EXPECT_TRUE(torch::equal(pruner2->mask(name), keep)) << name;
-    EXPECT_EQ(zeros(model2->named_parameters()[name]), keep.logical_not().sum().item<int64_t>()) << name;
+    EXPECT_EQ(zeros(model2->named_parameters()[name]), keep.logical_not().sum().item<int64_t>())
+        << name;
   }
   cb2.step(2);  // already pruned at step 2 before the save: not again
-  for (const auto& [name, keep] : pruner->masks()) EXPECT_TRUE(torch::equal(pruner2->mask(name), keep));
+  for (const auto& [name, keep] : pruner->masks())
+    EXPECT_TRUE(torch::equal(pruner2->mask(name), keep));
 }
 
 // A scheduled run stopped between two prunings and resumed from its checkpoint
@@ -328,7 +353,8 @@ TEST_F(PrunerTest, ScheduledRunResumesBitIdentical) {
   const std::vector<std::string> names = {"0.weight", "2.weight"};
   auto run = [&](const std::string& dir, int64_t max_steps, const std::string& resume) {
     torch::manual_seed(9);
-    auto model = torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 4));
+    auto model = torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(),
+                                       torch::nn::Linear(32, 4));
     wick::SupervisedTask task(model);
     torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
     wick::TensorBatchSource source(x, y, wick::TensorBatchSourceOptions(8).seed(3));
@@ -353,7 +379,8 @@ TEST_F(PrunerTest, ScheduledRunResumesBitIdentical) {
   auto [second_hash, second_masks] = run(split.str(), -1, "latest");
   EXPECT_EQ(second_hash, full_hash);
   ASSERT_EQ(second_masks.size(), full_masks.size());
-  for (const auto& [name, keep] : full_masks) EXPECT_TRUE(torch::equal(second_masks.at(name), keep)) << name;
+  for (const auto& [name, keep] : full_masks)
+    EXPECT_TRUE(torch::equal(second_masks.at(name), keep)) << name;
 }
 
 // On a GPU the masks are the ones the CPU computes (the same baseline tensors),
@@ -392,7 +419,8 @@ TEST_F(PrunerTest, CudaMasksMatchCpu) {
 
 // The example of docs/pruning.md.
 TEST_F(PrunerTest, DocsExample) {
-  auto model = torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 4));
+  auto model =
+      torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 4));
   wick::SupervisedTask task(model);
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
   wick::TensorBatchSource train(torch::randn({64, 16}), torch::randint(0, 4, {64}), 8);
@@ -400,8 +428,9 @@ TEST_F(PrunerTest, DocsExample) {
   auto pruner = std::make_shared<wick::Pruner>(*model);
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(3));
   trainer.add_callback(std::make_shared<wick::PrunerCallback>(
-      pruner, wick::PrunerCallbackOptions({"0.weight", "2.weight"})
-                  .schedule(wick::CubicScheduleOptions(0.75).begin_step(0).frequency(2).num_prunings(8))));
+      pruner,
+      wick::PrunerCallbackOptions({"0.weight", "2.weight"})
+          .schedule(wick::CubicScheduleOptions(0.75).begin_step(0).frequency(2).num_prunings(8))));
   trainer.fit(task, optimizer, train);
   pruner->make_permanent();
   std::string report = pruner->format_report();  // name, numel, zeros, sparsity per layer
@@ -431,24 +460,29 @@ TEST_F(SemiStructuredTest, FollowsPatternAfterSemiStructuredPruning) {
 }
 
 TEST_F(SemiStructuredTest, RefusesDenseModelsAndCpuLayersLeavingThemUnchanged) {
-  auto model = torch::nn::Sequential(torch::nn::Linear(32, 16), torch::nn::ReLU(), torch::nn::Linear(16, 16));
-  EXPECT_THROWS_WITH(wick::to_semi_structured(*model), "no torch::nn::Linear weight follows the 2:4 pattern");
+  auto model = torch::nn::Sequential(torch::nn::Linear(32, 16), torch::nn::ReLU(),
+                                     torch::nn::Linear(16, 16));
+  EXPECT_THROWS_WITH(wick::to_semi_structured(*model),
+                     "no torch::nn::Linear weight follows the 2:4 pattern");
   wick::Pruner pruner(*model);
   pruner.semi_structured_24("2.weight");
   EXPECT_THROWS_WITH(wick::to_semi_structured(*model),
-                     "'2' follows the 2:4 pattern but its weight is on cpu; semi-structured sparse kernels need CUDA");
+                     "'2' follows the 2:4 pattern but its weight is on cpu; semi-structured sparse "
+                     "kernels need CUDA");
   EXPECT_NE(model->ptr<torch::nn::LinearImpl>(2), nullptr);
   EXPECT_EQ(model->ptr<torch::nn::LinearImpl>(2)->weight.numel(), 16 * 16);
 }
 
 TEST_F(SemiStructuredTest, CudaSparseLayersMatchTheMaskedDenseOnes) {
   if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
-  auto model = torch::nn::Sequential(torch::nn::Linear(128, 256), torch::nn::ReLU(), torch::nn::Linear(256, 64));
+  auto model = torch::nn::Sequential(torch::nn::Linear(128, 256), torch::nn::ReLU(),
+                                     torch::nn::Linear(256, 64));
   model->to(torch::kCUDA, torch::kHalf);
   wick::Pruner pruner(*model);
   pruner.semi_structured_24("0.weight");
   pruner.semi_structured_24("2.weight");
-  auto x = torch::randn({37, 128}, torch::TensorOptions(torch::kCUDA).dtype(torch::kHalf));  // rows padded to 40
+  auto x = torch::randn(
+      {37, 128}, torch::TensorOptions(torch::kCUDA).dtype(torch::kHalf));  // rows padded to 40
   torch::Tensor dense;
   {
     c10::InferenceMode g;

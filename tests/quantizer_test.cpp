@@ -41,26 +41,36 @@ ActQuant choose_act_qparams(double lo, double hi, int64_t qmax) {
   const double err_min = 0 - std::abs(lo / scale);
   const double err_max = qmax - std::abs(hi / scale);
   const double zp = err_min < err_max ? zp_from_min : zp_from_max;
-  const auto nudged = static_cast<int64_t>(std::clamp(std::nearbyint(zp), 0.0, static_cast<double>(qmax)));
+  const auto nudged =
+      static_cast<int64_t>(std::clamp(std::nearbyint(zp), 0.0, static_cast<double>(qmax)));
   return {scale, nudged};
 }
 
 struct Emulated {
-  torch::Tensor y;          // float64 result of the integer arithmetic
-  double one_flip_bound;    // what one activation rounded the other way changes in an output
+  torch::Tensor y;        // float64 result of the integer arithmetic
+  double one_flip_bound;  // what one activation rounded the other way changes in an output
 };
 
 // y = sx * s_w[row] * sum_k (qx - zp) * qw + b, with qw = clamp(round(w / s_w), -128, 127)
 // and s_w = amax / 127.5 (torch.ao's symmetric observers).
-Emulated emulate_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b, bool per_channel,
-                      int64_t act_qmax = 255) {
+Emulated emulate_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                      bool per_channel, int64_t act_qmax = 255) {
   auto wd = w.to(torch::kDouble);
   auto amax = per_channel ? wd.abs().amax(1) : wd.abs().max().reshape({1});
-  auto sw = (amax.to(torch::kFloat) / 127.5f).clamp_min(std::numeric_limits<float>::epsilon()).to(torch::kDouble);
-  auto qw = (per_channel ? wd / sw.unsqueeze(1) : wd / sw).to(torch::kFloat).round().clamp(-128, 127).to(torch::kDouble);
+  auto sw = (amax.to(torch::kFloat) / 127.5f)
+                .clamp_min(std::numeric_limits<float>::epsilon())
+                .to(torch::kDouble);
+  auto qw = (per_channel ? wd / sw.unsqueeze(1) : wd / sw)
+                .to(torch::kFloat)
+                .round()
+                .clamp(-128, 127)
+                .to(torch::kDouble);
   auto x2 = x.reshape({-1, x.size(-1)});
   auto q = choose_act_qparams(x2.min().item<double>(), x2.max().item<double>(), act_qmax);
-  auto qx = (x2.to(torch::kDouble) / q.scale).round().add(static_cast<double>(q.zero_point)).clamp(0, act_qmax);
+  auto qx = (x2.to(torch::kDouble) / q.scale)
+                .round()
+                .add(static_cast<double>(q.zero_point))
+                .clamp(0, act_qmax);
   auto acc = torch::matmul(qx - static_cast<double>(q.zero_point), qw.t());
   auto y = acc * q.scale * (per_channel ? sw.unsqueeze(0) : sw);
   if (b.defined()) y = y + b.to(torch::kDouble);
@@ -110,7 +120,8 @@ TEST_F(QuantizerTest, PerTensorMatchesEmulation) {
   auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/false);
   for (auto engine : wick::available_quant_engines()) {
     SCOPED_TRACE(wick::to_string(engine));
-    wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().per_channel(false).engine(engine));
+    wick::QuantizedLinear q(*lin, torch::kInt8,
+                            wick::QuantizeOptions().per_channel(false).engine(engine));
     EXPECT_EQ(q->scale.numel(), 1);
     c10::InferenceMode guard;
     WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
@@ -135,12 +146,16 @@ TEST_F(QuantizerTest, AutoEngineSwitchesByRowsAndAgrees) {
   auto lin = make_linear(256, 256);  // 64 Ki weights: large enough for oneDNN
   wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().onednn_min_rows(8));
   const auto engines = wick::available_quant_engines();
-  auto has = [&](wick::QuantEngine e) { return std::find(engines.begin(), engines.end(), e) != engines.end(); };
+  auto has = [&](wick::QuantEngine e) {
+    return std::find(engines.begin(), engines.end(), e) != engines.end();
+  };
   if (has(wick::QuantEngine::kFbgemm) && has(wick::QuantEngine::kOnednn)) {
     EXPECT_EQ(q->engine_for(7), wick::QuantEngine::kFbgemm);
     EXPECT_EQ(q->engine_for(8), wick::QuantEngine::kOnednn);
-    wick::QuantizedLinear small(*make_linear(128, 64), torch::kInt8, wick::QuantizeOptions().onednn_min_rows(8));
-    EXPECT_EQ(small->engine_for(1000), wick::QuantEngine::kFbgemm);  // too small a layer for oneDNN's overhead
+    wick::QuantizedLinear small(*make_linear(128, 64), torch::kInt8,
+                                wick::QuantizeOptions().onednn_min_rows(8));
+    EXPECT_EQ(small->engine_for(1000),
+              wick::QuantEngine::kFbgemm);  // too small a layer for oneDNN's overhead
   }
   for (int64_t rows : {1, 3, 8, 40}) {
     auto x = torch::randn({rows, 256});
@@ -184,8 +199,9 @@ TEST_F(QuantizerTest, Fp16WeightsMatchHalfRoundedWeights) {
   EXPECT_EQ(q->weight.scalar_type(), torch::kHalf);
   auto x = torch::randn({6, 64});
   // FBGEMM's fp16 GEMM: fp16 weights, fp32 activations and accumulation.
-  auto ref = torch::linear(x.to(torch::kDouble), lin->weight.detach().to(torch::kHalf).to(torch::kDouble),
-                           lin->bias.detach().to(torch::kDouble));
+  auto ref =
+      torch::linear(x.to(torch::kDouble), lin->weight.detach().to(torch::kHalf).to(torch::kDouble),
+                    lin->bias.detach().to(torch::kDouble));
   c10::InferenceMode guard;
   WICK_EXPECT_CLOSE(q(x), ref, 1e-4, 1e-4);
 }
@@ -230,8 +246,9 @@ struct Block : torch::nn::Module {
 };
 
 // Reference for a two-layer block: each layer emulated on its own input.
-torch::Tensor emulate_block(const torch::Tensor& x, const torch::Tensor& w1, const torch::Tensor& b1,
-                            const torch::Tensor& w2, const torch::Tensor& b2, double* bound) {
+torch::Tensor emulate_block(const torch::Tensor& x, const torch::Tensor& w1,
+                            const torch::Tensor& b1, const torch::Tensor& w2,
+                            const torch::Tensor& b2, double* bound) {
   auto h = emulate_int8(x, w1, b1, true);
   auto h_relu = h.y.clamp_min(0).to(torch::kFloat);
   auto y = emulate_int8(h_relu, w2, b2, true);
@@ -240,7 +257,8 @@ torch::Tensor emulate_block(const torch::Tensor& x, const torch::Tensor& w1, con
 }
 
 TEST_F(QuantizerTest, ReplacesLinearInSequentialAndItsForwardRunsInt8) {
-  auto model = torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 8));
+  auto model =
+      torch::nn::Sequential(torch::nn::Linear(16, 32), torch::nn::ReLU(), torch::nn::Linear(32, 8));
   auto w1 = model->ptr<torch::nn::LinearImpl>(0)->weight.detach().clone();
   auto b1 = model->ptr<torch::nn::LinearImpl>(0)->bias.detach().clone();
   auto w2 = model->ptr<torch::nn::LinearImpl>(2)->weight.detach().clone();
@@ -253,7 +271,8 @@ TEST_F(QuantizerTest, ReplacesLinearInSequentialAndItsForwardRunsInt8) {
   EXPECT_EQ(report.layers[0].name, "0");
   EXPECT_EQ(report.layers[1].name, "2");
   EXPECT_NE(model->ptr<wick::QuantizedLinearImpl>(0), nullptr);
-  EXPECT_NE(std::dynamic_pointer_cast<wick::QuantizedLinearImpl>(model->named_children()["2"]), nullptr);
+  EXPECT_NE(std::dynamic_pointer_cast<wick::QuantizedLinearImpl>(model->named_children()["2"]),
+            nullptr);
 
   double bound = 0;
   auto ref = emulate_block(x, w1, b1, w2, b2, &bound);
@@ -307,14 +326,18 @@ TEST_F(QuantizerTest, ReplacesMembersOfCustomModules) {
 
 struct Containers : torch::nn::Module {
   Containers() {
-    list = register_module("list", torch::nn::ModuleList(torch::nn::Linear(8, 8), torch::nn::Linear(8, 8)));
-    dict = register_module("dict", torch::nn::ModuleDict(torch::OrderedDict<std::string, std::shared_ptr<Module>>(
-                                       {{"head", torch::nn::Linear(8, 4).ptr()}})));
-    nested = register_module("nested", torch::nn::ModuleList(torch::nn::Sequential(torch::nn::Linear(4, 4))));
+    list = register_module("list",
+                           torch::nn::ModuleList(torch::nn::Linear(8, 8), torch::nn::Linear(8, 8)));
+    dict = register_module(
+        "dict", torch::nn::ModuleDict(torch::OrderedDict<std::string, std::shared_ptr<Module>>(
+                    {{"head", torch::nn::Linear(8, 4).ptr()}})));
+    nested = register_module("nested",
+                             torch::nn::ModuleList(torch::nn::Sequential(torch::nn::Linear(4, 4))));
   }
   torch::Tensor forward(torch::Tensor x) {
-    for (const auto& m : *list) x = m->as<wick::QuantizedLinearImpl>() ? m->as<wick::QuantizedLinearImpl>()->forward(x)
-                                                                         : m->as<torch::nn::LinearImpl>()->forward(x);
+    for (const auto& m : *list)
+      x = m->as<wick::QuantizedLinearImpl>() ? m->as<wick::QuantizedLinearImpl>()->forward(x)
+                                             : m->as<torch::nn::LinearImpl>()->forward(x);
     auto head = dict["head"];
     x = head->as<wick::QuantizedLinearImpl>() ? head->as<wick::QuantizedLinearImpl>()->forward(x)
                                               : head->as<torch::nn::LinearImpl>()->forward(x);
@@ -338,7 +361,8 @@ TEST_F(QuantizerTest, ReplacesInModuleListModuleDictAndNestedSequential) {
   auto inner = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(m->nested[0]);
   ASSERT_NE(inner, nullptr);
   EXPECT_NE(inner->ptr<wick::QuantizedLinearImpl>(0), nullptr);
-  for (const auto& item : m->named_modules()) EXPECT_EQ(item.value()->as<torch::nn::LinearImpl>(), nullptr) << item.key();
+  for (const auto& item : m->named_modules())
+    EXPECT_EQ(item.value()->as<torch::nn::LinearImpl>(), nullptr) << item.key();
   c10::InferenceMode g;
   EXPECT_EQ(m->forward(torch::randn({2, 8})).sizes(), (std::vector<int64_t>{2, 4}));
 }
@@ -352,8 +376,8 @@ TEST_F(QuantizerTest, SharedLinearIsQuantizedOnce) {
 }
 
 TEST_F(QuantizerTest, ReportsSizesBeforeAndAfter) {
-  auto model = torch::nn::Sequential(torch::nn::Linear(256, 512), torch::nn::ReLU(), torch::nn::Linear(512, 10),
-                                     torch::nn::BatchNorm1d(10));
+  auto model = torch::nn::Sequential(torch::nn::Linear(256, 512), torch::nn::ReLU(),
+                                     torch::nn::Linear(512, 10), torch::nn::BatchNorm1d(10));
   const int64_t linear_fp32 = (256 * 512 + 512 + 512 * 10 + 10) * 4;
   const int64_t bn = 10 * 4 * 4 + 8;  // weight, bias, running mean, var; num_batches_tracked int64
   EXPECT_EQ(wick::module_state_bytes(*model), linear_fp32 + bn);
@@ -375,7 +399,8 @@ TEST_F(QuantizerTest, ReportsSizesBeforeAndAfter) {
 TEST_F(QuantizerTest, CheckpointRoundTripGivesIdenticalOutputs) {
   wick::testing::TempDir dir;
   auto make = [] {
-    return torch::nn::Sequential(torch::nn::Linear(32, 64), torch::nn::ReLU(), torch::nn::Linear(64, 10));
+    return torch::nn::Sequential(torch::nn::Linear(32, 64), torch::nn::ReLU(),
+                                 torch::nn::Linear(64, 10));
   };
   auto model = make();
   wick::quantize_dynamic(*model);
@@ -389,7 +414,8 @@ TEST_F(QuantizerTest, CheckpointRoundTripGivesIdenticalOutputs) {
   wick::quantize_dynamic(*other);
   EXPECT_FALSE(torch::equal(run(*other, x), y));  // packs from its own weights first
   wick::Checkpoint::load((dir.path() / "ckpt").string()).restore_module("model", *other);
-  EXPECT_TRUE(wick::testing::tensors_equal(run(*other, x), y));  // the packed copies follow the new state
+  EXPECT_TRUE(
+      wick::testing::tensors_equal(run(*other, x), y));  // the packed copies follow the new state
 
   // torch::save / torch::load of the module work as well.
   auto third = make();
@@ -421,8 +447,9 @@ TEST_F(QuantizerTest, RefusesBadRequestsAndLeavesTheModelAsItWas) {
   EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Conv2dImpl)}),
                      "torch::nn::Conv2dImpl is not supported");
   EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {}), "empty");
-  EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kFloat8_e4m3fn),
-                     "on CPU the weight dtype must be torch::kInt8 or torch::kFloat16");
+  EXPECT_THROWS_WITH(
+      wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kFloat8_e4m3fn),
+      "on CPU the weight dtype must be torch::kInt8 or torch::kFloat16");
   EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kFloat64),
                      "torch::kInt8 or torch::kFloat16");
   EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kInt8,
@@ -448,7 +475,8 @@ TEST_F(QuantizerTest, CudaWeightOnlyInt8AndFp8CloseToBf16) {
   if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
   for (auto dtype : {torch::kInt8, torch::kFloat8_e4m3fn}) {
     SCOPED_TRACE(c10::toString(dtype));
-    auto model = torch::nn::Sequential(torch::nn::Linear(256, 512), torch::nn::ReLU(), torch::nn::Linear(512, 128));
+    auto model = torch::nn::Sequential(torch::nn::Linear(256, 512), torch::nn::ReLU(),
+                                       torch::nn::Linear(512, 128));
     model->to(torch::kCUDA, torch::kBFloat16);
     auto x = torch::randn({64, 256}, torch::TensorOptions(torch::kCUDA).dtype(torch::kBFloat16));
     auto ref = run(*model, x).to(torch::kFloat);
@@ -470,7 +498,8 @@ TEST_F(QuantizerTest, DocsExample) {
   wick::testing::TempDir dir;
   const std::string path = (dir.path() / "int8").string();
   auto make_model = [] {
-    return torch::nn::Sequential(torch::nn::Linear(64, 256), torch::nn::ReLU(), torch::nn::Linear(256, 10));
+    return torch::nn::Sequential(torch::nn::Linear(64, 256), torch::nn::ReLU(),
+                                 torch::nn::Linear(256, 10));
   };
   auto model = make_model();
   // ... train it ...

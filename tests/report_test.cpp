@@ -18,9 +18,12 @@ class ReportTest : public wick::testing::SeededTest {};
 std::string write_jsonl(const TempDir& dir) {
   const std::string path = (dir.path() / "metrics.jsonl").string();
   std::ofstream out(path);
-  out << R"({"kind":"train","step":10,"epoch":0,"time":1.0,"train/loss":2.25,"lr":0.001,"train/samples_per_s":5000,"sys/rss_mb":300})" << "\n";
-  out << R"({"kind":"train","step":20,"epoch":0,"time":2.0,"train/loss":1.5,"lr":0.0009,"train/samples_per_s":5100,"sys/rss_mb":310})" << "\n";
-  out << R"({"kind":"val","step":20,"epoch":0,"time":2.5,"val/loss":1.625,"val/accuracy":0.75,"note":"</script><b>"})" << "\n";
+  out << R"({"kind":"train","step":10,"epoch":0,"time":1.0,"train/loss":2.25,"lr":0.001,"train/samples_per_s":5000,"sys/rss_mb":300})"
+      << "\n";
+  out << R"({"kind":"train","step":20,"epoch":0,"time":2.0,"train/loss":1.5,"lr":0.0009,"train/samples_per_s":5100,"sys/rss_mb":310})"
+      << "\n";
+  out << R"({"kind":"val","step":20,"epoch":0,"time":2.5,"val/loss":1.625,"val/accuracy":0.75,"note":"</script><b>"})"
+      << "\n";
   return path;
 }
 
@@ -37,8 +40,8 @@ nlohmann::json embedded_logs(const std::string& html) {
 TEST_F(ReportTest, EmbedsEveryLogAndNothingFromTheNetwork) {
   TempDir dir;
   const auto jsonl = write_jsonl(dir);
-  const std::string html =
-      wick::render_run_report(wick::RunReportOptions(jsonl, "unused.html").title("t<1>").summary({{"k", "v&w"}}));
+  const std::string html = wick::render_run_report(
+      wick::RunReportOptions(jsonl, "unused.html").title("t<1>").summary({{"k", "v&w"}}));
   // Self-contained: no external scripts, styles, images or fonts.
   EXPECT_EQ(html.find("src="), std::string::npos);
   EXPECT_EQ(html.find("<link"), std::string::npos);
@@ -65,8 +68,10 @@ TEST_F(ReportTest, ShowsTheTopOpsOfAProfile) {
   for (int i = 0; i < 7; ++i) a.mm(a);
   profiler.stop();
   const std::string out = (dir.path() / "report.html").string();
-  EXPECT_EQ(wick::write_run_report(wick::RunReportOptions(jsonl, out).ops(profiler.key_averages()).trace_path("t.json")),
-            out);
+  EXPECT_EQ(
+      wick::write_run_report(
+          wick::RunReportOptions(jsonl, out).ops(profiler.key_averages()).trace_path("t.json")),
+      out);
   std::ifstream in(out);
   std::stringstream ss;
   ss << in.rdbuf();
@@ -74,7 +79,8 @@ TEST_F(ReportTest, ShowsTheTopOpsOfAProfile) {
   EXPECT_NE(html.find("<tr><td>aten::mm</td>"), std::string::npos);
   // aten::mm's row ends with its 7 calls.
   std::smatch m;
-  ASSERT_TRUE(std::regex_search(html, m, std::regex("<tr><td>aten::mm</td>.*?<td>(\\d+)</td></tr>")));
+  ASSERT_TRUE(
+      std::regex_search(html, m, std::regex("<tr><td>aten::mm</td>.*?<td>(\\d+)</td></tr>")));
   EXPECT_EQ(m[1], "7");
   EXPECT_NE(html.find("Trace: t.json"), std::string::npos);
   EXPECT_EQ(embedded_logs(html).size(), 3u);
@@ -82,11 +88,13 @@ TEST_F(ReportTest, ShowsTheTopOpsOfAProfile) {
 
 TEST_F(ReportTest, NamesTheFileItCannotRead) {
   TempDir dir;
-  EXPECT_THROWS_WITH(wick::render_run_report(wick::RunReportOptions("/nonexistent/m.jsonl", "x.html")),
-                     "RunReport: cannot read metrics_jsonl '/nonexistent/m.jsonl'");
+  EXPECT_THROWS_WITH(
+      wick::render_run_report(wick::RunReportOptions("/nonexistent/m.jsonl", "x.html")),
+      "RunReport: cannot read metrics_jsonl '/nonexistent/m.jsonl'");
   const std::string bad = (dir.path() / "bad.jsonl").string();
   std::ofstream(bad) << "{\"kind\":\"train\"}\nnot json\n";
-  EXPECT_THROWS_WITH(wick::render_run_report(wick::RunReportOptions(bad, "x.html")), "RunReport: line 2 of '");
+  EXPECT_THROWS_WITH(wick::render_run_report(wick::RunReportOptions(bad, "x.html")),
+                     "RunReport: line 2 of '");
 }
 
 }  // namespace

@@ -38,10 +38,12 @@ inline ::testing::AssertionResult tensors_close(const torch::Tensor& a, const to
   auto idx = err.flatten().argmax().item<int64_t>();
   return ::testing::AssertionFailure()
          << "max violation at flat index " << idx << ": " << ad.flatten()[idx].item<double>()
-         << " vs " << bd.flatten()[idx].item<double>() << " (rtol " << rtol << ", atol " << atol << ")";
+         << " vs " << bd.flatten()[idx].item<double>() << " (rtol " << rtol << ", atol " << atol
+         << ")";
 }
 
-#define WICK_EXPECT_CLOSE(a, b, ...) EXPECT_TRUE(::wick::testing::tensors_close((a), (b), ##__VA_ARGS__))
+#define WICK_EXPECT_CLOSE(a, b, ...) \
+  EXPECT_TRUE(::wick::testing::tensors_close((a), (b), ##__VA_ARGS__))
 
 /// Bitwise equality of two tensors (dtype, shape and bytes).
 inline ::testing::AssertionResult tensors_equal(const torch::Tensor& a, const torch::Tensor& b) {
@@ -54,21 +56,21 @@ inline ::testing::AssertionResult tensors_equal(const torch::Tensor& a, const to
 }
 
 /// Expects `stmt` to throw a c10::Error (or std::exception) whose message contains `substr`.
-#define EXPECT_THROWS_WITH(stmt, substr)                                                   \
-  do {                                                                                     \
-    bool wick_threw_ = false;                                                              \
-    try {                                                                                  \
-      stmt;                                                                                \
-    } catch (const c10::Error& e) {                                                        \
-      wick_threw_ = true;                                                                  \
-      EXPECT_NE(std::string(e.what_without_backtrace()).find(substr), std::string::npos)   \
-          << "message was: " << e.what_without_backtrace();                                \
-    } catch (const std::exception& e) {                                                    \
-      wick_threw_ = true;                                                                  \
-      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos)                     \
-          << "message was: " << e.what();                                                  \
-    }                                                                                      \
-    EXPECT_TRUE(wick_threw_) << #stmt " did not throw";                                    \
+#define EXPECT_THROWS_WITH(stmt, substr)                                                 \
+  do {                                                                                   \
+    bool wick_threw_ = false;                                                            \
+    try {                                                                                \
+      stmt;                                                                              \
+    } catch (const c10::Error& e) {                                                      \
+      wick_threw_ = true;                                                                \
+      EXPECT_NE(std::string(e.what_without_backtrace()).find(substr), std::string::npos) \
+          << "message was: " << e.what_without_backtrace();                              \
+    } catch (const std::exception& e) {                                                  \
+      wick_threw_ = true;                                                                \
+      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos)                   \
+          << "message was: " << e.what();                                                \
+    }                                                                                    \
+    EXPECT_TRUE(wick_threw_) << #stmt " did not throw";                                  \
   } while (0)
 
 /// A fresh directory under the system temp dir, removed when the object dies.
@@ -85,8 +87,9 @@ class TempDir {
   // recursive_directory_iterator. nftw + remove does the same with libc alone.
   ~TempDir() {
     ::nftw(
-        path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); },
-        16, FTW_DEPTH | FTW_PHYS);
+        path_.c_str(),
+        [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+        FTW_DEPTH | FTW_PHYS);
   }
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;

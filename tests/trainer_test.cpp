@@ -48,8 +48,8 @@ TEST_F(TrainerTest, MatchesHandWrittenLoop) {
     for (int epoch = 0; epoch < 2; ++epoch) {
       for (int64_t i = 0; i < 64; i += 16) {
         opt.zero_grad();
-        auto loss = torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, 16)),
-                                                         data.y.narrow(0, i, 16));
+        auto loss = torch::nn::functional::cross_entropy(
+            reference->forward(data.x.narrow(0, i, 16)), data.y.narrow(0, i, 16));
         loss.backward();
         opt.step();
       }
@@ -78,7 +78,8 @@ TEST_F(TrainerTest, AccumulationMatchesLargeBatches) {
     for (int64_t i = 0; i < 100; i += 32) {
       const int64_t n = std::min<int64_t>(32, 100 - i);
       opt.zero_grad();
-      torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, n)), data.y.narrow(0, i, n))
+      torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, n)),
+                                           data.y.narrow(0, i, n))
           .backward();
       opt.step();
     }
@@ -102,7 +103,8 @@ TEST_F(TrainerTest, ResumeIsBitIdentical) {
     auto model = make_model(torch::kFloat32, 0.2);
     wick::SupervisedTask task(model);
     torch::optim::Adam opt(model->parameters(), 1e-2);
-    wick::TensorBatchSource source(data.x, data.y, wick::TensorBatchSourceOptions(10).shuffle(true).seed(3));
+    wick::TensorBatchSource source(data.x, data.y,
+                                   wick::TensorBatchSourceOptions(10).shuffle(true).seed(3));
     wick::Trainer trainer(quiet()
                               .max_epochs(3)
                               .max_steps(max_steps)
@@ -245,7 +247,8 @@ TEST_F(TrainerTest, TrainsFromLibTorchDataLoader) {
     for (int64_t i = 0; i < 50; i += 16) {
       const int64_t n = std::min<int64_t>(16, 50 - i);
       ref_opt.zero_grad();
-      torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, n)), data.y.narrow(0, i, n))
+      torch::nn::functional::cross_entropy(reference->forward(data.x.narrow(0, i, n)),
+                                           data.y.narrow(0, i, n))
           .backward();
       ref_opt.step();
     }
@@ -277,7 +280,8 @@ TEST_F(TrainerTest, LogsAreSampleWeightedMeans) {
   wick::Trainer trainer(wick::TrainerOptions().log_every_n_steps(2));
   auto result = trainer.fit(task, opt, source);
   torch::NoGradGuard no_grad;
-  double expected = torch::nn::functional::cross_entropy(model->forward(data.x), data.y).item<double>();
+  double expected =
+      torch::nn::functional::cross_entropy(model->forward(data.x), data.y).item<double>();
   EXPECT_NEAR(result.last_logs.at("train/loss"), expected, 1e-12);  // batches of 20 and 10
   EXPECT_EQ(result.last_logs.at("step"), 2.0);
 }
@@ -285,15 +289,19 @@ TEST_F(TrainerTest, LogsAreSampleWeightedMeans) {
 TEST_F(TrainerTest, RejectsBadOptions) {
   EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().grad_accum_steps(0)),
                      "grad_accum_steps must be >= 1, got 0");
-  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().max_epochs(0)), "max_epochs must be >= 1, got 0");
-  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().grad_clip_norm(-1)), "grad_clip_norm must be >= 0");
-  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().resume("latest")), "needs checkpoint_dir");
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().max_epochs(0)),
+                     "max_epochs must be >= 1, got 0");
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().grad_clip_norm(-1)),
+                     "grad_clip_norm must be >= 0");
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().resume("latest")),
+                     "needs checkpoint_dir");
 }
 
 TEST_F(TrainerTest, RejectsNonScalarLoss) {
   auto data = make_data(10, torch::kFloat32);
   auto model = make_model(torch::kFloat32);
-  wick::SupervisedTask task(model, [](const torch::Tensor& out, const torch::Tensor&) { return out; });
+  wick::SupervisedTask task(model,
+                            [](const torch::Tensor& out, const torch::Tensor&) { return out; });
   torch::optim::SGD opt(model->parameters(), 0.1);
   wick::TensorBatchSource source(data.x, data.y, 10);
   wick::Trainer trainer(quiet());
@@ -340,7 +348,7 @@ TEST(TrainerDocTest, GettingStartedFirstProgram) {
   torch::manual_seed(0);
   // --- begin docs/getting-started.md
   auto model = torch::nn::Sequential(torch::nn::Flatten(), torch::nn::Linear(784, 10));
-  wick::SupervisedTask task(model);                          // cross-entropy; reports accuracy
+  wick::SupervisedTask task(model);  // cross-entropy; reports accuracy
   torch::optim::Adam optimizer(model->parameters(), 1e-3);
   wick::FashionMNIST data(wick::FashionMNIST::default_root(), wick::FashionMNIST::Split::kTrain);
   wick::TensorBatchSource train(data.images(), data.targets(), 64);
@@ -378,9 +386,11 @@ TEST(TrainerDdpTest, TwoRanksEqualOneProcessWithTheWholeBatch) {
     wick::SupervisedTask task(model);
     torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.2).momentum(0.9));
     wick::TensorBatchSource source(
-        data.x, data.y, wick::TensorBatchSourceOptions(batch).shuffle(false).rank(rank).world_size(world));
-    wick::TensorBatchSource val_source(val.x, val.y,
-                                       wick::TensorBatchSourceOptions(3).shuffle(false).rank(rank).world_size(world));
+        data.x, data.y,
+        wick::TensorBatchSourceOptions(batch).shuffle(false).rank(rank).world_size(world));
+    wick::TensorBatchSource val_source(
+        val.x, val.y,
+        wick::TensorBatchSourceOptions(3).shuffle(false).rank(rank).world_size(world));
     wick::Trainer trainer(options);
     trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(dir)));
     auto result = trainer.fit(task, opt, source, &val_source);
@@ -415,7 +425,8 @@ TEST(TrainerDdpTest, TwoRanksEqualOneProcessWithTheWholeBatch) {
   }
   torch::set_num_threads(1);
   auto pg = wick::init_process_group(wick::ProcessGroupOptions().timeout(std::chrono::seconds(60)));
-  auto [result, params] = train(options.process_group(pg), 4, pg->rank(), pg->world_size(), child_dir() + "/logs");
+  auto [result, params] =
+      train(options.process_group(pg), 4, pg->rank(), pg->world_size(), child_dir() + "/logs");
   ASSERT_EQ(result.state.step, 8);  // 64 samples / 2 ranks / 4 per batch / 2 per step, 2 epochs
   // Replicas stay bitwise equal; rank 1 checks against rank 0's file after a barrier.
   torch::serialize::OutputArchive archive;
@@ -454,7 +465,8 @@ TEST(TrainerDdpTest, ResumeIsBitIdentical) {
     wick::SupervisedTask task(model);
     wick::FusedAdam opt(model->parameters(), wick::FusedAdamOptions(1e-2));
     wick::TensorBatchSource source(
-        data.x, data.y, wick::TensorBatchSourceOptions(5).seed(2).rank(pg->rank()).world_size(pg->world_size()));
+        data.x, data.y,
+        wick::TensorBatchSourceOptions(5).seed(2).rank(pg->rank()).world_size(pg->world_size()));
     wick::Trainer trainer(quiet()
                               .max_epochs(3)
                               .max_steps(max_steps)

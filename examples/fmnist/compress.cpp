@@ -25,7 +25,8 @@ double pass_seconds(torch::nn::Sequential& model, const torch::Tensor& images, i
 }
 
 // Median milliseconds of one image through the model.
-double latency_ms(torch::nn::Sequential& model, const torch::Tensor& images, int64_t samples = 300) {
+double latency_ms(torch::nn::Sequential& model, const torch::Tensor& images,
+                  int64_t samples = 300) {
   c10::InferenceMode guard;
   std::vector<double> ms;
   for (int64_t i = 0; i < samples + 20; ++i) {
@@ -40,11 +41,12 @@ double latency_ms(torch::nn::Sequential& model, const torch::Tensor& images, int
 
 }  // namespace
 
-double accuracy(torch::nn::Sequential& model, const torch::Tensor& images, const torch::Tensor& targets,
-                int64_t eval_batch) {
+double accuracy(torch::nn::Sequential& model, const torch::Tensor& images,
+                const torch::Tensor& targets, int64_t eval_batch) {
   model->eval();
   c10::InferenceMode guard;
-  const auto device = model->parameters().empty() ? torch::Device(torch::kCPU) : model->parameters()[0].device();
+  const auto device =
+      model->parameters().empty() ? torch::Device(torch::kCPU) : model->parameters()[0].device();
   int64_t correct = 0;
   for (int64_t i = 0; i < images.size(0); i += eval_batch) {
     const int64_t n = std::min(eval_batch, images.size(0) - i);
@@ -57,8 +59,10 @@ double accuracy(torch::nn::Sequential& model, const torch::Tensor& images, const
 Int8Comparison compare_int8(const torch::nn::Sequential& model, const torch::Tensor& images,
                             const torch::Tensor& targets, int64_t eval_batch) {
   Int8Comparison c;
-  auto fp32 = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone(torch::Device(torch::kCPU)));
-  auto int8 = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone(torch::Device(torch::kCPU)));
+  auto fp32 = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(
+      model->clone(torch::Device(torch::kCPU)));
+  auto int8 = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(
+      model->clone(torch::Device(torch::kCPU)));
   TORCH_CHECK(fp32 && int8, "compare_int8: cloning the model did not give a Sequential");
   torch::nn::Sequential f(fp32), q(int8);
   f->eval();
@@ -83,8 +87,9 @@ Int8Comparison compare_int8(const torch::nn::Sequential& model, const torch::Ten
   return c;
 }
 
-PruneResult prune_and_finetune(torch::nn::Sequential& model, double amount,
-                               const std::function<void(std::shared_ptr<wick::Callback>)>& finetune) {
+PruneResult prune_and_finetune(
+    torch::nn::Sequential& model, double amount,
+    const std::function<void(std::shared_ptr<wick::Callback>)>& finetune) {
   std::vector<std::string> names;
   for (const auto& item : model->named_modules("", /*include_self=*/false)) {
     if (item.value()->as<torch::nn::LinearImpl>() || item.value()->as<torch::nn::Conv2dImpl>()) {

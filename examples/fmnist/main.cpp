@@ -6,8 +6,9 @@
 //   wick-fmnist --model cnn --checkpoint-dir runs/a/checkpoints --resume latest
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
 //   wick-fmnist --quantize --prune 0.5 --json          # int8 beside fp32; 50% pruned + 1 epoch
-//   wick-fmnist --model mlp --profile                  # top-10 ops, trace.json and report.html in the run dir
-//   wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64 clients
+//   wick-fmnist --model mlp --profile                  # top-10 ops, trace.json and report.html in
+//   the run dir wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64
+//   clients
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
@@ -63,15 +64,16 @@ struct Args {
 torch::nn::Sequential make_model(const std::string& name) {
   namespace nn = torch::nn;
   if (name == "mlp") {
-    return nn::Sequential(nn::Flatten(), nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256), nn::ReLU(),
-                          nn::Linear(256, 10));
+    return nn::Sequential(nn::Flatten(), nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256),
+                          nn::ReLU(), nn::Linear(256, 10));
   }
   if (name == "cnn") {
     return nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, 32, 3).padding(1)), nn::ReLU(),
                           nn::MaxPool2d(2),  // 32x14x14
                           nn::Conv2d(nn::Conv2dOptions(32, 64, 3).padding(1)), nn::ReLU(),
                           nn::MaxPool2d(2),  // 64x7x7
-                          nn::Flatten(), nn::Linear(64 * 7 * 7, 128), nn::ReLU(), nn::Linear(128, 10));
+                          nn::Flatten(), nn::Linear(64 * 7 * 7, 128), nn::ReLU(),
+                          nn::Linear(128, 10));
   }
   throw std::invalid_argument("--model must be mlp or cnn, got " + name);
 }
@@ -104,8 +106,9 @@ int run(const Args& args) {
               train_set.images().size(0), "), got ", args.val_size);
   // On CUDA: this rank's GPU; the data stays in pinned host memory and each
   // batch is copied ahead of its use.
-  const torch::Device device = cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(pg->local_rank()))
-                                    : torch::Device(torch::kCPU);
+  const torch::Device device =
+      cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(pg->local_rank()))
+           : torch::Device(torch::kCPU);
   auto pin = [&](const torch::Tensor& t) { return cuda ? t.pin_memory() : t; };
   auto x = pin(train_set.images()), y = pin(train_set.targets());
   wick::TensorBatchSource train(x.narrow(0, 0, n_train), y.narrow(0, 0, n_train),
@@ -116,12 +119,13 @@ int run(const Args& args) {
                                     .world_size(world));
   std::unique_ptr<wick::TensorBatchSource> val;
   if (args.val_size > 0) {
-    val = std::make_unique<wick::TensorBatchSource>(x.narrow(0, n_train, args.val_size),
-                                                    y.narrow(0, n_train, args.val_size),
-                                                    wick::TensorBatchSourceOptions(1000).shuffle(false).rank(rank).world_size(world));
+    val = std::make_unique<wick::TensorBatchSource>(
+        x.narrow(0, n_train, args.val_size), y.narrow(0, n_train, args.val_size),
+        wick::TensorBatchSourceOptions(1000).shuffle(false).rank(rank).world_size(world));
   }
-  wick::TensorBatchSource test(test_set.images(), test_set.targets(),
-                               wick::TensorBatchSourceOptions(1000).shuffle(false).rank(rank).world_size(world));
+  wick::TensorBatchSource test(
+      test_set.images(), test_set.targets(),
+      wick::TensorBatchSourceOptions(1000).shuffle(false).rank(rank).world_size(world));
 
   torch::manual_seed(args.seed);  // the model's initial weights
   auto model = make_model(args.model);
@@ -131,9 +135,11 @@ int run(const Args& args) {
   // torch::optim::Adam runs eight ops per parameter.
   std::unique_ptr<torch::optim::Optimizer> optimizer_holder;
   if (args.optimizer == "fused-adam") {
-    optimizer_holder = std::make_unique<wick::FusedAdam>(model->parameters(), wick::FusedAdamOptions(args.lr));
+    optimizer_holder =
+        std::make_unique<wick::FusedAdam>(model->parameters(), wick::FusedAdamOptions(args.lr));
   } else {
-    optimizer_holder = std::make_unique<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(args.lr));
+    optimizer_holder = std::make_unique<torch::optim::Adam>(model->parameters(),
+                                                            torch::optim::AdamOptions(args.lr));
   }
   torch::optim::Optimizer& optimizer = *optimizer_holder;
 
@@ -165,21 +171,27 @@ int run(const Args& args) {
   }
   auto throughput = std::make_shared<wick::ThroughputMonitor>();
   trainer.add_callback(throughput);
-  trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(args.run_dir)));
+  trainer.add_callback(
+      std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(args.run_dir)));
   if (args.progress) trainer.add_callback(std::make_shared<wick::ProgressBar>());
   auto profile = args.profile ? std::make_shared<fmnist::ProfileCallback>(args.run_dir) : nullptr;
   if (profile) trainer.add_callback(profile);
 
   if (main_rank) {
-    std::printf("wick-fmnist: %s (%lld parameters), %lld train / %lld val / %lld test images, batch %lld x %lld, %s, %d threads\n",
-              args.model.c_str(), static_cast<long long>(count_parameters(*model)),
-              static_cast<long long>(n_train), static_cast<long long>(args.val_size),
-              static_cast<long long>(test_set.images().size(0)), static_cast<long long>(args.batch_size),
-              static_cast<long long>(args.accum), wick::to_string(precision).c_str(), torch::get_num_threads());
+    std::printf(
+        "wick-fmnist: %s (%lld parameters), %lld train / %lld val / %lld test images, batch %lld x "
+        "%lld, %s, %d threads\n",
+        args.model.c_str(), static_cast<long long>(count_parameters(*model)),
+        static_cast<long long>(n_train), static_cast<long long>(args.val_size),
+        static_cast<long long>(test_set.images().size(0)), static_cast<long long>(args.batch_size),
+        static_cast<long long>(args.accum), wick::to_string(precision).c_str(),
+        torch::get_num_threads());
     if (world > 1) {
-      std::printf("data-parallel over %lld ranks (%s): %lld training images and batches of %lld per rank\n",
-                  static_cast<long long>(world), pg->backend_name().c_str(),
-                  static_cast<long long>((n_train + world - 1) / world), static_cast<long long>(args.batch_size));
+      std::printf(
+          "data-parallel over %lld ranks (%s): %lld training images and batches of %lld per rank\n",
+          static_cast<long long>(world), pg->backend_name().c_str(),
+          static_cast<long long>((n_train + world - 1) / world),
+          static_cast<long long>(args.batch_size));
     }
     std::fflush(stdout);
   }
@@ -196,26 +208,29 @@ int run(const Args& args) {
   double pruned_accuracy = 0;
   double pruned_accuracy_before_finetune = 0;
   if (args.prune >= 0) {
-    pruned = fmnist::prune_and_finetune(model, args.prune, [&](std::shared_ptr<wick::Callback> keep_masks) {
-      pruned_accuracy_before_finetune = trainer.validate(task, test).at("val/accuracy");
-      wick::FusedAdam finetune_optimizer(model->parameters(), wick::FusedAdamOptions(args.lr / 4));
-      wick::Trainer finetune(wick::TrainerOptions()
-                                 .max_epochs(1)
-                                 .precision(precision)
-                                 .seed(args.seed + 1)
-                                 .log_every_n_steps(50)
-                                 .process_group(pg)
-                                 .device(device));
-      finetune.add_callback(keep_masks);
-      if (args.progress) finetune.add_callback(std::make_shared<wick::ProgressBar>());
-      finetune.fit(task, finetune_optimizer, train);
-    });
+    pruned = fmnist::prune_and_finetune(
+        model, args.prune, [&](std::shared_ptr<wick::Callback> keep_masks) {
+          pruned_accuracy_before_finetune = trainer.validate(task, test).at("val/accuracy");
+          wick::FusedAdam finetune_optimizer(model->parameters(),
+                                             wick::FusedAdamOptions(args.lr / 4));
+          wick::Trainer finetune(wick::TrainerOptions()
+                                     .max_epochs(1)
+                                     .precision(precision)
+                                     .seed(args.seed + 1)
+                                     .log_every_n_steps(50)
+                                     .process_group(pg)
+                                     .device(device));
+          finetune.add_callback(keep_masks);
+          if (args.progress) finetune.add_callback(std::make_shared<wick::ProgressBar>());
+          finetune.fit(task, finetune_optimizer, train);
+        });
     pruned_accuracy = trainer.validate(task, test).at("val/accuracy");
   }
 
   // --quantize: an int8 copy on the CPU beside the fp32 model (the pruned one under --prune).
   std::optional<fmnist::Int8Comparison> int8;
-  if (args.quantize && main_rank) int8 = fmnist::compare_int8(model, test_set.images(), test_set.targets());
+  if (args.quantize && main_rank)
+    int8 = fmnist::compare_int8(model, test_set.images(), test_set.targets());
 
   // Serving: a fresh model loaded from the checkpoint the Trainer wrote last;
   // under --prune the pruned model as it is; with --serve-int8 the int8 copy.
@@ -229,17 +244,18 @@ int run(const Args& args) {
       wick::Checkpoint ckpt;
       ckpt.put_module("model", *int8->int8_model);
       ckpt.save(int8_path);
-      served = fmnist::serve_test_set(
-          make_model(args.model), int8_path,
-          wick::InferenceSessionOptions().transform([](torch::nn::Module& m) { wick::quantize_dynamic(m); }),
-          test_set.images(), test_set.targets(), args.serve);
+      served = fmnist::serve_test_set(make_model(args.model), int8_path,
+                                      wick::InferenceSessionOptions().transform(
+                                          [](torch::nn::Module& m) { wick::quantize_dynamic(m); }),
+                                      test_set.images(), test_set.targets(), args.serve);
     } else if (pruned) {
-      served = fmnist::serve_test_set(model, "", wick::InferenceSessionOptions().device(device), test_set.images(),
-                                      test_set.targets(), args.serve);
+      served = fmnist::serve_test_set(model, "", wick::InferenceSessionOptions().device(device),
+                                      test_set.images(), test_set.targets(), args.serve);
     } else {
       const auto latest = wick::latest_checkpoint(checkpoint_dir);
       TORCH_CHECK(latest.has_value(), "--serve: no checkpoint under ", checkpoint_dir);
-      served = fmnist::serve_test_set(make_model(args.model), *latest, wick::InferenceSessionOptions().device(device),
+      served = fmnist::serve_test_set(make_model(args.model), *latest,
+                                      wick::InferenceSessionOptions().device(device),
                                       test_set.images(), test_set.targets(), args.serve);
     }
   }
@@ -258,30 +274,40 @@ int run(const Args& args) {
   if (served) fmnist::print_serve_report(*served, args.serve);
   std::printf("parameters sha256 %s\n", hash.c_str());
   if (pruned) {
-    std::printf("\npruned %.1f%% of the Linear and Conv weights (global |w| threshold):\n%s", 100 * pruned->sparsity,
-                pruned->report.c_str());
-    std::printf("pruned test accuracy %.4f before fine-tuning, %.4f after one epoch (unpruned %.4f)\n",
-                pruned_accuracy_before_finetune, pruned_accuracy, test_accuracy);
+    std::printf("\npruned %.1f%% of the Linear and Conv weights (global |w| threshold):\n%s",
+                100 * pruned->sparsity, pruned->report.c_str());
+    std::printf(
+        "pruned test accuracy %.4f before fine-tuning, %.4f after one epoch (unpruned %.4f)\n",
+        pruned_accuracy_before_finetune, pruned_accuracy, test_accuracy);
   }
   if (int8) {
-    std::printf("\nint8 (wick::quantize_dynamic) beside fp32, on the CPU:\n%s", int8->report.c_str());
+    std::printf("\nint8 (wick::quantize_dynamic) beside fp32, on the CPU:\n%s",
+                int8->report.c_str());
     std::printf("           accuracy   test set (s)   1 image (ms)\n");
-    std::printf("fp32       %8.4f   %12.3f   %12.3f\n", int8->fp32_accuracy, int8->fp32_seconds, int8->fp32_latency_ms);
-    std::printf("int8       %8.4f   %12.3f   %12.3f\n", int8->int8_accuracy, int8->int8_seconds, int8->int8_latency_ms);
+    std::printf("fp32       %8.4f   %12.3f   %12.3f\n", int8->fp32_accuracy, int8->fp32_seconds,
+                int8->fp32_latency_ms);
+    std::printf("int8       %8.4f   %12.3f   %12.3f\n", int8->int8_accuracy, int8->int8_seconds,
+                int8->int8_latency_ms);
     std::printf("int8: %.2fx faster on the test set, Linear weights %.1f%% of fp32\n",
                 int8->fp32_seconds / int8->int8_seconds,
-                100.0 * static_cast<double>(int8->int8_linear_bytes) / static_cast<double>(int8->fp32_linear_bytes));
+                100.0 * static_cast<double>(int8->int8_linear_bytes) /
+                    static_cast<double>(int8->fp32_linear_bytes));
   }
-  std::printf("metrics in %s/metrics.{jsonl,csv}, checkpoints in %s\n", args.run_dir.c_str(), checkpoint_dir.c_str());
+  std::printf("metrics in %s/metrics.{jsonl,csv}, checkpoints in %s\n", args.run_dir.c_str(),
+              checkpoint_dir.c_str());
   if (profile && profile->ops()) {
-    std::printf("\nprofiled %lld steps; top 10 ops by total CPU time:\n%s", static_cast<long long>(profile->profiled_steps()),
+    std::printf("\nprofiled %lld steps; top 10 ops by total CPU time:\n%s",
+                static_cast<long long>(profile->profiled_steps()),
                 profile->ops()->table("cpu_time_total", 10).c_str());
-    std::printf("trace in %s (open in ui.perfetto.dev or chrome://tracing)\n", profile->trace_path().c_str());
+    std::printf("trace in %s (open in ui.perfetto.dev or chrome://tracing)\n",
+                profile->trace_path().c_str());
   }
   const std::string report_path = fmnist::write_report(
       args.run_dir, "wick-fmnist " + args.model,
-      {{"test accuracy", std::to_string(test_accuracy)}, {"steps", std::to_string(result.state.step)},
-       {"samples/s", std::to_string(static_cast<int64_t>(train_samples_per_s))}}, profile.get());
+      {{"test accuracy", std::to_string(test_accuracy)},
+       {"steps", std::to_string(result.state.step)},
+       {"samples/s", std::to_string(static_cast<int64_t>(train_samples_per_s))}},
+      profile.get());
   std::printf("report in %s\n", report_path.c_str());
 
   if (args.json) {
@@ -298,7 +324,8 @@ int run(const Args& args) {
     j["device"] = args.device;
     j["test_accuracy"] = test_accuracy;
     j["test_loss"] = test_loss;
-    if (!result.last_val_metrics.empty()) j["val_accuracy"] = result.last_val_metrics.at("val/accuracy");
+    if (!result.last_val_metrics.empty())
+      j["val_accuracy"] = result.last_val_metrics.at("val/accuracy");
     j["train_samples_per_s"] = train_samples_per_s;
     j["train_seconds"] = result.seconds;
     j["params_sha256"] = hash;
@@ -312,7 +339,8 @@ int run(const Args& args) {
       j["fp32_test_accuracy"] = int8->fp32_accuracy;
       j["int8_test_accuracy"] = int8->int8_accuracy;
       j["int8_speedup"] = int8->fp32_seconds / int8->int8_seconds;
-      j["int8_size_ratio"] = static_cast<double>(int8->int8_linear_bytes) / static_cast<double>(int8->fp32_linear_bytes);
+      j["int8_size_ratio"] = static_cast<double>(int8->int8_linear_bytes) /
+                             static_cast<double>(int8->fp32_linear_bytes);
       j["fp32_latency_ms"] = int8->fp32_latency_ms;
       j["int8_latency_ms"] = int8->int8_latency_ms;
       j["fp32_model_bytes"] = int8->fp32_model_bytes;
@@ -337,7 +365,9 @@ int main(int argc, char** argv) {
   app.add_option("--model", args.model, "mlp (784-512-256-10) or cnn (conv32-conv64-fc128-fc10)")
       ->check(CLI::IsMember({"mlp", "cnn"}))
       ->capture_default_str();
-  app.add_option("--epochs", args.epochs, "epochs")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--epochs", args.epochs, "epochs")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--batch-size", args.batch_size, "samples per micro-batch")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -345,22 +375,32 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--precision", args.precision, "fp32, bf16 or fp16")->capture_default_str();
-  app.add_option("--lr", args.lr, "Adam learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  app.add_option("--lr", args.lr, "Adam learning rate")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--threads", args.threads, "intra-op threads (0: LibTorch's default)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  app.add_option("--data-dir", args.data_dir, "directory of the Fashion-MNIST IDX files")->capture_default_str();
-  app.add_option("--run-dir", args.run_dir, "where metrics (and by default checkpoints) go")->capture_default_str();
-  app.add_option("--checkpoint-dir", args.checkpoint_dir, "checkpoint directory (default <run-dir>/checkpoints)");
-  app.add_option("--checkpoint-every", args.checkpoint_every, "also checkpoint every N steps (0: per epoch)")
+  app.add_option("--data-dir", args.data_dir, "directory of the Fashion-MNIST IDX files")
+      ->capture_default_str();
+  app.add_option("--run-dir", args.run_dir, "where metrics (and by default checkpoints) go")
+      ->capture_default_str();
+  app.add_option("--checkpoint-dir", args.checkpoint_dir,
+                 "checkpoint directory (default <run-dir>/checkpoints)");
+  app.add_option("--checkpoint-every", args.checkpoint_every,
+                 "also checkpoint every N steps (0: per epoch)")
       ->check(CLI::NonNegativeNumber);
-  app.add_option("--resume", args.resume, "\"latest\" (newest in the checkpoint dir) or a checkpoint path");
+  app.add_option("--resume", args.resume,
+                 "\"latest\" (newest in the checkpoint dir) or a checkpoint path");
   app.add_option("--max-steps", args.max_steps, "stop after N optimizer steps (-1: no limit)");
-  app.add_option("--val-size", args.val_size, "training images held out for validation")->capture_default_str();
+  app.add_option("--val-size", args.val_size, "training images held out for validation")
+      ->capture_default_str();
   app.add_option("--seed", args.seed, "seed of weights and shuffling")->capture_default_str();
   app.add_option("--clip", args.clip, "clip gradient norm (0: off)")->capture_default_str();
-  app.add_option("--schedule", args.schedule, "cosine (with warm-up) or constant")->capture_default_str();
-  app.add_option("--optimizer", args.optimizer, "fused-adam (wick::FusedAdam) or adam (torch::optim::Adam)")
+  app.add_option("--schedule", args.schedule, "cosine (with warm-up) or constant")
+      ->capture_default_str();
+  app.add_option("--optimizer", args.optimizer,
+                 "fused-adam (wick::FusedAdam) or adam (torch::optim::Adam)")
       ->check(CLI::IsMember({"fused-adam", "adam"}))
       ->capture_default_str();
   app.add_flag("!--no-progress", args.progress, "no progress bar");
@@ -368,26 +408,33 @@ int main(int argc, char** argv) {
   app.add_option("--device", args.device, "cpu or cuda (under --ddp: the GPU of LOCAL_RANK)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  app.add_flag("--quantize", args.quantize,
-               "after training, evaluate an int8 copy (wick::quantize_dynamic) beside fp32 on the CPU");
+  app.add_flag(
+      "--quantize", args.quantize,
+      "after training, evaluate an int8 copy (wick::quantize_dynamic) beside fp32 on the CPU");
   app.add_option("--prune", args.prune,
-                 "after training, prune this fraction of the Linear and Conv weights (one global threshold) "
+                 "after training, prune this fraction of the Linear and Conv weights (one global "
+                 "threshold) "
                  "and fine-tune one epoch")
       ->check(CLI::Range(0.0, 1.0));
   app.add_flag("--profile", args.profile,
-               "profile a few training steps (wick::Profiler): top-10 ops, trace.json and the report's ops table");
-  app.add_flag("--ddp", args.ddp, "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
-  app.add_option("--serve", args.serve.clients,
-                 "after training, serve the test set to CLIENTS threads through a DynamicBatcher (0: no)")
+               "profile a few training steps (wick::Profiler): top-10 ops, trace.json and the "
+               "report's ops table");
+  app.add_flag("--ddp", args.ddp,
+               "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
+  app.add_option(
+         "--serve", args.serve.clients,
+         "after training, serve the test set to CLIENTS threads through a DynamicBatcher (0: no)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--serve-max-batch", args.serve.max_batch, "serving: largest batch")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--serve-max-delay-us", args.serve.max_delay_us, "serving: longest wait for a batch to fill, us")
+  app.add_option("--serve-max-delay-us", args.serve.max_delay_us,
+                 "serving: longest wait for a batch to fill, us")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_flag("--serve-int8", args.serve.int8,
-               "serve the int8 copy (needs --quantize) through a quantized checkpoint; its answers depend on the "
+               "serve the int8 copy (needs --quantize) through a quantized checkpoint; its answers "
+               "depend on the "
                "batch mates, so served accuracy is reported beside offline, not required equal");
   app.add_option("--serve-workers", args.serve.workers, "serving: batches run in parallel")
       ->check(CLI::PositiveNumber)

@@ -6,12 +6,13 @@ namespace fmnist {
 
 ProfileCallback::ProfileCallback(std::string run_dir, wick::ProfilerSchedule schedule)
     : run_dir_(std::move(run_dir)),
-      profiler_(wick::ProfilerOptions().schedule(schedule).on_trace_ready([this](wick::Profiler& p) {
-        ops_ = p.key_averages();
-        trace_path_ = run_dir_ + "/trace.json";
-        p.export_chrome_trace(trace_path_);
-        profiled_steps_ += p.traced_steps();
-      })) {}
+      profiler_(
+          wick::ProfilerOptions().schedule(schedule).on_trace_ready([this](wick::Profiler& p) {
+            ops_ = p.key_averages();
+            trace_path_ = run_dir_ + "/trace.json";
+            p.export_chrome_trace(trace_path_);
+            profiled_steps_ += p.traced_steps();
+          })) {}
 
 void ProfileCallback::on_fit_start(wick::Trainer&) { profiler_.start(); }
 
@@ -29,11 +30,12 @@ void ProfileCallback::on_fit_end(wick::Trainer&) {
   profiler_.stop();
 }
 
-std::string write_report(const std::string& run_dir, const std::string& title, const wick::ReportSummary& summary,
-                         const ProfileCallback* profile) {
+std::string write_report(const std::string& run_dir, const std::string& title,
+                         const wick::ReportSummary& summary, const ProfileCallback* profile) {
   wick::RunReportOptions options(run_dir + "/metrics.jsonl", run_dir + "/report.html");
   options.title(title).summary(summary);
-  if (profile != nullptr && profile->ops()) options.ops(*profile->ops()).trace_path(profile->trace_path());
+  if (profile != nullptr && profile->ops())
+    options.ops(*profile->ops()).trace_path(profile->trace_path());
   return wick::write_run_report(options);
 }
 

@@ -19,8 +19,10 @@ namespace fmnist {
 /// <run_dir>/trace.json when ready.
 class ProfileCallback : public wick::Callback {
  public:
-  explicit ProfileCallback(std::string run_dir,
-                           wick::ProfilerSchedule schedule = wick::ProfilerSchedule().skip_first(5).wait(5).warmup(2).active(3).repeat(1));
+  explicit ProfileCallback(
+      std::string run_dir,
+      wick::ProfilerSchedule schedule =
+          wick::ProfilerSchedule().skip_first(5).wait(5).warmup(2).active(3).repeat(1));
   std::string name() const override { return "ProfileCallback"; }
   bool main_rank_only() const override { return true; }
   void on_fit_start(wick::Trainer& trainer) override;
@@ -45,7 +47,7 @@ class ProfileCallback : public wick::Callback {
 
 /// Writes <run_dir>/report.html from <run_dir>/metrics.jsonl (and the profile
 /// when there is one); returns its path.
-std::string write_report(const std::string& run_dir, const std::string& title, const wick::ReportSummary& summary,
-                         const ProfileCallback* profile);
+std::string write_report(const std::string& run_dir, const std::string& title,
+                         const wick::ReportSummary& summary, const ProfileCallback* profile);
 
 }  // namespace fmnist

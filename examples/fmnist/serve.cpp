@@ -25,15 +25,17 @@ double percentile(const std::vector<double>& sorted, double q) {
 }  // namespace
 
 ServeReport serve_test_set(torch::nn::Sequential model, const std::string& checkpoint,
-                           wick::InferenceSessionOptions session_options, const torch::Tensor& images,
-                           const torch::Tensor& targets, const ServeOptions& options) {
+                           wick::InferenceSessionOptions session_options,
+                           const torch::Tensor& images, const torch::Tensor& targets,
+                           const ServeOptions& options) {
   TORCH_CHECK(options.clients >= 1, "--serve must be >= 1 clients, got ", options.clients);
   TORCH_CHECK(images.dim() == 4 && images.size(0) == targets.size(0),
               "serve: images must be [N, 1, 28, 28] with N targets, got ", images.sizes(), " and ",
               targets.sizes());
   const int64_t n = images.size(0);
   if (session_options.warmup_shape().empty()) {
-    session_options.warmup_shape({options.max_batch, images.size(1), images.size(2), images.size(3)});
+    session_options.warmup_shape(
+        {options.max_batch, images.size(1), images.size(2), images.size(3)});
   }
   wick::InferenceSession session(std::move(model), checkpoint, session_options);
 
@@ -90,7 +92,8 @@ ServeReport serve_test_set(torch::nn::Sequential model, const std::string& check
   for (int64_t i = 0; i < n; ++i) {
     r.serve_correct += served_pred[static_cast<size_t>(i)] == t[i];
     r.offline_correct += offline_pred[static_cast<size_t>(i)] == t[i];
-    r.predictions_differing += served_pred[static_cast<size_t>(i)] != offline_pred[static_cast<size_t>(i)];
+    r.predictions_differing +=
+        served_pred[static_cast<size_t>(i)] != offline_pred[static_cast<size_t>(i)];
   }
   r.serve_accuracy = static_cast<double>(r.serve_correct) / static_cast<double>(n);
   r.offline_accuracy = static_cast<double>(r.offline_correct) / static_cast<double>(n);
@@ -103,25 +106,35 @@ ServeReport serve_test_set(torch::nn::Sequential model, const std::string& check
   const auto stats = batcher.stats();
   r.mean_batch = stats.mean_batch_size;
   r.batches = stats.batches_run;
-  TORCH_CHECK(stats.requests_succeeded == n, "serve: the batcher answered ", stats.requests_succeeded,
-              " of ", n, " requests with a result");
-  TORCH_CHECK(options.int8 || r.serve_correct == r.offline_correct, "serve: serving accuracy ", r.serve_accuracy, " (",
-              r.serve_correct, " correct) differs from the offline accuracy ", r.offline_accuracy, " (",
+  TORCH_CHECK(stats.requests_succeeded == n, "serve: the batcher answered ",
+              stats.requests_succeeded, " of ", n, " requests with a result");
+  TORCH_CHECK(options.int8 || r.serve_correct == r.offline_correct, "serve: serving accuracy ",
+              r.serve_accuracy, " (", r.serve_correct,
+              " correct) differs from the offline accuracy ", r.offline_accuracy, " (",
               r.offline_correct, " correct) of the same model; ", r.predictions_differing,
               " images got another class when served");
   return r;
 }
 
 void print_serve_report(const ServeReport& r, const ServeOptions& o) {
-  std::printf("serve:      %lld requests from %d clients in %.2f s: %.0f requests/s, latency p50 %.2f ms p99 %.2f ms\n",
-              static_cast<long long>(r.requests), o.clients, r.seconds, r.requests_per_s, r.p50_ms, r.p99_ms);
-  std::printf("            %lld batches, mean size %.1f (max %lld, max delay %lld us, %lld worker%s)\n",
-              static_cast<long long>(r.batches), r.mean_batch, static_cast<long long>(o.max_batch),
-              static_cast<long long>(o.max_delay_us), static_cast<long long>(o.workers), o.workers == 1 ? "" : "s");
-  std::printf("            accuracy served %.4f %s offline %.4f (%lld of %lld correct; %lld predictions differ)%s\n",
-              r.serve_accuracy, r.serve_correct == r.offline_correct ? "=" : "vs", r.offline_accuracy, static_cast<long long>(r.serve_correct),
-              static_cast<long long>(r.requests), static_cast<long long>(r.predictions_differing),
-              o.int8 ? "; int8: activations are quantized per batch, so answers depend on batch mates" : "");
+  std::printf(
+      "serve:      %lld requests from %d clients in %.2f s: %.0f requests/s, latency p50 %.2f ms "
+      "p99 %.2f ms\n",
+      static_cast<long long>(r.requests), o.clients, r.seconds, r.requests_per_s, r.p50_ms,
+      r.p99_ms);
+  std::printf(
+      "            %lld batches, mean size %.1f (max %lld, max delay %lld us, %lld worker%s)\n",
+      static_cast<long long>(r.batches), r.mean_batch, static_cast<long long>(o.max_batch),
+      static_cast<long long>(o.max_delay_us), static_cast<long long>(o.workers),
+      o.workers == 1 ? "" : "s");
+  std::printf(
+      "            accuracy served %.4f %s offline %.4f (%lld of %lld correct; %lld predictions "
+      "differ)%s\n",
+      r.serve_accuracy, r.serve_correct == r.offline_correct ? "=" : "vs", r.offline_accuracy,
+      static_cast<long long>(r.serve_correct), static_cast<long long>(r.requests),
+      static_cast<long long>(r.predictions_differing),
+      o.int8 ? "; int8: activations are quantized per batch, so answers depend on batch mates"
+             : "");
   std::fflush(stdout);
 }
 

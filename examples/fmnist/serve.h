@@ -4,8 +4,8 @@
 
 #include <wick/inference.h>
 
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <string>
@@ -13,10 +13,10 @@
 namespace fmnist {
 
 struct ServeOptions {
-  int clients = 0;               ///< client threads, each sending one image at a time (0: no serving)
-  int64_t max_batch = 64;        ///< BatcherOptions::max_batch_size
-  int64_t max_delay_us = 1000;   ///< BatcherOptions::max_delay, microseconds
-  int64_t workers = 1;           ///< BatcherOptions::num_workers
+  int clients = 0;         ///< client threads, each sending one image at a time (0: no serving)
+  int64_t max_batch = 64;  ///< BatcherOptions::max_batch_size
+  int64_t max_delay_us = 1000;  ///< BatcherOptions::max_delay, microseconds
+  int64_t workers = 1;          ///< BatcherOptions::num_workers
   /// Serve the int8 copy (wick-fmnist --serve-int8 with --quantize). Dynamic
   /// int8 quantizes each batch's activations with one scale for the batch, so
   /// an image's answer depends on its batch mates: the served and offline
@@ -28,7 +28,7 @@ struct ServeReport {
   int64_t requests = 0;
   double seconds = 0;
   double requests_per_s = 0;
-  double p50_ms = 0, p99_ms = 0;   ///< client-side latency: submit() to the answer
+  double p50_ms = 0, p99_ms = 0;  ///< client-side latency: submit() to the answer
   double mean_batch = 0;
   int64_t batches = 0;
   int64_t serve_correct = 0, offline_correct = 0;
@@ -46,8 +46,9 @@ struct ServeReport {
 /// 1000). Throws when the two differ. The model is whatever the caller built:
 /// the trained fp32 network, or its int8 form.
 ServeReport serve_test_set(torch::nn::Sequential model, const std::string& checkpoint,
-                           wick::InferenceSessionOptions session_options, const torch::Tensor& images,
-                           const torch::Tensor& targets, const ServeOptions& options);
+                           wick::InferenceSessionOptions session_options,
+                           const torch::Tensor& images, const torch::Tensor& targets,
+                           const ServeOptions& options);
 
 /// The report for a person.
 void print_serve_report(const ServeReport& report, const ServeOptions& options);

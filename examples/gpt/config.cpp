@@ -28,10 +28,9 @@ int64_t size_field(const json& j, const char* key, const std::string& source, in
   TORCH_CHECK(v.is_number_integer(), "gpt config: '", source, "': \"", key,
               "\" must be an integer, got ", v.dump());
   // Non-negative integers parse as unsigned (up to 2^64 - 1), negative ones as signed.
-  const bool ok = v.is_number_unsigned()
-                      ? v.get<uint64_t>() >= static_cast<uint64_t>(min) &&
-                            v.get<uint64_t>() <= static_cast<uint64_t>(kMaxSize)
-                      : v.get<int64_t>() >= min && v.get<int64_t>() <= kMaxSize;
+  const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() >= static_cast<uint64_t>(min) &&
+                                               v.get<uint64_t>() <= static_cast<uint64_t>(kMaxSize)
+                                         : v.get<int64_t>() >= min && v.get<int64_t>() <= kMaxSize;
   TORCH_CHECK(ok, "gpt config: '", source, "': \"", key, "\" must be in [", min, ", ", kMaxSize,
               "], got ", v.dump());
   const int64_t out = v.get<int64_t>();
@@ -51,10 +50,18 @@ double real_field(const json& j, const char* key, const std::string& source) {
 }  // namespace
 
 std::string config_to_json(const GPTConfig& c) {
-  const json j = {{"vocab", c.vocab},           {"context", c.context},         {"layers", c.layers},
-                  {"width", c.width},           {"heads", c.heads},             {"ffn_hidden", c.ffn_hidden},
-                  {"rope_base", c.rope_base},   {"moe", c.moe},                 {"experts", c.experts},
-                  {"shared_experts", c.shared_experts}, {"top_k", c.top_k},     {"expert_hidden", c.expert_hidden},
+  const json j = {{"vocab", c.vocab},
+                  {"context", c.context},
+                  {"layers", c.layers},
+                  {"width", c.width},
+                  {"heads", c.heads},
+                  {"ffn_hidden", c.ffn_hidden},
+                  {"rope_base", c.rope_base},
+                  {"moe", c.moe},
+                  {"experts", c.experts},
+                  {"shared_experts", c.shared_experts},
+                  {"top_k", c.top_k},
+                  {"expert_hidden", c.expert_hidden},
                   {"aux_loss_weight", c.aux_loss_weight}};
   return j.dump(2) + "\n";
 }

@@ -21,7 +21,9 @@ Corpus load_fortunes(const std::string& dir, int64_t val_every) {
   std::vector<std::string> names;
   while (auto* e = ::readdir(d)) {
     std::string name = e->d_name;
-    if (name == "." || name == ".." || name.size() > 4 && name.compare(name.size() - 4, 4, ".dat") == 0) continue;
+    if (name == "." || name == ".." ||
+        name.size() > 4 && name.compare(name.size() - 4, 4, ".dat") == 0)
+      continue;
     struct stat st;
     if (::lstat((dir + "/" + name).c_str(), &st) == 0 && S_ISREG(st.st_mode)) names.push_back(name);
   }
@@ -89,8 +91,9 @@ LanguageModelTask::LanguageModelTask(std::shared_ptr<torch::nn::Module> module,
 torch::Tensor LanguageModelTask::cross_entropy(const torch::Tensor& windows) {
   const int64_t T = windows.size(1) - 1;
   auto logits = forward_(windows.narrow(1, 0, T));
-  return torch::nn::functional::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(torch::kFloat),
-                                              windows.narrow(1, 1, T).reshape({-1}));
+  return torch::nn::functional::cross_entropy(
+      logits.reshape({-1, logits.size(-1)}).to(torch::kFloat),
+      windows.narrow(1, 1, T).reshape({-1}));
 }
 
 wick::StepOutput LanguageModelTask::training_step(const wick::Batch& batch) {

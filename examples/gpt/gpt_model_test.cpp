@@ -42,7 +42,8 @@ TEST_F(GptModelTest, LaterTokensDoNotChangeEarlierLogits) {
     b.narrow(1, 12, 8).random_(0, 256);
     torch::NoGradGuard g;
     auto la = model(a), lb = model(b);
-    EXPECT_TRUE(torch::allclose(la.narrow(1, 0, 12), lb.narrow(1, 0, 12), 1e-5, 1e-5)) << "moe " << moe;
+    EXPECT_TRUE(torch::allclose(la.narrow(1, 0, 12), lb.narrow(1, 0, 12), 1e-5, 1e-5))
+        << "moe " << moe;
     EXPECT_FALSE(torch::allclose(la.narrow(1, 12, 8), lb.narrow(1, 12, 8), 1e-5, 1e-5));
   }
 }
@@ -55,11 +56,12 @@ TEST_F(GptModelTest, KvCacheGivesTheFullForwardsLogits) {
   auto full = model(tokens);
   gpt::KVCache cache;
   std::vector<torch::Tensor> parts{model->forward(tokens.narrow(1, 0, 10), &cache)};  // prefill
-  parts.push_back(model->forward(tokens.narrow(1, 10, 5), &cache));                   // a chunk with a past
+  parts.push_back(model->forward(tokens.narrow(1, 10, 5), &cache));  // a chunk with a past
   for (int64_t t = 15; t < 24; ++t) parts.push_back(model->forward(tokens.narrow(1, t, 1), &cache));
   EXPECT_EQ(cache.length(), 24);
   WICK_EXPECT_CLOSE(torch::cat(parts, 1), full, 1e-4, 1e-5);
-  EXPECT_THROWS_WITH(model->forward(torch::randint(0, 256, {1, 9}), &cache), "33 positions exceed the context of 32");
+  EXPECT_THROWS_WITH(model->forward(torch::randint(0, 256, {1, 9}), &cache),
+                     "33 positions exceed the context of 32");
 }
 
 TEST_F(GptModelTest, MoEMatchesATokenByTokenReference) {
@@ -133,7 +135,7 @@ TEST_F(GptModelTest, CorpusSplitIsDeterministicAndDisjoint) {
   };
   const std::string val = text(c.val), train = text(c.train);
   EXPECT_EQ(val.rfind("first a\nsecond line\n\n", 0), 0u) << val;  // fortune 0 is a-file's first
-  EXPECT_NE(val.find("fortune b8\n"), std::string::npos);           // fortune 10
+  EXPECT_NE(val.find("fortune b8\n"), std::string::npos);          // fortune 10
   EXPECT_EQ(train.find("fortune b8\n"), std::string::npos);
   EXPECT_EQ(train.find("binary index"), std::string::npos);
   auto w = gpt::make_windows(c.train, 9, 4);
@@ -192,15 +194,21 @@ TEST_F(GptModelTest, ConfigFileRoundTripsAndRejectsBadValues) {
                      "gpt config: 'run/gpt_config.json' is not valid JSON");
   EXPECT_THROWS_WITH(gpt::parse_config("[1]", "f"), "must hold a JSON object, got array");
   EXPECT_THROWS_WITH(gpt::parse_config("{}", "f"), "'f' has no \"vocab\"");
-  EXPECT_THROWS_WITH(gpt::parse_config(with("width", "\"32\""), "f"), "\"width\" must be an integer, got \"32\"");
-  EXPECT_THROWS_WITH(gpt::parse_config(with("layers", "-1"), "f"), "\"layers\" must be in [1, 2147483647], got -1");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("width", "\"32\""), "f"),
+                     "\"width\" must be an integer, got \"32\"");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("layers", "-1"), "f"),
+                     "\"layers\" must be in [1, 2147483647], got -1");
   EXPECT_THROWS_WITH(gpt::parse_config(with("width", "1099511627776"), "f"), "got 1099511627776");
-  EXPECT_THROWS_WITH(gpt::parse_config(with("heads", "18446744073709551615"), "f"), "\"heads\" must be in");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("heads", "18446744073709551615"), "f"),
+                     "\"heads\" must be in");
   EXPECT_THROWS_WITH(gpt::parse_config(with("moe", "1"), "f"), "\"moe\" must be true or false");
   EXPECT_THROWS_WITH(gpt::parse_config(with("rope_base", "0"), "f"), "\"rope_base\" must be > 0");
-  EXPECT_THROWS_WITH(gpt::parse_config(with("aux_loss_weight", "-0.5"), "f"), "\"aux_loss_weight\" must be >= 0");
-  EXPECT_THROWS_WITH(gpt::parse_config(with("heads", "3"), "f"), "gpt config: 'f': GPTConfig: width 32 must be divisible by heads 3");
-  EXPECT_THROWS_WITH(gpt::read_config("/nonexistent/gpt_config.json"), "cannot read '/nonexistent/gpt_config.json'");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("aux_loss_weight", "-0.5"), "f"),
+                     "\"aux_loss_weight\" must be >= 0");
+  EXPECT_THROWS_WITH(gpt::parse_config(with("heads", "3"), "f"),
+                     "gpt config: 'f': GPTConfig: width 32 must be divisible by heads 3");
+  EXPECT_THROWS_WITH(gpt::read_config("/nonexistent/gpt_config.json"),
+                     "cannot read '/nonexistent/gpt_config.json'");
 }
 
 // Every answer of the continuous batcher equals generate() for that request
@@ -217,7 +225,8 @@ TEST_F(GptModelTest, ContinuousBatchingAnswersAsGeneratingAlone) {
     o.temperature = i % 3 == 0 ? 0.0 : 1.0;
     o.top_k = i % 2 ? 20 : 0;
     o.seed = static_cast<uint64_t>(i);
-    requests.emplace_back(std::string(static_cast<size_t>(1 + (i * 7) % 45), static_cast<char>('a' + i)), o);
+    requests.emplace_back(
+        std::string(static_cast<size_t>(1 + (i * 7) % 45), static_cast<char>('a' + i)), o);
   }
   std::vector<std::string> alone;
   for (const auto& [prompt, o] : requests) alone.push_back(gpt::generate(model, prompt, o));
@@ -235,7 +244,8 @@ TEST_F(GptModelTest, ContinuousBatchingAnswersAsGeneratingAlone) {
       });
     }
     for (auto& t : clients) t.join();
-    for (size_t i = 0; i < requests.size(); ++i) EXPECT_EQ(answers[i].get(), alone[i]) << "request " << i;
+    for (size_t i = 0; i < requests.size(); ++i)
+      EXPECT_EQ(answers[i].get(), alone[i]) << "request " << i;
     auto stats = server.stats();
     EXPECT_EQ(stats.requests, 24);
     EXPECT_GT(stats.max_batch_seen, 1);

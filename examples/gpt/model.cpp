@@ -10,18 +10,20 @@ namespace gpt {
 void GPTConfig::check() const {
   TORCH_CHECK(vocab >= 2 && context >= 2 && layers >= 1 && width >= 2 && heads >= 1,
               "GPTConfig: vocab, context, layers, width and heads must be positive");
-  TORCH_CHECK(width % heads == 0, "GPTConfig: width ", width, " must be divisible by heads ", heads);
+  TORCH_CHECK(width % heads == 0, "GPTConfig: width ", width, " must be divisible by heads ",
+              heads);
   TORCH_CHECK((width / heads) % 2 == 0, "GPTConfig: the head size ", width / heads,
               " must be even (rotary embeddings rotate pairs)");
   if (moe) {
-    TORCH_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, "GPTConfig: top_k must be in [1, experts = ",
-                experts, "], got ", top_k);
-    TORCH_CHECK(shared_experts >= 0, "GPTConfig: shared_experts must be >= 0, got ", shared_experts);
+    TORCH_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts,
+                "GPTConfig: top_k must be in [1, experts = ", experts, "], got ", top_k);
+    TORCH_CHECK(shared_experts >= 0, "GPTConfig: shared_experts must be >= 0, got ",
+                shared_experts);
   }
 }
 
-void SlotCache::allocate(int64_t slots, int64_t layers, int64_t heads, int64_t context, int64_t head_dim,
-                         const torch::TensorOptions& options) {
+void SlotCache::allocate(int64_t slots, int64_t layers, int64_t heads, int64_t context,
+                         int64_t head_dim, const torch::TensorOptions& options) {
   keys.clear();
   values.clear();
   for (int64_t l = 0; l < layers; ++l) {
@@ -47,22 +49,30 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
 // ---------------------------------------------------------------- SwiGLU
 
 SwiGLUImpl::SwiGLUImpl(int64_t width, int64_t hidden) {
-  gate = register_module("gate", torch::nn::Linear(torch::nn::LinearOptions(width, hidden).bias(false)));
-  up = register_module("up", torch::nn::Linear(torch::nn::LinearOptions(width, hidden).bias(false)));
-  down = register_module("down", torch::nn::Linear(torch::nn::LinearOptions(hidden, width).bias(false)));
+  gate = register_module("gate",
+                         torch::nn::Linear(torch::nn::LinearOptions(width, hidden).bias(false)));
+  up =
+      register_module("up", torch::nn::Linear(torch::nn::LinearOptions(width, hidden).bias(false)));
+  down = register_module("down",
+                         torch::nn::Linear(torch::nn::LinearOptions(hidden, width).bias(false)));
 }
 
-torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x) { return down(torch::silu(gate(x)) * up(x)); }
+torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x) {
+  return down(torch::silu(gate(x)) * up(x));
+}
 
 // ---------------------------------------------------------------- MoE
 
 MoEImpl::MoEImpl(const GPTConfig& config) : top_k_(config.top_k) {
-  router = register_module("router",
-                           torch::nn::Linear(torch::nn::LinearOptions(config.width, config.experts).bias(false)));
+  router = register_module(
+      "router",
+      torch::nn::Linear(torch::nn::LinearOptions(config.width, config.experts).bias(false)));
   shared = register_module("shared", torch::nn::ModuleList());
   routed = register_module("routed", torch::nn::ModuleList());
-  for (int64_t i = 0; i < config.shared_experts; ++i) shared->push_back(SwiGLU(config.width, config.expert_hidden));
-  for (int64_t i = 0; i < config.experts; ++i) routed->push_back(SwiGLU(config.width, config.expert_hidden));
+  for (int64_t i = 0; i < config.shared_experts; ++i)
+    shared->push_back(SwiGLU(config.width, config.expert_hidden));
+  for (int64_t i = 0; i < config.experts; ++i)
+    routed->push_back(SwiGLU(config.width, config.expert_hidden));
 }
 
 torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
@@ -85,8 +95,9 @@ torch::Tensor MoEImpl::forward(const torch::Tensor& x) {
   }
   // Switch-Transformer balance: E * sum_i f_i * P_i, f_i the share of routing
   // slots that went to expert i, P_i its mean probability.
-  auto counts = torch::zeros({experts}, probs.options()).index_add(0, top_i.reshape({-1}),
-                                                                  torch::ones({top_i.numel()}, probs.options()));
+  auto counts =
+      torch::zeros({experts}, probs.options())
+          .index_add(0, top_i.reshape({-1}), torch::ones({top_i.numel()}, probs.options()));
   auto f = counts / static_cast<double>(top_i.numel());
   aux_loss_ = static_cast<double>(experts) * (f * probs.mean(0)).sum();
   return out.reshape(shape);
@@ -111,11 +122,13 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
 // (B 32, H 6, T 128, D 32, one core: forward + backward 27 against 96 ms),
 // so under bf16 autocast the attention is computed in float32 there; on a
 // GPU the bf16 flash kernels are the fast ones.
-torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
+                               const torch::Tensor& v) {
   const auto dtype = q.scalar_type();
   if (q.is_cpu() && (dtype == torch::kBFloat16 || dtype == torch::kHalf)) {
     wick::AutocastGuard no_autocast(c10::DeviceType::CPU, torch::kBFloat16, /*enabled=*/false);
-    return at::scaled_dot_product_attention(q.to(torch::kFloat), k.to(torch::kFloat), v.to(torch::kFloat), {}, 0.0,
+    return at::scaled_dot_product_attention(q.to(torch::kFloat), k.to(torch::kFloat),
+                                            v.to(torch::kFloat), {}, 0.0,
                                             /*is_causal=*/true)
         .to(dtype);
   }
@@ -125,12 +138,14 @@ torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k, c
 }  // namespace
 
 AttentionImpl::AttentionImpl(int64_t width, int64_t heads) : heads_(heads) {
-  qkv = register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(width, 3 * width).bias(false)));
-  proj = register_module("proj", torch::nn::Linear(torch::nn::LinearOptions(width, width).bias(false)));
+  qkv = register_module("qkv",
+                        torch::nn::Linear(torch::nn::LinearOptions(width, 3 * width).bias(false)));
+  proj = register_module("proj",
+                         torch::nn::Linear(torch::nn::LinearOptions(width, width).bias(false)));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                     KVCache* cache, int64_t layer) {
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                     const torch::Tensor& sin, KVCache* cache, int64_t layer) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), D = C / heads_;
   auto parts = qkv(x).view({B, T, 3, heads_, D}).permute({2, 0, 3, 1, 4});  // [3, B, H, T, D]
   auto q = rope(parts[0], cos, sin), k = rope(parts[1], cos, sin), v = parts[2];
@@ -160,8 +175,8 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
   return proj(y.transpose(1, 2).reshape({B, T, C}));
 }
 
-torch::Tensor AttentionImpl::forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache,
-                                           int64_t layer) {
+torch::Tensor AttentionImpl::forward_slots(const torch::Tensor& x, const SlotStep& step,
+                                           SlotCache& cache, int64_t layer) {
   const int64_t B = x.size(0), C = x.size(2), D = C / heads_;
   auto parts = qkv(x).view({B, 1, 3, heads_, D}).permute({2, 0, 3, 1, 4});  // [3, B, H, 1, D]
   auto q = rope(parts[0], step.cos, step.sin), k = rope(parts[1], step.cos, step.sin), v = parts[2];
@@ -189,14 +204,14 @@ BlockImpl::BlockImpl(const GPTConfig& config) {
   }
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                                 KVCache* cache, int64_t layer) {
+torch::Tensor BlockImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                 const torch::Tensor& sin, KVCache* cache, int64_t layer) {
   auto h = x + attn(norm1(x), cos, sin, cache, layer);
   return h + (moe ? moe(norm2(h)) : ffn(norm2(h)));
 }
 
-torch::Tensor BlockImpl::forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache,
-                                       int64_t layer) {
+torch::Tensor BlockImpl::forward_slots(const torch::Tensor& x, const SlotStep& step,
+                                       SlotCache& cache, int64_t layer) {
   auto h = x + attn->forward_slots(norm1(x), step, cache, layer);
   return h + (moe ? moe(norm2(h)) : ffn(norm2(h)));
 }
@@ -211,16 +226,20 @@ GPTImpl::GPTImpl(GPTConfig config) : config_(config) {
   blocks = register_module("blocks", torch::nn::ModuleList());
   for (int64_t i = 0; i < config_.layers; ++i) blocks->push_back(Block(config_));
   norm = register_module("norm", RMSNorm(config_.width));
-  head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(config_.width, config_.vocab).bias(false)));
+  head = register_module(
+      "head",
+      torch::nn::Linear(torch::nn::LinearOptions(config_.width, config_.vocab).bias(false)));
   // GPT-2's initialisation: N(0, 0.02), the residual projections scaled by 1/sqrt(2 layers).
   torch::NoGradGuard no_grad;
   for (auto& p : named_parameters()) {
     if (p.value().dim() < 2) continue;
-    const bool residual = p.key().find("proj") != std::string::npos || p.key().find("down") != std::string::npos;
+    const bool residual =
+        p.key().find("proj") != std::string::npos || p.key().find("down") != std::string::npos;
     p.value().normal_(0.0, residual ? 0.02 / std::sqrt(2.0 * config_.layers) : 0.02);
   }
   const int64_t half = config_.width / config_.heads / 2;
-  auto inv = torch::pow(config_.rope_base, -torch::arange(half, torch::kDouble) / static_cast<double>(half));
+  auto inv = torch::pow(config_.rope_base,
+                        -torch::arange(half, torch::kDouble) / static_cast<double>(half));
   auto angles = torch::outer(torch::arange(config_.context, torch::kDouble), inv);
   cos_ = register_buffer("rope_cos", angles.cos().to(torch::kFloat));
   sin_ = register_buffer("rope_sin", angles.sin().to(torch::kFloat));
@@ -230,7 +249,8 @@ torch::Tensor GPTImpl::forward(const torch::Tensor& tokens, KVCache* cache) {
   TORCH_CHECK(tokens.dim() == 2, "GPT: tokens must be [batch, time], got ", tokens.sizes());
   const int64_t past = cache ? cache->length() : 0;
   const int64_t T = tokens.size(1);
-  TORCH_CHECK(past + T <= config_.context, "GPT: ", past + T, " positions exceed the context of ", config_.context);
+  TORCH_CHECK(past + T <= config_.context, "GPT: ", past + T, " positions exceed the context of ",
+              config_.context);
   auto cos = cos_.narrow(0, past, T), sin = sin_.narrow(0, past, T);
   auto x = embed(tokens);
   for (size_t i = 0; i < blocks->size(); ++i) {
@@ -242,19 +262,23 @@ torch::Tensor GPTImpl::forward(const torch::Tensor& tokens, KVCache* cache) {
 torch::Tensor GPTImpl::decode_slots(const torch::Tensor& tokens, const std::vector<int64_t>& slots,
                                     const std::vector<int64_t>& positions, SlotCache& cache) {
   const int64_t B = tokens.size(0);
-  TORCH_CHECK(static_cast<int64_t>(slots.size()) == B && static_cast<int64_t>(positions.size()) == B,
-              "GPT::decode_slots: one slot and one position per token");
+  TORCH_CHECK(
+      static_cast<int64_t>(slots.size()) == B && static_cast<int64_t>(positions.size()) == B,
+      "GPT::decode_slots: one slot and one position per token");
   for (int64_t p : positions) {
-    TORCH_CHECK(p >= 0 && p < config_.context, "GPT::decode_slots: position ", p, " is outside the context of ",
-                config_.context);
+    TORCH_CHECK(p >= 0 && p < config_.context, "GPT::decode_slots: position ", p,
+                " is outside the context of ", config_.context);
   }
-  SlotStep step{slots, positions, torch::tensor(slots, torch::kLong).to(tokens.device()), {}, {}, {}};
+  SlotStep step{slots, positions, torch::tensor(slots, torch::kLong).to(tokens.device()),
+                {},    {},        {}};
   auto pos = torch::tensor(positions, torch::kLong).to(cos_.device());
   step.cos = cos_.index_select(0, pos).view({B, 1, 1, -1});
   step.sin = sin_.index_select(0, pos).view({B, 1, 1, -1});
   // Row b sees the positions up to its own: arange(context) <= positions[b].
-  step.mask = torch::arange(config_.context, pos.options()).unsqueeze(0).le(pos.unsqueeze(1)).view(
-      {B, 1, 1, config_.context});
+  step.mask = torch::arange(config_.context, pos.options())
+                  .unsqueeze(0)
+                  .le(pos.unsqueeze(1))
+                  .view({B, 1, 1, config_.context});
   auto x = embed(tokens.view({B, 1}));
   for (size_t i = 0; i < blocks->size(); ++i) {
     x = blocks[i]->as<BlockImpl>()->forward_slots(x, step, cache, static_cast<int64_t>(i));
@@ -265,7 +289,8 @@ torch::Tensor GPTImpl::decode_slots(const torch::Tensor& tokens, const std::vect
 SlotCache GPTImpl::make_slot_cache(int64_t slots) const {
   SlotCache cache;
   const auto& w = head->weight;
-  cache.allocate(slots, config_.layers, config_.heads, config_.context, config_.width / config_.heads,
+  cache.allocate(slots, config_.layers, config_.heads, config_.context,
+                 config_.width / config_.heads,
                  torch::TensorOptions().dtype(w.scalar_type()).device(w.device()));
   return cache;
 }
@@ -292,7 +317,8 @@ int64_t GPTImpl::parameter_count() const {
 
 // ---------------------------------------------------------------- sampling
 
-int64_t sample_token(const torch::Tensor& logits, const SampleOptions& o, at::Generator& generator) {
+int64_t sample_token(const torch::Tensor& logits, const SampleOptions& o,
+                     at::Generator& generator) {
   auto l = logits.to(torch::kFloat).flatten();
   if (o.temperature <= 0) return l.argmax().item<int64_t>();
   l = l / o.temperature;
@@ -320,7 +346,8 @@ std::string generate(GPT& model, const std::string& prompt, const SampleOptions&
   std::vector<int64_t> ids(prompt.begin(), prompt.end());
   for (auto& id : ids) id = static_cast<unsigned char>(id);
   const int64_t context = model->config().context;
-  if (static_cast<int64_t>(ids.size()) > context - 1) ids.erase(ids.begin(), ids.end() - (context - 1));
+  if (static_cast<int64_t>(ids.size()) > context - 1)
+    ids.erase(ids.begin(), ids.end() - (context - 1));
   auto generator = at::make_generator<at::CPUGeneratorImpl>(options.seed);
   KVCache cache;
   auto logits = model->forward(torch::tensor(ids).unsqueeze(0).to(device), &cache);

@@ -16,17 +16,17 @@ namespace gpt {
 
 struct GPTConfig {
   int64_t vocab = 256;
-  int64_t context = 128;   ///< longest sequence (rotary tables are built for it)
+  int64_t context = 128;  ///< longest sequence (rotary tables are built for it)
   int64_t layers = 4;
   int64_t width = 192;
   int64_t heads = 6;
   int64_t ffn_hidden = 512;  ///< SwiGLU hidden width (dense feed-forward)
   double rope_base = 10000.0;
   bool moe = false;
-  int64_t experts = 8;         ///< routed experts
-  int64_t shared_experts = 1;  ///< always-on experts
-  int64_t top_k = 2;           ///< routed experts per token
-  int64_t expert_hidden = 128; ///< hidden width of each expert
+  int64_t experts = 8;          ///< routed experts
+  int64_t shared_experts = 1;   ///< always-on experts
+  int64_t top_k = 2;            ///< routed experts per token
+  int64_t expert_hidden = 128;  ///< hidden width of each expert
   double aux_loss_weight = 0.01;
   /// Checks the sizes (width divisible by heads, even head size, ...).
   void check() const;
@@ -53,8 +53,8 @@ struct SlotCache {
 struct SlotStep {
   std::vector<int64_t> slots, positions;  ///< per row: its sequence's slot and new position
   torch::Tensor slot_index;               ///< slots as a tensor, on the model's device
-  torch::Tensor mask;                     ///< [B, 1, 1, context]: row b sees positions 0..positions[b]
-  torch::Tensor cos, sin;                 ///< [B, 1, 1, head_dim / 2], the rows' rotary angles
+  torch::Tensor mask;      ///< [B, 1, 1, context]: row b sees positions 0..positions[b]
+  torch::Tensor cos, sin;  ///< [B, 1, 1, head_dim / 2], the rows' rotary angles
 };
 
 class RMSNormImpl : public torch::nn::Module {
@@ -106,7 +106,8 @@ class AttentionImpl : public torch::nn::Module {
   /// One new position for each row of x [B, 1, C]: row b is the sequence in
   /// slot slots[b], at position positions[b] (its length so far); its key and
   /// value go into the slot, and it attends to the slot's positions 0..positions[b].
-  torch::Tensor forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache, int64_t layer);
+  torch::Tensor forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache,
+                              int64_t layer);
   torch::nn::Linear qkv{nullptr}, proj{nullptr};
   int64_t heads() const { return heads_; }
 
@@ -118,9 +119,10 @@ TORCH_MODULE(Attention);
 class BlockImpl : public torch::nn::Module {
  public:
   explicit BlockImpl(const GPTConfig& config);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, KVCache* cache,
-                        int64_t layer);
-  torch::Tensor forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache, int64_t layer);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        KVCache* cache, int64_t layer);
+  torch::Tensor forward_slots(const torch::Tensor& x, const SlotStep& step, SlotCache& cache,
+                              int64_t layer);
   /// The MoE's balance loss of the last forward (0 without MoE).
   torch::Tensor aux_loss() const;
 
@@ -175,6 +177,7 @@ struct SampleOptions {
 std::string generate(GPT& model, const std::string& prompt, const SampleOptions& options);
 
 /// The next token's id from logits [vocab] by temperature / top-k / top-p.
-int64_t sample_token(const torch::Tensor& logits, const SampleOptions& options, at::Generator& generator);
+int64_t sample_token(const torch::Tensor& logits, const SampleOptions& options,
+                     at::Generator& generator);
 
 }  // namespace gpt

@@ -11,13 +11,14 @@ struct ContinuousBatcher::Running {
   at::Generator generator;
   std::string output;
   int64_t slot = 0;
-  int64_t length = 0;    // positions in the slot's cache
-  int64_t next = 0;      // the newest token, not yet in the cache
+  int64_t length = 0;  // positions in the slot's cache
+  int64_t next = 0;    // the newest token, not yet in the cache
 };
 
 ContinuousBatcher::ContinuousBatcher(GPT model, ServeOptions options)
     : model_(std::move(model)), options_(options) {
-  TORCH_CHECK(options_.max_batch >= 1, "ContinuousBatcher: max_batch must be >= 1, got ", options_.max_batch);
+  TORCH_CHECK(options_.max_batch >= 1, "ContinuousBatcher: max_batch must be >= 1, got ",
+              options_.max_batch);
   model_->eval();
   worker_ = std::thread([this] { loop(); });
 }
@@ -37,11 +38,13 @@ std::future<std::string> ContinuousBatcher::submit(std::string prompt, SampleOpt
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) {
-      r.answer.set_exception(std::make_exception_ptr(std::runtime_error("ContinuousBatcher: shutting down")));
+      r.answer.set_exception(
+          std::make_exception_ptr(std::runtime_error("ContinuousBatcher: shutting down")));
       return future;
     }
     if (r.prompt.empty()) {
-      r.answer.set_exception(std::make_exception_ptr(std::invalid_argument("ContinuousBatcher: the prompt is empty")));
+      r.answer.set_exception(
+          std::make_exception_ptr(std::invalid_argument("ContinuousBatcher: the prompt is empty")));
       return future;
     }
     queue_.push_back(std::move(r));
@@ -53,7 +56,8 @@ std::future<std::string> ContinuousBatcher::submit(std::string prompt, SampleOpt
 ServeStats ContinuousBatcher::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
   ServeStats s = stats_;
-  s.mean_batch = s.decode_steps ? static_cast<double>(batch_sum_) / static_cast<double>(s.decode_steps) : 0.0;
+  s.mean_batch =
+      s.decode_steps ? static_cast<double>(batch_sum_) / static_cast<double>(s.decode_steps) : 0.0;
   return s;
 }
 
@@ -106,7 +110,8 @@ void ContinuousBatcher::loop() {
         // Prefill alone, as generate() does, then move its cache into a slot.
         std::vector<int64_t> ids;
         for (unsigned char c : r.request.prompt) ids.push_back(c);
-        if (static_cast<int64_t>(ids.size()) > context - 1) ids.erase(ids.begin(), ids.end() - (context - 1));
+        if (static_cast<int64_t>(ids.size()) > context - 1)
+          ids.erase(ids.begin(), ids.end() - (context - 1));
         KVCache single;
         auto logits = model_->forward(torch::tensor(ids).unsqueeze(0).to(device), &single);
         r.slot = free_slots.back();
@@ -132,12 +137,14 @@ void ContinuousBatcher::loop() {
       positions.push_back(r.length);
     }
     try {
-      auto logits = model_->decode_slots(torch::tensor(tokens, torch::kLong).to(device), slots, positions, cache);
+      auto logits = model_->decode_slots(torch::tensor(tokens, torch::kLong).to(device), slots,
+                                         positions, cache);
       {
         std::lock_guard<std::mutex> lock(mutex_);
         ++stats_.decode_steps;
         batch_sum_ += static_cast<int64_t>(running.size());
-        stats_.max_batch_seen = std::max<int64_t>(stats_.max_batch_seen, static_cast<int64_t>(running.size()));
+        stats_.max_batch_seen =
+            std::max<int64_t>(stats_.max_batch_seen, static_cast<int64_t>(running.size()));
       }
       std::vector<Running> still;
       for (size_t b = 0; b < running.size(); ++b) {

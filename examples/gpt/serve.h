@@ -29,9 +29,9 @@ struct ServeOptions {
 
 struct ServeStats {
   int64_t requests = 0;
-  int64_t tokens = 0;         ///< generated
-  int64_t decode_steps = 0;   ///< batched forward passes
-  double mean_batch = 0;      ///< sequences per decode step
+  int64_t tokens = 0;        ///< generated
+  int64_t decode_steps = 0;  ///< batched forward passes
+  double mean_batch = 0;     ///< sequences per decode step
   int64_t max_batch_seen = 0;
 };
 

@@ -35,7 +35,8 @@ enum class Precision {
 
 /// "fp32", "bf16", "fp16".
 std::string to_string(Precision precision);
-/// Parses "fp32" / "bf16" / "fp16" (also "32", "bf16-mixed", "16"...); throws naming the value otherwise.
+/// Parses "fp32" / "bf16" / "fp16" (also "32", "bf16-mixed", "16"...); throws naming the value
+/// otherwise.
 Precision parse_precision(const std::string& text);
 /// The autocast dtype of a precision: kBFloat16, kHalf; kFloat for kFP32.
 c10::ScalarType autocast_dtype(Precision precision);
@@ -146,8 +147,8 @@ class AmpScaler {
   bool any_found_inf();
 
   AmpScalerOptions options_;
-  torch::Tensor scale_;           // float32 scalar; undefined until the first scale()
-  torch::Tensor growth_tracker_;  // int32 scalar; created with scale_
+  torch::Tensor scale_;              // float32 scalar; undefined until the first scale()
+  torch::Tensor growth_tracker_;     // int32 scalar; created with scale_
   int64_t init_growth_tracker_ = 0;  // growth tracker to start from (load() sets it)
   std::unordered_map<const torch::optim::Optimizer*, PerOptimizer> per_optimizer_;
   int64_t skipped_steps_ = 0;

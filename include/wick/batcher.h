@@ -99,8 +99,8 @@ struct BatcherStats {
   /// batch_size_histogram[n]: batches of n requests; size max_batch_size + 1.
   std::vector<int64_t> batch_size_histogram;
   double mean_batch_size = 0;
-  LatencySummary queue_wait;   ///< submit() to being taken into a batch
-  LatencySummary end_to_end;   ///< submit() to the answer (run requests only)
+  LatencySummary queue_wait;  ///< submit() to being taken into a batch
+  LatencySummary end_to_end;  ///< submit() to the answer (run requests only)
 };
 
 namespace detail {
@@ -109,7 +109,7 @@ namespace detail {
 struct BatcherJob {
   virtual ~BatcherJob() = default;
   virtual void fail(std::exception_ptr error) = 0;  // set the future's exception
-  virtual void complete() = 0;                       // set the future's value (stored by run)
+  virtual void complete() = 0;                      // set the future's value (stored by run)
   std::chrono::steady_clock::time_point enqueued;
   std::optional<std::chrono::steady_clock::time_point> deadline;
 };
@@ -163,7 +163,8 @@ class DynamicBatcher {
                                      std::to_string(outputs.size()) + " results for " +
                                      std::to_string(jobs.size()) + " requests");
           }
-          for (size_t i = 0; i < jobs.size(); ++i) static_cast<Job&>(*jobs[i]).output = std::move(outputs[i]);
+          for (size_t i = 0; i < jobs.size(); ++i)
+            static_cast<Job&>(*jobs[i]).output = std::move(outputs[i]);
         }) {}
 
   /// Queues `input`; thread-safe. The future holds the result or the error.
@@ -193,7 +194,8 @@ class DynamicBatcher {
     void complete() override { promise.set_value(std::move(*output)); }
   };
 
-  std::future<Out> submit_impl(In input, std::optional<std::chrono::steady_clock::time_point> deadline) {
+  std::future<Out> submit_impl(In input,
+                               std::optional<std::chrono::steady_clock::time_point> deadline) {
     auto job = std::make_unique<Job>();
     job->input = std::move(input);
     job->deadline = deadline;

@@ -116,7 +116,8 @@ class ProgressBar : public Callback {
   bool tty_ = false;
   Metrics last_logs_;
   int64_t epoch_first_step_ = 0;
-  int64_t epoch_first_batch_ = 0;    // batch_in_epoch at on_epoch_start (> 0 after a mid-epoch resume)
+  int64_t epoch_first_batch_ =
+      0;  // batch_in_epoch at on_epoch_start (> 0 after a mid-epoch resume)
   int64_t epoch_first_samples_ = 0;  // samples_seen at on_epoch_start
   bool bar_open_ = false;            // a bar is drawn and its line not yet ended
   size_t bar_length_ = 0;            // characters of the last bar drawn (to blank leftovers)

@@ -6,8 +6,8 @@
 //   ckpt.put_optimizer("optimizer", optimizer);
 //   ckpt.put("scaler", [&](auto& a) { scaler.save(a); });
 //   ckpt.put_rng_state();
-//   ckpt.set_train_state({/*step=*/100, /*epoch=*/1, /*batch_in_epoch=*/37, /*samples_seen=*/12800});
-//   ckpt.save("runs/a/checkpoints/step-00000100");            // atomic
+//   ckpt.set_train_state({/*step=*/100, /*epoch=*/1, /*batch_in_epoch=*/37,
+//   /*samples_seen=*/12800}); ckpt.save("runs/a/checkpoints/step-00000100");            // atomic
 //
 //   auto back = wick::Checkpoint::load(*wick::latest_checkpoint("runs/a/checkpoints"));
 //   back.restore_module("model", *model);                      // names and shapes checked

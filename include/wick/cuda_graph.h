@@ -15,11 +15,12 @@
 //   wick::FusedAdam opt(model->parameters(),
 //                       wick::FusedAdamOptions(3e-4).decoupled_weight_decay(true).tensor_lr(true));
 //   wick::CudaGraphStep step(model->parameters(), opt,
-//       [&](const torch::Tensor& x, const torch::Tensor& y) { return loss_fn(model->forward(x), y); },
-//       wick::CudaGraphStepOptions().precision(wick::Precision::kBF16).grad_clip_norm(1.0));
+//       [&](const torch::Tensor& x, const torch::Tensor& y) { return loss_fn(model->forward(x), y);
+//       }, wick::CudaGraphStepOptions().precision(wick::Precision::kBF16).grad_clip_norm(1.0));
 //   for (...) {
 //     scheduler.step();                               // sets the groups' lr (host doubles)
-//     torch::Tensor loss = step.step(input, target);  // copies the lr into the graph's lr tensors, replays
+//     torch::Tensor loss = step.step(input, target);  // copies the lr into the graph's lr tensors,
+//     replays
 //   }
 //
 // What it refuses, with an error naming the cause:
@@ -76,7 +77,8 @@ class CudaGraphStep {
  public:
   /// Computes the loss (a scalar) from the static input and target; runs under
   /// the step's autocast. Called during the warm-up steps and once for the capture.
-  using LossFn = std::function<torch::Tensor(const torch::Tensor& input, const torch::Tensor& target)>;
+  using LossFn =
+      std::function<torch::Tensor(const torch::Tensor& input, const torch::Tensor& target)>;
 
   /// `parameters`: what backward fills and the optimizer updates (on one CUDA
   /// device). `optimizer` must have tensor_lr in every group. Throws for what

@@ -2,8 +2,9 @@
 // Data for training: the batch type, batch sources the Trainer reads, and the
 // datasets the examples use (Fashion-MNIST's IDX files).
 //
-//   auto train = wick::FashionMNIST(wick::FashionMNIST::default_root(), wick::FashionMNIST::Split::kTrain);
-//   wick::TensorBatchSource source(train.images(), train.targets(),
+//   auto train = wick::FashionMNIST(wick::FashionMNIST::default_root(),
+//   wick::FashionMNIST::Split::kTrain); wick::TensorBatchSource source(train.images(),
+//   train.targets(),
 //                                  wick::TensorBatchSourceOptions(64).shuffle(true).seed(1));
 //   source.reset(/*epoch=*/0);
 //   while (auto batch = source.next()) { /* batch->data, batch->target */ }

@@ -5,15 +5,14 @@
 //
 //   auto pg = wick::init_process_group();                  // torchrun's env, or a world of one
 //   auto model = std::make_shared<Net>();
-//   wick::DistributedDataParallel ddp(model, pg);          // checks shapes, broadcasts rank 0's weights
-//   torch::optim::SGD opt(model->parameters(), 0.1);
-//   for (auto& batch : my_shard) {
+//   wick::DistributedDataParallel ddp(model, pg);          // checks shapes, broadcasts rank 0's
+//   weights torch::optim::SGD opt(model->parameters(), 0.1); for (auto& batch : my_shard) {
 //     ddp.prepare_forward();                               // broadcasts buffers (BatchNorm stats)
 //     auto loss = loss_fn(model->forward(batch.data), batch.target);
 //     opt.zero_grad();
-//     loss.backward();                                     // buckets are reduced as gradients arrive
-//     ddp.finalize_backward();                             // waits; .grad now holds the average
-//     opt.step();
+//     loss.backward();                                     // buckets are reduced as gradients
+//     arrive ddp.finalize_backward();                             // waits; .grad now holds the
+//     average opt.step();
 //   }
 //
 // Accumulation: backward inside `auto guard = ddp.no_sync();` keeps gradients
@@ -61,7 +60,8 @@ class DistributedDataParallel {
   /// Wraps `module` (its parameters are updated in place; keep using it for
   /// forward). Throws, on every rank, when the ranks' parameter names or
   /// shapes differ; then copies rank 0's parameters and buffers to all ranks.
-  DistributedDataParallel(std::shared_ptr<torch::nn::Module> module, std::shared_ptr<ProcessGroup> pg,
+  DistributedDataParallel(std::shared_ptr<torch::nn::Module> module,
+                          std::shared_ptr<ProcessGroup> pg,
                           DistributedDataParallelOptions options = {});
   ~DistributedDataParallel();
   DistributedDataParallel(DistributedDataParallel&&) noexcept;

@@ -3,9 +3,8 @@
 // NCCL on CUDA), set up from torchrun's environment.
 //
 //   // torchrun --standalone --nproc_per_node=2 --no-python ./my_trainer
-//   auto pg = wick::init_process_group();          // RANK, WORLD_SIZE, MASTER_ADDR, ... from the env
-//   std::cout << pg->rank() << "/" << pg->world_size() << "\n";
-//   auto t = torch::ones({4});
+//   auto pg = wick::init_process_group();          // RANK, WORLD_SIZE, MASTER_ADDR, ... from the
+//   env std::cout << pg->rank() << "/" << pg->world_size() << "\n"; auto t = torch::ones({4});
 //   pg->allreduce_sum({t});                         // in place, on every rank
 //
 // Without torchrun's variables it is a world of one: every collective is a
@@ -55,9 +54,9 @@ class ProcessGroup {
  public:
   /// A world of one (no communication).
   ProcessGroup();
-  ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend, int64_t rank,
-               int64_t world_size, int64_t local_rank, int64_t local_world_size, torch::Device device,
-               std::chrono::milliseconds timeout);
+  ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend,
+               int64_t rank, int64_t world_size, int64_t local_rank, int64_t local_world_size,
+               torch::Device device, std::chrono::milliseconds timeout);
   ~ProcessGroup();
 
   int64_t rank() const { return rank_; }

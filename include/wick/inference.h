@@ -16,7 +16,8 @@
 //
 // A quantized checkpoint is loaded by giving the transform that produced its
 // structure, applied before the state is read:
-//   wick::InferenceSessionOptions().transform([](torch::nn::Module& m) { wick::quantize_dynamic(m); })
+//   wick::InferenceSessionOptions().transform([](torch::nn::Module& m) { wick::quantize_dynamic(m);
+//   })
 //
 // See docs/batching.md.
 
@@ -83,7 +84,8 @@ class InferenceSession {
   /// Any module holder with `forward(Tensor) -> Tensor`: torch::nn::Sequential,
   /// torch::nn::Linear, a TORCH_MODULE of your own.
   template <class ModuleHolder>
-  InferenceSession(ModuleHolder model, const std::string& checkpoint, InferenceSessionOptions options = {})
+  InferenceSession(ModuleHolder model, const std::string& checkpoint,
+                   InferenceSessionOptions options = {})
       : InferenceSession(model.ptr(), forward_of(model.ptr()), checkpoint, std::move(options)) {}
 
   /// Serves `model` as it is (no checkpoint).
@@ -110,7 +112,9 @@ class InferenceSession {
  private:
   template <class Impl>
   static Forward forward_of(std::shared_ptr<Impl> impl) {
-    return [impl = std::move(impl)](const torch::Tensor& x) -> torch::Tensor { return impl->forward(x); };
+    return [impl = std::move(impl)](const torch::Tensor& x) -> torch::Tensor {
+      return impl->forward(x);
+    };
   }
 
   struct State {

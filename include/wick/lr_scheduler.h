@@ -63,8 +63,8 @@ class StepLR : public LRScheduler {
 /// Linear warm-up from base*warmup_start_factor to base over warmup_steps,
 /// then cosine decay to base*min_lr_ratio at total_steps (constant after):
 ///   n < warmup:          base * (s + (1 - s) * n / warmup)       (s = warmup_start_factor)
-///   warmup <= n < total: base * (m + (1 - m) * (1 + cos(pi * (n - warmup) / (total - warmup))) / 2)
-///   n >= total:          base * m                                 (m = min_lr_ratio)
+///   warmup <= n < total: base * (m + (1 - m) * (1 + cos(pi * (n - warmup) / (total - warmup))) /
+///   2) n >= total:          base * m                                 (m = min_lr_ratio)
 class CosineWarmupLR : public LRScheduler {
  public:
   /// 0 <= warmup_steps <= total_steps, total_steps >= 1; min_lr_ratio and

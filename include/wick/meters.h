@@ -81,7 +81,7 @@ HostMemory host_memory();
 
 /// CUDA caching allocator statistics of one device (c10::cuda::CUDACachingAllocator).
 struct CudaMemory {
-  bool available = false;      ///< false on a build or machine without CUDA
+  bool available = false;  ///< false on a build or machine without CUDA
   int64_t allocated_bytes = 0;
   int64_t reserved_bytes = 0;
   int64_t peak_allocated_bytes = 0;
@@ -94,7 +94,7 @@ void reset_cuda_peak_memory(int device = 0);
 /// One GPU's state from NVML.
 struct GpuStats {
   bool available = false;
-  std::string reason;          ///< why not available ("libnvidia-ml.so.1 not found", "no device 3", ...)
+  std::string reason;  ///< why not available ("libnvidia-ml.so.1 not found", "no device 3", ...)
   std::string name;
   double utilization_pct = 0;  ///< GPU busy time over the last sample period
   double memory_utilization_pct = 0;

@@ -7,8 +7,8 @@
 //   wick::Pipeline pipe(std::vector<wick::PipelineStage>{{parts[0], torch::Device("cuda:0")},
 //                                                        {parts[1], torch::Device("cuda:1")}},
 //                       wick::PipelineOptions().chunks(8).schedule(wick::PipelineSchedule::k1F1B));
-//   torch::Tensor loss = pipe->train_step(x, y, loss_fn);    // forward and backward, grads accumulated
-//   optimizer.step();
+//   torch::Tensor loss = pipe->train_step(x, y, loss_fn);    // forward and backward, grads
+//   accumulated optimizer.step();
 //
 // The seed's two-stage model parallelism (an encoder on one device, a decoder
 // on another, no micro-batches) is the same component with chunks = 1.
@@ -74,15 +74,16 @@ struct PipelineStage {
 struct PipelineStats {
   int64_t stages = 0;
   int64_t micro_batches = 0;
-  double step_seconds = 0;                 ///< wall time of the step
-  std::vector<double> busy_seconds;        ///< per stage: time spent in forwards and backwards
+  double step_seconds = 0;           ///< wall time of the step
+  std::vector<double> busy_seconds;  ///< per stage: time spent in forwards and backwards
   /// 1 - mean(busy) / step: the share of the stages' time spent waiting.
   double bubble_fraction = 0;
   /// (p - 1) / (m + p - 1): the bubble of a pipeline whose stages take equal time.
   double ideal_bubble_fraction = 0;
 };
 
-using PipelineLossFn = std::function<torch::Tensor(const torch::Tensor& output, const torch::Tensor& target)>;
+using PipelineLossFn =
+    std::function<torch::Tensor(const torch::Tensor& output, const torch::Tensor& target)>;
 
 /// Cuts a Sequential into consecutive parts of `sizes` modules each (summing
 /// to its length). The parts share the modules (and parameters) with `model`.
@@ -90,7 +91,8 @@ std::vector<torch::nn::Sequential> split_sequential(const torch::nn::Sequential&
                                                     const std::vector<int64_t>& sizes);
 /// Cuts a Sequential into `parts` consecutive parts of about equal parameter
 /// counts (each part at least one module).
-std::vector<torch::nn::Sequential> split_sequential(const torch::nn::Sequential& model, int64_t parts);
+std::vector<torch::nn::Sequential> split_sequential(const torch::nn::Sequential& model,
+                                                    int64_t parts);
 
 class PipelineImpl : public torch::nn::Module {
  public:
@@ -109,8 +111,8 @@ class PipelineImpl : public torch::nn::Module {
   /// `grad_scale` x mean loss to the parameters' .grad. Returns the mean loss
   /// (detached, on the last stage's device). A stage that throws stops the
   /// step; the error names the stage and the micro-batch.
-  torch::Tensor train_step(const torch::Tensor& input, const torch::Tensor& target, const PipelineLossFn& loss_fn,
-                           double grad_scale = 1.0);
+  torch::Tensor train_step(const torch::Tensor& input, const torch::Tensor& target,
+                           const PipelineLossFn& loss_fn, double grad_scale = 1.0);
 
   /// The stages keep their devices: moving the pipeline to a device is an
   /// error unless every stage is already there. A dtype applies to every stage.
@@ -140,7 +142,9 @@ class PipelineTask : public Task {
   /// the pipeline's own backward then runs at that scale, so fp16 gradients do
   /// not underflow. Without it, the backward runs at scale 1 and the Trainer's
   /// scale is applied afterwards (exact in fp32 and bf16).
-  void set_grad_scale_source(std::function<double()> source) { grad_scale_source_ = std::move(source); }
+  void set_grad_scale_source(std::function<double()> source) {
+    grad_scale_source_ = std::move(source);
+  }
 
   torch::nn::Module& module() override { return *pipeline_; }
   StepOutput training_step(const Batch& batch) override;
@@ -151,7 +155,8 @@ class PipelineTask : public Task {
   PipelineLossFn loss_fn_;
   SupervisedTask validation_;  // the pipeline's forward, for validation
   std::function<double()> grad_scale_source_;
-  torch::Tensor anchor_;  // a leaf the returned loss hangs from, so that backward() reaches the pipeline
+  torch::Tensor
+      anchor_;  // a leaf the returned loss hangs from, so that backward() reaches the pipeline
 };
 
 }  // namespace wick

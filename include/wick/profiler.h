@@ -67,7 +67,8 @@ struct ProfilerOptions {
   TORCH_ARG(bool, record_shapes) = false;
   /// Record allocations and frees (CPU and CUDA memory columns).
   TORCH_ARG(bool, profile_memory) = false;
-  /// Record source locations of ops (TorchScript stacks; plain C++ has none, so traces carry no stacks).
+  /// Record source locations of ops (TorchScript stacks; plain C++ has none, so traces carry no
+  /// stacks).
   TORCH_ARG(bool, with_stack) = false;
   /// Estimate FLOPs of matmul and convolution ops.
   TORCH_ARG(bool, with_flops) = false;
@@ -84,8 +85,8 @@ struct ProfiledEvent {
   int64_t start_ns = 0;
   int64_t duration_ns = 0;
   uint64_t thread = 0;
-  bool on_device = false;         ///< a CUDA kernel / memcpy (duration is device time)
-  int64_t correlation = 0;        ///< CPU op's correlation id (device events: the linked one)
+  bool on_device = false;   ///< a CUDA kernel / memcpy (duration is device time)
+  int64_t correlation = 0;  ///< CPU op's correlation id (device events: the linked one)
   std::vector<std::vector<int64_t>> shapes;  ///< input shapes (record_shapes)
   uint64_t flops = 0;
 };
@@ -94,12 +95,12 @@ struct ProfiledEvent {
 /// Times in nanoseconds; memory in bytes (allocations minus frees).
 struct OpStats {
   std::string name;
-  std::string input_shapes;       ///< "[[64, 784], [512, 784]]" when grouped by shape, else ""
+  std::string input_shapes;  ///< "[[64, 784], [512, 784]]" when grouped by shape, else ""
   int64_t count = 0;
-  int64_t self_cpu_ns = 0;        ///< time in the op itself, not in ops it called
-  int64_t cpu_total_ns = 0;       ///< time including the ops it called
-  int64_t self_cuda_ns = 0;       ///< kernels launched by the op itself
-  int64_t cuda_total_ns = 0;      ///< kernels launched by it and the ops it called
+  int64_t self_cpu_ns = 0;    ///< time in the op itself, not in ops it called
+  int64_t cpu_total_ns = 0;   ///< time including the ops it called
+  int64_t self_cuda_ns = 0;   ///< kernels launched by the op itself
+  int64_t cuda_total_ns = 0;  ///< kernels launched by it and the ops it called
   int64_t self_cpu_memory = 0;
   int64_t cpu_memory = 0;
   int64_t self_cuda_memory = 0;
@@ -113,7 +114,8 @@ struct OpStats {
 /// "count", "self_cpu_time_total", "cpu_time_total", "cpu_time" (average),
 /// "self_cuda_time_total", "cuda_time_total", "cuda_time", "self_cpu_memory_usage",
 /// "cpu_memory_usage", "self_cuda_memory_usage", "cuda_memory_usage", "flops", "name"
-/// ("device_time..." spellings are accepted for the cuda ones). Numbers sort descending, names ascending.
+/// ("device_time..." spellings are accepted for the cuda ones). Numbers sort descending, names
+/// ascending.
 class OpTable {
  public:
   OpTable() = default;
@@ -166,6 +168,7 @@ class Profiler {
     ~Scope();
     Scope(const Scope&) = delete;
     Scope& operator=(const Scope&) = delete;
+
    private:
     Profiler* profiler_;
   };

@@ -138,7 +138,8 @@ class CubicSchedule {
 enum class PruneMethod { kL1Unstructured, kGlobalUnstructured, kLnStructured };
 
 struct PrunerCallbackOptions {
-  /* implicit */ PrunerCallbackOptions(std::vector<std::string> names = {}) : names_(std::move(names)) {}
+  /* implicit */ PrunerCallbackOptions(std::vector<std::string> names = {})
+      : names_(std::move(names)) {}
   /// Parameters the schedule prunes (unused without a schedule).
   TORCH_ARG(std::vector<std::string>, names);
   /// How the schedule prunes: kGlobalUnstructured (one threshold over

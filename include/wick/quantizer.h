@@ -142,13 +142,13 @@ struct QuantizedLayer {
   int64_t in_features = 0;
   int64_t out_features = 0;
   int64_t bytes_before = 0;  ///< its weight and bias before, in their dtype
-  int64_t bytes_after = 0;  ///< weight, scale and bias after
+  int64_t bytes_after = 0;   ///< weight, scale and bias after
 };
 
 struct QuantizeReport {
   std::vector<QuantizedLayer> layers;
-  int64_t model_bytes_before = 0;  ///< every parameter and buffer of the model, before
-  int64_t model_bytes_after = 0;   ///< and after
+  int64_t model_bytes_before = 0;   ///< every parameter and buffer of the model, before
+  int64_t model_bytes_after = 0;    ///< and after
   int64_t linear_bytes_before = 0;  ///< the replaced layers only
   int64_t linear_bytes_after = 0;
   torch::Dtype dtype = torch::kInt8;
@@ -163,9 +163,10 @@ struct QuantizeReport {
 /// type is an error naming it. dtype: torch::kInt8 or torch::kFloat16 on CPU,
 /// torch::kInt8 or torch::kFloat8_e4m3fn on CUDA. A module that already holds
 /// a QuantizedLinear is refused (quantizing twice would compound the error).
-QuantizeReport quantize_dynamic(torch::nn::Module& module,
-                                const std::set<std::type_index>& types = {typeid(torch::nn::LinearImpl)},
-                                torch::Dtype dtype = torch::kInt8, QuantizeOptions options = {});
+QuantizeReport quantize_dynamic(
+    torch::nn::Module& module,
+    const std::set<std::type_index>& types = {typeid(torch::nn::LinearImpl)},
+    torch::Dtype dtype = torch::kInt8, QuantizeOptions options = {});
 
 /// Bytes of every parameter and buffer in `module`'s tree.
 int64_t module_state_bytes(const torch::nn::Module& module);

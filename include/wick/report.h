@@ -29,7 +29,8 @@ using ReportSummary = std::vector<std::pair<std::string, std::string>>;
 struct RunReportOptions {
   RunReportOptions(std::string metrics_jsonl, std::string output_html)
       : metrics_jsonl_(std::move(metrics_jsonl)), output_html_(std::move(output_html)) {}
-  /// MetricLogger's metrics.jsonl: one object per line with "kind" ("train" | "val"), "step" and metrics.
+  /// MetricLogger's metrics.jsonl: one object per line with "kind" ("train" | "val"), "step" and
+  /// metrics.
   TORCH_ARG(std::string, metrics_jsonl);
   /// Where the HTML goes (written atomically: a temporary file, then a rename).
   TORCH_ARG(std::string, output_html);

@@ -74,7 +74,8 @@ class Task {
 /// indices, "accuracy".
 class SupervisedTask : public Task {
  public:
-  using LossFn = std::function<torch::Tensor(const torch::Tensor& output, const torch::Tensor& target)>;
+  using LossFn =
+      std::function<torch::Tensor(const torch::Tensor& output, const torch::Tensor& target)>;
   using ForwardFn = std::function<torch::Tensor(const torch::Tensor& input)>;
 
   /// `model`: a module holder (torch::nn::Sequential, torch::nn::Linear, ...)
@@ -82,9 +83,12 @@ class SupervisedTask : public Task {
   /// `loss_fn` defaults to cross-entropy (mean).
   template <typename ModuleType>
   explicit SupervisedTask(ModuleType model, LossFn loss_fn = {})
-      : SupervisedTask(module_ptr(model),
-                       [model](const torch::Tensor& input) mutable -> torch::Tensor { return model->forward(input); },
-                       std::move(loss_fn)) {}
+      : SupervisedTask(
+            module_ptr(model),
+            [model](const torch::Tensor& input) mutable -> torch::Tensor {
+              return model->forward(input);
+            },
+            std::move(loss_fn)) {}
   /// Any module, with the function that runs its forward.
   SupervisedTask(std::shared_ptr<torch::nn::Module> module, ForwardFn forward, LossFn loss_fn);
 
@@ -143,7 +147,8 @@ struct TrainerOptions {
   /// are reduced, and only rank 0 runs main_rank_only callbacks (logs,
   /// progress, checkpoints). nullptr or a world of one: one process.
   TORCH_ARG(std::shared_ptr<ProcessGroup>, process_group) = nullptr;
-  /// How the module is wrapped for data-parallel training (bucket size, buffers, unused parameters).
+  /// How the module is wrapped for data-parallel training (bucket size, buffers, unused
+  /// parameters).
   TORCH_ARG(DistributedDataParallelOptions, ddp) = {};
   /// Seed of torch's generators at the start of a fresh run.
   TORCH_ARG(uint64_t, seed) = 0;
@@ -173,11 +178,11 @@ struct TrainerOptions {
 
 /// What fit() returns.
 struct FitResult {
-  TrainState state;                     ///< where training ended
-  std::map<std::string, double> last_logs;        ///< the last training logs
-  std::map<std::string, double> last_val_metrics; ///< the last validation metrics (empty if none)
-  std::string stop_reason;              ///< "max_epochs", "max_steps", or a callback's reason
-  double seconds = 0.0;                 ///< wall time of fit
+  TrainState state;                                ///< where training ended
+  std::map<std::string, double> last_logs;         ///< the last training logs
+  std::map<std::string, double> last_val_metrics;  ///< the last validation metrics (empty if none)
+  std::string stop_reason;  ///< "max_epochs", "max_steps", or a callback's reason
+  double seconds = 0.0;     ///< wall time of fit
 };
 
 class Trainer {
@@ -203,7 +208,8 @@ class Trainer {
   template <typename TrainLoader, typename ValLoader,
             typename = std::enable_if_t<!std::is_base_of_v<BatchSource, TrainLoader> &&
                                         !std::is_base_of_v<BatchSource, ValLoader>>>
-  FitResult fit(Task& task, torch::optim::Optimizer& optimizer, TrainLoader& train, ValLoader& val) {
+  FitResult fit(Task& task, torch::optim::Optimizer& optimizer, TrainLoader& train,
+                ValLoader& val) {
     DataLoaderSource<TrainLoader> train_source(train);
     DataLoaderSource<ValLoader> val_source(val);
     return fit(task, optimizer, train_source, &val_source);
@@ -216,7 +222,8 @@ class Trainer {
   /// Writes the whole training state (model, optimizer, scaler, callbacks'
   /// state, RNG, train state, fingerprint) to checkpoint directory `path`,
   /// atomically. Only during fit (callbacks call it).
-  void save_checkpoint(const std::string& path, const std::map<std::string, std::string>& meta = {});
+  void save_checkpoint(const std::string& path,
+                       const std::map<std::string, std::string>& meta = {});
   /// Restores everything save_checkpoint wrote into the running fit's task,
   /// optimizer, scaler and callbacks. Throws naming the checkpoint when the
   /// fingerprint or a parameter does not match.
@@ -238,7 +245,9 @@ class Trainer {
   AmpScaler* scaler() { return scaler_.get(); }
   /// This process's rank and the number of ranks (0 and 1 without a process group).
   int64_t rank() const { return options_.process_group() ? options_.process_group()->rank() : 0; }
-  int64_t world_size() const { return options_.process_group() ? options_.process_group()->world_size() : 1; }
+  int64_t world_size() const {
+    return options_.process_group() ? options_.process_group()->world_size() : 1;
+  }
   /// Whether this is rank 0, the one that writes logs and checkpoints.
   bool is_main() const { return rank() == 0; }
   /// The device training runs on (options().device(), or the model's).
@@ -279,7 +288,8 @@ class Trainer {
   std::string stop_reason_;
   bool epoch_done_ = false;  // between an epoch's validation and its on_epoch_end
   bool last_step_skipped_ = false;
-  int64_t nonfinite_losses_ = 0;  // consecutive non-finite micro-batch losses (max_nonfinite_losses)
+  int64_t nonfinite_losses_ =
+      0;  // consecutive non-finite micro-batch losses (max_nonfinite_losses)
   std::map<std::string, double> last_logs_;
   std::map<std::string, double> last_val_metrics_;
 

@@ -23,9 +23,11 @@ int main() {
   torch::optim::Adam optimizer(task.net->parameters(), 5e-2);
   wick::TensorBatchSource train(x, y, 64);
   wick::Trainer trainer(wick::TrainerOptions().max_epochs(30).grad_accum_steps(2));
-  trainer.add_callback(std::make_shared<wick::ProgressBar>(wick::ProgressBarOptions().force_lines(true)));
+  trainer.add_callback(
+      std::make_shared<wick::ProgressBar>(wick::ProgressBarOptions().force_lines(true)));
   auto result = trainer.fit(task, optimizer, train, &train);
   const double mse = result.last_val_metrics.at("val/mse");
-  std::cout << "wick " << wick::version() << ": val mse " << mse << " after " << result.state.step << " steps\n";
+  std::cout << "wick " << wick::version() << ": val mse " << mse << " after " << result.state.step
+            << " steps\n";
   return mse < 1e-3 ? 0 : 1;  // the data is exactly linear: training must fit it
 }
