@@ -149,7 +149,7 @@ std::string ProcessGroup::backend_name() const {
   return backend_ ? backend_->getBackendName() : "none";
 }
 
-void ProcessGroup::allreduce_sum(std::vector<torch::Tensor> tensors) {
+void ProcessGroup::allreduce_sum(const std::vector<torch::Tensor>& tensors) {
   if (!backend_ || world_size_ == 1 || tensors.empty()) return;
   for (auto& group : by_kind(tensors)) {
     std::vector<torch::Tensor> flat{flatten(group)};
@@ -161,7 +161,7 @@ void ProcessGroup::allreduce_sum(std::vector<torch::Tensor> tensors) {
   }
 }
 
-void ProcessGroup::broadcast(std::vector<torch::Tensor> tensors, int64_t root) {
+void ProcessGroup::broadcast(const std::vector<torch::Tensor>& tensors, int64_t root) {
   TORCH_CHECK(root >= 0 && root < world_size_, "ProcessGroup: broadcast root must be in [0, ",
               world_size_, "), got ", root);
   if (!backend_ || world_size_ == 1 || tensors.empty()) return;

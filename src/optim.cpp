@@ -131,7 +131,7 @@ void FusedAdamParamState::serialize(torch::serialize::InputArchive& archive) {
 // ---- FusedAdam ----
 
 FusedAdam::FusedAdam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
-                     FusedAdamOptions defaults)
+                     const FusedAdamOptions& defaults)
     : Optimizer(param_groups, std::make_unique<FusedAdamOptions>(defaults)) {
   check_options(defaults, "");
   for (size_t g = 0; g < param_groups_.size(); ++g) {
@@ -145,8 +145,8 @@ FusedAdam::FusedAdam(const std::vector<torch::optim::OptimizerParamGroup>& param
   }
 }
 
-FusedAdam::FusedAdam(std::vector<torch::Tensor> params, FusedAdamOptions defaults)
-    : FusedAdam({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+FusedAdam::FusedAdam(std::vector<torch::Tensor> params, const FusedAdamOptions& defaults)
+    : FusedAdam({torch::optim::OptimizerParamGroup(std::move(params))}, defaults) {}
 
 torch::Tensor FusedAdam::step(LossClosure closure) {
   torch::NoGradGuard no_grad;

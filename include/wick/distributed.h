@@ -70,9 +70,9 @@ class ProcessGroup {
   std::string backend_name() const;
 
   /// Sums `tensors` in place across ranks (any shapes; one coalesced collective).
-  void allreduce_sum(std::vector<torch::Tensor> tensors);
+  void allreduce_sum(const std::vector<torch::Tensor>& tensors);
   /// Copies rank `root`'s tensors into every rank's, in place.
-  void broadcast(std::vector<torch::Tensor> tensors, int64_t root = 0);
+  void broadcast(const std::vector<torch::Tensor>& tensors, int64_t root = 0);
   /// Waits until every rank arrives.
   void barrier();
   /// Starts an asynchronous sum of one flat tensor; wait on the returned handle.

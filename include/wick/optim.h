@@ -83,8 +83,8 @@ class FusedAdam : public torch::optim::Optimizer {
   /// Checks `defaults` and every group's own options (lr >= 0, betas in
   /// [0, 1), eps >= 0, weight_decay >= 0).
   explicit FusedAdam(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
-                     FusedAdamOptions defaults = {});
-  explicit FusedAdam(std::vector<torch::Tensor> params, FusedAdamOptions defaults = {});
+                     const FusedAdamOptions& defaults = {});
+  explicit FusedAdam(std::vector<torch::Tensor> params, const FusedAdamOptions& defaults = {});
 
   torch::Tensor step(LossClosure closure = nullptr) override;
   void save(torch::serialize::OutputArchive& archive) const override;
