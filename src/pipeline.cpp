@@ -435,7 +435,7 @@ namespace {
 // which is what backward of g x loss would have added (gradients are linear
 // in the loss's scale).
 struct PipelineLoss : torch::autograd::Function<PipelineLoss> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, torch::Tensor anchor,
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& anchor,
                                PipelineImpl* pipeline, const torch::Tensor& input,
                                const torch::Tensor& target, const PipelineLossFn* loss_fn,
                                double provisional) {
@@ -467,7 +467,10 @@ struct PipelineLoss : torch::autograd::Function<PipelineLoss> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    auto* pipeline = reinterpret_cast<PipelineImpl*>(ctx->saved_data["pipeline"].toInt());
+    // The pointer saved by forward, round-tripped through an IValue int; the
+    // Pipeline outlives the graph built in its own step.
+    auto* pipeline = reinterpret_cast<PipelineImpl*>(  // NOLINT(performance-no-int-to-ptr)
+        ctx->saved_data["pipeline"].toInt());
     const double provisional = ctx->saved_data["provisional"].toDouble();
     const auto computed = ctx->saved_data["grads"].to<c10::List<std::optional<at::Tensor>>>();
     const torch::Tensor& g = grad_outputs[0];

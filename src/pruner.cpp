@@ -77,6 +77,7 @@ void Pruner::global_unstructured(const std::vector<std::string>& names, double a
 
 void Pruner::prune_smallest(const std::vector<std::string>& names, double amount) {
   std::vector<torch::Tensor> scores;
+  scores.reserve(names.size());
   for (const auto& name : names)
     scores.push_back(importance(name).reshape({-1}).to(torch::kFloat64));
   auto all = torch::cat(scores);

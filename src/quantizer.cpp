@@ -33,7 +33,7 @@ at::QEngine to_qengine(QuantEngine engine) {
 }
 
 bool engine_available(QuantEngine engine) {
-  const auto& engines = at::globalContext().supportedQEngines();
+  const auto& engines = at::Context::supportedQEngines();
   return std::find(engines.begin(), engines.end(), to_qengine(engine)) != engines.end();
 }
 

@@ -113,6 +113,7 @@ std::vector<std::string> to_semi_structured(torch::nn::Module& module) {
       },
       "to_semi_structured");
   std::vector<std::string> paths;
+  paths.reserve(swapped.size());
   for (const auto& s : swapped) paths.push_back(s.path);
   return paths;
 }

@@ -243,18 +243,16 @@ int train(const TrainArgs& a) {
   for (const auto& p : model->named_parameters())
     (p.value().dim() >= 2 ? decay : no_decay).push_back(p.value());
   std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(
-      decay, std::make_unique<wick::FusedAdamOptions>(wick::FusedAdamOptions(a.lr)
-                                                          .betas(std::make_tuple(0.9, 0.95))
-                                                          .weight_decay(0.1)
-                                                          .decoupled_weight_decay(true)
-                                                          .tensor_lr(a.cuda_graph)));
-  groups.emplace_back(
-      no_decay, std::make_unique<wick::FusedAdamOptions>(wick::FusedAdamOptions(a.lr)
-                                                             .betas(std::make_tuple(0.9, 0.95))
-                                                             .weight_decay(0.0)
-                                                             .decoupled_weight_decay(true)
-                                                             .tensor_lr(a.cuda_graph)));
+  // AdamW as in GPT-2/3 recipes: decay on matrices only.
+  auto adamw = [&](double weight_decay) {
+    return std::make_unique<wick::FusedAdamOptions>(wick::FusedAdamOptions(a.lr)
+                                                        .betas(std::make_tuple(0.9, 0.95))
+                                                        .weight_decay(weight_decay)
+                                                        .decoupled_weight_decay(true)
+                                                        .tensor_lr(a.cuda_graph));
+  };
+  groups.emplace_back(decay, adamw(0.1));
+  groups.emplace_back(no_decay, adamw(0.0));
   wick::FusedAdam optimizer(groups, wick::FusedAdamOptions(a.lr));
 
   if (pg->is_main()) {
