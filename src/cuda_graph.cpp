@@ -144,16 +144,14 @@ torch::Tensor CudaGraphStep::step(const torch::Tensor& input, const torch::Tenso
     s.static_input = torch::empty(input.sizes(), input.options().device(s.device));
     s.static_target = torch::empty(target.sizes(), target.options().device(s.device));
   }
-  TORCH_CHECK(input.sizes() == s.static_input.sizes() &&
-                  input.scalar_type() == s.static_input.scalar_type(),
-              "CudaGraphStep: the graph's shapes are static: input must be ",
-              s.static_input.sizes(), " ", s.static_input.scalar_type(),
-              " as in the first step, got ", input.sizes(), " ", input.scalar_type());
-  TORCH_CHECK(target.sizes() == s.static_target.sizes() &&
-                  target.scalar_type() == s.static_target.scalar_type(),
-              "CudaGraphStep: the graph's shapes are static: target must be ",
-              s.static_target.sizes(), " ", s.static_target.scalar_type(),
-              " as in the first step, got ", target.sizes(), " ", target.scalar_type());
+  auto check_static = [](const char* name, const torch::Tensor& got, const torch::Tensor& fixed) {
+    TORCH_CHECK(got.sizes() == fixed.sizes() && got.scalar_type() == fixed.scalar_type(),
+                "CudaGraphStep: the graph's shapes are static: ", name, " must be ", fixed.sizes(),
+                " ", fixed.scalar_type(), " as in the first step, got ", got.sizes(), " ",
+                got.scalar_type());
+  };
+  check_static("input", input, s.static_input);
+  check_static("target", target, s.static_target);
 #ifdef WICK_WITH_CUDA
   c10::cuda::CUDAGuard device_guard(s.device);
   {
