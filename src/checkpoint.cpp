@@ -643,7 +643,21 @@ void Checkpoint::restore_module(const std::string& section, torch::nn::Module& m
                                   " in the checkpoint but ", shape_str(mine.sizes()),
                                   " in the module"));
     } else {
-      copies.emplace_back(mine, s->second);
+      // Converted here, not in copy_, so a dtype that cannot become the
+      // module's (a sub-byte or quantized one from a foreign or corrupt file)
+      // is reported with the rest and the module stays untouched.
+      torch::Tensor src = s->second;
+      if (src.scalar_type() != mine.scalar_type()) {
+        try {
+          src = src.to(mine.scalar_type());
+        } catch (const std::exception& e) {
+          problems.push_back(c10::str(what, " '", name, "' has dtype ", s->second.scalar_type(),
+                                      " in the checkpoint, which cannot be converted to the ",
+                                      "module's ", mine.scalar_type(), " (", message_of(e), ")"));
+          return;
+        }
+      }
+      copies.emplace_back(mine, src);
     }
   };
   for (const auto& p : module.named_parameters(/*recurse=*/true))
@@ -663,7 +677,14 @@ void Checkpoint::restore_module(const std::string& section, torch::nn::Module& m
   }
 
   torch::NoGradGuard no_grad;
-  for (auto& [mine, src] : copies) mine.copy_(src);  // keeps the module's device and dtype
+  try {
+    for (auto& [mine, src] : copies) mine.copy_(src);  // keeps the module's device
+  } catch (const std::exception& e) {
+    // Only the device can refuse now (out of memory on a GPU, say).
+    fail(c10::str("Checkpoint '", where(path_), "': section '", section,
+                  "' was checked but copying it into the module failed, which may be partly ",
+                  "restored: ", message_of(e)));
+  }
 }
 
 void Checkpoint::restore_optimizer(const std::string& section,

@@ -409,6 +409,38 @@ TEST_F(CheckpointTest, MissingAndUnexpectedParametersAreNamed) {
   EXPECT_THROWS_WITH(headed.restore_module("nope", *without), "has no section 'nope'");
 }
 
+TEST_F(CheckpointTest, SavedDtypesAreConvertedAndAnUnconvertibleOneIsNamedBeforeAnyCopy) {
+  // Found by fuzz/checkpoint_fuzz: a pickle naming UInt7Storage loads, and
+  // copy_ from it throws LibTorch's bare '"copy_" not implemented for
+  // 'UInt7''. The tensors are written flat by dotted name, as a foreign
+  // writer might.
+  auto source = trained_net();
+  auto saved = snapshot(*source);
+  saved["body.0.weight"] = saved["body.0.weight"].to(torch::kDouble);  // converts
+
+  Checkpoint good;
+  good.put("model", [&](torch::serialize::OutputArchive& a) {
+    for (const auto& [name, t] : saved) a.write(name, t);
+  });
+  auto fresh = Net();
+  good.restore_module("model", *fresh);
+  EXPECT_TRUE(same_state(snapshot(*fresh), snapshot(*source)));
+  EXPECT_EQ(fresh->body[0]->as<torch::nn::Linear>()->weight.scalar_type(), torch::kFloat);
+
+  saved["out.bias"] = torch::empty({2}, torch::kUInt7);
+  Checkpoint bad;
+  bad.put("model", [&](torch::serialize::OutputArchive& a) {
+    for (const auto& [name, t] : saved) a.write(name, t);
+  });
+  auto target = Net();
+  const auto before = snapshot(*target);
+  EXPECT_THROWS_WITH(bad.restore_module("model", *target),
+                     "parameter 'out.bias' has dtype UInt7 in the checkpoint, which cannot be "
+                     "converted to the module's Float");
+  EXPECT_THROWS_WITH(bad.restore_module("model", *target), "<in memory>");
+  EXPECT_TRUE(same_state(snapshot(*target), before));  // body.* fitted, and was not copied
+}
+
 // ---------------------------------------------------------------- RNG
 
 TEST_F(CheckpointTest, RestoresTheCpuRandomStream) {
