@@ -89,7 +89,8 @@ Run run_case(Case c, const ProfilerBenchOptions& o, const torch::Tensor& x,
   if (profiler) {
     profiler->stop();
     if (profiler->has_trace()) {
-      for (const auto& row : profiler->key_averages().rows()) r.recorded_ops += row.count;
+      const auto table = profiler->key_averages();  // rows() refers into it
+      for (const auto& row : table.rows()) r.recorded_ops += row.count;
     }
   }
   return r;

@@ -296,7 +296,6 @@ class Trainer {
   // Sums since the last log, kept on the device to avoid a sync per step.
   torch::Tensor loss_sum_;
   std::map<std::string, torch::Tensor> scalar_sums_;
-  int64_t micro_batches_since_log_ = 0;
   int64_t samples_since_log_ = 0;
   int64_t steps_since_log_ = 0;
   std::chrono::steady_clock::time_point log_window_start_;
