@@ -110,8 +110,8 @@ inline std::vector<torch::Tensor> clone_parameters(const torch::nn::Module& modu
 /// True when CUDA tests can run; use with GTEST_SKIP().
 inline bool cuda_available() { return torch::cuda::is_available(); }
 
-/// Whether this binary is built with AddressSanitizer (WICK_SANITIZE=address,
-/// the fuzzers). Its quarantine holds freed memory back from reuse (256 MiB
+/// Whether this binary is built with AddressSanitizer (WICK_SANITIZE=address).
+/// Its quarantine holds freed memory back from reuse (256 MiB
 /// by default), so a process's RSS is no measure of bounded memory there;
 /// LeakSanitizer checks for leaks at exit instead.
 #if defined(__SANITIZE_ADDRESS__)
