@@ -130,23 +130,28 @@ double run_generate(const GptBenchOptions& o, const torch::Tensor& data) {
   return 1e3 * seconds_since(t0) / static_cast<double>(out.size());
 }
 
+// The model's shape as gpt_peer.py's flags, so the peer builds the same model.
+void append_model_args(std::vector<std::string>& args, const gpt::GPTConfig& c) {
+  for (const auto& [flag, value] : {std::pair<const char*, int64_t>{"--layers", c.layers},
+                                    {"--width", c.width},
+                                    {"--heads", c.heads},
+                                    {"--ffn-hidden", c.ffn_hidden},
+                                    {"--context", c.context}}) {
+    args.emplace_back(flag);
+    args.push_back(std::to_string(value));
+  }
+}
+
 // The peer's lines by case name ("python_train", "python_generate", ...).
 std::map<std::string, Json> run_gpt_peer(const GlobalOptions& global, const GptBenchOptions& o,
                                          bool compile, const std::string& cases, std::string& error,
                                          bool fp32_attention = false) {
-  std::vector<std::string> args{"--threads",    std::to_string(o.threads),
-                                "--steps",      std::to_string(o.steps),
-                                "--warmup",     std::to_string(o.warmup),
-                                "--repeats",    std::to_string(o.repeats),
-                                "--batch",      std::to_string(o.batch),
-                                "--new-tokens", std::to_string(o.new_tokens),
-                                "--seed",       std::to_string(o.seed),
-                                "--layers",     std::to_string(o.config.layers),
-                                "--width",      std::to_string(o.config.width),
-                                "--heads",      std::to_string(o.config.heads),
-                                "--ffn-hidden", std::to_string(o.config.ffn_hidden),
-                                "--context",    std::to_string(o.config.context),
-                                "--cases",      cases};
+  std::vector<std::string> args{
+      "--threads", std::to_string(o.threads), "--steps",      std::to_string(o.steps),
+      "--warmup",  std::to_string(o.warmup),  "--repeats",    std::to_string(o.repeats),
+      "--batch",   std::to_string(o.batch),   "--new-tokens", std::to_string(o.new_tokens),
+      "--seed",    std::to_string(o.seed),    "--cases",      cases};
+  append_model_args(args, o.config);
   if (compile) args.push_back("--compile");
   if (fp32_attention) args.push_back("--fp32-attention");
   std::map<std::string, Json> lines;
@@ -336,14 +341,10 @@ void run_gpt_cuda_bench(const GptBenchOptions& o, const GlobalOptions& global) {
                                     "--repeats",    "1",
                                     "--batch",      std::to_string(o.batch),
                                     "--seed",       std::to_string(o.seed),
-                                    "--layers",     std::to_string(c.layers),
-                                    "--width",      std::to_string(c.width),
-                                    "--heads",      std::to_string(c.heads),
-                                    "--ffn-hidden", std::to_string(c.ffn_hidden),
-                                    "--context",    std::to_string(c.context),
                                     "--lr",         "3e-4",
                                     "--precision",  precision,
                                     "--time-limit", c10::str(o.peer_time_limit)};
+      append_model_args(args, c);
       if (compile) args.push_back("--compile");
       auto r = run_peer(global, "gpt_peer.py", args);
       for (auto line : r.lines) {
