@@ -21,6 +21,10 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#ifdef WICK_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -78,6 +82,28 @@ torch::nn::Sequential make_model(const std::string& name) {
   throw std::invalid_argument("--model must be mlp or cnn, got " + name);
 }
 
+// "cpu", "cuda" or "cuda:N".
+torch::Device parse_device(const std::string& text) {
+  std::optional<torch::Device> device;
+  try {
+    device = torch::Device(text);
+  } catch (const c10::Error&) {
+  }
+  TORCH_CHECK(device && (device->is_cpu() || device->is_cuda()) &&
+                  !(device->is_cpu() && device->has_index()),
+              "--device must be cpu, cuda or cuda:N, got '", text, "'");
+  return *device;
+}
+
+// The CUDA device's name, e.g. "NVIDIA H200".
+std::string gpu_name(const torch::Device& device) {
+#ifdef WICK_WITH_CUDA
+  return at::cuda::getDeviceProperties(device.index())->name;
+#else
+  return "unknown (wick built without WICK_WITH_CUDA)";
+#endif
+}
+
 int64_t count_parameters(const torch::nn::Module& m) {
   int64_t n = 0;
   for (const auto& p : m.parameters()) n += p.numel();
@@ -87,16 +113,30 @@ int64_t count_parameters(const torch::nn::Module& m) {
 int run(const Args& args) {
   if (args.threads > 0) torch::set_num_threads(args.threads);
   const auto precision = wick::parse_precision(args.precision);
+  // --device cuda: cuda:LOCAL_RANK (cuda:0 without --ddp); cuda:N names the GPU,
+  // e.g. to put two ranks on one GPU on purpose.
+  const auto requested = parse_device(args.device);
+  const bool cuda = requested.is_cuda();
+  TORCH_CHECK(!cuda || torch::cuda::is_available(), "--device ", args.device,
+              ", but no CUDA device is visible");
   // Under torchrun: one process per rank, each reading its shard; else a world of one.
-  TORCH_CHECK(args.device == "cpu" || args.device == "cuda", "--device must be cpu or cuda, got ",
-              args.device);
-  const bool cuda = args.device == "cuda";
-  TORCH_CHECK(!cuda || torch::cuda::is_available(), "--device cuda, but no CUDA device is visible");
   auto pg = args.ddp ? wick::init_process_group(wick::ProcessGroupOptions().device(
-                           cuda ? std::optional<torch::Device>(torch::kCUDA) : std::nullopt))
+                           cuda ? std::optional<torch::Device>(requested) : std::nullopt))
                      : std::make_shared<wick::ProcessGroup>();
   const int64_t rank = pg->rank(), world = pg->world_size();
   const bool main_rank = pg->is_main();
+  // This rank's device: under --ddp --device cuda the GPU of LOCAL_RANK, as
+  // init_process_group chose (it checked the index).
+  const torch::Device device =
+      !cuda ? torch::Device(torch::kCPU)
+      : requested.has_index()
+          ? requested
+          : torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(pg->local_rank()));
+  TORCH_CHECK(!cuda || device.index() < static_cast<int64_t>(torch::cuda::device_count()),
+              "--device ", args.device, ", but only ",
+              static_cast<int>(torch::cuda::device_count()), " GPU(s) are visible");
+  const std::optional<std::string> gpu =
+      cuda ? std::optional<std::string>(gpu_name(device)) : std::nullopt;
 
   // Data: the last val_size training images are held out for validation.
   wick::FashionMNIST train_set(args.data_dir, wick::FashionMNIST::Split::kTrain);
@@ -104,11 +144,8 @@ int run(const Args& args) {
   const int64_t n_train = train_set.images().size(0) - args.val_size;
   TORCH_CHECK(args.val_size >= 0 && n_train > 0, "--val-size must be in [0, ",
               train_set.images().size(0), "), got ", args.val_size);
-  // On CUDA: this rank's GPU; the data stays in pinned host memory and each
-  // batch is copied ahead of its use.
-  const torch::Device device =
-      cuda ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(pg->local_rank()))
-           : torch::Device(torch::kCPU);
+  // On CUDA the data stays in pinned host memory and each batch is copied
+  // ahead of its use.
   auto pin = [&](const torch::Tensor& t) { return cuda ? t.pin_memory() : t; };
   auto x = pin(train_set.images()), y = pin(train_set.targets());
   wick::TensorBatchSource train(x.narrow(0, 0, n_train), y.narrow(0, 0, n_train),
@@ -186,6 +223,7 @@ int run(const Args& args) {
         static_cast<long long>(test_set.images().size(0)), static_cast<long long>(args.batch_size),
         static_cast<long long>(args.accum), wick::to_string(precision).c_str(),
         torch::get_num_threads());
+    if (gpu) std::printf("on %s (%s)\n", device.str().c_str(), gpu->c_str());
     if (world > 1) {
       std::printf(
           "data-parallel over %lld ranks (%s): %lld training images and batches of %lld per rank\n",
@@ -322,6 +360,7 @@ int run(const Args& args) {
     j["threads"] = torch::get_num_threads();
     j["world_size"] = world;
     j["device"] = args.device;
+    j["gpu_name"] = gpu ? nlohmann::json(*gpu) : nlohmann::json(nullptr);
     j["test_accuracy"] = test_accuracy;
     j["test_loss"] = test_loss;
     if (!result.last_val_metrics.empty())
@@ -405,8 +444,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_flag("!--no-progress", args.progress, "no progress bar");
   app.add_flag("--json", args.json, "print a final JSON line");
-  app.add_option("--device", args.device, "cpu or cuda (under --ddp: the GPU of LOCAL_RANK)")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
+  app.add_option("--device", args.device,
+                 "cpu, cuda (under --ddp: the GPU of LOCAL_RANK) or cuda:N (this GPU, also under "
+                 "--ddp)")
       ->capture_default_str();
   app.add_flag(
       "--quantize", args.quantize,

@@ -32,10 +32,48 @@ enum class DistributedBackend {
   kNccl,
 };
 
+namespace detail {
+
+/// The GPU a rank's collectives run on, as each rank of an NCCL group
+/// publishes it through the store at init (NCCL takes one rank per GPU).
+struct GpuIdentity {
+  /// gethostname() of the rank's process.
+  std::string host;
+  /// CUDA ordinal in that process (after its CUDA_VISIBLE_DEVICES); -1: unknown.
+  int64_t device_index = -1;
+  /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" as nvidia-smi -L prints it; empty: unknown.
+  std::string uuid;
+  /// PCI bus id, "0000:1d:00.0"; empty: unknown.
+  std::string pci_bus_id;
+};
+
+/// The store's form of an identity, and back (throws on a malformed value).
+std::string encode_gpu_identity(const GpuIdentity& gpu);
+GpuIdentity decode_gpu_identity(const std::string& text);
+
+/// Whether two identities name the same physical GPU: the same UUID, or
+/// (without UUIDs) the same host and PCI bus id.
+bool same_gpu(const GpuIdentity& a, const GpuIdentity& b);
+
+/// The sets of two or more ranks that share a GPU, `by_rank[r]` being rank
+/// r's GPU; each set ascending, the sets in order of their first rank.
+std::vector<std::vector<int64_t>> ranks_sharing_gpus(const std::vector<GpuIdentity>& by_rank);
+
+/// When `error`, the text of a failed collective, comes from ranks sharing a
+/// GPU (by `by_rank`, or NCCL's own "Duplicate GPU detected" in the text):
+/// which ranks share which GPU, that NCCL takes one rank per GPU, the
+/// remedies, then `error`. Otherwise nullopt.
+std::optional<std::string> explain_shared_gpu_error(const std::string& error,
+                                                    const std::vector<GpuIdentity>& by_rank);
+
+}  // namespace detail
+
 struct ProcessGroupOptions {
   /// Which collective library; kAuto picks from `device`.
   TORCH_ARG(DistributedBackend, backend) = DistributedBackend::kAuto;
-  /// Device the collectives run on (CUDA: this rank's LOCAL_RANK device when unset).
+  /// Device the collectives run on (CUDA: this rank's LOCAL_RANK device when
+  /// unset). NCCL takes one rank per GPU: two ranks on one device fail at
+  /// their first collective with an error saying so.
   TORCH_ARG(std::optional<torch::Device>, device) = std::nullopt;
   /// Rendezvous and collective timeout: a peer that never joins or dies mid-step
   /// ends in an error after this long, never a hang.
@@ -54,9 +92,12 @@ class ProcessGroup {
  public:
   /// A world of one (no communication).
   ProcessGroup();
+  /// `gpus`: every rank's GPU by rank (NCCL groups; empty when unknown), so
+  /// that a collective failing on ranks that share a GPU says so.
   ProcessGroup(c10::intrusive_ptr<c10d::Store> store, c10::intrusive_ptr<c10d::Backend> backend,
                int64_t rank, int64_t world_size, int64_t local_rank, int64_t local_world_size,
-               torch::Device device, std::chrono::milliseconds timeout);
+               torch::Device device, std::chrono::milliseconds timeout,
+               std::vector<detail::GpuIdentity> gpus = {});
   ~ProcessGroup();
 
   int64_t rank() const { return rank_; }
@@ -68,6 +109,9 @@ class ProcessGroup {
   std::chrono::milliseconds timeout() const { return timeout_; }
   /// "gloo", "nccl", or "none" (world of one).
   std::string backend_name() const;
+  /// The other ranks whose collectives run on this rank's GPU (known in NCCL
+  /// groups, from the GPU identities exchanged at init; else empty).
+  std::vector<int64_t> ranks_sharing_gpu() const;
 
   /// Sums `tensors` in place across ranks (any shapes; one coalesced collective).
   void allreduce_sum(const std::vector<torch::Tensor>& tensors);
@@ -88,6 +132,7 @@ class ProcessGroup {
   int64_t rank_ = 0, world_size_ = 1, local_rank_ = 0, local_world_size_ = 1;
   torch::Device device_ = torch::kCPU;
   std::chrono::milliseconds timeout_{std::chrono::minutes(5)};
+  std::shared_ptr<const std::vector<detail::GpuIdentity>> gpus_;  // by rank; empty: unknown
 };
 
 class ProcessGroup::Work {
@@ -100,8 +145,11 @@ class ProcessGroup::Work {
 /// Sets up the process group from torchrun's environment (or the options):
 /// rendezvous through c10d's TCPStore at MASTER_ADDR:MASTER_PORT (rank 0
 /// hosts it), then a Gloo or NCCL backend. Missing or malformed variables, an
-/// unreachable master, or a backend this build lacks: a clear error naming
-/// the variable or the address. Without RANK/WORLD_SIZE: a world of one.
+/// unreachable master, a CUDA device past the visible GPUs (e.g. LOCAL_RANK 1
+/// on a one-GPU host), or a backend this build lacks: a clear error naming
+/// the variable, the device or the address. NCCL: the ranks exchange their
+/// GPUs' identities, so that ranks sharing one are named when NCCL refuses
+/// them. Without RANK/WORLD_SIZE: a world of one.
 std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options = {});
 
 struct DistributedSamplerOptions {
