@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <sstream>
 
 namespace wick {
@@ -234,8 +235,14 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
     optimizer_ = nullptr;
   }};
 
-  if (options_.deterministic()) at::globalContext().setDeterministicAlgorithms(true, false);
   device_ = resolve_device(task);
+  if (options_.deterministic()) {
+    at::globalContext().setDeterministicAlgorithms(true, false);
+    // cuBLAS is deterministic only with a fixed workspace configuration, and
+    // under deterministic algorithms LibTorch refuses every CUDA matmul while
+    // CUBLAS_WORKSPACE_CONFIG is unset. The user's own setting is kept.
+    if (device_.is_cuda()) ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  }
   if (options_.device().has_value()) task.module().to(device_);
   params_.clear();
   for (const auto& group : optimizer.param_groups()) {

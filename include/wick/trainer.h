@@ -153,6 +153,8 @@ struct TrainerOptions {
   /// Seed of torch's generators at the start of a fresh run.
   TORCH_ARG(uint64_t, seed) = 0;
   /// Deterministic algorithms only (at::Context::setDeterministicAlgorithms).
+  /// On CUDA it also sets CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset (cuBLAS
+  /// needs a fixed workspace to be deterministic; LibTorch refuses matmuls without it).
   TORCH_ARG(bool, deterministic) = false;
   /// Where checkpoints go ("" = none). A Checkpointer is added for it.
   TORCH_ARG(std::string, checkpoint_dir) = "";
