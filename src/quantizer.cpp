@@ -8,7 +8,9 @@
 #include <ATen/native/quantized/PackedParams.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <iomanip>
 #include <mutex>
 #include <sstream>
@@ -114,6 +116,53 @@ std::vector<QuantEngine> available_quant_engines() {
     if (engine_available(e)) out.push_back(e);
   }
   return out;
+}
+
+namespace {
+
+// Whether cpuinfo reports the CPU feature `name` ("avx512_vnni", "avx_vnni", ...).
+bool cpu_capability(const char* name) {
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(name);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+// Whether oneDNN may use VNNI here: the CPU has it and ONEDNN_MAX_CPU_ISA (or
+// its older name DNNL_MAX_CPU_ISA) does not cap oneDNN below it; oneDNN reads
+// the variable once, at its first use, as this does.
+bool onednn_uses_vnni() {
+  static const bool uses = [] {
+    for (const char* var : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
+      const char* value = std::getenv(var);
+      if (value == nullptr) continue;
+      std::string isa(value);
+      std::transform(isa.begin(), isa.end(), isa.begin(),
+                     [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+      if (isa == "SSE41" || isa == "AVX" || isa == "AVX2" || isa == "AVX512_CORE") return false;
+      break;
+    }
+    return cpu_capability("avx512_vnni") || cpu_capability("avx_vnni");
+  }();
+  return uses;
+}
+
+}  // namespace
+
+int64_t int8_activation_qmax(QuantEngine engine) {
+  switch (engine) {
+    case QuantEngine::kFbgemm:
+      // FBGEMM's VNNI kernels are AVX-512 ones.
+      return at::cpu::is_avx512_vnni_supported() ? 255 : 127;
+    case QuantEngine::kOnednn:
+      return onednn_uses_vnni() ? 255 : 127;
+    case QuantEngine::kQnnpack:
+      return 255;  // accumulates in int32
+    case QuantEngine::kAuto:
+      break;
+  }
+  TORCH_CHECK(false,
+              "int8_activation_qmax: name an engine (QuantizedLinear::engine_for(rows) says "
+              "which one a batch runs on), not auto");
 }
 
 // ---------------------------------------------------------- QuantizedLinear
@@ -348,10 +397,9 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
     }
     packed = slot;
   }
-  // FBGEMM without VNNI multiplies u8 x s8 pairs into int16 and could
-  // saturate; 7-bit activations avoid that (what torch.ao does on every CPU).
-  const bool reduce_range =
-      engine == QuantEngine::kFbgemm && !fp16 && !at::cpu::is_avx512_vnni_supported();
+  // Without VNNI, FBGEMM and oneDNN multiply u8 x s8 pairs into int16 and
+  // can saturate; 7-bit activations avoid that (what torch.ao does on every CPU).
+  const bool reduce_range = !fp16 && int8_activation_qmax(engine) < 255;
   at::Tensor x = input.dim() == 1 ? input.unsqueeze(0) : input;
   at::Tensor y = packed->apply_dynamic(x.contiguous(), reduce_range);
   return input.dim() == 1 ? y.squeeze(0) : y;

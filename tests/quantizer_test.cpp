@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <thread>
 
 #include "support.h"
@@ -54,7 +56,7 @@ struct Emulated {
 // y = sx * s_w[row] * sum_k (qx - zp) * qw + b, with qw = clamp(round(w / s_w), -128, 127)
 // and s_w = amax / 127.5 (torch.ao's symmetric observers).
 Emulated emulate_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
-                      bool per_channel, int64_t act_qmax = 255) {
+                      bool per_channel, int64_t act_qmax) {
   auto wd = w.to(torch::kDouble);
   auto amax = per_channel ? wd.abs().amax(1) : wd.abs().max().reshape({1});
   auto sw = (amax.to(torch::kFloat) / 127.5f)
@@ -79,6 +81,12 @@ Emulated emulate_int8(const torch::Tensor& x, const torch::Tensor& w, const torc
   return {y.reshape(shape), q.scale * sw.max().item<double>() * 128.0};
 }
 
+// The input range a batch of `rows` rows gets on the engine `q` picks for it.
+template <typename Layer>
+int64_t qmax(const Layer& q, int64_t rows) {
+  return wick::int8_activation_qmax(q->engine_for(rows));
+}
+
 torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias = true) {
   return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
 }
@@ -94,12 +102,14 @@ torch::Tensor run(torch::nn::Module& m, const torch::Tensor& x) {
 TEST_F(QuantizerTest, MatchesFloat64EmulationOnEveryEngine) {
   auto lin = make_linear(96, 40);
   auto x = torch::randn({7, 96}) * 2 + 0.5;
-  auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/true);
   auto fp32 = lin->forward(x).detach();
   ASSERT_FALSE(wick::available_quant_engines().empty());
   for (auto engine : wick::available_quant_engines()) {
     SCOPED_TRACE(wick::to_string(engine));
     if (engine == wick::QuantEngine::kQnnpack) continue;  // per-tensor only below
+    // 7-bit inputs where the engine's kernels could saturate (no VNNI).
+    auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/true,
+                            wick::int8_activation_qmax(engine));
     wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().engine(engine));
     torch::Tensor y;
     {
@@ -114,12 +124,27 @@ TEST_F(QuantizerTest, MatchesFloat64EmulationOnEveryEngine) {
   }
 }
 
+TEST_F(QuantizerTest, ActivationRangeIsNamedPerEngine) {
+  for (auto engine : wick::available_quant_engines()) {
+    const auto qmax = wick::int8_activation_qmax(engine);
+    EXPECT_TRUE(qmax == 255 || qmax == 127) << wick::to_string(engine) << ": " << qmax;
+  }
+  const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (cap != nullptr && std::string(cap) == "AVX2") {  // quantizer_test_without_vnni
+    EXPECT_EQ(wick::int8_activation_qmax(wick::QuantEngine::kOnednn), 127);
+  }
+  EXPECT_EQ(wick::int8_activation_qmax(wick::QuantEngine::kQnnpack), 255);
+  EXPECT_THROWS_WITH(wick::int8_activation_qmax(wick::QuantEngine::kAuto),
+                     "int8_activation_qmax: name an engine");
+}
+
 TEST_F(QuantizerTest, PerTensorMatchesEmulation) {
   auto lin = make_linear(64, 24);
   auto x = torch::rand({5, 64}) * 3;  // all positive: zero point 0
-  auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/false);
   for (auto engine : wick::available_quant_engines()) {
     SCOPED_TRACE(wick::to_string(engine));
+    auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/false,
+                            wick::int8_activation_qmax(engine));
     wick::QuantizedLinear q(*lin, torch::kInt8,
                             wick::QuantizeOptions().per_channel(false).engine(engine));
     EXPECT_EQ(q->scale.numel(), 1);
@@ -159,7 +184,8 @@ TEST_F(QuantizerTest, AutoEngineSwitchesByRowsAndAgrees) {
   }
   for (int64_t rows : {1, 3, 8, 40}) {
     auto x = torch::randn({rows, 256});
-    auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), true);
+    auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), true,
+                            wick::int8_activation_qmax(q->engine_for(rows)));
     c10::InferenceMode guard;
     WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
   }
@@ -170,16 +196,18 @@ TEST_F(QuantizerTest, HandlesBatchedShapesVectorsAndEmptyBatches) {
   wick::QuantizedLinear q(*lin);
   c10::InferenceMode guard;
   auto x3 = torch::randn({2, 3, 32});
-  auto ref = emulate_int8(x3, lin->weight.detach(), lin->bias.detach(), true);
+  auto ref = emulate_int8(x3, lin->weight.detach(), lin->bias.detach(), true, qmax(q, 6));
   auto y3 = q(x3);
   EXPECT_EQ(y3.sizes(), (std::vector<int64_t>{2, 3, 16}));
   WICK_EXPECT_CLOSE(y3, ref.y, 0.0, 2 * ref.one_flip_bound);
   auto v = torch::randn({32});
-  auto refv = emulate_int8(v.unsqueeze(0), lin->weight.detach(), lin->bias.detach(), true);
+  auto refv =
+      emulate_int8(v.unsqueeze(0), lin->weight.detach(), lin->bias.detach(), true, qmax(q, 1));
   WICK_EXPECT_CLOSE(q(v), refv.y.squeeze(0), 0.0, 2 * refv.one_flip_bound);
   EXPECT_EQ(q(torch::randn({0, 32})).sizes(), (std::vector<int64_t>{0, 16}));
   auto strided = torch::randn({32, 4}).t();  // non-contiguous input
-  auto refs = emulate_int8(strided.contiguous(), lin->weight.detach(), lin->bias.detach(), true);
+  auto refs = emulate_int8(strided.contiguous(), lin->weight.detach(), lin->bias.detach(), true,
+                           qmax(q, 4));
   WICK_EXPECT_CLOSE(q(strided), refs.y, 0.0, 2 * refs.one_flip_bound);
 }
 
@@ -188,7 +216,7 @@ TEST_F(QuantizerTest, WithoutBias) {
   wick::QuantizedLinear q(*lin);
   EXPECT_FALSE(q->bias.defined());
   auto x = torch::randn({4, 48});
-  auto ref = emulate_int8(x, lin->weight.detach(), torch::Tensor(), true);
+  auto ref = emulate_int8(x, lin->weight.detach(), torch::Tensor(), true, qmax(q, 4));
   c10::InferenceMode guard;
   WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
 }
@@ -248,10 +276,10 @@ struct Block : torch::nn::Module {
 // Reference for a two-layer block: each layer emulated on its own input.
 torch::Tensor emulate_block(const torch::Tensor& x, const torch::Tensor& w1,
                             const torch::Tensor& b1, const torch::Tensor& w2,
-                            const torch::Tensor& b2, double* bound) {
-  auto h = emulate_int8(x, w1, b1, true);
+                            const torch::Tensor& b2, int64_t act_qmax, double* bound) {
+  auto h = emulate_int8(x, w1, b1, true, act_qmax);
   auto h_relu = h.y.clamp_min(0).to(torch::kFloat);
-  auto y = emulate_int8(h_relu, w2, b2, true);
+  auto y = emulate_int8(h_relu, w2, b2, true, act_qmax);
   *bound = 4 * (h.one_flip_bound * w2.abs().sum(1).max().item<double>() + y.one_flip_bound);
   return y.y;
 }
@@ -275,7 +303,8 @@ TEST_F(QuantizerTest, ReplacesLinearInSequentialAndItsForwardRunsInt8) {
             nullptr);
 
   double bound = 0;
-  auto ref = emulate_block(x, w1, b1, w2, b2, &bound);
+  auto ref =
+      emulate_block(x, w1, b1, w2, b2, qmax(model->ptr<wick::QuantizedLinearImpl>(0), 5), &bound);
   auto y = run(*model, x);
   WICK_EXPECT_CLOSE(y, ref, 0.0, bound);
   EXPECT_FALSE(torch::allclose(y, fp32, 0, 1e-6));
@@ -306,7 +335,7 @@ TEST_F(QuantizerTest, ReplacesMembersOfCustomModules) {
 
   // The members still name the old objects; their forward runs the int8 layers.
   double bound = 0;
-  auto ref = emulate_block(x, w1, b1, w2, b2, &bound);
+  auto ref = emulate_block(x, w1, b1, w2, b2, qmax(q1, 3), &bound);
   torch::Tensor y;
   {
     c10::InferenceMode g;

@@ -67,6 +67,12 @@ enum class QuantEngine {
 const char* to_string(QuantEngine engine);
 /// The engines this LibTorch build supports (kAuto not included).
 std::vector<QuantEngine> available_quant_engines();
+/// The largest code of a batch's uint8 inputs on `engine` on this CPU: 255,
+/// or 127 (7-bit inputs, torch.ao's `reduce_range`) where the engine's kernels
+/// multiply u8 x s8 pairs into int16 and could saturate: FBGEMM without
+/// AVX-512 VNNI, oneDNN without VNNI (or capped below it by ONEDNN_MAX_CPU_ISA).
+/// kAuto is refused: QuantizedLinear::engine_for(rows) resolves it.
+int64_t int8_activation_qmax(QuantEngine engine);
 
 struct QuantizeOptions {
   /// int8 weights: one scale per output row (true, default) or one for the whole matrix.
