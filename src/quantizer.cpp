@@ -11,6 +11,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <iomanip>
 #include <mutex>
 #include <sstream>
@@ -127,21 +128,36 @@ bool cpu_capability(const char* name) {
   return it != caps.end() && it->second.isBool() && it->second.toBool();
 }
 
-// Whether oneDNN may use VNNI here: the CPU has it and ONEDNN_MAX_CPU_ISA (or
-// its older name DNNL_MAX_CPU_ISA) does not cap oneDNN below it; oneDNN reads
-// the variable once, at its first use, as this does.
+// Whether the library's instruction-set variable (`var`) caps it at one of
+// `without_vnni` (the library reads it once, at its first use, as this does).
+bool capped_below_vnni(const char* var, std::initializer_list<const char*> without_vnni) {
+  const char* value = std::getenv(var);
+  if (value == nullptr) return false;
+  std::string isa(value);
+  std::transform(isa.begin(), isa.end(), isa.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
+  return std::any_of(without_vnni.begin(), without_vnni.end(),
+                     [&](const char* name) { return isa == name; });
+}
+
+// Whether FBGEMM's int8 kernels are its AVX-512 VNNI ones here: the CPU has
+// them and FBGEMM_ENABLE_INSTRUCTIONS does not pick AVX2 or plain AVX-512.
+bool fbgemm_uses_vnni() {
+  static const bool uses =
+      at::cpu::is_avx512_vnni_supported() &&
+      !capped_below_vnni("FBGEMM_ENABLE_INSTRUCTIONS", {"AVX2", "AVX512", "AVX512_256"});
+  return uses;
+}
+
+// Whether oneDNN may use VNNI here: the CPU has it (AVX-512 or AVX VNNI) and
+// ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) does not cap oneDNN below it.
 bool onednn_uses_vnni() {
   static const bool uses = [] {
-    for (const char* var : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
-      const char* value = std::getenv(var);
-      if (value == nullptr) continue;
-      std::string isa(value);
-      std::transform(isa.begin(), isa.end(), isa.begin(),
-                     [](unsigned char c) { return static_cast<char>(std::toupper(c)); });
-      if (isa == "SSE41" || isa == "AVX" || isa == "AVX2" || isa == "AVX512_CORE") return false;
-      break;
-    }
-    return cpu_capability("avx512_vnni") || cpu_capability("avx_vnni");
+    const std::initializer_list<const char*> below = {"SSE41", "AVX", "AVX2", "AVX512_CORE"};
+    const bool capped = std::getenv("ONEDNN_MAX_CPU_ISA") != nullptr
+                            ? capped_below_vnni("ONEDNN_MAX_CPU_ISA", below)
+                            : capped_below_vnni("DNNL_MAX_CPU_ISA", below);
+    return !capped && (cpu_capability("avx512_vnni") || cpu_capability("avx_vnni"));
   }();
   return uses;
 }
@@ -151,8 +167,7 @@ bool onednn_uses_vnni() {
 int64_t int8_activation_qmax(QuantEngine engine) {
   switch (engine) {
     case QuantEngine::kFbgemm:
-      // FBGEMM's VNNI kernels are AVX-512 ones.
-      return at::cpu::is_avx512_vnni_supported() ? 255 : 127;
+      return fbgemm_uses_vnni() ? 255 : 127;
     case QuantEngine::kOnednn:
       return onednn_uses_vnni() ? 255 : 127;
     case QuantEngine::kQnnpack:

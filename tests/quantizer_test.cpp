@@ -129,9 +129,14 @@ TEST_F(QuantizerTest, ActivationRangeIsNamedPerEngine) {
     const auto qmax = wick::int8_activation_qmax(engine);
     EXPECT_TRUE(qmax == 255 || qmax == 127) << wick::to_string(engine) << ": " << qmax;
   }
-  const char* cap = std::getenv("ONEDNN_MAX_CPU_ISA");
-  if (cap != nullptr && std::string(cap) == "AVX2") {  // quantizer_test_without_vnni
+  // quantizer_test_without_vnni caps both libraries at AVX2.
+  const char* onednn_cap = std::getenv("ONEDNN_MAX_CPU_ISA");
+  if (onednn_cap != nullptr && std::string(onednn_cap) == "AVX2") {
     EXPECT_EQ(wick::int8_activation_qmax(wick::QuantEngine::kOnednn), 127);
+  }
+  const char* fbgemm_cap = std::getenv("FBGEMM_ENABLE_INSTRUCTIONS");
+  if (fbgemm_cap != nullptr && std::string(fbgemm_cap) == "AVX2") {
+    EXPECT_EQ(wick::int8_activation_qmax(wick::QuantEngine::kFbgemm), 127);
   }
   EXPECT_EQ(wick::int8_activation_qmax(wick::QuantEngine::kQnnpack), 255);
   EXPECT_THROWS_WITH(wick::int8_activation_qmax(wick::QuantEngine::kAuto),

@@ -70,7 +70,8 @@ std::vector<QuantEngine> available_quant_engines();
 /// The largest code of a batch's uint8 inputs on `engine` on this CPU: 255,
 /// or 127 (7-bit inputs, torch.ao's `reduce_range`) where the engine's kernels
 /// multiply u8 x s8 pairs into int16 and could saturate: FBGEMM without
-/// AVX-512 VNNI, oneDNN without VNNI (or capped below it by ONEDNN_MAX_CPU_ISA).
+/// AVX-512 VNNI (or capped below it by FBGEMM_ENABLE_INSTRUCTIONS), oneDNN
+/// without VNNI (or capped below it by ONEDNN_MAX_CPU_ISA).
 /// kAuto is refused: QuantizedLinear::engine_for(rows) resolves it.
 int64_t int8_activation_qmax(QuantEngine engine);
 
