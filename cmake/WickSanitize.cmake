@@ -22,8 +22,10 @@ endif()
 # Directory-wide, so every target below (library, its precompiled header,
 # tests, examples, bench) gets the same flags: a precompiled header is only
 # reused under the flags it was built with. -O1 comes after the build type's
-# -O2/-O3 and wins: quick enough, and stack traces stay readable.
-add_compile_options(${_wick_san_flags} -O1 -g -fno-omit-frame-pointer)
+# -O2/-O3 and wins: quick enough, and stack traces stay readable. -g1: line
+# tables, all a report's stack trace needs (file:line per frame); full -g
+# made each TU ~25% slower to build (trainer_test 37.6 s against 29.3 s).
+add_compile_options(${_wick_san_flags} -O1 -g1 -fno-omit-frame-pointer)
 add_link_options(${_wick_san_flags})
 message(STATUS "wick: sanitizer build (${WICK_SANITIZE}): ${_wick_san_flags}")
 
