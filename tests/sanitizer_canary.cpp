@@ -19,6 +19,20 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+// GCC defines __SANITIZE_ADDRESS__ / __SANITIZE_THREAD__; clang 14 only
+// answers __has_feature.
+#if defined(__SANITIZE_THREAD__)
+#define WICK_CANARY_TSAN 1
+#elif defined(__SANITIZE_ADDRESS__)
+#define WICK_CANARY_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define WICK_CANARY_TSAN 1
+#elif __has_feature(address_sanitizer)
+#define WICK_CANARY_ASAN 1
+#endif
+#endif
+
 namespace {
 
 struct ChildRun {
@@ -69,7 +83,7 @@ void* volatile g_sink = nullptr;
 
 }  // namespace
 
-#if defined(__SANITIZE_THREAD__)
+#if defined(WICK_CANARY_TSAN)
 
 struct Counter {
   int value = 0;
@@ -92,7 +106,7 @@ TEST(SanitizerCanary, ThreadSanitizerReportsARaceInWicksCode) {
                        "WARNING: ThreadSanitizer: data race"));
 }
 
-#elif defined(__SANITIZE_ADDRESS__)
+#elif defined(WICK_CANARY_ASAN)
 
 TEST(SanitizerCanaryChild, DISABLED_HeapBufferOverflow) {
   // Through a volatile pointer: UBSan's object-size check, which sees the
