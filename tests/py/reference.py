@@ -91,6 +91,21 @@ def trainer_amp(inp):
     }
 
 
+def fused_adam_optimizer(params, o, lr):
+    """Adam, or AdamW for decoupled weight decay, fused, with wick's FusedAdamOptions `o`."""
+    cls = torch.optim.AdamW if o["decoupled_weight_decay"] else torch.optim.Adam
+    return cls(
+        params,
+        lr=lr,
+        betas=tuple(o["betas"]),
+        eps=o["eps"],
+        weight_decay=o["weight_decay"],
+        amsgrad=o["amsgrad"],
+        maximize=o["maximize"],
+        fused=True,
+    )
+
+
 def fused_adam(inp):
     """Adam / AdamW(fused=True) on the test's parameters and gradients, step by step."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,17 +117,7 @@ def fused_adam(inp):
     lr = o["lr"][0]
     if o["tensor_lr"]:
         lr = torch.tensor(lr, dtype=torch.float32, device=DEV)
-    cls = torch.optim.AdamW if o["decoupled_weight_decay"] else torch.optim.Adam
-    opt = cls(
-        params,
-        lr=lr,
-        betas=tuple(o["betas"]),
-        eps=o["eps"],
-        weight_decay=o["weight_decay"],
-        amsgrad=o["amsgrad"],
-        maximize=o["maximize"],
-        fused=True,
-    )
+    opt = fused_adam_optimizer(params, o, lr)
     for step, grads in enumerate(inp["grads"]):
         for group in opt.param_groups:
             if o["tensor_lr"]:
@@ -142,17 +147,7 @@ def mlp_fused_adam(inp):
         with torch.no_grad():
             for p, values in zip(model.parameters(), inp["params"]):
                 p.copy_(tensor(values, p.shape))
-        cls = torch.optim.AdamW if o["decoupled_weight_decay"] else torch.optim.Adam
-        opt = cls(
-            model.parameters(),
-            lr=o["lr"],
-            betas=tuple(o["betas"]),
-            eps=o["eps"],
-            weight_decay=o["weight_decay"],
-            amsgrad=o["amsgrad"],
-            maximize=o["maximize"],
-            fused=True,
-        )
+        opt = fused_adam_optimizer(model.parameters(), o, o["lr"])
         for _ in range(inp["steps"]):
             opt.zero_grad()
             F.mse_loss(model(x), y).backward()
