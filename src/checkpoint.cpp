@@ -1,6 +1,7 @@
 #include "wick/checkpoint.h"
 
 #include "fs.h"
+#include "module_state.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
@@ -22,8 +23,6 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <set>
-#include <sstream>
 #include <system_error>
 #include <utility>
 
@@ -51,15 +50,7 @@ using detail::errno_text;
 
 std::string where(const std::string& path) { return path.empty() ? "<in memory>" : path; }
 
-// What failed, for wrapping: a c10::Error without its backtrace, else what().
-// Not only c10::Error: LibTorch's archive reader throws std::runtime_error
-// (torch::jit::ErrorReport) for a corrupt code/ entry, found by
-// fuzz/checkpoint_fuzz.cpp.
-std::string message_of(const std::exception& e) {
-  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e))
-    return c10_error->what_without_backtrace();
-  return e.what();
-}
+using detail::message_of;
 
 // ---------------------------------------------------------------- names
 
@@ -144,25 +135,7 @@ std::optional<int64_t> parse_checkpoint_name(const std::string& name) {
 
 // ---------------------------------------------------------------- files
 
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-  /// Closes and reports the error (close can report a deferred write error).
-  int close() {
-    const int r = ::close(fd_);
-    fd_ = -1;
-    return r == 0 ? 0 : errno;
-  }
-
- private:
-  int fd_;
-};
+using detail::Fd;
 
 uint32_t crc32_of(const std::string& data) {
   uLong crc = ::crc32(0L, Z_NULL, 0);
@@ -187,21 +160,7 @@ std::string crc_hex(uint32_t crc) {
 void write_file_synced(const fs::path& p, const std::string& data) {
   Fd fd(::open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
   if (fd.get() < 0) fail_errno("cannot create", p, errno);
-  size_t off = 0;
-  while (off < data.size()) {
-    const size_t n = std::min<size_t>(data.size() - off, 1u << 30);
-    const ssize_t w = ::write(fd.get(), data.data() + off, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fail(c10::str("Checkpoint: cannot write '", p.string(), "' (after ", off, " of ", data.size(),
-                    " bytes): ", errno_text(errno)));
-    }
-    if (w == 0) {
-      fail(c10::str("Checkpoint: cannot write '", p.string(),
-                    "': the write made no progress after ", off, " of ", data.size(), " bytes"));
-    }
-    off += static_cast<size_t>(w);
-  }
+  detail::write_all(fd.get(), data.data(), data.size(), "Checkpoint", p.string());
   if (::fsync(fd.get()) != 0) fail_errno("cannot fsync", p, errno);
   if (int err = fd.close()) fail_errno("cannot close", p, err);
 }
@@ -309,12 +268,6 @@ void read_module(torch::serialize::InputArchive& archive, const std::string& pre
     torch::serialize::InputArchive child;
     if (archive.try_read(key, child)) read_module(child, prefix + key + ".", out);
   }
-}
-
-std::string shape_str(c10::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << sizes;
-  return s.str();
 }
 
 }  // namespace
@@ -627,64 +580,9 @@ void Checkpoint::restore_module(const std::string& section, torch::nn::Module& m
                   "' as a module: ", message_of(e)));
   }
 
-  // Check everything before touching the module.
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;  // (module's, saved)
-  std::vector<std::string> problems;
-  std::set<std::string> expected;
-  auto check = [&](const std::string& name, const torch::Tensor& mine, const char* what) {
-    if (!mine.defined()) return;
-    expected.insert(name);
-    auto s = saved.find(name);
-    if (s == saved.end()) {
-      problems.push_back(c10::str(what, " '", name, "' (shape ", shape_str(mine.sizes()),
-                                  ") is missing from the checkpoint"));
-    } else if (s->second.sizes() != mine.sizes()) {
-      problems.push_back(c10::str(what, " '", name, "' has shape ", shape_str(s->second.sizes()),
-                                  " in the checkpoint but ", shape_str(mine.sizes()),
-                                  " in the module"));
-    } else {
-      // Converted here, not in copy_, so a dtype that cannot become the
-      // module's (a sub-byte or quantized one from a foreign or corrupt file)
-      // is reported with the rest and the module stays untouched.
-      torch::Tensor src = s->second;
-      if (src.scalar_type() != mine.scalar_type()) {
-        try {
-          src = src.to(mine.scalar_type());
-        } catch (const std::exception& e) {
-          problems.push_back(c10::str(what, " '", name, "' has dtype ", s->second.scalar_type(),
-                                      " in the checkpoint, which cannot be converted to the ",
-                                      "module's ", mine.scalar_type(), " (", message_of(e), ")"));
-          return;
-        }
-      }
-      copies.emplace_back(mine, src);
-    }
-  };
-  for (const auto& p : module.named_parameters(/*recurse=*/true))
-    check(p.key(), p.value(), "parameter");
-  for (const auto& b : module.named_buffers(/*recurse=*/true)) check(b.key(), b.value(), "buffer");
-  for (const auto& [name, t] : saved) {
-    if (!expected.count(name)) {
-      problems.push_back(c10::str("the checkpoint has '", name, "' (shape ", shape_str(t.sizes()),
-                                  ") which the module lacks"));
-    }
-  }
-  if (!problems.empty()) {
-    std::string msg = c10::str("Checkpoint '", where(path_), "': section '", section,
-                               "' does not fit the module: ");
-    for (size_t i = 0; i < problems.size(); ++i) msg += (i ? "; " : "") + problems[i];
-    fail(msg + " (the module is unchanged)");
-  }
-
-  torch::NoGradGuard no_grad;
-  try {
-    for (auto& [mine, src] : copies) mine.copy_(src);  // keeps the module's device
-  } catch (const std::exception& e) {
-    // Only the device can refuse now (out of memory on a GPU, say).
-    fail(c10::str("Checkpoint '", where(path_), "': section '", section,
-                  "' was checked but copying it into the module failed, which may be partly ",
-                  "restored: ", message_of(e)));
-  }
+  detail::restore_module_state(module, saved,
+                               c10::str("Checkpoint '", where(path_), "': section '", section, "'"),
+                               "the checkpoint");
 }
 
 void Checkpoint::restore_optimizer(const std::string& section,

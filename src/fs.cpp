@@ -3,8 +3,12 @@
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <system_error>
+#include <utility>
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -97,6 +101,79 @@ int remove_tree(const std::string& path) {
 std::string join_path(const std::string& dir, const std::string& name) {
   if (dir.empty()) return name;
   return dir.back() == '/' ? dir + name : dir + "/" + name;
+}
+
+Fd::~Fd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+int Fd::close() {
+  const int r = ::close(fd_);
+  fd_ = -1;
+  return r == 0 ? 0 : errno;
+}
+
+void write_all(int fd, const void* data, size_t size, const char* who, const std::string& path) {
+  const auto* p = static_cast<const char*>(data);
+  size_t off = 0;
+  while (off < size) {
+    const size_t n = std::min<size_t>(size - off, size_t{1} << 30);
+    const ssize_t w = ::write(fd, p + off, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      C10_THROW_ERROR(Error, c10::str(who, ": cannot write '", path, "' (after ", off, " of ", size,
+                                      " bytes): ", errno_text(errno)));
+    }
+    if (w == 0) {
+      C10_THROW_ERROR(
+          Error, c10::str(who, ": cannot write '", path, "': the write made no progress after ",
+                          off, " of ", size, " bytes"));
+    }
+    off += static_cast<size_t>(w);
+  }
+}
+
+namespace {
+uint64_t next_temp_number() {
+  static std::atomic<uint64_t> counter{0};
+  return counter.fetch_add(1);
+}
+
+std::string parent_of(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+}  // namespace
+
+AtomicFile::AtomicFile(std::string path, const char* who)
+    : path_(std::move(path)),
+      tmp_(c10::str(path_, ".tmp-", ::getpid(), "-", next_temp_number())),
+      who_(who),
+      fd_(::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)) {
+  TORCH_CHECK(!path_.empty() && path_.back() != '/', who_, ": '", path_, "' is not a file name");
+  if (fd_.get() < 0) fail_errno(who_, "cannot create", tmp_, errno);
+}
+
+AtomicFile::~AtomicFile() {
+  if (!tmp_.empty()) ::unlink(tmp_.c_str());
+}
+
+void AtomicFile::write(const void* data, size_t size) {
+  TORCH_INTERNAL_ASSERT(!tmp_.empty(), "AtomicFile::write after commit");
+  write_all(fd_.get(), data, size, who_, tmp_);
+}
+
+void AtomicFile::commit() {
+  TORCH_INTERNAL_ASSERT(!tmp_.empty(), "AtomicFile::commit twice");
+  if (::fsync(fd_.get()) != 0) fail_errno(who_, "cannot fsync", tmp_, errno);
+  if (const int err = fd_.close()) fail_errno(who_, "cannot close", tmp_, err);
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
+    const int err = errno;
+    fail_errno(who_, c10::str("cannot rename '", tmp_, "' to"), path_, err);
+  }
+  tmp_.clear();
+  fsync_dir(parent_of(path_), who_);
 }
 
 }  // namespace wick::detail

@@ -7,6 +7,7 @@
 // std::filesystem::path's lexical operations are safe; its operations on the
 // file system are not. Errors throw c10::Error as "<who>: <what> '<path>': <reason>".
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -35,5 +36,43 @@ void fsync_dir(const std::string& path, const char* who);
 int remove_tree(const std::string& path);
 /// `dir` + "/" + `name`, without doubling a trailing slash.
 std::string join_path(const std::string& dir, const std::string& name);
+
+/// An owned file descriptor, closed by the destructor.
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd();
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+  /// Closes and returns 0 or the errno (close can report a deferred write error).
+  int close();
+
+ private:
+  int fd_;
+};
+
+/// Writes all `size` bytes to `fd` (retrying short writes and EINTR); throws
+/// "<who>: cannot write '<path>' (after k of n bytes): <reason>".
+void write_all(int fd, const void* data, size_t size, const char* who, const std::string& path);
+
+/// A file that appears at `path` complete or not at all: written to a
+/// temporary file beside it, fsynced, renamed over `path` by commit(), its
+/// directory fsynced. Destroyed uncommitted (an error on the way), the
+/// temporary file is removed and whatever was at `path` is untouched.
+class AtomicFile {
+ public:
+  AtomicFile(std::string path, const char* who);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+  void write(const void* data, size_t size);
+  void commit();
+
+ private:
+  std::string path_, tmp_;
+  const char* who_;
+  Fd fd_;
+};
 
 }  // namespace wick::detail

@@ -18,6 +18,7 @@
 #include <wick/pruner.h>
 #include <wick/quantizer.h>
 #include <wick/report.h>
+#include <wick/safetensors.h>
 #include <wick/trainer.h>
 #include <wick/version.h>
 
