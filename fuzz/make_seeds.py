@@ -74,3 +74,41 @@ put("gpt_config", "broken-negative", json.dumps(dict(cfg, layers=-1)))
 put("gpt_config", "broken-huge", json.dumps(dict(cfg, width=2**40)))
 put("gpt_config", "broken-odd-head", json.dumps(dict(cfg, width=30, heads=2)))
 put("gpt_config", "broken-not-json", "{\"vocab\": 256,")
+
+# safetensors as Python's package writes them (header padded to 8 bytes with
+# spaces, data largest element first), and the broken files the rules name.
+def safetensors(entries, data, metadata=None, pad=True, length=None):
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    header.update(entries)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if pad:
+        text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text) if length is None else length) + text + data
+
+
+f32 = struct.pack("<4f", 1.0, -2.5, float("nan"), 3.0)
+two = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+       "b": {"dtype": "F16", "shape": [3], "data_offsets": [16, 22]}}
+put("safetensors", "two-tensors-metadata", safetensors(two, f32 + b"\x00\x3c\x00\xc0\xff\x7f", {"format": "pt"}))
+put("safetensors", "every-small-dtype", safetensors(
+    {"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]},
+     "c": {"dtype": "C64", "shape": [], "data_offsets": [8, 16]},
+     "d": {"dtype": "BF16", "shape": [1, 1], "data_offsets": [16, 18]},
+     "e": {"dtype": "BOOL", "shape": [2], "data_offsets": [18, 20]},
+     "f": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [20, 21]},
+     "g": {"dtype": "F4", "shape": [2], "data_offsets": [21, 22]},
+     "h": {"dtype": "U16", "shape": [0, 3], "data_offsets": [22, 22]}},
+    bytes(range(22))))
+put("safetensors", "empty", safetensors({}, b""))
+put("safetensors", "unpadded", safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, f32[:4], pad=False))
+put("safetensors", "broken-gap", safetensors({"x": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}, b"ab"))
+put("safetensors", "broken-overlap", safetensors(
+    {"x": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+     "y": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}, b"ab"))
+put("safetensors", "broken-size", safetensors({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, f32[:8]))
+put("safetensors", "broken-overflow", safetensors(
+    {"x": {"dtype": "F64", "shape": [2**62, 8], "data_offsets": [0, 8]}}, f32[:8]))
+put("safetensors", "broken-header-length", safetensors({}, b"", length=2**40))
+put("safetensors", "broken-dtype", safetensors({"x": {"dtype": "F6_E3M2", "shape": [4], "data_offsets": [0, 3]}}, b"abc"))
