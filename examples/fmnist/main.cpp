@@ -6,9 +6,9 @@
 //   wick-fmnist --model cnn --checkpoint-dir runs/a/checkpoints --resume latest
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
 //   wick-fmnist --quantize --prune 0.5 --json          # int8 beside fp32; 50% pruned + 1 epoch
-//   wick-fmnist --model mlp --profile                  # top-10 ops, trace.json and report.html in
-//   the run dir wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64
-//   clients
+//   wick-fmnist --model mlp --profile                  # top-10 ops, trace.json, report.html
+//   wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64 clients
+//   wick-fmnist --export-safetensors cnn.safetensors   # weights for Python (docs/interop.md)
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
@@ -62,6 +62,8 @@ struct Args {
   bool quantize = false;
   double prune = -1;  // fraction of the weights to prune; < 0: no pruning
   bool profile = false;
+  std::string init_safetensors;    // start from these weights
+  std::string export_safetensors;  // write the trained weights here
   fmnist::ServeOptions serve;
 };
 
@@ -166,6 +168,9 @@ int run(const Args& args) {
 
   torch::manual_seed(args.seed);  // the model's initial weights
   auto model = make_model(args.model);
+  // Weights from a safetensors file (from wick-fmnist --export-safetensors or
+  // Python's safetensors), by the model's named_parameters() names.
+  if (!args.init_safetensors.empty()) wick::load_safetensors(args.init_safetensors, *model);
   model->to(device);
   wick::SupervisedTask task(model);
   // wick::FusedAdam runs the update as one ATen kernel (Python's Adam(fused=True));
@@ -263,6 +268,17 @@ int run(const Args& args) {
           finetune.fit(task, finetune_optimizer, train);
         });
     pruned_accuracy = trainer.validate(task, test).at("val/accuracy");
+  }
+
+  // The trained (under --prune: pruned) weights for Python's safetensors and
+  // anything that reads it, under the model's named_parameters() names.
+  if (!args.export_safetensors.empty() && main_rank) {
+    wick::save_safetensors(
+        args.export_safetensors, *model,
+        {{"format", "pt"},
+         {"model", args.model},
+         {"producer", "wick-fmnist"},
+         {"test_accuracy", std::to_string(pruned ? pruned_accuracy : test_accuracy)}});
   }
 
   // --quantize: an int8 copy on the CPU beside the fp32 model (the pruned one under --prune).
@@ -386,6 +402,7 @@ int run(const Args& args) {
       j["int8_model_bytes"] = int8->int8_model_bytes;
     }
     j["report_path"] = report_path;
+    if (!args.export_safetensors.empty()) j["safetensors_path"] = args.export_safetensors;
     if (profile) {
       j["trace_path"] = profile->trace_path();
       j["profiled_steps"] = profile->profiled_steps();
@@ -461,6 +478,11 @@ int main(int argc, char** argv) {
                "report's ops table");
   app.add_flag("--ddp", args.ddp,
                "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
+  app.add_option("--init-safetensors", args.init_safetensors,
+                 "start from the weights in this safetensors file (keys: the model's "
+                 "named_parameters() names, docs/interop.md)");
+  app.add_option("--export-safetensors", args.export_safetensors,
+                 "after training, write the model's weights to this safetensors file");
   app.add_option(
          "--serve", args.serve.clients,
          "after training, serve the test set to CLIENTS threads through a DynamicBatcher (0: no)")
