@@ -9,6 +9,7 @@
 //   wick-fmnist --model mlp --profile                  # top-10 ops, trace.json, report.html
 //   wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64 clients
 //   wick-fmnist --export-safetensors cnn.safetensors   # weights for Python (docs/interop.md)
+//   wick-fmnist --tensorboard runs/fmnist/tb           # then: tensorboard --logdir runs
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
@@ -64,6 +65,7 @@ struct Args {
   bool profile = false;
   std::string init_safetensors;    // start from these weights
   std::string export_safetensors;  // write the trained weights here
+  std::string tensorboard;         // event files for TensorBoard here
   fmnist::ServeOptions serve;
 };
 
@@ -215,6 +217,15 @@ int run(const Args& args) {
   trainer.add_callback(throughput);
   trainer.add_callback(
       std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(args.run_dir)));
+  if (!args.tensorboard.empty()) {
+    trainer.add_callback(
+        std::make_shared<wick::TensorBoardLogger>(wick::TensorBoardLoggerOptions(args.tensorboard)
+                                                      .hparams({{"model", args.model},
+                                                                {"lr", args.lr},
+                                                                {"batch_size", args.batch_size},
+                                                                {"optimizer", args.optimizer},
+                                                                {"schedule", args.schedule}})));
+  }
   if (args.progress) trainer.add_callback(std::make_shared<wick::ProgressBar>());
   auto profile = args.profile ? std::make_shared<fmnist::ProfileCallback>(args.run_dir) : nullptr;
   if (profile) trainer.add_callback(profile);
@@ -483,6 +494,9 @@ int main(int argc, char** argv) {
                  "named_parameters() names, docs/interop.md)");
   app.add_option("--export-safetensors", args.export_safetensors,
                  "after training, write the model's weights to this safetensors file");
+  app.add_option("--tensorboard", args.tensorboard,
+                 "also write TensorBoard event files (every logged metric, the run's options) "
+                 "to this directory");
   app.add_option(
          "--serve", args.serve.clients,
          "after training, serve the test set to CLIENTS threads through a DynamicBatcher (0: no)")

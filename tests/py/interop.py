@@ -12,12 +12,20 @@ safetensors_read   reads a file (written by wick) with load_file and
                    safe_open(...).metadata(), and lists the same.
 safetensors_rejects tries load_file on each of a list of malformed files and
                    says which it refused (and why).
+tensorboard_read   reads a log directory with TensorBoard's EventAccumulator:
+                   every scalar (step, value, wall time), text, the hparams
+                   plugin's session start (values and kinds) and end status.
 """
 
 import json
 import sys
 
 import torch
+
+
+def num(x):
+    """A float for JSON: non-finite ones as the strings "nan", "inf", "-inf"."""
+    return x if x == x and abs(x) != float("inf") else str(x)
 
 
 def manifest(tensors, metadata):
@@ -95,10 +103,45 @@ def safetensors_rejects(inp):
     return {"rejected": rejected, "messages": messages}
 
 
+def tensorboard_read(inp):
+    """Everything TensorBoard's EventAccumulator reads from a log directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.util import tensor_util
+
+    everything = {k: 0 for k in ("scalars", "tensors", "histograms", "images", "audio",
+                                 "compressedHistograms")}
+    ea = EventAccumulator(inp["dir"], size_guidance=everything, purge_orphaned_data=True)
+    ea.Reload()
+    tags = ea.Tags()
+    scalars = {t: [[e.step, num(e.value), e.wall_time] for e in ea.Scalars(t)]
+               for t in tags["scalars"]}
+    texts = {}
+    for t in tags["tensors"]:
+        texts[t] = [[e.step, tensor_util.make_ndarray(e.tensor_proto).item().decode()]
+                    for e in ea.Tensors(t)]
+    hparams, end_status = {}, None
+    try:
+        hparams_content = ea.PluginTagToContent("hparams")
+    except KeyError:  # no hparams in these files
+        hparams_content = {}
+    for tag, content in hparams_content.items():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            for k, v in data.session_start_info.hparams.items():
+                kind = v.WhichOneof("kind")
+                hparams[k] = {"kind": kind, "value": getattr(v, kind)}
+        if data.HasField("session_end_info"):
+            end_status = data.session_end_info.status
+    return {"scalars": scalars, "texts": texts, "hparams": hparams, "end_status": end_status,
+            "file_version": ea.file_version}
+
+
 CASES = {
     "safetensors_write": safetensors_write,
     "safetensors_read": safetensors_read,
     "safetensors_rejects": safetensors_rejects,
+    "tensorboard_read": tensorboard_read,
 }
 
 if __name__ == "__main__":
