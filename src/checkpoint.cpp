@@ -1,5 +1,6 @@
 #include "wick/checkpoint.h"
 
+#include "format.h"  // first: it sets fmt's namespace
 #include "fs.h"
 #include "module_state.h"
 
@@ -150,11 +151,7 @@ uint32_t crc32_of(const std::string& data) {
   return static_cast<uint32_t>(crc);
 }
 
-std::string crc_hex(uint32_t crc) {
-  char buf[9];
-  std::snprintf(buf, sizeof(buf), "%08x", static_cast<unsigned>(crc));
-  return buf;
-}
+std::string crc_hex(uint32_t crc) { return fmt::format("{:08x}", crc); }
 
 // Creates `p` (which must not exist), writes `data`, fsyncs and closes it.
 void write_file_synced(const fs::path& p, const std::string& data) {

@@ -1,5 +1,7 @@
 #include <wick/profiler.h>
 
+#include "format.h"
+
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
@@ -9,7 +11,6 @@
 #include <cstdio>
 #include <map>
 #include <set>
-#include <sstream>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -508,10 +509,7 @@ std::string pad(const std::string& s, size_t width, bool left) {
 
 std::string share(int64_t part, int64_t total) {
   if (total == 0) return "NaN";
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f%%",
-                100.0 * static_cast<double>(part) / static_cast<double>(total));
-  return buf;
+  return fmt::format("{:.2f}%", 100.0 * static_cast<double>(part) / static_cast<double>(total));
 }
 }  // namespace
 
@@ -535,31 +533,18 @@ OpTable OpTable::sorted(const std::string& sort_by) const {
 }
 
 std::string format_profiler_time(double us) {
-  char buf[48];
-  if (us >= 1e6) {
-    std::snprintf(buf, sizeof buf, "%.3fs", us / 1e6);
-  } else if (us >= 1e3) {
-    std::snprintf(buf, sizeof buf, "%.3fms", us / 1e3);
-  } else {
-    std::snprintf(buf, sizeof buf, "%.3fus", us);
-  }
-  return buf;
+  if (us >= 1e6) return fmt::format("{:.3f}s", us / 1e6);
+  if (us >= 1e3) return fmt::format("{:.3f}ms", us / 1e3);
+  return fmt::format("{:.3f}us", us);
 }
 
 std::string format_profiler_memory(int64_t bytes) {
   const double kb = 1024.0, mb = kb * 1024, gb = mb * 1024;
   const double a = std::abs(static_cast<double>(bytes)), b = static_cast<double>(bytes);
-  char buf[48];
-  if (a >= gb) {
-    std::snprintf(buf, sizeof buf, "%.2f GB", b / gb);
-  } else if (a >= mb) {
-    std::snprintf(buf, sizeof buf, "%.2f MB", b / mb);
-  } else if (a >= kb) {
-    std::snprintf(buf, sizeof buf, "%.2f KB", b / kb);
-  } else {
-    std::snprintf(buf, sizeof buf, "%lld B", static_cast<long long>(bytes));
-  }
-  return buf;
+  if (a >= gb) return fmt::format("{:.2f} GB", b / gb);
+  if (a >= mb) return fmt::format("{:.2f} MB", b / mb);
+  if (a >= kb) return fmt::format("{:.2f} KB", b / kb);
+  return fmt::format("{} B", bytes);
 }
 
 std::string OpTable::table(const std::string& sort_by, int64_t row_limit) const {

@@ -1,12 +1,15 @@
 #include <wick/pruner.h>
 
+#include "format.h"
+
+#include <iterator>
+
 #include <wick/trainer.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
-#include <sstream>
 
 namespace wick {
 
@@ -185,19 +188,12 @@ std::string Pruner::format_report() const {
   auto rows = report();
   size_t width = 5;  // "total"
   for (const auto& r : rows) width = std::max(width, r.name.size());
-  std::ostringstream out;
-  char line[512];
+  std::string out;
   auto put = [&](const std::string& name, const std::string& a, const std::string& b,
                  const std::string& c) {
-    std::snprintf(line, sizeof(line), "%-*s %12s %12s %9s\n", static_cast<int>(width), name.c_str(),
-                  a.c_str(), b.c_str(), c.c_str());
-    out << line;
+    fmt::format_to(std::back_inserter(out), "{:<{}} {:>12} {:>12} {:>9}\n", name, width, a, b, c);
   };
-  auto pct = [](double s) {
-    char buf[32];
-    std::snprintf(buf, sizeof(buf), "%.2f%%", 100.0 * s);
-    return std::string(buf);
-  };
+  auto pct = [](double s) { return fmt::format("{:.2f}%", 100.0 * s); };
   put("name", "numel", "zeros", "sparsity");
   int64_t numel = 0, zeros = 0;
   for (const auto& r : rows) {
@@ -207,7 +203,7 @@ std::string Pruner::format_report() const {
   }
   put("total", std::to_string(numel), std::to_string(zeros),
       pct(numel ? static_cast<double>(zeros) / static_cast<double>(numel) : 0.0));
-  return out.str();
+  return out;
 }
 
 // ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 #include <wick/quantizer.h>
 
+#include "format.h"
 #include "linear_swap.h"
 
 #include <ATen/Context.h>
@@ -12,9 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
-#include <iomanip>
 #include <mutex>
-#include <sstream>
 
 namespace wick {
 namespace {
@@ -544,27 +543,25 @@ QuantizeReport quantize_dynamic(torch::nn::Module& module, const std::set<std::t
 }
 
 std::string QuantizeReport::format() const {
-  std::ostringstream s;
   size_t width = 5;
   for (const auto& l : layers) width = std::max(width, l.name.size());
-  s << std::left << std::setw(static_cast<int>(width)) << "layer" << std::right << std::setw(14)
-    << "shape" << std::setw(14) << "bytes before" << std::setw(14) << (dtype_name(dtype) + " bytes")
-    << "\n";
+  std::string s = fmt::format("{:<{}}{:>14}{:>14}{:>14}\n", "layer", width, "shape", "bytes before",
+                              dtype_name(dtype) + " bytes");
   for (const auto& l : layers) {
-    std::ostringstream shape;
-    shape << l.in_features << "->" << l.out_features;
-    s << std::left << std::setw(static_cast<int>(width)) << l.name << std::right << std::setw(14)
-      << shape.str() << std::setw(14) << l.bytes_before << std::setw(14) << l.bytes_after << "\n";
+    fmt::format_to(std::back_inserter(s), "{:<{}}{:>14}{:>14}{:>14}\n", l.name, width,
+                   fmt::format("{}->{}", l.in_features, l.out_features), l.bytes_before,
+                   l.bytes_after);
   }
   auto ratio = [](int64_t a, int64_t b) {
     return b > 0 ? static_cast<double>(a) / static_cast<double>(b) : 0.0;
   };
-  s << std::fixed << std::setprecision(3);
-  s << layers.size() << " Linear layers: " << linear_bytes_before << " -> " << linear_bytes_after
-    << " bytes (" << ratio(linear_bytes_after, linear_bytes_before) << "x); whole model "
-    << model_bytes_before << " -> " << model_bytes_after << " bytes ("
-    << ratio(model_bytes_after, model_bytes_before) << "x)\n";
-  return s.str();
+  fmt::format_to(
+      std::back_inserter(s),
+      "{} Linear layers: {} -> {} bytes ({:.3f}x); whole model {} -> {} bytes ({:.3f}x)\n",
+      layers.size(), linear_bytes_before, linear_bytes_after,
+      ratio(linear_bytes_after, linear_bytes_before), model_bytes_before, model_bytes_after,
+      ratio(model_bytes_after, model_bytes_before));
+  return s;
 }
 
 }  // namespace wick

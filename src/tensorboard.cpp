@@ -1,5 +1,6 @@
 #include "wick/tensorboard.h"
 
+#include "format.h"  // first: it sets fmt's namespace
 #include "fs.h"
 
 #include <wick/amp.h>
@@ -13,9 +14,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <cmath>
 #include <cstring>
-#include <sstream>
 
 namespace wick {
 
@@ -160,19 +159,8 @@ uint32_t crc32c(const void* data, size_t size) {
 
 std::string HParamValue::to_string() const {
   switch (kind_) {
-    case Kind::kNumber: {
-      std::ostringstream s;
-      s.precision(17);
-      s << number_;
-      // The shortest text that reads back as the same double.
-      for (int digits = 1; digits <= 17; ++digits) {
-        std::ostringstream t;
-        t.precision(digits);
-        t << number_;
-        if (std::stod(t.str()) == number_ || std::isnan(number_)) return t.str();
-      }
-      return s.str();
-    }
+    case Kind::kNumber:
+      return fmt::format("{}", number_);  // the shortest text that reads back as the same double
     case Kind::kString:
       return string_;
     case Kind::kBool:
