@@ -1,5 +1,7 @@
 #include "wick/distributed.h"
 
+#include "format.h"  // before c10d's headers, which may include fmt
+
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -118,15 +120,12 @@ c10::intrusive_ptr<c10d::Work> start(const char* what, const CollectiveContext& 
 
 // "no GPU is visible", "only 1 GPU is visible (CUDA_VISIBLE_DEVICES=3)".
 std::string visible_gpus_words(int64_t visible) {
-  std::ostringstream os;
-  if (visible == 0) {
-    os << "no GPU is visible";
-  } else {
-    os << "only " << visible << (visible == 1 ? " GPU is" : " GPUs are") << " visible";
-  }
   const auto mask = env("CUDA_VISIBLE_DEVICES");
-  os << " (CUDA_VISIBLE_DEVICES" << (mask ? "=" + *mask : std::string(" unset")) << ")";
-  return os.str();
+  return fmt::format("{} (CUDA_VISIBLE_DEVICES{})",
+                     visible == 0   ? std::string("no GPU is visible")
+                     : visible == 1 ? std::string("only 1 GPU is visible")
+                                    : fmt::format("only {} GPUs are visible", visible),
+                     mask ? "=" + *mask : std::string(" unset"));
 }
 
 #if defined(WICK_WITH_CUDA) && defined(USE_C10D_NCCL)
@@ -143,16 +142,15 @@ std::vector<detail::GpuIdentity> exchange_gpu_identities(c10d::Store& store, tor
   // NOLINTNEXTLINE(bugprone-signed-char-misuse): c10::DeviceIndex (int8_t) is an ordinal here
   me.device_index = device.index();
   const auto* u = reinterpret_cast<const unsigned char*>(prop->uuid.bytes);
-  char uuid[64];
-  std::snprintf(uuid, sizeof(uuid),
-                "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0],
-                u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13],
-                u[14], u[15]);
-  if (std::any_of(u, u + 16, [](unsigned char b) { return b != 0; })) me.uuid = uuid;
-  char bus[32];
-  std::snprintf(bus, sizeof(bus), "%04x:%02x:%02x.0", prop->pciDomainID, prop->pciBusID,
-                prop->pciDeviceID);
-  me.pci_bus_id = bus;
+  // As nvidia-smi prints them: GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx and 0000:3b:00.0.
+  if (std::any_of(u, u + 16, [](unsigned char b) { return b != 0; })) {
+    me.uuid = "GPU-";
+    for (int i = 0; i < 16; ++i)
+      fmt::format_to(std::back_inserter(me.uuid), "{}{:02x}",
+                     i == 4 || i == 6 || i == 8 || i == 10 ? "-" : "", u[i]);
+  }
+  me.pci_bus_id =
+      fmt::format("{:04x}:{:02x}:{:02x}.0", prop->pciDomainID, prop->pciBusID, prop->pciDeviceID);
 
   const std::string mine = detail::encode_gpu_identity(me);
   std::vector<std::string> keys;

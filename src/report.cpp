@@ -1,5 +1,7 @@
 #include <wick/report.h>
 
+#include "format.h"
+
 #include <nlohmann/json.hpp>
 
 #include <cerrno>
@@ -189,11 +191,10 @@ std::string render_run_report(const RunReportOptions& options) {
     int64_t shown = 0;
     for (const auto& r : sorted.rows()) {
       if (shown++ >= options.ops_row_limit()) break;
-      char pct[32];
-      std::snprintf(
-          pct, sizeof pct, "%.2f%%",
-          self_total ? 100.0 * static_cast<double>(r.self_cpu_ns) / static_cast<double>(self_total)
-                     : 0.0);
+      const std::string pct =
+          fmt::format("{:.2f}%", self_total ? 100.0 * static_cast<double>(r.self_cpu_ns) /
+                                                  static_cast<double>(self_total)
+                                            : 0.0);
       html << "<tr><td>" << html_escape(r.name) << "</td><td>" << pct << "</td><td>"
            << format_profiler_time(static_cast<double>(r.self_cpu_ns) / 1e3) << "</td><td>"
            << format_profiler_time(static_cast<double>(r.cpu_total_ns) / 1e3) << "</td><td>"
