@@ -205,7 +205,7 @@ TEST_F(InferenceSessionExportTest, ServedAnswersEqualTheModelRunAlone) {
       }
     }
     EXPECT_GT(largest, 1) << "the batcher formed no batch of two or more";
-    // Measured on the build machines (Xeon, AVX-512): nearly every answer
+    // Measured on the build machines (AMD EPYC, AVX-512): nearly every answer
     // differs from its image run alone in the last bits, by < 1e-6 absolute,
     // for all three files: the batch size changes the kernels' blocking.
     int not_bitwise = 0;
