@@ -116,7 +116,7 @@ InferenceSession::Forward torchscript_forward(const std::string& path,
   const auto& schema = method->function().getSchema();
   // arguments()[0] is self.
   TORCH_CHECK(schema.arguments().size() == 2, "InferenceSession: TorchScript model '", path,
-              "' has forward", schema, "; a session serves models of one input tensor");
+              "' has ", schema, "; a session serves models of one input tensor");
   TORCH_CHECK(schema.returns().size() == 1 &&
                   schema.returns()[0].type()->kind() == c10::TypeKind::TensorType,
               "InferenceSession: TorchScript model '", path, "' returns ",

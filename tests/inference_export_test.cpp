@@ -285,6 +285,9 @@ TEST_F(InferenceSessionExportTest, ErrorsNameTheFileAndWhatIsWrong) {
                      "InferenceSession: TorchScript model '" + model_file("tuple_script.pt") +
                          "' returns Tuple[Tensor, Tensor] from forward; a session serves models that "
                          "return one Tensor");
+  EXPECT_THROWS_WITH(InferenceSession::load(model_file("two_inputs_script.pt")),
+                     "' has forward(__torch__.TwoInputs self, Tensor x, Tensor y) -> Tensor; a "
+                     "session serves models of one input tensor");
 
   // Wrong device: the package is compiled for the CPU; CUDA may be absent.
   EXPECT_THROWS_WITH(InferenceSession::load(model_file("net.pt2"),

@@ -11,6 +11,7 @@ writes into OUT_DIR (a fresh directory the caller then renames into place):
   net_cuda.pt2        the same for CUDA, only where torch sees a GPU
   exported_program.pt2  torch.export.save of the ExportedProgram: a .pt2 without AOTInductor code
   tuple_script.pt     a scripted module whose forward returns (Tensor, Tensor)
+  two_inputs_script.pt  a scripted module whose forward takes two tensors
   state_dict.pt       torch.save of Net's state_dict: a zip, but not a model
   reference.json      inputs x [5, 1, 28, 28] and Net's eager outputs for them
 
@@ -44,6 +45,11 @@ class TupleNet(torch.nn.Module):
         return x, x * 2
 
 
+class TwoInputs(torch.nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
 def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
@@ -58,6 +64,7 @@ def main():
     torch.jit.script(net).save(os.path.join(out, "net_script.pt"))
     torch.jit.trace(net, (example,)).save(os.path.join(out, "net_trace.pt"))
     torch.jit.script(TupleNet()).save(os.path.join(out, "tuple_script.pt"))
+    torch.jit.script(TwoInputs()).save(os.path.join(out, "two_inputs_script.pt"))
     torch.save(net.state_dict(), os.path.join(out, "state_dict.pt"))
 
     batch = torch.export.Dim("batch", min=1, max=1024)
