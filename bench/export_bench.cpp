@@ -65,8 +65,8 @@ torch::nn::Sequential build(const std::string& name) {
   if (name == "cnn") {
     return nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, 32, 3).padding(1)), nn::ReLU(),
                           nn::MaxPool2d(2), nn::Conv2d(nn::Conv2dOptions(32, 64, 3).padding(1)),
-                          nn::ReLU(), nn::MaxPool2d(2), nn::Flatten(),
-                          nn::Linear(64 * 7 * 7, 128), nn::ReLU(), nn::Linear(128, 10));
+                          nn::ReLU(), nn::MaxPool2d(2), nn::Flatten(), nn::Linear(64 * 7 * 7, 128),
+                          nn::ReLU(), nn::Linear(128, 10));
   }
   TORCH_CHECK(false, "wick-bench export: unknown model '", name, "' (mlp, cnn)");
 }
@@ -186,11 +186,11 @@ void run_export_bench(const ExportBenchOptions& o, const GlobalOptions& global) 
         }
       }
       if (o.no_python || !peer_error.empty()) continue;
-      auto peer = run_peer(global, "export_peer.py",
-                           {"time", "--out", dir, "--models", join(o.models), "--threads",
-                            std::to_string(threads), "--seed", std::to_string(o.seed), "--batches",
-                            join_numbers(o.batches), "--warmup", std::to_string(o.warmup),
-                            "--min-time", std::to_string(o.min_time)});
+      auto peer = run_peer(
+          global, "export_peer.py",
+          {"time", "--out", dir, "--models", join(o.models), "--threads", std::to_string(threads),
+           "--seed", std::to_string(o.seed), "--batches", join_numbers(o.batches), "--warmup",
+           std::to_string(o.warmup), "--min-time", std::to_string(o.min_time)});
       if (!peer.ok()) {
         peer_error = peer.error.empty() ? "the peer printed nothing" : peer.error;
         continue;
@@ -206,8 +206,7 @@ void run_export_bench(const ExportBenchOptions& o, const GlobalOptions& global) 
   }
 
   std::fprintf(stderr, "%-5s %7s %5s %12s %12s %12s %12s %10s %10s\n", "model", "threads", "batch",
-               "wick aoti ms", "c++ nn ms", "py eager ms", "py aoti ms", "vs c++ nn",
-               "vs eager");
+               "wick aoti ms", "c++ nn ms", "py eager ms", "py aoti ms", "vs c++ nn", "vs eager");
   double min_vs_module = INFINITY, min_vs_eager = INFINITY, min_vs_py_aoti = INFINITY;
   bool same_weights = true;
   for (const auto& [key, c] : cases) {
@@ -235,8 +234,8 @@ void run_export_bench(const ExportBenchOptions& o, const GlobalOptions& global) 
       py_aoti = c10::str(pa);
       vs_eager = c10::str(pe / a, "x");
       // The module and Python eager hold the same weights when their outputs agree.
-      const bool same = std::abs(c.py_check - c.check_module) <=
-                        1e-3 * std::max(1.0, std::abs(c.py_check));
+      const bool same =
+          std::abs(c.py_check - c.check_module) <= 1e-3 * std::max(1.0, std::abs(c.py_check));
       line["same_weights"] = same;
       same_weights = same_weights && same;
     }

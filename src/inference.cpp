@@ -88,14 +88,14 @@ Archive inspect_archive(const std::string& path) {
 }
 
 void check_cuda(const torch::Device& device, const std::string& path) {
-  TORCH_CHECK(!device.is_cuda() || torch::cuda::is_available(), "InferenceSession: device ",
-              device, " requested for '", path, "', but CUDA is not available");
+  TORCH_CHECK(!device.is_cuda() || torch::cuda::is_available(), "InferenceSession: device ", device,
+              " requested for '", path, "', but CUDA is not available");
   TORCH_CHECK(!device.is_cuda() || !device.has_index() ||
                   device.index() < static_cast<int>(torch::cuda::device_count()),
               "InferenceSession: device ", device, " requested for '", path, "', but there are ",
               torch::cuda::device_count(), " CUDA devices");
-  TORCH_CHECK(device.is_cpu() || device.is_cuda(), "InferenceSession: device must be cpu or cuda, got ",
-              device, " for '", path, "'");
+  TORCH_CHECK(device.is_cpu() || device.is_cuda(),
+              "InferenceSession: device must be cpu or cuda, got ", device, " for '", path, "'");
 }
 
 // A TorchScript module whose forward takes one tensor and returns one.
@@ -107,8 +107,7 @@ InferenceSession::Forward torchscript_forward(const std::string& path,
   try {
     *module = requested ? torch::jit::load(path, *requested) : torch::jit::load(path);
   } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "InferenceSession: cannot load TorchScript model '", path,
-                "': ", e.msg());
+    TORCH_CHECK(false, "InferenceSession: cannot load TorchScript model '", path, "': ", e.msg());
   }
   const auto method = module->find_method("forward");
   TORCH_CHECK(method.has_value(), "InferenceSession: TorchScript model '", path,
@@ -117,12 +116,12 @@ InferenceSession::Forward torchscript_forward(const std::string& path,
   // arguments()[0] is self.
   TORCH_CHECK(schema.arguments().size() == 2, "InferenceSession: TorchScript model '", path,
               "' has ", schema, "; a session serves models of one input tensor");
-  TORCH_CHECK(schema.returns().size() == 1 &&
-                  schema.returns()[0].type()->kind() == c10::TypeKind::TensorType,
-              "InferenceSession: TorchScript model '", path, "' returns ",
-              schema.returns().empty() ? std::string("nothing")
-                                       : schema.returns()[0].type()->repr_str(),
-              " from forward; a session serves models that return one Tensor");
+  TORCH_CHECK(
+      schema.returns().size() == 1 &&
+          schema.returns()[0].type()->kind() == c10::TypeKind::TensorType,
+      "InferenceSession: TorchScript model '", path, "' returns ",
+      schema.returns().empty() ? std::string("nothing") : schema.returns()[0].type()->repr_str(),
+      " from forward; a session serves models that return one Tensor");
   torch::Device dev = requested.value_or(torch::kCPU);
   if (!requested) {
     for (const auto& p : module->parameters()) {
@@ -151,8 +150,8 @@ InferenceSession::Forward aoti_forward(const std::string& path, const Archive& a
               "' (it has: ", c10::Join(", ", archive.aoti_models), ")");
   std::unordered_map<std::string, std::string> metadata;
   try {
-    metadata = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path,
-                                                                                   model_name);
+    metadata =
+        torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, model_name);
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "InferenceSession: cannot read the metadata of AOTInductor package '", path,
                 "': ", e.what());
@@ -162,10 +161,10 @@ InferenceSession::Forward aoti_forward(const std::string& path, const Archive& a
               "' names no device (AOTI_DEVICE_KEY) in its metadata");
   const std::string compiled_for = key->second;
   TORCH_CHECK(compiled_for == "cpu" || compiled_for == "cuda",
-              "InferenceSession: AOTInductor package '", path, "' was compiled for '",
-              compiled_for, "'; a session runs cpu and cuda packages");
-  torch::Device dev = requested.value_or(
-      compiled_for == "cuda" ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU));
+              "InferenceSession: AOTInductor package '", path, "' was compiled for '", compiled_for,
+              "'; a session runs cpu and cuda packages");
+  torch::Device dev = requested.value_or(compiled_for == "cuda" ? torch::Device(torch::kCUDA, 0)
+                                                                : torch::Device(torch::kCPU));
   TORCH_CHECK(dev.type() == torch::Device(compiled_for).type(),
               "InferenceSession: AOTInductor package '", path, "' was compiled for ", compiled_for,
               " and runs only there; device ", dev,

@@ -13,16 +13,16 @@
 
 #include <nlohmann/json.hpp>
 
-#include <atomic>
 #include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <atomic>
 #include <fstream>
 #include <future>
 #include <mutex>
 #include <sstream>
-#include <sys/file.h>
-#include <sys/stat.h>
 #include <thread>
-#include <unistd.h>
 
 #include "python_reference.h"
 #include "support.h"
@@ -70,8 +70,8 @@ const std::string& exported_dir() {
     if (!exists(out + "/reference.json")) {
       const std::string tmp = out + ".tmp" + std::to_string(::getpid());
       const std::string err = tmp + ".stderr";
-      const std::string cmd = wick::testing::shell_quote(wick::testing::python_executable()) +
-                              " " + wick::testing::shell_quote(script) + " " +
+      const std::string cmd = wick::testing::shell_quote(wick::testing::python_executable()) + " " +
+                              wick::testing::shell_quote(script) + " " +
                               wick::testing::shell_quote(tmp) + " 2> " +
                               wick::testing::shell_quote(err);
       const int status = std::system(cmd.c_str());
@@ -281,18 +281,19 @@ TEST_F(InferenceSessionExportTest, ErrorsNameTheFileAndWhatIsWrong) {
                      "it is a torch.save archive (tensors or a state_dict, no code)");
   EXPECT_THROWS_WITH(InferenceSession::load(model_file("exported_program.pt2")),
                      "it is a torch.export archive without AOTInductor code");
-  EXPECT_THROWS_WITH(InferenceSession::load(model_file("tuple_script.pt")),
-                     "InferenceSession: TorchScript model '" + model_file("tuple_script.pt") +
-                         "' returns Tuple[Tensor, Tensor] from forward; a session serves models that "
-                         "return one Tensor");
+  EXPECT_THROWS_WITH(
+      InferenceSession::load(model_file("tuple_script.pt")),
+      "InferenceSession: TorchScript model '" + model_file("tuple_script.pt") +
+          "' returns Tuple[Tensor, Tensor] from forward; a session serves models that "
+          "return one Tensor");
   EXPECT_THROWS_WITH(InferenceSession::load(model_file("two_inputs_script.pt")),
                      "' has forward(__torch__.TwoInputs self, Tensor x, Tensor y) -> Tensor; a "
                      "session serves models of one input tensor");
 
   // Wrong device: the package is compiled for the CPU; CUDA may be absent.
-  EXPECT_THROWS_WITH(InferenceSession::load(model_file("net.pt2"),
-                                            InferenceSessionOptions().device(torch::kCUDA)),
-                     "' was compiled for cpu and runs only there; device cuda");
+  EXPECT_THROWS_WITH(
+      InferenceSession::load(model_file("net.pt2"), InferenceSessionOptions().device(torch::kCUDA)),
+      "' was compiled for cpu and runs only there; device cuda");
   if (!wick::testing::cuda_available()) {
     EXPECT_THROWS_WITH(InferenceSession::load(model_file("net_script.pt"),
                                               InferenceSessionOptions().device(torch::kCUDA)),
@@ -300,9 +301,9 @@ TEST_F(InferenceSessionExportTest, ErrorsNameTheFileAndWhatIsWrong) {
                            model_file("net_script.pt") + "', but CUDA is not available");
   }
 
-  EXPECT_THROWS_WITH(InferenceSession::load(model_file("net.pt2"),
-                                            InferenceSessionOptions().aoti_runners(0)),
-                     "InferenceSession: aoti_runners must be >= 1, got 0");
+  EXPECT_THROWS_WITH(
+      InferenceSession::load(model_file("net.pt2"), InferenceSessionOptions().aoti_runners(0)),
+      "InferenceSession: aoti_runners must be >= 1, got 0");
   EXPECT_THROWS_WITH(
       InferenceSession::load(model_file("net.pt2"),
                              InferenceSessionOptions().transform([](torch::nn::Module&) {})),
@@ -321,7 +322,7 @@ TEST_F(InferenceSessionExportTest, DocExample) {
   auto session = wick::InferenceSession::load(
       path, wick::InferenceSessionOptions()
                 .num_threads(1)
-                .aoti_runners(2)                 // as many as the batcher's workers
+                .aoti_runners(2)                  // as many as the batcher's workers
                 .warmup_shape({32, 1, 28, 28}));  // TorchScript or .pt2, told by content
   wick::TensorBatcher batcher(session.batch_fn(), wick::BatcherOptions()
                                                       .max_batch_size(32)
@@ -344,9 +345,8 @@ TEST_F(InferenceSessionExportTest, DocExample) {
 TEST_F(InferenceSessionExportTest, RunsOnCudaWithInputsFromTheCpu) {
   if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
   const auto ref = reference();
-  auto script =
-      InferenceSession::load(model_file("net_script.pt"),
-                             InferenceSessionOptions().device(torch::Device(torch::kCUDA)));
+  auto script = InferenceSession::load(
+      model_file("net_script.pt"), InferenceSessionOptions().device(torch::Device(torch::kCUDA)));
   EXPECT_TRUE(script.device().is_cuda());
   auto y = script.run(ref.x);
   EXPECT_TRUE(y.is_cuda());
