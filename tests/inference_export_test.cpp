@@ -350,14 +350,14 @@ TEST_F(InferenceSessionExportTest, RunsOnCudaWithInputsFromTheCpu) {
   EXPECT_TRUE(script.device().is_cuda());
   auto y = script.run(ref.x);
   EXPECT_TRUE(y.is_cuda());
-  WICK_EXPECT_CLOSE(y.cpu(), ref.y, 1e-3, 1e-4);  // TF32 and cuDNN's algorithms
+  WICK_EXPECT_CLOSE(y.cpu(), ref.y, 5e-3, 5e-3);  // cuDNN convolutions in TF32 by default
 
   // net_cuda.pt2 exists where the export ran with a GPU; its device comes from the package.
   ASSERT_TRUE(exists(model_file("net_cuda.pt2")))
       << "export_models.py ran without a GPU; remove " << exported_dir() << " and rerun";
   auto aoti = InferenceSession::load(model_file("net_cuda.pt2"));
   EXPECT_EQ(aoti.device(), torch::Device(torch::kCUDA, 0));
-  WICK_EXPECT_CLOSE(aoti.run(ref.x).cpu(), ref.y, 1e-3, 1e-4);
+  WICK_EXPECT_CLOSE(aoti.run(ref.x).cpu(), ref.y, 5e-3, 5e-3);
   EXPECT_THROWS_WITH(InferenceSession::load(model_file("net_cuda.pt2"),
                                             InferenceSessionOptions().device(torch::kCPU)),
                      "' was compiled for cuda and runs only there; device cpu");
