@@ -286,6 +286,14 @@ TEST_F(InferenceSessionExportTest, ErrorsNameTheFileAndWhatIsWrong) {
       "InferenceSession: TorchScript model '" + model_file("tuple_script.pt") +
           "' returns Tuple[Tensor, Tensor] from forward; a session serves models that "
           "return one Tensor");
+  // An AOTInductor package says how many outputs it has only when it runs: at
+  // the warm-up when there is one, else at the first request.
+  EXPECT_THROWS_WITH(InferenceSession::load(model_file("tuple.pt2"),
+                                            InferenceSessionOptions().warmup_shape({2, 1, 28, 28})),
+                     "InferenceSession: AOTInductor package '" + model_file("tuple.pt2") +
+                         "' returned 2 tensors; a session serves models that return one Tensor");
+  auto tuple_session = InferenceSession::load(model_file("tuple.pt2"));
+  EXPECT_THROWS_WITH(tuple_session.run(torch::zeros({1, 1, 28, 28})), "returned 2 tensors");
   EXPECT_THROWS_WITH(InferenceSession::load(model_file("two_inputs_script.pt")),
                      "' has forward(__torch__.TwoInputs self, Tensor x, Tensor y) -> Tensor; a "
                      "session serves models of one input tensor");

@@ -12,6 +12,7 @@ writes into OUT_DIR (a fresh directory the caller then renames into place):
   exported_program.pt2  torch.export.save of the ExportedProgram: a .pt2 without AOTInductor code
   tuple_script.pt     a scripted module whose forward returns (Tensor, Tensor)
   two_inputs_script.pt  a scripted module whose forward takes two tensors
+  tuple.pt2           an AOTInductor package whose model returns two tensors
   state_dict.pt       torch.save of Net's state_dict: a zip, but not a model
   reference.json      inputs x [5, 1, 28, 28] and Net's eager outputs for them
 
@@ -72,6 +73,10 @@ def main():
         ep = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}})
         torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(out, "net.pt2"))
         torch.export.save(ep, os.path.join(out, "exported_program.pt2"))
+        ep_tuple = torch.export.export(TupleNet(), (example,), dynamic_shapes={"x": {0: batch}})
+        torch._inductor.aoti_compile_and_package(
+            ep_tuple, package_path=os.path.join(out, "tuple.pt2")
+        )
         if torch.cuda.is_available():
             net_cuda = Net().cuda().eval()
             net_cuda.load_state_dict(net.state_dict())
