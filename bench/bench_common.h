@@ -101,5 +101,6 @@ void add_profiler_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_gpt_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);  // with the examples
 void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_safetensors_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
+void add_export_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 
 }  // namespace wick_bench

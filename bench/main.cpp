@@ -3,12 +3,13 @@
 //   wick-bench trainer --threads 1            # Trainer vs a raw LibTorch loop vs PyTorch eager
 //   wick-bench --jsonl results.jsonl trainer  # also append the lines to a file
 //   wick-bench ddp                            # 2 ranks x 1 thread vs 1 rank: DDP weak scaling
-//   wick-bench quant        # int8 quantize_dynamic vs fp32 vs Python's
-//   wick-bench pipeline     # bubble vs theory, GPipe vs 1F1B, checkpointing memory
-//   wick-bench gpt          # wick-gpt's training step and generation vs PyTorch
-//   wick-bench profiler     # wick::Profiler's cost: off vs schedule wait vs recording
-//   wick-bench batcher      # 64 clients: dynamic batching vs none vs pre-formed batches
-//   wick-bench safetensors  # loading a 512 MiB safetensors file vs Python's safetensors
+//   wick-bench quant                          # int8 quantize_dynamic vs fp32 vs Python's
+//   wick-bench pipeline                       # bubble vs theory, GPipe vs 1F1B, checkpoint memory
+//   wick-bench gpt                            # wick-gpt's training step and generation vs PyTorch
+//   wick-bench profiler                       # wick::Profiler's cost: off vs wait vs recording
+//   wick-bench batcher --threads 2            # 64 clients: dynamic batching vs none vs batches
+//   wick-bench export                         # AOTInductor .pt2 in wick vs torch::nn vs Python
+//   wick-bench safetensors                    # a 512 MiB safetensors file: wick vs Python
 //
 // Each subcommand lives in its own file (trainer_bench.cpp, ...) and adds
 // itself through an add_<name>_command function declared in bench_common.h.
@@ -43,6 +44,7 @@ int main(int argc, char** argv) {
 #endif
   wick_bench::add_batcher_command(app, global);
   wick_bench::add_safetensors_command(app, global);
+  wick_bench::add_export_command(app, global);
 
   try {
     app.parse(argc, argv);

@@ -10,6 +10,8 @@
 //   wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64 clients
 //   wick-fmnist --export-safetensors cnn.safetensors   # weights for Python (docs/interop.md)
 //   wick-fmnist --tensorboard runs/fmnist/tb           # then: tensorboard --logdir runs
+//   wick-fmnist --serve-model fmnist.pt2 --serve 64    # serve a model exported from Python
+//                                                      # (.pt2 or TorchScript), no training
 //
 // Prints a summary a person can read and, last, one JSON line for machines.
 
@@ -67,6 +69,8 @@ struct Args {
   std::string export_safetensors;  // write the trained weights here
   std::string tensorboard;         // event files for TensorBoard here
   fmnist::ServeOptions serve;
+  std::string serve_model;    // an exported model to serve instead of training one
+  bool device_given = false;  // --device on the command line
 };
 
 torch::nn::Sequential make_model(const std::string& name) {
@@ -114,8 +118,45 @@ int64_t count_parameters(const torch::nn::Module& m) {
   return n;
 }
 
+// --serve-model: no training; the test set (normalized as wick-fmnist's own
+// models see it) goes to the exported model through the batcher.
+int serve_exported(const Args& args) {
+  Args a = args;
+  if (a.serve.clients == 0) a.serve.clients = 64;
+  wick::InferenceSessionOptions options;
+  options.num_threads(a.threads)
+      .aoti_runners(a.serve.workers)  // one model instance per batcher worker
+      .warmup_shape({a.serve.max_batch, 1, 28, 28});
+  // Without --device: where the file puts it (an AOTInductor package: the
+  // device it was compiled for).
+  if (a.device_given) options.device(parse_device(a.device));
+  auto session = wick::InferenceSession::load(a.serve_model, options);
+  const auto probe = session.run(torch::zeros({2, 1, 28, 28}));
+  TORCH_CHECK(probe.dim() == 2 && probe.size(0) == 2 && probe.size(1) == 10, "--serve-model: '",
+              a.serve_model, "' returned ", probe.sizes(),
+              " for [2, 1, 28, 28] images; it must return [N, 10] logits");
+  wick::FashionMNIST test_set(a.data_dir, wick::FashionMNIST::Split::kTest);
+  auto served = fmnist::serve_session(session, test_set.images(), test_set.targets(), a.serve);
+  std::printf("serving %s (%s on %s, %d intra-op threads)\n", a.serve_model.c_str(),
+              wick::to_string(session.format()).c_str(), session.device().str().c_str(),
+              torch::get_num_threads());
+  fmnist::print_serve_report(served, a.serve);
+  if (a.json) {
+    nlohmann::json j;
+    j["serve_model"] = a.serve_model;
+    j["model_format"] = wick::to_string(session.format());
+    j["device"] = session.device().str();
+    j["threads"] = torch::get_num_threads();
+    j["serve_workers"] = a.serve.workers;
+    fmnist::add_serve_fields(j, served, a.serve);
+    std::cout << j.dump() << std::endl;
+  }
+  return 0;
+}
+
 int run(const Args& args) {
   if (args.threads > 0) torch::set_num_threads(args.threads);
+  if (!args.serve_model.empty()) return serve_exported(args);
   const auto precision = wick::parse_precision(args.precision);
   // --device cuda: cuda:LOCAL_RANK (cuda:0 without --ddp); cuda:N names the GPU,
   // e.g. to put two ranks on one GPU on purpose.
@@ -515,7 +556,12 @@ int main(int argc, char** argv) {
   app.add_option("--serve-workers", args.serve.workers, "serving: batches run in parallel")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option("--serve-model", args.serve_model,
+                 "instead of training: serve this exported model (AOTInductor .pt2 or "
+                 "TorchScript; [N,1,28,28] normalized images -> [N,10] logits) to --serve "
+                 "clients (default 64)");
   CLI11_PARSE(app, argc, argv);
+  args.device_given = app.count("--device") > 0;
   try {
     return run(args);
   } catch (const c10::Error& e) {

@@ -28,16 +28,22 @@ ServeReport serve_test_set(torch::nn::Sequential model, const std::string& check
                            wick::InferenceSessionOptions session_options,
                            const torch::Tensor& images, const torch::Tensor& targets,
                            const ServeOptions& options) {
-  TORCH_CHECK(options.clients >= 1, "--serve must be >= 1 clients, got ", options.clients);
-  TORCH_CHECK(images.dim() == 4 && images.size(0) == targets.size(0),
-              "serve: images must be [N, 1, 28, 28] with N targets, got ", images.sizes(), " and ",
-              targets.sizes());
-  const int64_t n = images.size(0);
+  TORCH_CHECK(images.dim() == 4, "serve: images must be [N, 1, 28, 28], got ", images.sizes());
   if (session_options.warmup_shape().empty()) {
     session_options.warmup_shape(
         {options.max_batch, images.size(1), images.size(2), images.size(3)});
   }
   wick::InferenceSession session(std::move(model), checkpoint, session_options);
+  return serve_session(session, images, targets, options);
+}
+
+ServeReport serve_session(const wick::InferenceSession& session, const torch::Tensor& images,
+                          const torch::Tensor& targets, const ServeOptions& options) {
+  TORCH_CHECK(options.clients >= 1, "--serve must be >= 1 clients, got ", options.clients);
+  TORCH_CHECK(images.dim() == 4 && images.size(0) == targets.size(0),
+              "serve: images must be [N, 1, 28, 28] with N targets, got ", images.sizes(), " and ",
+              targets.sizes());
+  const int64_t n = images.size(0);
 
   ServeReport r;
   r.requests = n;

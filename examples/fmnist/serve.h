@@ -50,6 +50,12 @@ ServeReport serve_test_set(torch::nn::Sequential model, const std::string& check
                            const torch::Tensor& images, const torch::Tensor& targets,
                            const ServeOptions& options);
 
+/// Serves the model of a session the caller built: the same as
+/// serve_test_set after its session is made. wick-fmnist --serve-model builds
+/// one with wick::InferenceSession::load from an exported file.
+ServeReport serve_session(const wick::InferenceSession& session, const torch::Tensor& images,
+                          const torch::Tensor& targets, const ServeOptions& options);
+
 /// The report for a person.
 void print_serve_report(const ServeReport& report, const ServeOptions& options);
 /// serve_requests_per_s, serve_p50_ms, serve_p99_ms, serve_mean_batch,
