@@ -126,13 +126,13 @@ std::string epoch_label(const Trainer& trainer, int64_t epoch) {
 }
 
 // "[=====>    ] " on a terminal, "" otherwise.
-std::string bar_of(double frac, int width, bool tty) {
+std::string bar_of(double frac, int64_t width, bool tty) {
   if (!tty) return "";
-  const auto w = static_cast<int64_t>(width);
-  const auto filled = static_cast<int64_t>(std::min(1.0, std::max(0.0, frac)) * w);
-  std::string bar(static_cast<size_t>(w), ' ');
+  const auto filled =
+      static_cast<int64_t>(std::min(1.0, std::max(0.0, frac)) * static_cast<double>(width));
+  std::string bar(static_cast<size_t>(width), ' ');
   for (int64_t i = 0; i < filled; ++i) bar[i] = '=';
-  if (filled < w) bar[filled] = '>';
+  if (filled < width) bar[filled] = '>';
   return "[" + bar + "] ";
 }
 
