@@ -22,6 +22,7 @@
 
 #include <wick/callbacks.h>
 #include <wick/optim.h>
+#include <wick/profiler.h>
 #include <wick/trainer.h>
 
 #include <torch/torch.h>
@@ -37,6 +38,7 @@
 #include <functional>
 #include <iostream>
 #include <limits>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -241,6 +243,83 @@ Run run_raw(const TrainerBenchOptions& o, const Data& d) {
   Run run = measured(sw);
   run.check_loss = check_loss(model, d, o.batch);
   return run;
+}
+
+// --breakdown: the ATen ops the Trainer (default options) runs beyond the raw
+// loop over the same `steps` steps, per step, from wick::Profiler. Op counts
+// do not depend on the machine's load, so they say where the Trainer's extra
+// work is even when timing cannot resolve it; self CPU time is beside them.
+Json extra_ops_per_step(const TrainerBenchOptions& o, const Data& d) {
+  using Counts = std::map<std::string, std::pair<int64_t, int64_t>>;  // name -> count, self ns
+  const auto table = [](wick::Profiler& profiler) {
+    Counts c;
+    const auto ops = profiler.key_averages();
+    for (const auto& r : ops.rows()) c[r.name] = {r.count, r.self_cpu_ns};
+    return c;
+  };
+  Counts trainer_ops, raw_ops;
+  {
+    auto model = make_mlp(o.seed);
+    torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(o.lr));
+    wick::SupervisedTask task(model);
+    wick::TensorBatchSource source(d.x, d.y,
+                                   wick::TensorBatchSourceOptions(o.batch).shuffle(false));
+    wick::Trainer trainer(wick::TrainerOptions().max_epochs(-1).max_steps(o.steps).seed(o.seed));
+    wick::Profiler profiler;
+    {
+      auto guard = profiler.scope();
+      trainer.fit(task, optimizer, source);
+    }
+    trainer_ops = table(profiler);
+  }
+  {
+    auto model = make_mlp(o.seed);
+    torch::optim::Adam optimizer(model->parameters(), torch::optim::AdamOptions(o.lr));
+    const int64_t n_batches = d.x.size(0) / o.batch;
+    wick::Profiler profiler;
+    {
+      auto guard = profiler.scope();
+      for (int64_t i = 0; i < o.steps; ++i) {
+        auto x = d.x.narrow(0, (i % n_batches) * o.batch, o.batch);
+        auto y = d.y.narrow(0, (i % n_batches) * o.batch, o.batch);
+        auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
+        loss.backward();
+        optimizer.step();
+        optimizer.zero_grad();
+      }
+    }
+    raw_ops = table(profiler);
+  }
+  const auto steps = static_cast<double>(o.steps);
+  Json out = Json::array();
+  double total_ops = 0, total_us = 0;
+  for (const auto& [name, tr] : trainer_ops) {
+    const auto it = raw_ops.find(name);
+    const int64_t raw_count = it == raw_ops.end() ? 0 : it->second.first;
+    const int64_t raw_ns = it == raw_ops.end() ? 0 : it->second.second;
+    if (tr.first == raw_count) continue;
+    Json j;
+    j["op"] = name;
+    j["per_step"] = static_cast<double>(tr.first - raw_count) / steps;
+    j["self_us_per_step"] = 1e-3 * static_cast<double>(tr.second - raw_ns) / steps;
+    total_ops += static_cast<double>(tr.first - raw_count) / steps;
+    total_us += 1e-3 * static_cast<double>(tr.second - raw_ns) / steps;
+    out.push_back(j);
+  }
+  for (const auto& [name, raw] : raw_ops) {
+    if (trainer_ops.count(name) == 0) {
+      Json j;
+      j["op"] = name;
+      j["per_step"] = -static_cast<double>(raw.first) / steps;
+      j["self_us_per_step"] = -1e-3 * static_cast<double>(raw.second) / steps;
+      out.push_back(j);
+    }
+  }
+  Json result;
+  result["ops"] = out;
+  result["ops_per_step"] = total_ops;
+  result["self_us_per_step"] = total_us;
+  return result;
 }
 
 // (investigation) The raw loop with Adam done by ATen's fused kernel, one call
@@ -557,6 +636,7 @@ void run_trainer_bench(const TrainerBenchOptions& o, const GlobalOptions& global
     d["loop"] = part(slices, raw);              // the rest: accumulation, autocast, sums
     d["callbacks"] = part(callbacks, trainer);  // + ProgressBar, MetricLogger
     s["breakdown_us_per_step"] = d;
+    s["trainer_extra_ops"] = extra_ops_per_step(o, data);
     s["callbacks_ratio_cpu_ci95"] = paired_ratio(callbacks.cpu_ms, raw.cpu_ms).json();
   }
   s["threads"] = threads;

@@ -387,9 +387,11 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
     loss.backward();
     if (ddp_) ddp_->finalize_backward();
 
-    // Sample-weighted sums for the logs, on the device: no sync per step.
-    auto detached = out.loss.detach().to(torch::kFloat64) * static_cast<double>(size);
-    loss_sum_ = loss_sum_.defined() ? loss_sum_ + detached : detached;
+    // Sample-weighted sums for the logs, on the device: no sync per step. One
+    // in-place op (float64 += size * loss) rather than a cast, a product and a sum.
+    if (!loss_sum_.defined())
+      loss_sum_ = torch::zeros({}, out.loss.options().dtype(torch::kFloat64));
+    loss_sum_.add_(out.loss.detach(), static_cast<double>(size));
     for (const auto& [name, value] : out.scalars) add_weighted(scalar_sums_, name, value, size);
     samples_since_log_ += size;
     state_.batch_in_epoch += 1;
