@@ -115,6 +115,27 @@ std::string format_value(double v) { return format("%.4g", v); }
 /// Steps of an epoch of `batches` micro-batches (the last group may be partial).
 int64_t steps_for(int64_t batches, int64_t accum) { return (batches + accum - 1) / accum; }
 
+// Training by steps (max_epochs -1): the run's progress is its step count.
+bool by_steps(const Trainer& trainer) { return trainer.options().max_epochs() < 0; }
+
+// "epoch 2/5", or "epoch 2" without an epoch limit.
+std::string epoch_label(const Trainer& trainer, int64_t epoch) {
+  return by_steps(trainer)
+             ? format("epoch %lld", ll(epoch + 1))
+             : format("epoch %lld/%lld", ll(epoch + 1), ll(trainer.options().max_epochs()));
+}
+
+// "[=====>    ] " on a terminal, "" otherwise.
+std::string bar_of(double frac, int64_t width, bool tty) {
+  if (!tty) return "";
+  const auto filled =
+      static_cast<int64_t>(std::min(1.0, std::max(0.0, frac)) * static_cast<double>(width));
+  std::string bar(static_cast<size_t>(width), ' ');
+  for (int64_t i = 0; i < filled; ++i) bar[i] = '=';
+  if (filled < width) bar[filled] = '>';
+  return "[" + bar + "] ";
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -149,6 +170,8 @@ void ProgressBar::on_fit_start(Trainer& trainer) {
   last_logs_.clear();
   bar_open_ = false;
   bar_length_ = 0;
+  fit_first_step_ = trainer.state().step;
+  fit_start_ = Clock::now();
 }
 
 void ProgressBar::on_epoch_start(Trainer& trainer) {
@@ -172,20 +195,32 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
   const double samples_per_s =
       elapsed > 0 ? static_cast<double>(s.samples_seen - epoch_first_samples_) / elapsed : 0.0;
 
-  std::string text =
-      format("epoch %lld/%lld ", ll(s.epoch + 1), ll(trainer.options().max_epochs()));
+  std::string text;
   const int64_t step_in_epoch = steps_for(s.batch_in_epoch, accum);
-  if (batches.has_value() && *batches > 0) {
+  if (by_steps(trainer)) {
+    // The run's step out of max_steps; ETA from this fit's steps so far.
+    const int64_t max_steps = trainer.options().max_steps();
+    const double frac = static_cast<double>(s.step) / static_cast<double>(max_steps);
+    text = bar_of(frac, options_.width(), tty_) +
+           format("step %lld/%lld (epoch %lld)", ll(s.step), ll(max_steps), ll(s.epoch + 1));
+    auto it = last_logs_.find("train/loss");
+    if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
+    if (!tty_) {
+      auto lr = last_logs_.find("lr");
+      if (lr != last_logs_.end()) text += "  lr " + format("%.3g", lr->second);
+    }
+    text += format("  %.0f samples/s", samples_per_s);
+    const int64_t steps_done = s.step - fit_first_step_;
+    const double fit_elapsed = seconds_since(fit_start_);
+    const double eta = steps_done > 0 ? fit_elapsed / static_cast<double>(steps_done) *
+                                            static_cast<double>(max_steps - s.step)
+                                      : std::numeric_limits<double>::quiet_NaN();
+    text += "  ETA " + format_duration(eta);
+  } else if (batches.has_value() && *batches > 0) {
+    text = epoch_label(trainer, s.epoch) + " ";
     const int64_t total_steps = steps_for(*batches, accum);
     const double frac = std::min(1.0, static_cast<double>(s.batch_in_epoch) / *batches);
-    if (tty_) {
-      const auto width = static_cast<int64_t>(options_.width());
-      auto filled = static_cast<int64_t>(frac * width);
-      std::string bar(static_cast<size_t>(width), ' ');
-      for (int64_t i = 0; i < filled; ++i) bar[i] = '=';
-      if (filled < width) bar[filled] = '>';
-      text += "[" + bar + "] ";
-    }
+    text += bar_of(frac, options_.width(), tty_);
     text += format("step %lld/%lld", ll(step_in_epoch), ll(total_steps));
     auto it = last_logs_.find("train/loss");
     if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
@@ -199,6 +234,7 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
                                         : std::numeric_limits<double>::quiet_NaN();
     text += "  ETA " + format_duration(eta);
   } else {
+    text = epoch_label(trainer, s.epoch) + " ";
     text += format("step %lld", ll(step_in_epoch));
     auto it = last_logs_.find("train/loss");
     if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
@@ -238,8 +274,10 @@ void ProgressBar::on_step_end(Trainer& trainer) {
 }
 
 void ProgressBar::on_validation_end(Trainer& trainer, const Metrics& metrics) {
-  std::string text = format("epoch %lld/%lld validation:", ll(trainer.state().epoch + 1),
-                            ll(trainer.options().max_epochs()));
+  const auto& s = trainer.state();
+  std::string text = by_steps(trainer) ? format("step %lld/%lld validation:", ll(s.step),
+                                                ll(trainer.options().max_steps()))
+                                       : epoch_label(trainer, s.epoch) + " validation:";
   for (const auto& [name, value] : metrics) text += "  " + name + " " + format_value(value);
   print_line(text);
 }
@@ -249,9 +287,8 @@ void ProgressBar::on_epoch_end(Trainer& trainer) {
   const double elapsed = std::chrono::duration<double>(last_step_end_ - epoch_start_).count();
   const int64_t steps = s.step - epoch_first_step_;
   const int64_t samples = s.samples_seen - epoch_first_samples_;
-  std::string text =
-      format("epoch %lld/%lld done: %lld steps in %s", ll(s.epoch + 1),
-             ll(trainer.options().max_epochs()), ll(steps), format_duration(elapsed).c_str());
+  std::string text = epoch_label(trainer, s.epoch) +
+                     format(" done: %lld steps in %s", ll(steps), format_duration(elapsed).c_str());
   if (elapsed > 0) text += format(", %.0f samples/s", samples / elapsed);
   auto it = last_logs_.find("train/loss");
   if (it != last_logs_.end()) text += ", loss " + format_value(it->second);

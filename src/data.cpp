@@ -103,14 +103,16 @@ std::optional<Batch> TensorBatchSource::next() {
     return std::nullopt;
   }
   const int64_t start = cursor_;
-  auto idx = order_.slice(0, cursor_, end);
   cursor_ = end;
 
   const torch::Device device = options_.device().value_or(data_.device());
   const bool identity_order = !options_.shuffle() && options_.world_size() == 1;
+  // The batch's indices, taken only when a gather needs them (one op less per batch otherwise).
+  torch::Tensor idx;
   auto gather = [&](const torch::Tensor& src) -> torch::Tensor {
     // In order and staying put: a view, no copy (the order is the identity).
     if (identity_order && device == src.device()) return src.narrow(0, start, end - start);
+    if (!idx.defined()) idx = order_.slice(0, start, end);
     if (device != src.device() && device.is_cuda() && src.is_pinned()) {
       // Gather into pinned memory so the host-to-device copy can be asynchronous.
       std::vector<int64_t> shape = src.sizes().vec();

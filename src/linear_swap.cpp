@@ -10,9 +10,10 @@ namespace {
 //
 // A custom module's `torch::nn::Linear fc` member keeps pointing at the old
 // LinearImpl after the tree holds the replacement. LinearImpl::forward calls
-// linear(x, weight, bias), so the old module's weight becomes an opaque tensor
-// on the PrivateUse3 dispatch key whose linear() runs the replacement; every
-// other operation on it fails with an explanation.
+// torch::nn::functional::linear (inline code, see redirected_linear), so the
+// old module's weight becomes an opaque tensor on the PrivateUse3 dispatch
+// key whose t() and matmul() (and linear()) run the replacement; every other
+// operation on it fails with an explanation.
 
 struct Redirect {
   std::function<at::Tensor(const at::Tensor&)> forward;

@@ -41,6 +41,15 @@ std::map<std::string, torch::Tensor> SupervisedTask::validation_step(const Batch
 }
 
 // ---------------------------------------------------------------------------
+// seed_everything
+
+uint64_t seed_everything(uint64_t seed) {
+  at::manual_seed(seed);  // the CPU generator and every CUDA device's default generator
+  std::srand(static_cast<unsigned>(seed));
+  return seed;
+}
+
+// ---------------------------------------------------------------------------
 // Trainer
 
 namespace {
@@ -55,9 +64,14 @@ template <typename F>
 ScopeExit(F) -> ScopeExit<F>;
 
 void check_options(const TrainerOptions& o) {
-  TORCH_CHECK(o.max_epochs() >= 1, "Trainer: max_epochs must be >= 1, got ", o.max_epochs());
+  TORCH_CHECK(o.max_epochs() >= 1 || o.max_epochs() == -1,
+              "Trainer: max_epochs must be >= 1, or -1 (no epoch limit) with max_steps set, got ",
+              o.max_epochs());
   TORCH_CHECK(o.max_steps() == -1 || o.max_steps() >= 1,
               "Trainer: max_steps must be -1 (no limit) or >= 1, got ", o.max_steps());
+  TORCH_CHECK(o.max_epochs() != -1 || o.max_steps() >= 1,
+              "Trainer: max_epochs=-1 (no epoch limit) needs max_steps >= 1, got max_steps=",
+              o.max_steps());
   TORCH_CHECK(o.grad_accum_steps() >= 1, "Trainer: grad_accum_steps must be >= 1, got ",
               o.grad_accum_steps());
   TORCH_CHECK(o.log_every_n_steps() >= 1, "Trainer: log_every_n_steps must be >= 1, got ",
@@ -258,6 +272,7 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   nonfinite_losses_ = 0;
   last_logs_.clear();
   last_val_metrics_.clear();
+  last_val_step_ = -1;
   batches_per_epoch_ = train.size();
 
   if (!options_.checkpoint_dir().empty()) {
@@ -293,10 +308,24 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   reset_log_window();
   each_callback([&](Callback& cb) { cb.on_fit_start(*this); });
   if (options_.max_steps() > 0 && state_.step >= options_.max_steps()) request_stop("max_steps");
-  while (state_.epoch < options_.max_epochs() && !stop_requested()) {
+  const bool unlimited_epochs = options_.max_epochs() < 0;
+  while ((unlimited_epochs || state_.epoch < options_.max_epochs()) && !stop_requested()) {
+    const int64_t samples_before = state_.samples_seen;
     run_epoch(train, val);
+    // Without an epoch limit only max_steps ends fit: an epoch without a
+    // batch would repeat forever.
+    TORCH_CHECK(!unlimited_epochs || stop_requested() || state_.samples_seen > samples_before,
+                "Trainer: max_epochs=-1 (no epoch limit), but the training source yielded no "
+                "batches in epoch ",
+                state_.epoch - 1, "; max_steps=", options_.max_steps(), " cannot be reached");
   }
   if (steps_since_log_ > 0) emit_logs();
+  // Stopped inside an epoch: its validation never ran, so validate the final
+  // weights once (unless the last validation already saw them).
+  if (options_.val_at_fit_end() && val != nullptr && options_.val_every_n_epochs() > 0 &&
+      state_.batch_in_epoch > 0 && last_val_step_ != state_.step) {
+    run_validation(task, *val, /*with_callbacks=*/true);
+  }
   if (stop_reason_.empty()) stop_reason_ = "max_epochs";
   each_callback([&](Callback& cb) { cb.on_fit_end(*this); });
 
@@ -358,9 +387,11 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
     loss.backward();
     if (ddp_) ddp_->finalize_backward();
 
-    // Sample-weighted sums for the logs, on the device: no sync per step.
-    auto detached = out.loss.detach().to(torch::kFloat64) * static_cast<double>(size);
-    loss_sum_ = loss_sum_.defined() ? loss_sum_ + detached : detached;
+    // Sample-weighted sums for the logs, on the device: no sync per step. One
+    // in-place op (float64 += size * loss) rather than a cast, a product and a sum.
+    if (!loss_sum_.defined())
+      loss_sum_ = torch::zeros({}, out.loss.options().dtype(torch::kFloat64));
+    loss_sum_.add_(out.loss.detach(), static_cast<double>(size));
     for (const auto& [name, value] : out.scalars) add_weighted(scalar_sums_, name, value, size);
     samples_since_log_ += size;
     state_.batch_in_epoch += 1;
@@ -538,6 +569,7 @@ std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& v
   module.train(was_training);
   if (with_callbacks) {
     last_val_metrics_ = result;
+    last_val_step_ = state_.step;
     each_callback([&](Callback& cb) { cb.on_validation_end(*this, result); });
   }
   return result;

@@ -392,6 +392,28 @@ TEST_F(ProgressBarTest, PipedOutputPrintsOneLinePerNSteps) {
   EXPECT_NE(text.find("epoch 2/2 done: 8 steps in "), std::string::npos) << text;
 }
 
+TEST_F(ProgressBarTest, TrainingByStepsShowsStepOfMaxSteps) {
+  Data d;
+  ScriptedTask task;
+  torch::optim::SGD opt(task.module().parameters(), 0.1);
+  std::FILE* out = std::tmpfile();
+  ASSERT_NE(out, nullptr);
+  wick::Trainer trainer(wick::TrainerOptions().max_epochs(-1).max_steps(11).log_every_n_steps(1));
+  trainer.add_callback(std::make_shared<wick::ProgressBar>(
+      wick::ProgressBarOptions().print_every_n_steps(3).stream(out)));
+  trainer.fit(task, opt, d.train, &d.val);
+  const std::string text = read_all(out);
+  std::fclose(out);
+  // Steps 3, 6; epoch 0's validation and summary; step 9; the validation at fit's end.
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 6) << text;
+  EXPECT_EQ(text.rfind("step 3/11 (epoch 1)  loss ", 0), 0u) << text;
+  EXPECT_NE(text.find("step 8/11 validation:  val/accuracy "), std::string::npos) << text;
+  EXPECT_NE(text.find("epoch 1 done: 8 steps in "), std::string::npos) << text;
+  EXPECT_NE(text.find("step 9/11 (epoch 2)  loss "), std::string::npos) << text;
+  EXPECT_NE(text.find("step 11/11 validation:  val/accuracy "), std::string::npos) << text;
+  EXPECT_EQ(text.find("epoch 1/"), std::string::npos) << text;  // no epoch limit to show
+}
+
 TEST_F(ProgressBarTest, TerminalOutputRedrawsOneLine) {
   const int master = ::posix_openpt(O_RDWR | O_NOCTTY);
   if (master < 0 || ::grantpt(master) != 0 || ::unlockpt(master) != 0)

@@ -6,6 +6,9 @@
 #include "profiler_baseline.h"
 #include "support.h"
 
+#include <functional>
+#include <map>
+
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -47,6 +50,40 @@ TEST_F(ProfilerTest, CountsFiveMatmulsExactly) {
     EXPECT_LE(r.self_cpu_ns, r.cpu_total_ns) << r.name;
     EXPECT_GE(r.self_cpu_ns, 0) << r.name;
   }
+}
+
+// What docs/profiling.md says of LibTorch's torch::nn::functional::linear
+// (torch/nn/functional/linear.h): aten::addmm only for 2-dim input with a
+// bias; otherwise aten::matmul (an aten::mm on the folded input) and an
+// in-place add of the bias; never aten::linear.
+TEST_F(ProfilerTest, FunctionalLinearRunsAddmmOnlyFor2dInputWithBias) {
+  namespace F = torch::nn::functional;
+  auto w = torch::randn({16, 8}), b = torch::randn({16});
+  const auto ops = [](const std::function<void()>& f) {
+    Profiler profiler;
+    {
+      auto guard = profiler.scope();
+      f();
+    }
+    std::map<std::string, int64_t> counts;
+    const auto table = profiler.key_averages();
+    for (const auto& r : table.rows()) counts[r.name] = r.count;
+    return counts;
+  };
+  auto two_d = ops([&] { F::linear(torch::randn({4, 8}), w, b); });
+  EXPECT_EQ(two_d["aten::addmm"], 1);
+  EXPECT_EQ(two_d["aten::matmul"], 0);
+  EXPECT_EQ(two_d["aten::linear"], 0);
+  auto three_d = ops([&] { F::linear(torch::randn({2, 4, 8}), w, b); });  // a sequence model's
+  EXPECT_EQ(three_d["aten::addmm"], 0);
+  EXPECT_EQ(three_d["aten::matmul"], 1);
+  EXPECT_EQ(three_d["aten::mm"], 1);
+  EXPECT_EQ(three_d["aten::add_"], 1);
+  EXPECT_EQ(three_d["aten::linear"], 0);
+  auto no_bias = ops([&] { F::linear(torch::randn({4, 8}), w); });
+  EXPECT_EQ(no_bias["aten::addmm"], 0);
+  EXPECT_EQ(no_bias["aten::matmul"], 1);
+  EXPECT_EQ(no_bias["aten::mm"], 1);
 }
 
 TEST_F(ProfilerTest, GroupsByInputShape) {

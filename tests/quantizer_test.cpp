@@ -4,6 +4,7 @@
 // against fp32 within the quantization error, and module replacement in every
 // container, checkpoints and errors.
 #include <wick/checkpoint.h>
+#include <wick/profiler.h>
 #include <wick/quantizer.h>
 
 #include <gtest/gtest.h>
@@ -12,6 +13,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
+#include <map>
 #include <string>
 #include <thread>
 
@@ -356,6 +359,40 @@ TEST_F(QuantizerTest, ReplacesMembersOfCustomModules) {
   WICK_EXPECT_CLOSE(block->forward(x), b2.to(torch::kDouble).unsqueeze(0).expand({3, 8}), 0, 1e-6);
   // Outside linear(), the old weight fails; most operations say why.
   EXPECT_THROWS_WITH(block->fc1->weight.sum(), "replaced this torch::nn::Linear");
+}
+
+// What docs/quantization.md says LibTorch does: LinearImpl::forward calls
+// torch::nn::functional::linear, which is inline code; with the redirected
+// member's bias undefined it computes x.matmul(weight.t()), so the redirect
+// answers t() and matmul() on the old weight; aten::linear is never called.
+TEST_F(QuantizerTest, RedirectedMemberForwardGoesThroughTAndMatmul) {
+  auto block = std::make_shared<Block>();
+  wick::quantize_dynamic(*block);
+  auto q1 = std::dynamic_pointer_cast<wick::QuantizedLinearImpl>(block->named_children()["fc1"]);
+  ASSERT_NE(q1, nullptr);
+  EXPECT_FALSE(block->fc1->bias.defined());
+  auto x = torch::randn({3, 16});
+  torch::NoGradGuard no_grad;
+  const auto ops = [](const std::function<torch::Tensor()>& f) {
+    wick::Profiler profiler;
+    torch::Tensor y;
+    {
+      auto guard = profiler.scope();
+      y = f();
+    }
+    std::map<std::string, int64_t> counts;
+    const auto table = profiler.key_averages();
+    for (const auto& r : table.rows()) counts[r.name] = r.count;
+    return std::make_pair(counts, y);
+  };
+  // Reference: the replacement called directly.
+  auto [direct, y_direct] = ops([&] { return q1->forward(x); });
+  auto [member, y_member] = ops([&] { return block->fc1->forward(x); });
+  EXPECT_TRUE(torch::equal(y_member, y_direct));
+  EXPECT_EQ(member["aten::matmul"], direct["aten::matmul"] + 1);
+  EXPECT_EQ(member["aten::t"], direct["aten::t"] + 1);
+  EXPECT_EQ(member["aten::linear"], 0);
+  EXPECT_EQ(member["aten::addmm"], direct["aten::addmm"]);
 }
 
 struct Containers : torch::nn::Module {

@@ -271,6 +271,115 @@ TEST_F(TrainerTest, MaxStepsStopsInsideAnEpoch) {
   EXPECT_EQ(result.stop_reason, "max_steps");
 }
 
+TEST_F(TrainerTest, UnlimitedEpochsTrainUntilMaxSteps) {
+  auto data = make_data(100, torch::kFloat32);
+  const auto run = [&](int64_t max_epochs) {
+    auto model = make_model(torch::kFloat32);
+    wick::SupervisedTask task(model);
+    torch::optim::SGD opt(model->parameters(), 0.1);
+    wick::TensorBatchSource source(data.x, data.y, 10);
+    wick::Trainer trainer(quiet().max_epochs(max_epochs).max_steps(25));
+    auto result = trainer.fit(task, opt, source);
+    return std::make_pair(result, clone_parameters(*model));
+  };
+  const auto [unlimited, params] = run(-1);
+  EXPECT_EQ(unlimited.state.step, 25);
+  EXPECT_EQ(unlimited.state.epoch, 2);
+  EXPECT_EQ(unlimited.state.batch_in_epoch, 5);
+  EXPECT_EQ(unlimited.stop_reason, "max_steps");
+  // Reference: the same run with an epoch limit that max_steps reaches first.
+  const auto [limited, reference] = run(3);
+  EXPECT_EQ(limited.state.step, 25);
+  for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(tensors_equal(params[i], reference[i]));
+}
+
+TEST_F(TrainerTest, UnlimitedEpochsOfAnEmptySourceAreAnError) {
+  struct Empty : wick::BatchSource {
+    void reset(int64_t) override {}
+    std::optional<wick::Batch> next() override { return std::nullopt; }
+  } empty;
+  auto model = make_model();
+  wick::SupervisedTask task(model);
+  torch::optim::SGD opt(model->parameters(), 0.1);
+  wick::Trainer trainer(quiet().max_epochs(-1).max_steps(5));
+  EXPECT_THROWS_WITH(trainer.fit(task, opt, empty),
+                     "Trainer: max_epochs=-1 (no epoch limit), but the training source yielded no "
+                     "batches in epoch 0; max_steps=5 cannot be reached");
+}
+
+// Reference: the validation set's loss and accuracy computed by hand.
+std::map<std::string, double> val_by_hand(torch::nn::Sequential& model, const Data& val) {
+  torch::NoGradGuard no_grad;
+  auto out = model->forward(val.x);
+  return {{"val/loss", torch::nn::functional::cross_entropy(out, val.y).item<double>()},
+          {"val/accuracy", out.argmax(1).eq(val.y).to(torch::kFloat64).mean().item<double>()}};
+}
+
+TEST_F(TrainerTest, ValidatesAtFitEndWhenStoppedInsideAnEpoch) {
+  auto data = make_data(100), val = make_data(40);
+  struct Count : wick::Callback {
+    std::string name() const override { return "Count"; }
+    void on_validation_end(wick::Trainer& t, const wick::Metrics&) override {
+      steps.push_back(t.state().step);
+    }
+    std::vector<int64_t> steps;
+  };
+  const auto run = [&](int64_t max_steps, bool at_end) {
+    auto model = make_model();
+    wick::SupervisedTask task(model);
+    torch::optim::SGD opt(model->parameters(), 0.1);
+    wick::TensorBatchSource source(data.x, data.y, 10);
+    wick::TensorBatchSource val_source(val.x, val.y, 16);
+    auto count = std::make_shared<Count>();
+    wick::Trainer trainer(quiet().max_epochs(-1).max_steps(max_steps).val_at_fit_end(at_end));
+    trainer.add_callback(count);
+    auto result = trainer.fit(task, opt, source, &val_source);
+    return std::make_tuple(result, count->steps, val_by_hand(model, val));
+  };
+  {  // stops at step 13, inside epoch 1: validated at 10 (epoch 0's end) and at 13
+    const auto [result, steps, expected] = run(13, true);
+    EXPECT_EQ(steps, (std::vector<int64_t>{10, 13}));
+    for (const auto& [name, value] : expected)
+      EXPECT_NEAR(result.last_val_metrics.at(name), value, 1e-12) << name;
+  }
+  {  // turned off: the metrics stay those of step 10
+    const auto [result, steps, expected] = run(13, false);
+    EXPECT_EQ(steps, (std::vector<int64_t>{10}));
+    EXPECT_NE(result.last_val_metrics.at("val/loss"), expected.at("val/loss"));
+  }
+  {  // stops at an epoch's end: its validation saw the final weights, no second one
+    const auto [result, steps, expected] = run(20, true);
+    EXPECT_EQ(steps, (std::vector<int64_t>{10, 20}));
+    EXPECT_NEAR(result.last_val_metrics.at("val/loss"), expected.at("val/loss"), 1e-12);
+  }
+}
+
+TEST_F(TrainerTest, SeedEverythingMakesRunsStartFromTheSameWeights) {
+  const auto build = [](uint64_t seed) {
+    wick::seed_everything(seed);
+    torch::nn::Sequential m(torch::nn::Linear(6, 16), torch::nn::Tanh(), torch::nn::Linear(16, 3));
+    auto params = clone_parameters(*m);
+    params.push_back(torch::tensor(static_cast<int64_t>(std::rand())));  // C's rand() too
+    return params;
+  };
+  // Reference: the draws of a run after other draws moved the generators on.
+  const auto first = build(11);
+  torch::randn({1000});
+  std::rand();
+  const auto again = build(11), other = build(12);
+  ASSERT_EQ(first.size(), again.size());
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_TRUE(tensors_equal(first[i], again[i]));
+  EXPECT_FALSE(torch::equal(first[0], other[0]));
+  EXPECT_EQ(wick::seed_everything(3), 3u);
+  if (torch::cuda::is_available()) {
+    wick::seed_everything(5);
+    auto a = torch::randn({64}, torch::kCUDA).cpu();
+    torch::randn({64}, torch::kCUDA);
+    wick::seed_everything(5);
+    EXPECT_TRUE(tensors_equal(a, torch::randn({64}, torch::kCUDA).cpu()));
+  }
+}
+
 TEST_F(TrainerTest, LogsAreSampleWeightedMeans) {
   auto data = make_data(30);
   auto model = make_model();
@@ -290,7 +399,12 @@ TEST_F(TrainerTest, RejectsBadOptions) {
   EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().grad_accum_steps(0)),
                      "grad_accum_steps must be >= 1, got 0");
   EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().max_epochs(0)),
-                     "max_epochs must be >= 1, got 0");
+                     "max_epochs must be >= 1, or -1 (no epoch limit) with max_steps set, got 0");
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().max_epochs(-2).max_steps(5)),
+                     "max_epochs must be >= 1, or -1 (no epoch limit) with max_steps set, got -2");
+  EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().max_epochs(-1)),
+                     "Trainer: max_epochs=-1 (no epoch limit) needs max_steps >= 1, got "
+                     "max_steps=-1");
   EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().grad_clip_norm(-1)),
                      "grad_clip_norm must be >= 0");
   EXPECT_THROWS_WITH(wick::Trainer(wick::TrainerOptions().resume("latest")),

@@ -13,12 +13,16 @@
 //   wick-fmnist --serve-model fmnist.pt2 --serve 64    # serve a model exported from Python
 //                                                      # (.pt2 or TorchScript), no training
 //
+// Each run writes to its own runs/fmnist/version_N (or --run-dir DIR); a
+// fresh run into a directory holding checkpoints is refused (run_dir.h).
+//
 // Prints a summary a person can read and, last, one JSON line for machines.
 
 #include <wick/wick.h>
 
 #include "compress.h"
 #include "profile.h"
+#include "run_dir.h"
 #include "serve.h"
 
 #include <CLI/CLI.hpp>
@@ -28,6 +32,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #endif
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -48,7 +53,8 @@ struct Args {
   double lr = 2e-3;
   int threads = 0;
   std::string data_dir = wick::FashionMNIST::default_root();
-  std::string run_dir = "runs/fmnist";
+  std::string run_dir = "runs/fmnist";  // without --run-dir: the parent of version_N
+  bool run_dir_given = false;
   std::string checkpoint_dir;  // default <run_dir>/checkpoints
   std::string resume;
   int64_t checkpoint_every = 0;
@@ -154,7 +160,7 @@ int serve_exported(const Args& args) {
   return 0;
 }
 
-int run(const Args& args) {
+int run(Args args) {
   if (args.threads > 0) torch::set_num_threads(args.threads);
   if (!args.serve_model.empty()) return serve_exported(args);
   const auto precision = wick::parse_precision(args.precision);
@@ -170,6 +176,11 @@ int run(const Args& args) {
                      : std::make_shared<wick::ProcessGroup>();
   const int64_t rank = pg->rank(), world = pg->world_size();
   const bool main_rank = pg->is_main();
+  // This run's own directories: a fresh run never meets another's checkpoints (run_dir.h).
+  const auto dirs = fmnist::resolve_run_dirs(args.run_dir, args.run_dir_given, args.checkpoint_dir,
+                                             args.resume, *pg);
+  args.run_dir = dirs.run_dir;
+  args.checkpoint_dir = dirs.checkpoint_dir;
   // This rank's device: under --ddp --device cuda the GPU of LOCAL_RANK, as
   // init_process_group chose (it checked the index).
   const torch::Device device =
@@ -358,9 +369,16 @@ int run(const Args& args) {
       served = fmnist::serve_test_set(model, "", wick::InferenceSessionOptions().device(device),
                                       test_set.images(), test_set.targets(), args.serve);
     } else {
-      const auto latest = wick::latest_checkpoint(checkpoint_dir);
-      TORCH_CHECK(latest.has_value(), "--serve: no checkpoint under ", checkpoint_dir);
-      served = fmnist::serve_test_set(make_model(args.model), *latest,
+      // The checkpoint this run's Checkpointer wrote at the end of fit.
+      const std::string own = checkpoint_dir + "/" + wick::checkpoint_name(result.state.step);
+      const auto all = wick::list_checkpoints(checkpoint_dir);
+      TORCH_CHECK(std::any_of(all.begin(), all.end(),
+                              [&](const std::string& p) {
+                                return std::filesystem::path(p).filename() ==
+                                       std::filesystem::path(own).filename();
+                              }),
+                  "--serve: this run's last checkpoint ", own, " is missing");
+      served = fmnist::serve_test_set(make_model(args.model), own,
                                       wick::InferenceSessionOptions().device(device),
                                       test_set.images(), test_set.targets(), args.serve);
     }
@@ -418,6 +436,7 @@ int run(const Args& args) {
 
   if (args.json) {
     nlohmann::json j;
+    j["run_dir"] = args.run_dir;
     j["model"] = args.model;
     j["precision"] = wick::to_string(precision);
     j["epochs"] = result.state.epoch;
@@ -473,8 +492,7 @@ int main(int argc, char** argv) {
   app.add_option("--model", args.model, "mlp (784-512-256-10) or cnn (conv32-conv64-fc128-fc10)")
       ->check(CLI::IsMember({"mlp", "cnn"}))
       ->capture_default_str();
-  app.add_option("--epochs", args.epochs, "epochs")
-      ->check(CLI::PositiveNumber)
+  app.add_option("--epochs", args.epochs, "epochs (-1: no epoch limit; --max-steps ends the run)")
       ->capture_default_str();
   app.add_option("--batch-size", args.batch_size, "samples per micro-batch")
       ->check(CLI::PositiveNumber)
@@ -491,8 +509,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--data-dir", args.data_dir, "directory of the Fashion-MNIST IDX files")
       ->capture_default_str();
-  app.add_option("--run-dir", args.run_dir, "where metrics (and by default checkpoints) go")
-      ->capture_default_str();
+  auto* run_dir_option =
+      app.add_option("--run-dir", args.run_dir,
+                     "this run's directory: metrics, report and by default checkpoints (default: "
+                     "a new runs/fmnist/version_N per run; --resume latest: the newest)")
+          ->capture_default_str();
   app.add_option("--checkpoint-dir", args.checkpoint_dir,
                  "checkpoint directory (default <run-dir>/checkpoints)");
   app.add_option("--checkpoint-every", args.checkpoint_every,
@@ -562,6 +583,7 @@ int main(int argc, char** argv) {
                  "clients (default 64)");
   CLI11_PARSE(app, argc, argv);
   args.device_given = app.count("--device") > 0;
+  args.run_dir_given = run_dir_option->count() > 0;
   try {
     return run(args);
   } catch (const c10::Error& e) {

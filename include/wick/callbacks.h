@@ -94,6 +94,9 @@ struct ProgressBarOptions {
 /// epoch as a summary line. Piped output is therefore, per finished epoch:
 /// one line per step with step % print_every_n_steps == 0, one line per
 /// validation, one summary line. Values missing from the logs are left out.
+/// Training by steps (TrainerOptions::max_epochs(-1) with max_steps), the bar
+/// and its lines show the run's "step s/max_steps" (and the epoch) instead of
+/// "epoch e/max_epochs step i/n", and validations print as "step s/N validation:".
 /// Construction throws for print_every_n_steps < 1, width < 1 or a null stream.
 class ProgressBar : public Callback {
  public:
@@ -121,8 +124,9 @@ class ProgressBar : public Callback {
   int64_t epoch_first_samples_ = 0;  // samples_seen at on_epoch_start
   bool bar_open_ = false;            // a bar is drawn and its line not yet ended
   size_t bar_length_ = 0;            // characters of the last bar drawn (to blank leftovers)
+  int64_t fit_first_step_ = 0;       // state().step at on_fit_start (> 0 after a resume)
   // last_step_end_: the epoch's training time, for its summary, excludes validation.
-  std::chrono::steady_clock::time_point epoch_start_, last_draw_, last_step_end_;
+  std::chrono::steady_clock::time_point fit_start_, epoch_start_, last_draw_, last_step_end_;
 };
 
 // ---------------------------------------------------------------------------

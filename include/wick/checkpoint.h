@@ -113,9 +113,12 @@ class Checkpoint {
 /// "step-00000100": the directory name the Trainer gives the checkpoint of `step`.
 std::string checkpoint_name(int64_t step);
 /// Complete checkpoints (directories named by checkpoint_name holding a
-/// meta.json) under `dir`, oldest step first; temporary leftovers are ignored.
+/// meta.json) under `dir`, oldest step first, each as a full path
+/// (`dir + "/" + name`, e.g. "runs/a/checkpoints/step-00000100", ready for
+/// Checkpoint::load); temporary leftovers are ignored.
 std::vector<std::string> list_checkpoints(const std::string& dir);
-/// The newest complete checkpoint under `dir`, or nullopt when there is none.
+/// The newest complete checkpoint under `dir` as a full path, like
+/// list_checkpoints, or nullopt when there is none.
 std::optional<std::string> latest_checkpoint(const std::string& dir);
 /// Deletes all but the newest `keep_last_k` checkpoints under `dir` (and stale
 /// temporary directories), never one listed in `keep`. keep_last_k <= 0 keeps all.

@@ -116,7 +116,9 @@ class SupervisedTask : public Task {
 /// Options of a Trainer. Every field is also part of the run's fingerprint
 /// where it changes the numbers (resuming with different ones is an error).
 struct TrainerOptions {
-  /// Epochs to train; >= 1.
+  /// Epochs to train; >= 1, or -1 for no epoch limit, which needs max_steps
+  /// (training by steps: fit ends after max_steps, and the ProgressBar shows
+  /// "step s/max_steps" instead of epochs).
   TORCH_ARG(int64_t, max_epochs) = 1;
   /// Stop after this many optimizer steps (-1: no limit).
   TORCH_ARG(int64_t, max_steps) = -1;
@@ -142,6 +144,11 @@ struct TrainerOptions {
   TORCH_ARG(int64_t, log_every_n_steps) = 50;
   /// Validate every this many epochs (0: never; only when a validation source is given).
   TORCH_ARG(int64_t, val_every_n_epochs) = 1;
+  /// When fit stops inside an epoch (max_steps, a callback's request_stop),
+  /// validate once more at the end, so FitResult::last_val_metrics describe
+  /// the final weights rather than an earlier epoch's (with callbacks, as any
+  /// validation). Only with a validation source and val_every_n_epochs > 0.
+  TORCH_ARG(bool, val_at_fit_end) = true;
   /// Data-parallel training over this group (init_process_group()): each rank
   /// reads its shard, gradients are averaged across ranks, validation metrics
   /// are reduced, and only rank 0 runs main_rank_only callbacks (logs,
@@ -150,7 +157,9 @@ struct TrainerOptions {
   /// How the module is wrapped for data-parallel training (bucket size, buffers, unused
   /// parameters).
   TORCH_ARG(DistributedDataParallelOptions, ddp) = {};
-  /// Seed of torch's generators at the start of a fresh run.
+  /// Seed of torch's generators at the start of a fresh run (fit start: after
+  /// the model is built, so it does not decide the initial weights; call
+  /// wick::seed_everything before building the model for that).
   TORCH_ARG(uint64_t, seed) = 0;
   /// Deterministic algorithms only (at::Context::setDeterministicAlgorithms).
   /// On CUDA it also sets CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset (cuBLAS
@@ -177,6 +186,15 @@ struct TrainerOptions {
   /// The hardware's peak FLOP/s for MFU (0: off).
   TORCH_ARG(double, peak_flops) = 0.0;
 };
+
+/// Seeds every generator wick and LibTorch draw from: torch's CPU generator
+/// and the default generator of every CUDA device (at::manual_seed), and C's
+/// rand() for user code. Call it before building the model, so two runs
+/// with the same seed start from the same weights (Lightning's
+/// seed_everything); TrainerOptions::seed then seeds fit's own draws.
+/// wick's data sources shuffle with their own seeds (TensorBatchSourceOptions::seed,
+/// DistributedSampler) and are not affected. Returns `seed`.
+uint64_t seed_everything(uint64_t seed);
 
 /// What fit() returns.
 struct FitResult {
@@ -219,6 +237,11 @@ class Trainer {
 
   /// Runs validation_step over `val` (eval mode, no grad, autocast as in
   /// training) and returns the sample-weighted means, keys prefixed "val/".
+  /// Callable outside fit (a test set after training: on the device the
+  /// model is on, callbacks not called, the module's train/eval mode kept)
+  /// and from callbacks during fit (callbacks see on_validation_start/end).
+  /// Under a process group every rank must call it; the means cover all
+  /// ranks' samples.
   std::map<std::string, double> validate(Task& task, BatchSource& val);
 
   /// Writes the whole training state (model, optimizer, scaler, callbacks'
@@ -294,6 +317,7 @@ class Trainer {
       0;  // consecutive non-finite micro-batch losses (max_nonfinite_losses)
   std::map<std::string, double> last_logs_;
   std::map<std::string, double> last_val_metrics_;
+  int64_t last_val_step_ = -1;  // state_.step at the last validation with callbacks (-1: none)
 
   // Sums since the last log, kept on the device to avoid a sync per step.
   torch::Tensor loss_sum_;

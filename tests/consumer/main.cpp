@@ -1,8 +1,16 @@
 // A user's program, built against the *installed* wick (scripts/test does
-// this); the same code is the README's example.
+// this); the training part of main() is the README's example.
 #include <wick/wick.h>
 
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <string>
 
 struct Regression : wick::Task {
   torch::nn::Linear net{4, 1};
@@ -15,7 +23,44 @@ struct Regression : wick::Task {
   }
 };
 
+namespace fs = std::filesystem;
+
+// The torch wheel's libtorch.so exports its own std::filesystem functions
+// (pytorch/pytorch#133437); bound to those, remove_all on a non-empty tree
+// crashed. wick::wick's link puts libstdc++ first, so these calls must bind to
+// libstdc++'s definitions and work on non-empty trees.
+bool filesystem_works() {
+  using RemoveAll = std::uintmax_t (*)(const fs::path&);
+  Dl_info info{};
+  const auto* remove_all = reinterpret_cast<void*>(static_cast<RemoveAll>(&fs::remove_all));
+  if (dladdr(remove_all, &info) == 0 || info.dli_fname == nullptr ||
+      std::string(info.dli_fname).find("libstdc++") == std::string::npos) {
+    std::cerr << "std::filesystem::remove_all binds to "
+              << (info.dli_fname ? info.dli_fname : "(unknown)") << ", not libstdc++\n";
+    return false;
+  }
+  const char* tmp = std::getenv("TMPDIR");
+  const fs::path root =
+      fs::path(tmp ? tmp : "/tmp") / ("wick-consumer-fs-" + std::to_string(::getpid()));
+  fs::remove_all(root);
+  fs::create_directories(root / "a" / "b" / "c");
+  std::ofstream(root / "a" / "one.txt") << "1";
+  std::ofstream(root / "a" / "b" / "two.txt") << "22";
+  std::ofstream(root / "a" / "b" / "c" / "three.txt") << "333";
+  fs::copy(root / "a", root / "copy", fs::copy_options::recursive);
+  fs::rename(root / "copy", root / "renamed");
+  const bool copied = fs::file_size(root / "renamed" / "b" / "c" / "three.txt") == 3 &&
+                      fs::exists(root / "renamed" / "one.txt") && !fs::exists(root / "copy");
+  const std::uintmax_t removed = fs::remove_all(root);  // root + 2 x (3 directories, 3 files)
+  if (!copied || removed != 13 || fs::exists(root)) {
+    std::cerr << "std::filesystem: copied " << copied << ", removed " << removed << " of 13\n";
+    return false;
+  }
+  return true;
+}
+
 int main() {
+  if (!filesystem_works()) return 1;
   torch::manual_seed(0);
   auto x = torch::randn({1024, 4});
   auto y = x.matmul(torch::tensor({1.0f, -2.0f, 3.0f, 0.5f})).unsqueeze(1) + 0.7f;

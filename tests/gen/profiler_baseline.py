@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 PYTHON_ONLY = [
     ("Optimizer.step#SGD.step", 1, "Python's Optimizer.step is wrapped in record_function"),
     ("Optimizer.zero_grad#SGD.zero_grad", 1, "Python's Optimizer.zero_grad is wrapped in record_function"),
-    ("aten::linear", 3, "C++ torch::nn::functional::linear calls aten::addmm directly (same addmm and t counts)"),
+    ("aten::linear", 3, "C++ torch::nn::functional::linear calls aten::addmm for 2-dim input with a bias, as here (same addmm and t counts); matmul + add_ otherwise"),
     ("aten::empty_strided", 1, "Python's backward() seeds with ones_like(preserve_format) -> empty_like -> empty_strided"),
 ]
 CPP_ONLY = [
