@@ -99,6 +99,10 @@ if stage ctest; then
   grep -h "\[ info     \]" "$BUILD/Testing/Temporary/LastTest.log" 2>/dev/null | sort -u | tee -a "$OUT/summary.txt"
 fi
 
+# wick-fmnist refuses a fresh run into a directory holding checkpoints
+# (examples/fmnist/run_dir.h): a second pass on the same machine starts clean.
+rm -rf /tmp/fm-gpu-* /tmp/fm-nccl* /tmp/fm-gloo
+
 if stage fmnist; then
   for p in fp32 bf16 fp16; do
     run_for 90 $B/wick-fmnist --device cuda --epochs 2 --precision $p --no-progress --json \

@@ -1,5 +1,6 @@
 #include <wick/callbacks.h>
 
+#include "format.h"
 #include "fs.h"
 
 #include <wick/checkpoint.h>
@@ -11,7 +12,6 @@
 #include <cerrno>
 #include <charconv>
 #include <cmath>
-#include <cstdarg>
 #include <cstring>
 #include <limits>
 #include <utility>
@@ -68,22 +68,6 @@ std::optional<double> read_optional(torch::serialize::InputArchive& archive, con
   return read_value(archive, owner, key).to<double>();
 }
 
-// printf-style formatting. (fmt is not used here: LibTorch's include directory
-// carries fmt 12 headers that shadow the system's fmt 9 library.)
-std::string format(const char* pattern, ...) __attribute__((format(printf, 1, 2)));
-std::string format(const char* pattern, ...) {
-  va_list args;
-  va_start(args, pattern);
-  va_list copy;
-  va_copy(copy, args);
-  const int n = std::vsnprintf(nullptr, 0, pattern, copy);
-  va_end(copy);
-  std::string out(n > 0 ? static_cast<size_t>(n) : 0, '\0');
-  if (n > 0) std::vsnprintf(out.data(), out.size() + 1, pattern, args);
-  va_end(args);
-  return out;
-}
-
 /// The shortest text that reads back as the same double ("0.1", "nan", "inf").
 std::string exact(double v) {
   char buf[64];
@@ -97,8 +81,8 @@ long long ll(int64_t v) { return static_cast<long long>(v); }
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "--:--";
   auto s = static_cast<int64_t>(std::llround(seconds));
-  if (s >= 3600) return format("%lld:%02lld:%02lld", ll(s / 3600), ll((s / 60) % 60), ll(s % 60));
-  return format("%02lld:%02lld", ll(s / 60), ll(s % 60));
+  if (s >= 3600) return fmt::format("{}:{:02}:{:02}", ll(s / 3600), ll((s / 60) % 60), ll(s % 60));
+  return fmt::format("{:02}:{:02}", ll(s / 60), ll(s % 60));
 }
 
 std::string join(const std::string& dir, const std::string& name) {
@@ -110,7 +94,7 @@ bool non_empty_file(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
 }
 
-std::string format_value(double v) { return format("%.4g", v); }
+std::string format_value(double v) { return fmt::format("{:.4g}", v); }
 
 /// Steps of an epoch of `batches` micro-batches (the last group may be partial).
 int64_t steps_for(int64_t batches, int64_t accum) { return (batches + accum - 1) / accum; }
@@ -121,8 +105,8 @@ bool by_steps(const Trainer& trainer) { return trainer.options().max_epochs() < 
 // "epoch 2/5", or "epoch 2" without an epoch limit.
 std::string epoch_label(const Trainer& trainer, int64_t epoch) {
   return by_steps(trainer)
-             ? format("epoch %lld", ll(epoch + 1))
-             : format("epoch %lld/%lld", ll(epoch + 1), ll(trainer.options().max_epochs()));
+             ? fmt::format("epoch {}", ll(epoch + 1))
+             : fmt::format("epoch {}/{}", ll(epoch + 1), ll(trainer.options().max_epochs()));
 }
 
 // "[=====>    ] " on a terminal, "" otherwise.
@@ -202,14 +186,14 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
     const int64_t max_steps = trainer.options().max_steps();
     const double frac = static_cast<double>(s.step) / static_cast<double>(max_steps);
     text = bar_of(frac, options_.width(), tty_) +
-           format("step %lld/%lld (epoch %lld)", ll(s.step), ll(max_steps), ll(s.epoch + 1));
+           fmt::format("step {}/{} (epoch {})", ll(s.step), ll(max_steps), ll(s.epoch + 1));
     auto it = last_logs_.find("train/loss");
     if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
     if (!tty_) {
       auto lr = last_logs_.find("lr");
-      if (lr != last_logs_.end()) text += "  lr " + format("%.3g", lr->second);
+      if (lr != last_logs_.end()) text += "  lr " + fmt::format("{:.3g}", lr->second);
     }
-    text += format("  %.0f samples/s", samples_per_s);
+    text += fmt::format("  {:.0f} samples/s", samples_per_s);
     const int64_t steps_done = s.step - fit_first_step_;
     const double fit_elapsed = seconds_since(fit_start_);
     const double eta = steps_done > 0 ? fit_elapsed / static_cast<double>(steps_done) *
@@ -221,28 +205,28 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
     const int64_t total_steps = steps_for(*batches, accum);
     const double frac = std::min(1.0, static_cast<double>(s.batch_in_epoch) / *batches);
     text += bar_of(frac, options_.width(), tty_);
-    text += format("step %lld/%lld", ll(step_in_epoch), ll(total_steps));
+    text += fmt::format("step {}/{}", ll(step_in_epoch), ll(total_steps));
     auto it = last_logs_.find("train/loss");
     if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
     if (!tty_) {
       auto lr = last_logs_.find("lr");
-      if (lr != last_logs_.end()) text += "  lr " + format("%.3g", lr->second);
+      if (lr != last_logs_.end()) text += "  lr " + fmt::format("{:.3g}", lr->second);
     }
-    text += format("  %.0f samples/s", samples_per_s);
+    text += fmt::format("  {:.0f} samples/s", samples_per_s);
     const int64_t remaining = *batches - s.batch_in_epoch;
     const double eta = batches_done > 0 ? elapsed / batches_done * remaining
                                         : std::numeric_limits<double>::quiet_NaN();
     text += "  ETA " + format_duration(eta);
   } else {
     text = epoch_label(trainer, s.epoch) + " ";
-    text += format("step %lld", ll(step_in_epoch));
+    text += fmt::format("step {}", ll(step_in_epoch));
     auto it = last_logs_.find("train/loss");
     if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
     if (!tty_) {
       auto lr = last_logs_.find("lr");
-      if (lr != last_logs_.end()) text += "  lr " + format("%.3g", lr->second);
+      if (lr != last_logs_.end()) text += "  lr " + fmt::format("{:.3g}", lr->second);
     }
-    text += format("  %.0f samples/s", samples_per_s);
+    text += fmt::format("  {:.0f} samples/s", samples_per_s);
   }
 
   if (!tty_) {
@@ -275,8 +259,8 @@ void ProgressBar::on_step_end(Trainer& trainer) {
 
 void ProgressBar::on_validation_end(Trainer& trainer, const Metrics& metrics) {
   const auto& s = trainer.state();
-  std::string text = by_steps(trainer) ? format("step %lld/%lld validation:", ll(s.step),
-                                                ll(trainer.options().max_steps()))
+  std::string text = by_steps(trainer) ? fmt::format("step {}/{} validation:", ll(s.step),
+                                                     ll(trainer.options().max_steps()))
                                        : epoch_label(trainer, s.epoch) + " validation:";
   for (const auto& [name, value] : metrics) text += "  " + name + " " + format_value(value);
   print_line(text);
@@ -287,9 +271,9 @@ void ProgressBar::on_epoch_end(Trainer& trainer) {
   const double elapsed = std::chrono::duration<double>(last_step_end_ - epoch_start_).count();
   const int64_t steps = s.step - epoch_first_step_;
   const int64_t samples = s.samples_seen - epoch_first_samples_;
-  std::string text = epoch_label(trainer, s.epoch) +
-                     format(" done: %lld steps in %s", ll(steps), format_duration(elapsed).c_str());
-  if (elapsed > 0) text += format(", %.0f samples/s", samples / elapsed);
+  std::string text = epoch_label(trainer, s.epoch) + fmt::format(" done: {} steps in {}", ll(steps),
+                                                                 format_duration(elapsed).c_str());
+  if (elapsed > 0) text += fmt::format(", {:.0f} samples/s", samples / elapsed);
   auto it = last_logs_.find("train/loss");
   if (it != last_logs_.end()) text += ", loss " + format_value(it->second);
   print_line(text);
@@ -481,8 +465,8 @@ void EarlyStopping::on_validation_end(Trainer& trainer, const Metrics& metrics) 
   }
   ++wait_;
   if (wait_ >= options_.patience()) {
-    trainer.request_stop(format("early stopping: %s did not improve for %lld validations",
-                                options_.monitor().c_str(), ll(wait_)));
+    trainer.request_stop(fmt::format("early stopping: {} did not improve for {} validations",
+                                     options_.monitor().c_str(), ll(wait_)));
   }
 }
 

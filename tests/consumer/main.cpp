@@ -59,8 +59,20 @@ bool filesystem_works() {
   return true;
 }
 
+std::string program_fmt(double x);  // fmt_user.cpp
+
+// The program's fmt and wick's (HParamValue::to_string formats with it) side by side.
+bool fmt_works() {
+  const std::string mine = program_fmt(3.14159), wicks = wick::HParamValue(0.1).to_string();
+  if (mine != "   3.142|ff" || wicks != "0.1") {
+    std::cerr << "fmt: the program's gave '" << mine << "', wick's '" << wicks << "'\n";
+    return false;
+  }
+  return true;
+}
+
 int main() {
-  if (!filesystem_works()) return 1;
+  if (!filesystem_works() || !fmt_works()) return 1;
   torch::manual_seed(0);
   auto x = torch::randn({1024, 4});
   auto y = x.matmul(torch::tensor({1.0f, -2.0f, 3.0f, 0.5f})).unsqueeze(1) + 0.7f;
