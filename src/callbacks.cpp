@@ -179,6 +179,14 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
   const double samples_per_s =
       elapsed > 0 ? static_cast<double>(s.samples_seen - epoch_first_samples_) / elapsed : 0.0;
 
+  // "  loss 0.3141  lr 0.001  1234 samples/s" (the learning rate on lines only).
+  std::string rates;
+  auto loss = last_logs_.find("train/loss");
+  if (loss != last_logs_.end()) rates += "  loss " + format_value(loss->second);
+  auto lr = last_logs_.find("lr");
+  if (!tty_ && lr != last_logs_.end()) rates += "  lr " + fmt::format("{:.3g}", lr->second);
+  rates += fmt::format("  {:.0f} samples/s", samples_per_s);
+
   std::string text;
   const int64_t step_in_epoch = steps_for(s.batch_in_epoch, accum);
   if (by_steps(trainer)) {
@@ -187,13 +195,7 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
     const double frac = static_cast<double>(s.step) / static_cast<double>(max_steps);
     text = bar_of(frac, options_.width(), tty_) +
            fmt::format("step {}/{} (epoch {})", ll(s.step), ll(max_steps), ll(s.epoch + 1));
-    auto it = last_logs_.find("train/loss");
-    if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
-    if (!tty_) {
-      auto lr = last_logs_.find("lr");
-      if (lr != last_logs_.end()) text += "  lr " + fmt::format("{:.3g}", lr->second);
-    }
-    text += fmt::format("  {:.0f} samples/s", samples_per_s);
+    text += rates;
     const int64_t steps_done = s.step - fit_first_step_;
     const double fit_elapsed = seconds_since(fit_start_);
     const double eta = steps_done > 0 ? fit_elapsed / static_cast<double>(steps_done) *
@@ -206,13 +208,7 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
     const double frac = std::min(1.0, static_cast<double>(s.batch_in_epoch) / *batches);
     text += bar_of(frac, options_.width(), tty_);
     text += fmt::format("step {}/{}", ll(step_in_epoch), ll(total_steps));
-    auto it = last_logs_.find("train/loss");
-    if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
-    if (!tty_) {
-      auto lr = last_logs_.find("lr");
-      if (lr != last_logs_.end()) text += "  lr " + fmt::format("{:.3g}", lr->second);
-    }
-    text += fmt::format("  {:.0f} samples/s", samples_per_s);
+    text += rates;
     const int64_t remaining = *batches - s.batch_in_epoch;
     const double eta = batches_done > 0 ? elapsed / batches_done * remaining
                                         : std::numeric_limits<double>::quiet_NaN();
@@ -220,13 +216,7 @@ void ProgressBar::draw_bar(Trainer& trainer, bool force) {
   } else {
     text = epoch_label(trainer, s.epoch) + " ";
     text += fmt::format("step {}", ll(step_in_epoch));
-    auto it = last_logs_.find("train/loss");
-    if (it != last_logs_.end()) text += "  loss " + format_value(it->second);
-    if (!tty_) {
-      auto lr = last_logs_.find("lr");
-      if (lr != last_logs_.end()) text += "  lr " + fmt::format("{:.3g}", lr->second);
-    }
-    text += fmt::format("  {:.0f} samples/s", samples_per_s);
+    text += rates;
   }
 
   if (!tty_) {

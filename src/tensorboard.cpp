@@ -48,20 +48,8 @@ class Proto {
     raw_varint(v);
     return *this;
   }
-  Proto& fixed64_double(int field, double v) {
-    key(field, 1);
-    uint64_t bits = 0;
-    std::memcpy(&bits, &v, 8);
-    for (int i = 0; i < 8; ++i) out_ += static_cast<char>((bits >> (8 * i)) & 0xff);
-    return *this;
-  }
-  Proto& fixed32_float(int field, float v) {
-    key(field, 5);
-    uint32_t bits = 0;
-    std::memcpy(&bits, &v, 4);
-    for (int i = 0; i < 4; ++i) out_ += static_cast<char>((bits >> (8 * i)) & 0xff);
-    return *this;
-  }
+  Proto& fixed64_double(int field, double v) { return fixed<uint64_t>(field, 1, v); }
+  Proto& fixed32_float(int field, float v) { return fixed<uint32_t>(field, 5, v); }
   Proto& bytes(int field, const std::string& b) {
     key(field, 2);
     raw_varint(b.size());
@@ -74,6 +62,16 @@ class Proto {
  private:
   void key(int field, int wire_type) {
     raw_varint((static_cast<uint64_t>(field) << 3) | wire_type);
+  }
+  // A float's bits, little-endian, as wire types 1 (64 bits) and 5 (32 bits) hold them.
+  template <typename Bits, typename Float>
+  Proto& fixed(int field, int wire_type, Float v) {
+    static_assert(sizeof(Bits) == sizeof(Float));
+    key(field, wire_type);
+    Bits bits = 0;
+    std::memcpy(&bits, &v, sizeof(bits));
+    for (size_t i = 0; i < sizeof(bits); ++i) out_ += static_cast<char>((bits >> (8 * i)) & 0xff);
+    return *this;
   }
   void raw_varint(uint64_t v) {
     while (v >= 0x80) {
