@@ -53,10 +53,12 @@ def make_model(name):
     )
 
 
-def export(model, out_stem, threads):
-    """TorchScript and AOTInductor files of `model` (in eval mode) at out_stem.{pt,pt2}."""
+def export(model, out_stem, threads, aoti=True):
+    """TorchScript and (with `aoti`) AOTInductor files of `model` (in eval mode) at out_stem.{pt,pt2}."""
     model.eval()
     torch.jit.script(model).save(out_stem + ".pt")
+    if not aoti:
+        return
     batch = torch.export.Dim("batch", min=1, max=65536)
     example = torch.randn(4, 1, 28, 28)
     before = torch.get_num_threads()
