@@ -144,14 +144,19 @@ std::string parent_of(const std::string& path) {
   if (slash == std::string::npos) return ".";
   return slash == 0 ? "/" : path.substr(0, slash);
 }
+
+// The temporary file's name beside `path`, once `path` is known to name a file.
+std::string temp_name_for(const std::string& path, const char* who) {
+  TORCH_CHECK(!path.empty() && path.back() != '/', who, ": '", path, "' is not a file name");
+  return c10::str(path, ".tmp-", ::getpid(), "-", next_temp_number());
+}
 }  // namespace
 
 AtomicFile::AtomicFile(std::string path, const char* who)
     : path_(std::move(path)),
-      tmp_(c10::str(path_, ".tmp-", ::getpid(), "-", next_temp_number())),
+      tmp_(temp_name_for(path_, who)),
       who_(who),
       fd_(::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644)) {
-  TORCH_CHECK(!path_.empty() && path_.back() != '/', who_, ": '", path_, "' is not a file name");
   if (fd_.get() < 0) fail_errno(who_, "cannot create", tmp_, errno);
 }
 

@@ -334,6 +334,8 @@ TEST_F(SafetensorsTest, RefusesTensorsTheFormatCannotHoldAndKeepsThePreviousFile
                      "tensor 's' has layout Sparse");
   EXPECT_THROWS_WITH(wick::save_safetensors(path, {{"u", torch::Tensor()}}),
                      "tensor 'u' is undefined");
+  EXPECT_THROWS_WITH(wick::save_safetensors(dir.str() + "/", {{"a", torch::ones({1})}}),
+                     "is not a file name");
   EXPECT_THROWS_WITH(
       wick::save_safetensors(dir.str() + "/no/such/dir/x.safetensors", {{"a", torch::ones({1})}}),
       "cannot create");

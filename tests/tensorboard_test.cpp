@@ -51,8 +51,9 @@ TEST_F(TensorBoardTest, EveryLoggedMetricReadsBackAsTheSameScalarAtTheSameStep) 
                               wick::TensorBatchSourceOptions(16));
   wick::Trainer trainer(
       wick::TrainerOptions().max_epochs(2).log_every_n_steps(3).seed(5).grad_accum_steps(2));
-  auto tb = std::make_shared<wick::TensorBoardLogger>(
-      wick::TensorBoardLoggerOptions(tb_dir).hparams({{"lr", 0.1}, {"model", "mlp|6-16-3"}}));
+  auto tb =
+      std::make_shared<wick::TensorBoardLogger>(wick::TensorBoardLoggerOptions(tb_dir).hparams(
+          {{"lr", 0.1}, {"model", "mlp|6-16-3"}, {"layers", 2LL}, {"width", 16u}}));
   trainer.add_callback(std::make_shared<wick::MetricLogger>(wick::MetricLoggerOptions(dir.str())));
   trainer.add_callback(tb);
   trainer.fit(task, optimizer, train, &val);
@@ -93,6 +94,9 @@ TEST_F(TensorBoardTest, EveryLoggedMetricReadsBackAsTheSameScalarAtTheSameStep) 
   EXPECT_EQ(h["lr"]["kind"], "number_value");
   EXPECT_EQ(h["lr"]["value"].get<double>(), 0.1);
   EXPECT_EQ(h["model"]["value"], "mlp|6-16-3");
+  EXPECT_EQ(h["layers"]["kind"], "number_value");
+  EXPECT_EQ(h["layers"]["value"].get<double>(), 2);
+  EXPECT_EQ(h["width"]["value"].get<double>(), 16);
   EXPECT_EQ(h["max_epochs"]["value"].get<double>(), 2);
   EXPECT_EQ(h["grad_accum_steps"]["value"].get<double>(), 2);
   EXPECT_EQ(h["precision"]["value"], "fp32");

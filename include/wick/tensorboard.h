@@ -26,6 +26,8 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 namespace wick {
 
@@ -36,9 +38,10 @@ class HParamValue {
   enum class Kind { kNumber, kString, kBool };
   HParamValue(double v)
       : kind_(Kind::kNumber), number_(v) {}  // NOLINT(google-explicit-constructor)
-  HParamValue(int v)
-      : HParamValue(static_cast<double>(v)) {}  // NOLINT(google-explicit-constructor)
-  HParamValue(int64_t v)                        // NOLINT(google-explicit-constructor)
+  /// Any integer (int, int64_t, long long, unsigned, ...), as a number.
+  template <typename Int,
+            std::enable_if_t<std::is_integral_v<Int> && !std::is_same_v<Int, bool>, int> = 0>
+  HParamValue(Int v)  // NOLINT(google-explicit-constructor)
       : HParamValue(static_cast<double>(v)) {}
   HParamValue(bool v) : kind_(Kind::kBool), bool_(v) {}  // NOLINT(google-explicit-constructor)
   HParamValue(std::string v)                             // NOLINT(google-explicit-constructor)
