@@ -131,6 +131,18 @@ Proto protobuf_value(const HParamValue& v) {
   return p;
 }
 
+// An event holding one summary value of the hparams plugin, whose content is
+// HParamsPluginData{version = 1: 0, <field>: `info`}.
+std::string hparams_event(const char* tag, int field, const Proto& info, int64_t step) {
+  Proto data;
+  data.varint(1, 0).message(field, info);
+  Proto v;
+  v.bytes(kValueTag, tag).message(kValueMetadata, plugin_metadata("hparams", data.str()));
+  Proto summary;
+  summary.message(kSummaryValue, v);
+  return event_at(step, -1).message(kEventSummary, summary).str();
+}
+
 std::string hostname() {
   char buf[256] = {};
   if (::gethostname(buf, sizeof(buf) - 1) != 0) return "localhost";
@@ -227,8 +239,8 @@ void EventFileWriter::add_text(const std::string& tag, const std::string& markdo
 }
 
 void EventFileWriter::add_hparams(const HParams& hparams, int64_t step) {
-  // HParamsPluginData{version = 0, session_start_info = 3 {hparams = 1 (a map:
-  // entries of key = 1, value = 2), start_time_secs = 5}}.
+  // session_start_info = 3 {hparams = 1 (a map: entries of key = 1, value = 2),
+  // start_time_secs = 5}.
   Proto start;
   for (const auto& [name, value] : hparams) {
     Proto entry;
@@ -236,28 +248,14 @@ void EventFileWriter::add_hparams(const HParams& hparams, int64_t step) {
     start.message(1, entry);
   }
   start.fixed64_double(5, now_seconds());
-  Proto data;
-  data.varint(1, 0).message(3, start);
-  Proto v;
-  v.bytes(kValueTag, "_hparams_/session_start_info")
-      .message(kValueMetadata, plugin_metadata("hparams", data.str()));
-  Proto summary;
-  summary.message(kSummaryValue, v);
-  write_event(event_at(step, -1).message(kEventSummary, summary).str());
+  write_event(hparams_event("_hparams_/session_start_info", 3, start, step));
 }
 
 void EventFileWriter::end_session(bool success, int64_t step) {
   // session_end_info = 4 {status = 1 (STATUS_SUCCESS = 1, STATUS_FAILURE = 2), end_time_secs = 2}.
   Proto end;
   end.varint(1, success ? 1 : 2).fixed64_double(2, now_seconds());
-  Proto data;
-  data.varint(1, 0).message(4, end);
-  Proto v;
-  v.bytes(kValueTag, "_hparams_/session_end_info")
-      .message(kValueMetadata, plugin_metadata("hparams", data.str()));
-  Proto summary;
-  summary.message(kSummaryValue, v);
-  write_event(event_at(step, -1).message(kEventSummary, summary).str());
+  write_event(hparams_event("_hparams_/session_end_info", 4, end, step));
 }
 
 void EventFileWriter::restart_at(int64_t step) {
