@@ -22,6 +22,7 @@
 // phases of the machine hit every side.
 
 #include "bench_common.h"
+#include "models.h"  // examples/fmnist: wick-fmnist's models
 
 #include <wick/inference.h>
 
@@ -55,21 +56,6 @@ struct ExportBenchOptions {
   std::string export_dir;  // "": <tmp>/wick-bench-export
   bool no_python = false;
 };
-
-torch::nn::Sequential build(const std::string& name) {
-  namespace nn = torch::nn;
-  if (name == "mlp") {
-    return nn::Sequential(nn::Flatten(), nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256),
-                          nn::ReLU(), nn::Linear(256, 10));
-  }
-  if (name == "cnn") {
-    return nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, 32, 3).padding(1)), nn::ReLU(),
-                          nn::MaxPool2d(2), nn::Conv2d(nn::Conv2dOptions(32, 64, 3).padding(1)),
-                          nn::ReLU(), nn::MaxPool2d(2), nn::Flatten(), nn::Linear(64 * 7 * 7, 128),
-                          nn::ReLU(), nn::Linear(128, 10));
-  }
-  TORCH_CHECK(false, "wick-bench export: unknown model '", name, "' (mlp, cnn)");
-}
 
 // The TorchScript file's parameters copied into `module` by name (both are
 // Sequentials of the same layers, so the names are "1.weight" and the like).
@@ -157,7 +143,7 @@ void run_export_bench(const ExportBenchOptions& o, const GlobalOptions& global) 
       auto session = wick::InferenceSession::load(
           dir + "/" + name + "_t" + std::to_string(threads) + ".pt2",
           wick::InferenceSessionOptions().num_threads(threads).aoti_runners(1));
-      auto module = build(name);
+      auto module = fmnist::make_model(name);
       copy_weights(dir + "/" + name + ".pt", *module);
       module->eval();
       models.emplace(name, std::make_pair(std::move(session), module));

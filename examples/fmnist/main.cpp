@@ -21,6 +21,7 @@
 #include <wick/wick.h>
 
 #include "compress.h"
+#include "models.h"
 #include "profile.h"
 #include "run_dir.h"
 #include "serve.h"
@@ -79,22 +80,7 @@ struct Args {
   bool device_given = false;  // --device on the command line
 };
 
-torch::nn::Sequential make_model(const std::string& name) {
-  namespace nn = torch::nn;
-  if (name == "mlp") {
-    return nn::Sequential(nn::Flatten(), nn::Linear(784, 512), nn::ReLU(), nn::Linear(512, 256),
-                          nn::ReLU(), nn::Linear(256, 10));
-  }
-  if (name == "cnn") {
-    return nn::Sequential(nn::Conv2d(nn::Conv2dOptions(1, 32, 3).padding(1)), nn::ReLU(),
-                          nn::MaxPool2d(2),  // 32x14x14
-                          nn::Conv2d(nn::Conv2dOptions(32, 64, 3).padding(1)), nn::ReLU(),
-                          nn::MaxPool2d(2),  // 64x7x7
-                          nn::Flatten(), nn::Linear(64 * 7 * 7, 128), nn::ReLU(),
-                          nn::Linear(128, 10));
-  }
-  throw std::invalid_argument("--model must be mlp or cnn, got " + name);
-}
+using fmnist::make_model;
 
 // "cpu", "cuda" or "cuda:N".
 torch::Device parse_device(const std::string& text) {
