@@ -371,18 +371,26 @@ TEST_F(CheckpointerTest, ResumeDoesNotRewriteTheCheckpointItStartedFrom) {
 
 class ProgressBarTest : public SeededTest {};
 
-TEST_F(ProgressBarTest, PipedOutputPrintsOneLinePerNSteps) {
+// What a ProgressBar printing every 3 steps to a file (not a terminal)
+// writes over a fit of ScriptedTask with `options` (logging every step).
+std::string piped_fit(wick::TrainerOptions options) {
   Data d;
   ScriptedTask task;
   torch::optim::SGD opt(task.module().parameters(), 0.1);
   std::FILE* out = std::tmpfile();
-  ASSERT_NE(out, nullptr);
-  wick::Trainer trainer(wick::TrainerOptions().max_epochs(2).log_every_n_steps(1));
+  EXPECT_NE(out, nullptr);
+  if (out == nullptr) return "";
+  wick::Trainer trainer(options.log_every_n_steps(1));
   trainer.add_callback(std::make_shared<wick::ProgressBar>(
       wick::ProgressBarOptions().print_every_n_steps(3).stream(out)));
   trainer.fit(task, opt, d.train, &d.val);
-  const std::string text = read_all(out);
+  std::string text = read_all(out);
   std::fclose(out);
+  return text;
+}
+
+TEST_F(ProgressBarTest, PipedOutputPrintsOneLinePerNSteps) {
+  const std::string text = piped_fit(wick::TrainerOptions().max_epochs(2));
   // Steps 3, 6 | 9, 12, 15 print; 2 validation lines; 2 epoch summaries.
   EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 9) << text;
   EXPECT_EQ(text.find('\r'), std::string::npos);
@@ -393,17 +401,7 @@ TEST_F(ProgressBarTest, PipedOutputPrintsOneLinePerNSteps) {
 }
 
 TEST_F(ProgressBarTest, TrainingByStepsShowsStepOfMaxSteps) {
-  Data d;
-  ScriptedTask task;
-  torch::optim::SGD opt(task.module().parameters(), 0.1);
-  std::FILE* out = std::tmpfile();
-  ASSERT_NE(out, nullptr);
-  wick::Trainer trainer(wick::TrainerOptions().max_epochs(-1).max_steps(11).log_every_n_steps(1));
-  trainer.add_callback(std::make_shared<wick::ProgressBar>(
-      wick::ProgressBarOptions().print_every_n_steps(3).stream(out)));
-  trainer.fit(task, opt, d.train, &d.val);
-  const std::string text = read_all(out);
-  std::fclose(out);
+  const std::string text = piped_fit(wick::TrainerOptions().max_epochs(-1).max_steps(11));
   // Steps 3, 6; epoch 0's validation and summary; step 9; the validation at fit's end.
   EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 6) << text;
   EXPECT_EQ(text.rfind("step 3/11 (epoch 1)  loss ", 0), 0u) << text;

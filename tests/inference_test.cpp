@@ -186,17 +186,9 @@ TEST_F(InferenceSessionTest, RunFromManyThreadsAtOnceMatchesOneThread) {
       expected.push_back(net->forward(inputs.back()));
     }
   }
-  std::atomic<int> wrong{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      for (int i = 0; i < kCalls; ++i) {
-        if (!torch::equal(session.run(inputs[t]), expected[t])) ++wrong;
-      }
-    });
-  }
-  for (auto& th : threads) th.join();
-  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_EQ(wick::testing::concurrent_mismatches(
+                [&](const torch::Tensor& x) { return session.run(x); }, inputs, expected, kCalls),
+            0);
 }
 
 TEST_F(InferenceSessionTest, WarmsUpAndSetsTheThreadCount) {

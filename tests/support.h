@@ -5,9 +5,11 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <filesystem>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <ftw.h>
@@ -105,6 +107,24 @@ inline std::vector<torch::Tensor> clone_parameters(const torch::nn::Module& modu
   std::vector<torch::Tensor> out;
   for (const auto& p : module.parameters()) out.push_back(p.detach().clone());
   return out;
+}
+
+/// Calls `run(inputs[t])` `calls` times from one thread per input, all at once;
+/// returns how many outputs were not bitwise equal to `expected[t]`.
+template <typename Run>
+int concurrent_mismatches(const Run& run, const std::vector<torch::Tensor>& inputs,
+                          const std::vector<torch::Tensor>& expected, int calls) {
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (size_t t = 0; t < inputs.size(); ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < calls; ++i) {
+        if (!torch::equal(run(inputs[t]), expected[t])) ++wrong;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  return wrong.load();
 }
 
 /// True when CUDA tests can run; use with GTEST_SKIP().

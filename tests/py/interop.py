@@ -22,10 +22,7 @@ import sys
 
 import torch
 
-
-def num(x):
-    """A float for JSON: non-finite ones as the strings "nan", "inf", "-inf"."""
-    return x if x == x and abs(x) != float("inf") else str(x)
+from reference import num  # non-finite floats as "nan", "inf", "-inf"
 
 
 def manifest(tensors, metadata):
