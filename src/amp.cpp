@@ -1,4 +1,5 @@
 #include <wick/amp.h>
+#include <wick/distributed.h>
 
 #include <ATen/autocast_mode.h>
 
@@ -211,6 +212,20 @@ void AmpScaler::unscale_(torch::optim::Optimizer& optimizer) {
   // The reciprocal in float64, as Python does: float32 division can be inexact.
   auto inv_scale = scale_.to(torch::kFloat64).reciprocal().to(torch::kFloat32);
   state.found_inf_per_device = unscale_grads(optimizer, inv_scale);
+  if (pg_ != nullptr && pg_->world_size() > 1) {
+    // One flag for all ranks: a rank whose shard overflowed makes every rank skip.
+    auto any = torch::zeros({}, torch::dtype(torch::kFloat32).device(pg_->device()));
+    for (const auto& [device, found_inf] : state.found_inf_per_device) {
+      any.add_(found_inf.to(pg_->device()));
+    }
+    pg_->allreduce_sum({any});
+    any = any.gt(0).to(torch::kFloat32);
+    if (state.found_inf_per_device.empty()) {
+      state.found_inf_per_device.emplace_back(pg_->device(), any);
+    } else {
+      for (auto& [device, found_inf] : state.found_inf_per_device) found_inf.copy_(any);
+    }
+  }
   state.stage = Stage::kUnscaled;
 }
 

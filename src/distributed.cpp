@@ -210,17 +210,34 @@ void unflatten_into(const torch::Tensor& flat, const std::vector<torch::Tensor>&
 
 class BackendWork : public ProcessGroup::Work {
  public:
-  BackendWork(c10::intrusive_ptr<c10d::Work> work, CollectiveContext ctx)
-      : work_(std::move(work)), ctx_(std::move(ctx)) {}
+  BackendWork(c10::intrusive_ptr<c10d::Work> work, CollectiveContext ctx, const char* what)
+      : work_(std::move(work)), ctx_(std::move(ctx)), what_(what) {}
   void wait() override {
-    if (work_) wait_for(work_, "allreduce", ctx_);
+    if (work_) wait_for(work_, what_, ctx_);
     work_.reset();
   }
 
  private:
   c10::intrusive_ptr<c10d::Work> work_;
   CollectiveContext ctx_;
+  const char* what_;
 };
+
+// Checks the operands of an all-gather or reduce-scatter: `whole` holds
+// `world` times `part`'s elements, both contiguous, one dtype, one device.
+void check_scatter_gather_operands(const char* what, const torch::Tensor& whole,
+                                   const torch::Tensor& part, int64_t world) {
+  TORCH_CHECK(whole.defined() && part.defined(), "ProcessGroup: ", what,
+              " needs defined tensors");
+  TORCH_CHECK(whole.is_contiguous() && part.is_contiguous(), "ProcessGroup: ", what,
+              " needs contiguous tensors");
+  TORCH_CHECK(whole.scalar_type() == part.scalar_type() && whole.device() == part.device(),
+              "ProcessGroup: ", what, " needs one dtype and device, got ", whole.scalar_type(),
+              " on ", whole.device(), " and ", part.scalar_type(), " on ", part.device());
+  TORCH_CHECK(whole.numel() == world * part.numel(), "ProcessGroup: ", what, " needs ", world,
+              " x ", part.numel(), " = ", world * part.numel(),
+              " elements in the whole tensor (world size x shard), got ", whole.numel());
+}
 
 class DoneWork : public ProcessGroup::Work {
  public:
@@ -446,7 +463,38 @@ std::shared_ptr<ProcessGroup::Work> ProcessGroup::allreduce_sum_async(torch::Ten
   opts.timeout = timeout_;
   CollectiveContext ctx{rank_, timeout_, gpus_};
   auto work = start("allreduce", ctx, [&] { return backend_->allreduce(tensors, opts); });
-  return std::make_shared<BackendWork>(std::move(work), std::move(ctx));
+  return std::make_shared<BackendWork>(std::move(work), std::move(ctx), "allreduce");
+}
+
+std::shared_ptr<ProcessGroup::Work> ProcessGroup::all_gather_async(torch::Tensor output,
+                                                                  torch::Tensor input) {
+  check_scatter_gather_operands("all_gather", output, input, world_size_);
+  if (!backend_ || world_size_ == 1) {
+    if (output.data_ptr() != input.data_ptr()) output.copy_(input);
+    return std::make_shared<DoneWork>();
+  }
+  c10d::AllgatherOptions opts;
+  opts.timeout = timeout_;
+  CollectiveContext ctx{rank_, timeout_, gpus_};
+  auto work =
+      start("all_gather", ctx, [&] { return backend_->_allgather_base(output, input, opts); });
+  return std::make_shared<BackendWork>(std::move(work), std::move(ctx), "all_gather");
+}
+
+std::shared_ptr<ProcessGroup::Work> ProcessGroup::reduce_scatter_sum_async(torch::Tensor output,
+                                                                          torch::Tensor input) {
+  check_scatter_gather_operands("reduce_scatter", input, output, world_size_);
+  if (!backend_ || world_size_ == 1) {
+    if (output.data_ptr() != input.data_ptr()) output.copy_(input);
+    return std::make_shared<DoneWork>();
+  }
+  c10d::ReduceScatterOptions opts;
+  opts.reduceOp = c10d::ReduceOp::SUM;
+  opts.timeout = timeout_;
+  CollectiveContext ctx{rank_, timeout_, gpus_};
+  auto work = start("reduce_scatter", ctx,
+                    [&] { return backend_->_reduce_scatter_base(output, input, opts); });
+  return std::make_shared<BackendWork>(std::move(work), std::move(ctx), "reduce_scatter");
 }
 
 std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {

@@ -19,12 +19,15 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 namespace wick {
+
+class ProcessGroup;
 
 /// The arithmetic a training step runs in.
 enum class Precision {
@@ -116,6 +119,14 @@ class AmpScaler {
   bool is_enabled() const { return options_.enabled(); }
   const AmpScalerOptions& options() const { return options_; }
 
+  /// Agree across `pg`'s ranks on whether a gradient was inf/NaN: each
+  /// unscale_() sums the ranks' findings (one small allreduce), so that
+  /// every rank skips or takes a step together. Needed when the ranks hold
+  /// different gradients, as with ShardedDataParallel's shards (DDP's are
+  /// equal after the allreduce); nullptr turns it off. Every rank must then
+  /// call unscale_() (or step()) for every step.
+  void set_process_group(std::shared_ptr<ProcessGroup> pg) { pg_ = std::move(pg); }
+
   /// Whether the last update() saw an inf/NaN (the step was skipped).
   bool last_step_skipped() const { return last_step_skipped_; }
 
@@ -151,6 +162,7 @@ class AmpScaler {
   torch::Tensor growth_tracker_;     // int32 scalar; created with scale_
   int64_t init_growth_tracker_ = 0;  // growth tracker to start from (load() sets it)
   std::unordered_map<const torch::optim::Optimizer*, PerOptimizer> per_optimizer_;
+  std::shared_ptr<ProcessGroup> pg_;  // set_process_group; nullptr: this rank alone
   int64_t skipped_steps_ = 0;
   int64_t taken_steps_ = 0;
   bool last_step_skipped_ = false;

@@ -122,6 +122,15 @@ class ProcessGroup {
   /// Starts an asynchronous sum of one flat tensor; wait on the returned handle.
   class Work;
   std::shared_ptr<Work> allreduce_sum_async(torch::Tensor flat);
+  /// Starts an asynchronous all-gather: `output` (contiguous, world_size() *
+  /// input.numel() elements) receives every rank's `input`, rank r's at
+  /// element r * input.numel(). Same dtype and device. In a world of one, a copy.
+  std::shared_ptr<Work> all_gather_async(torch::Tensor output, torch::Tensor input);
+  /// Starts an asynchronous reduce-scatter: `input` (contiguous, world_size() *
+  /// output.numel() elements) is summed across ranks and rank r receives
+  /// elements [r * output.numel(), (r + 1) * output.numel()) of the sum in
+  /// `output`. In a world of one, a copy.
+  std::shared_ptr<Work> reduce_scatter_sum_async(torch::Tensor output, torch::Tensor input);
 
   /// The c10d backend (nullptr in a world of one), for what wick does not wrap.
   const c10::intrusive_ptr<c10d::Backend>& backend() const { return backend_; }

@@ -19,6 +19,7 @@
 #include <wick/quantizer.h>
 #include <wick/report.h>
 #include <wick/safetensors.h>
+#include <wick/shard.h>
 #include <wick/tensorboard.h>
 #include <wick/trainer.h>
 #include <wick/version.h>

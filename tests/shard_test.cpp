@@ -1,0 +1,433 @@
+#include <wick/amp.h>
+#include <wick/ddp.h>
+#include <wick/distributed.h>
+#include <wick/optim.h>
+#include <wick/shard.h>
+
+#include "multiprocess.h"
+#include "support.h"
+
+#include <chrono>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+using wick::ShardingStrategy;
+using wick::testing::child_dir;
+using wick::testing::is_rank_child;
+using wick::testing::run_ranks;
+using wick::testing::TempDir;
+
+// A residual block: a unit of full sharding.
+struct BlockImpl : torch::nn::Module {
+  BlockImpl(int64_t dim, int64_t hidden) {
+    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({dim})));
+    fc1 = register_module("fc1", torch::nn::Linear(dim, hidden));
+    fc2 = register_module("fc2", torch::nn::Linear(hidden, dim));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return x + fc2(torch::tanh(fc1(norm(x)))); }
+  torch::nn::LayerNorm norm{nullptr};
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(Block);
+
+// Unit sizes that divide by neither 2 nor 3: 77 + 36 (root), 194, 263, then
+// 263 for every further block.
+struct ModelImpl : torch::nn::Module {
+  explicit ModelImpl(int64_t num_blocks = 2) {
+    in = register_module("in", torch::nn::Linear(6, 11));
+    for (int64_t i = 0; i < num_blocks; ++i) {
+      blocks.push_back(register_module("block" + std::to_string(i), Block(11, i == 0 ? 7 : 10)));
+    }
+    out = register_module("out", torch::nn::Linear(11, 3));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = in(x);
+    for (auto& b : blocks) h = wick::unit_call(*b, [&] { return b->forward(h); });
+    return out(h);
+  }
+  std::vector<std::shared_ptr<torch::nn::Module>> units() const {
+    std::vector<std::shared_ptr<torch::nn::Module>> out;
+    for (const auto& b : blocks) out.push_back(b.ptr());
+    return out;
+  }
+  torch::nn::Linear in{nullptr}, out{nullptr};
+  std::vector<Block> blocks;
+};
+TORCH_MODULE(Model);
+
+Model make_model(uint64_t seed = 0, int64_t num_blocks = 2) {
+  torch::manual_seed(seed);
+  return Model(num_blocks);
+}
+
+struct Data {
+  torch::Tensor x, y;
+};
+
+// This rank's part of the global batch of `step` (the same on every process).
+Data batch_of(int64_t step, int64_t rank, int64_t world, int64_t per_rank = 4) {
+  torch::manual_seed(1000 + step);
+  auto x = torch::randn({per_rank * world, 6});
+  auto y = torch::randn({per_rank * world, 3});
+  return {x.narrow(0, rank * per_rank, per_rank), y.narrow(0, rank * per_rank, per_rank)};
+}
+
+std::shared_ptr<wick::ProcessGroup> child_group() {
+  torch::set_num_threads(1);
+  return wick::init_process_group(wick::ProcessGroupOptions().timeout(std::chrono::seconds(60)));
+}
+
+wick::ShardingOptions sharding(ShardingStrategy strategy, const Model& model) {
+  auto o = wick::ShardingOptions().strategy(strategy).bucket_cap_mb(0.0005);  // several buckets
+  if (strategy == ShardingStrategy::kFull) o.units(model->units());
+  return o;
+}
+
+using MakeOptimizer =
+    std::function<std::unique_ptr<torch::optim::Optimizer>(std::vector<torch::Tensor>)>;
+
+std::unique_ptr<torch::optim::Optimizer> adam(std::vector<torch::Tensor> params) {
+  return std::make_unique<torch::optim::Adam>(std::move(params),
+                                              torch::optim::AdamOptions(1e-2).weight_decay(1e-3));
+}
+
+struct RunOptions {
+  int64_t steps = 50;
+  int64_t micro_batches = 1;  // per step; all but the last with synchronization off
+  double clip = 0.0;
+  MakeOptimizer make_optimizer = adam;
+};
+
+// Trains a fresh model with DDP (strategy nullopt) or sharded; returns its parameters.
+std::vector<torch::Tensor> train(const std::shared_ptr<wick::ProcessGroup>& pg,
+                                 std::optional<ShardingStrategy> strategy,
+                                 const RunOptions& run = {}) {
+  auto model = make_model();
+  auto opt = run.make_optimizer(model->parameters());
+  std::unique_ptr<wick::DistributedDataParallel> ddp;
+  std::unique_ptr<wick::ShardedDataParallel> sdp;
+  if (strategy) {
+    sdp = std::make_unique<wick::ShardedDataParallel>(model.ptr(), pg, *opt,
+                                                      sharding(*strategy, model));
+  } else {
+    ddp = std::make_unique<wick::DistributedDataParallel>(model.ptr(), pg);
+  }
+  for (int64_t step = 0; step < run.steps; ++step) {
+    auto b = batch_of(step, pg->rank(), pg->world_size(), 4 * run.micro_batches);
+    for (int64_t m = 0; m < run.micro_batches; ++m) {
+      const bool last = m + 1 == run.micro_batches;
+      if (ddp) ddp->set_sync(last);
+      if (sdp) sdp->set_sync(last);
+      if (ddp) ddp->prepare_forward();
+      if (sdp) sdp->prepare_forward();
+      auto loss = torch::mse_loss(model->forward(b.x.narrow(0, 4 * m, 4)), b.y.narrow(0, 4 * m, 4));
+      (loss / static_cast<double>(run.micro_batches)).backward();
+      if (ddp) ddp->finalize_backward();
+      if (sdp) sdp->finalize_backward();
+    }
+    if (run.clip > 0) {
+      if (ddp) torch::nn::utils::clip_grad_norm_(model->parameters(), run.clip);
+      if (sdp) sdp->clip_grad_norm_(run.clip);
+    }
+    opt->step();
+    opt->zero_grad();
+  }
+  if (sdp) sdp->gather_full_params();
+  return wick::testing::clone_parameters(*model);
+}
+
+// max |a - b| / max |b| over each tensor.
+double max_relative_difference(const std::vector<torch::Tensor>& a,
+                               const std::vector<torch::Tensor>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    EXPECT_EQ(a[i].sizes(), b[i].sizes()) << "parameter " << i;
+    const double scale = b[i].abs().max().item<double>();
+    worst = std::max(worst, (a[i] - b[i]).abs().max().item<double>() / std::max(scale, 1e-30));
+  }
+  return worst;
+}
+
+// ---------------------------------------------------------------------------
+// In one process
+
+TEST(ShardingTest, ParsesStrategies) {
+  EXPECT_EQ(wick::parse_sharding_strategy("zero1"), ShardingStrategy::kZero1);
+  EXPECT_EQ(wick::parse_sharding_strategy("ZeRO-2"), ShardingStrategy::kZero2);
+  EXPECT_EQ(wick::parse_sharding_strategy("full"), ShardingStrategy::kFull);
+  EXPECT_EQ(wick::parse_sharding_strategy("fsdp"), ShardingStrategy::kFull);
+  for (auto s : {ShardingStrategy::kZero1, ShardingStrategy::kZero2, ShardingStrategy::kFull}) {
+    EXPECT_EQ(wick::parse_sharding_strategy(wick::to_string(s)), s);
+  }
+  EXPECT_THROWS_WITH(wick::parse_sharding_strategy("zero4"), "unknown sharding strategy 'zero4'");
+}
+
+TEST(ShardingTest, RefusesWhatCannotBeSharded) {
+  auto pg = wick::init_process_group();  // a world of one
+  {
+    auto m = make_model();
+    torch::optim::LBFGS opt(m->parameters());
+    EXPECT_THROWS_WITH(wick::ShardedDataParallel(m.ptr(), pg, opt), "LBFGS is not elementwise");
+  }
+  {
+    auto m = make_model();
+    torch::optim::SGD opt(m->parameters(), 0.1);
+    torch::mse_loss(m->forward(torch::randn({2, 6})), torch::zeros({2, 3})).backward();
+    torch::optim::Adam adam_opt(m->parameters());
+    adam_opt.step();
+    EXPECT_THROWS_WITH(wick::ShardedDataParallel(m.ptr(), pg, adam_opt),
+                           "the optimizer already has state");
+  }
+  {
+    auto m = make_model();
+    auto params = m->parameters();
+    params.pop_back();  // out.bias
+    torch::optim::SGD opt(params, 0.1);
+    EXPECT_THROWS_WITH(wick::ShardedDataParallel(m.ptr(), pg, opt),
+                           "parameter 'out.bias' is trainable but not in the optimizer");
+  }
+  {
+    auto m = make_model();
+    auto params = m->parameters();
+    params.push_back(torch::zeros({4, 5}, torch::requires_grad()));
+    torch::optim::SGD opt(params, 0.1);
+    EXPECT_THROWS_WITH(wick::ShardedDataParallel(m.ptr(), pg, opt),
+                           "holds a tensor of shape [4, 5] that is not a trainable parameter");
+  }
+  {
+    auto m = make_model();
+    torch::optim::SGD opt(m->parameters(), 0.1);
+    EXPECT_THROWS_WITH(
+        wick::ShardedDataParallel(
+            m.ptr(), pg, opt,
+            wick::ShardingOptions().strategy(ShardingStrategy::kZero2).units(m->units())),
+        "units are for full sharding");
+  }
+  {
+    auto m = make_model();
+    torch::optim::SGD opt(m->parameters(), 0.1);
+    auto units = m->units();
+    units.push_back(m->blocks[0]->fc1.ptr());  // inside block0
+    EXPECT_THROWS_WITH(
+        wick::ShardedDataParallel(
+            m.ptr(), pg, opt, wick::ShardingOptions().strategy(ShardingStrategy::kFull).units(units)),
+        "units 'block0' and 'block0.fc1' share parameters");
+  }
+  {
+    auto m = make_model();
+    auto stranger = torch::nn::Linear(2, 2);
+    torch::optim::SGD opt(m->parameters(), 0.1);
+    EXPECT_THROWS_WITH(
+        wick::ShardedDataParallel(
+            m.ptr(), pg, opt,
+            wick::ShardingOptions().strategy(ShardingStrategy::kFull).units({stranger.ptr()})),
+        "a unit is not a submodule of the module");
+  }
+}
+
+// In a world of one every strategy runs its whole machinery (flat units,
+// collectives that copy) and must train exactly like the plain loop.
+TEST(ShardingTest, WorldOfOneTrainsLikeThePlainLoop) {
+  auto pg = wick::init_process_group();
+  auto plain = make_model();
+  auto opt = adam(plain->parameters());
+  for (int64_t step = 0; step < 10; ++step) {
+    auto b = batch_of(step, 0, 1);
+    torch::mse_loss(plain->forward(b.x), b.y).backward();
+    opt->step();
+    opt->zero_grad();
+  }
+  const auto expected = wick::testing::clone_parameters(*plain);
+  for (auto s : {ShardingStrategy::kZero1, ShardingStrategy::kZero2, ShardingStrategy::kFull}) {
+    RunOptions run;
+    run.steps = 10;
+    EXPECT_LE(max_relative_difference(train(pg, s, run), expected), 1e-6) << wick::to_string(s);
+  }
+}
+
+// The optimizer now holds this rank's shards; the module's parameters keep
+// their identity and, under full sharding, hold nothing at rest.
+TEST(ShardingTest, FullShardingHoldsNoParameterAtRest) {
+  auto pg = wick::init_process_group();
+  auto m = make_model();
+  const auto before = wick::testing::clone_parameters(*m);
+  torch::optim::SGD opt(m->parameters(), 0.1);
+  wick::ShardedDataParallel sdp(m.ptr(), pg, opt, sharding(ShardingStrategy::kFull, m));
+  EXPECT_EQ(sdp.stats().gathered_param_bytes, 0);
+  EXPECT_EQ(sdp.stats().num_units, 3);  // two blocks and the root
+  for (const auto& p : m->parameters()) EXPECT_EQ(p.numel(), 0);
+  // A forward outside the wrapper's control gathers what it needs.
+  sdp.prepare_forward();
+  auto y = m->forward(torch::randn({2, 6}));
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 3}));
+  torch::mse_loss(y, torch::zeros({2, 3})).backward();
+  sdp.finalize_backward();
+  EXPECT_EQ(sdp.stats().gathered_param_bytes, 0);
+  EXPECT_GT(sdp.stats().peak_gathered_param_bytes, 0);
+  sdp.gather_full_params();
+  EXPECT_LE(max_relative_difference(wick::testing::clone_parameters(*m), before), 0.0);
+  sdp.reshard();
+  EXPECT_EQ(sdp.stats().gathered_param_bytes, 0);
+}
+
+TEST(ShardingTest, UnitCallWithoutShardingJustCalls) {
+  auto m = make_model();
+  auto x = torch::randn({3, 6});
+  torch::Tensor by_hand = m->out(m->blocks[1]->forward(m->blocks[0]->forward(m->in(x))));
+  EXPECT_TRUE(torch::equal(m->forward(x), by_hand));
+  auto pair = wick::unit_call(*m->blocks[0], [&] { return std::make_pair(x, x * 2); });
+  EXPECT_TRUE(torch::equal(pair.second, x * 2));
+}
+
+// ---------------------------------------------------------------------------
+// Real processes
+
+// 50 Adam steps with clipping: each strategy ends within 1e-6 (relative) of
+// DDP. With 2 ranks a reduce-scatter adds the same two numbers as DDP's
+// allreduce; with 3 the order of the additions may differ, hence a tolerance.
+void expect_strategies_match_ddp(int world) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    ASSERT_TRUE(run_ranks(world, dir.str(), /*timeout_s=*/240));
+    std::cout << wick::testing::read_text(dir.str() + "/differences.txt");
+    return;
+  }
+  auto pg = child_group();
+  RunOptions run;
+  run.clip = 0.05;  // active: the gradient norm is above it early on
+  const auto ddp = train(pg, std::nullopt, run);
+  std::ostringstream report;
+  for (auto s : {ShardingStrategy::kZero1, ShardingStrategy::kZero2, ShardingStrategy::kFull}) {
+    const double diff = max_relative_difference(train(pg, s, run), ddp);
+    EXPECT_LE(diff, 1e-6) << wick::to_string(s) << " on rank " << pg->rank();
+    report << world << " ranks, " << wick::to_string(s)
+           << " vs DDP after 50 steps: max relative difference " << diff << "\n";
+  }
+  if (pg->rank() == 0) std::ofstream(child_dir() + "/differences.txt") << report.str();
+}
+
+TEST(ShardingTest, TwoRanksMatchDdpAfter50Steps) { expect_strategies_match_ddp(2); }
+TEST(ShardingTest, ThreeRanksMatchDdpAfter50Steps) { expect_strategies_match_ddp(3); }
+
+// Accumulation (the first micro-batches with synchronization off) and
+// FusedAdam: the same as DDP under no_sync.
+TEST(ShardingTest, AccumulationAndFusedAdamMatchDdp) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    ASSERT_TRUE(run_ranks(2, dir.str(), /*timeout_s=*/240));
+    return;
+  }
+  auto pg = child_group();
+  RunOptions run;
+  run.steps = 20;
+  run.micro_batches = 3;
+  run.make_optimizer = [](std::vector<torch::Tensor> params) {
+    return std::make_unique<wick::FusedAdam>(
+        std::move(params),
+        wick::FusedAdamOptions(1e-2).weight_decay(1e-2).decoupled_weight_decay(true));
+  };
+  const auto ddp = train(pg, std::nullopt, run);
+  for (auto s : {ShardingStrategy::kZero1, ShardingStrategy::kZero2, ShardingStrategy::kFull}) {
+    EXPECT_LE(max_relative_difference(train(pg, s, run), ddp), 1e-6) << wick::to_string(s);
+  }
+}
+
+// Per rank: the optimizer's state is the replica's divided by the world size
+// (up to the padding), and full sharding (six units here) holds no parameter
+// at rest and at most the root and two units while it computes: the unit
+// that runs and the one prefetched.
+TEST(ShardingTest, MemoryIsShardedAcrossTwoRanks) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    ASSERT_TRUE(run_ranks(2, dir.str(), /*timeout_s=*/240));
+    return;
+  }
+  auto pg = child_group();
+  constexpr int64_t kBlocks = 5;
+  int64_t replica_state = 0, total_params = 0;
+  {
+    auto m = make_model(0, kBlocks);
+    auto opt = adam(m->parameters());
+    torch::mse_loss(m->forward(torch::randn({2, 6})), torch::zeros({2, 3})).backward();
+    opt->step();
+    replica_state = wick::optimizer_state_bytes(*opt);
+    for (const auto& p : m->parameters()) total_params += p.numel();
+  }
+  EXPECT_EQ(replica_state, 2 * 4 * total_params);  // exp_avg and exp_avg_sq, float32
+  for (auto s : {ShardingStrategy::kZero1, ShardingStrategy::kZero2, ShardingStrategy::kFull}) {
+    auto m = make_model(0, kBlocks);
+    auto opt = adam(m->parameters());
+    wick::ShardedDataParallel sdp(m.ptr(), pg, *opt, sharding(s, m));
+    // A first step records the units' order, which the prefetches follow.
+    sdp.prepare_forward();
+    torch::mse_loss(m->forward(batch_of(1, pg->rank(), 2).x), batch_of(1, pg->rank(), 2).y)
+        .backward();
+    sdp.finalize_backward();
+    opt->zero_grad();
+    sdp.prepare_forward();
+    sdp.reset_peak();
+    torch::mse_loss(m->forward(batch_of(0, pg->rank(), 2).x), batch_of(0, pg->rank(), 2).y)
+        .backward();
+    sdp.finalize_backward();
+    opt->step();
+    const auto st = sdp.stats();
+    EXPECT_EQ(st.param_numel, total_params);
+    // Elements this rank owns, without the padding, hold the state.
+    EXPECT_EQ(st.optimizer_state_bytes, 2 * 4 * (st.shard_numel - st.padding_numel))
+        << wick::to_string(s);
+    EXPECT_NEAR(static_cast<double>(st.optimizer_state_bytes), replica_state / 2.0,
+                2 * 4 * static_cast<double>(st.num_units))
+        << wick::to_string(s);
+    const int64_t whole_bytes = 4 * total_params;
+    if (s == ShardingStrategy::kFull) {
+      EXPECT_EQ(st.gathered_param_bytes, 0);
+      const int64_t root_bytes = 4 * 114, unit_bytes = 4 * 264;  // padded to even
+      EXPECT_LE(st.peak_gathered_param_bytes, root_bytes + 2 * unit_bytes);
+      EXPECT_LT(st.peak_gathered_param_bytes, whole_bytes / 2);
+      EXPECT_GT(st.prefetched_all_gathers, 0);
+    } else {
+      EXPECT_GE(st.gathered_param_bytes, whole_bytes);
+    }
+  }
+}
+
+// fp16 loss scaling: the ranks' gradient shards differ, so an overflow in one
+// rank's shard must make every rank skip the step (set_process_group).
+TEST(ShardingTest, ScalerSkipsOnEveryRankWhenOneShardOverflows) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    ASSERT_TRUE(run_ranks(2, dir.str(), /*timeout_s=*/120));
+    return;
+  }
+  auto pg = child_group();
+  auto m = make_model();
+  torch::optim::SGD opt(m->parameters(), 0.1);
+  wick::ShardedDataParallel sdp(m.ptr(), pg, opt,
+                                wick::ShardingOptions().strategy(ShardingStrategy::kZero2));
+  wick::AmpScaler scaler(wick::AmpScalerOptions().init_scale(8.0));
+  scaler.set_process_group(pg);
+  for (int step = 0; step < 2; ++step) {
+    sdp.prepare_forward();
+    auto b = batch_of(step, pg->rank(), 2);
+    scaler.scale(torch::mse_loss(m->forward(b.x), b.y)).backward();
+    sdp.finalize_backward();
+    if (step == 0 && pg->rank() == 1) {
+      auto shards = sdp.sharded_parameters();
+      shards.front().mutable_grad().view(-1)[0] = std::numeric_limits<float>::infinity();
+    }
+    const bool stepped = scaler.step(opt);
+    scaler.update();
+    opt.zero_grad();
+    EXPECT_EQ(stepped, step != 0) << "step " << step << " on rank " << pg->rank();
+  }
+  EXPECT_EQ(scaler.get_scale(), 4.0);
+}
+
+}  // namespace
