@@ -390,7 +390,10 @@ void Checkpointer::save_step(Trainer& trainer) {
     std::tie(last_saved_step_, last_path_) = previous;
     throw;
   }
-  prune_checkpoints(options_.dir(), options_.keep_last_k(), {join(options_.dir(), "best")});
+  // Sharded, every rank saved; one prunes, after the save completed everywhere.
+  if (trainer.is_main()) {
+    prune_checkpoints(options_.dir(), options_.keep_last_k(), {join(options_.dir(), "best")});
+  }
 }
 
 void Checkpointer::on_step_end(Trainer& trainer) {

@@ -276,6 +276,52 @@ struct Checkpoint::Section {
   std::string bytes;  // the serialized torch archive, exactly as in <section>.pt
 };
 
+struct Checkpoint::File {
+  std::string source;  // before save(): where the file is
+  uint64_t size = 0;
+  std::string crc32;
+  mutable bool verified = false;  // after load(): file_path() checked it
+};
+
+std::string crc32_hex(const void* data, size_t size) {
+  uLong crc = ::crc32(0L, Z_NULL, 0);
+  const auto* p = static_cast<const Bytef*>(data);
+  while (size > 0) {
+    const uInt n = static_cast<uInt>(std::min<size_t>(size, 1u << 30));
+    crc = ::crc32(crc, p, n);
+    p += n;
+    size -= n;
+  }
+  return crc_hex(static_cast<uint32_t>(crc));
+}
+
+void Checkpoint::put_file(const std::string& name, const std::string& source, uint64_t size,
+                          const std::string& crc32_hex) {
+  check_section_name(name);
+  TORCH_CHECK(sections_.count(name) == 0, "Checkpoint: '", name, "' is already a section");
+  TORCH_CHECK(kind_of(source) == Kind::kRegular, "Checkpoint: put_file('", name, "'): '", source,
+              "' is not a regular file");
+  files_[name] = std::make_unique<File>(File{source, size, crc32_hex, false});
+}
+
+bool Checkpoint::has_file(const std::string& name) const { return files_.count(name) != 0; }
+
+std::string Checkpoint::file_path(const std::string& name) const {
+  auto it = files_.find(name);
+  TORCH_CHECK(it != files_.end(), "Checkpoint: ", where(path_), " has no file '", name, "'");
+  const fs::path file = fs::path(path_) / (name + ".bin");
+  if (!it->second->verified) {
+    const std::string bytes = read_file(file, it->second->size, "file");
+    const std::string actual = crc_hex(crc32_of(bytes));
+    if (actual != it->second->crc32) {
+      fail(c10::str("Checkpoint: '", file.string(), "' is corrupted: its CRC-32 is ", actual,
+                    " but meta.json records ", it->second->crc32));
+    }
+    it->second->verified = true;
+  }
+  return file.string();
+}
+
 Checkpoint::Checkpoint() = default;
 Checkpoint::~Checkpoint() = default;
 Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
@@ -383,6 +429,15 @@ void Checkpoint::save(const std::string& path) const {
                            {"size", s->bytes.size()},
                            {"crc32", crc_hex(crc32_of(s->bytes))}};
     }
+    json files = json::object();
+    for (const auto& [name, f] : files_) {
+      const fs::path dest = tmp / (name + ".bin");
+      if (::link(f->source.c_str(), dest.c_str()) != 0) {
+        // Another file system: a copy, synced like the sections.
+        write_file_synced(dest, read_file(f->source, f->size, "file"));
+      }
+      files[name] = {{"file", name + ".bin"}, {"size", f->size}, {"crc32", f->crc32}};
+    }
     json meta = {
         {"format", kFormatName},
         {"format_version", kFormatVersion},
@@ -395,6 +450,7 @@ void Checkpoint::save(const std::string& path) const {
         {"fingerprint", fingerprint_},
         {"meta", meta_},
         {"sections", sections},
+        {"files", files},
     };
     // meta.json last: a directory holding it holds every section.
     write_file_synced(tmp / kMetaFile, meta.dump(2) + "\n");
@@ -508,6 +564,16 @@ Checkpoint Checkpoint::load(const std::string& path) {
     ckpt.meta_ = meta.at("meta").get<std::map<std::string, std::string>>();
     for (const auto& [name, entry] : meta.at("sections").items())
       section_entries.emplace_back(name, entry);
+    if (meta.contains("files")) {
+      for (const auto& [name, entry] : meta.at("files").items()) {
+        const json& size = entry.at("size");
+        TORCH_CHECK(size.is_number_unsigned(), "Checkpoint: '", meta_path.string(),
+                    "' has a malformed entry for file '", name, "': size = ", size.dump());
+        check_section_name(name);
+        ckpt.files_[name] = std::make_unique<File>(
+            File{"", size.get<uint64_t>(), entry.at("crc32").get<std::string>(), false});
+      }
+    }
   } catch (const json::exception& e) {
     fail(c10::str("Checkpoint: '", meta_path.string(), "' is malformed: ", e.what()));
   }

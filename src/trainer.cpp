@@ -125,7 +125,7 @@ template <typename F>
 void Trainer::each_callback(F&& f) {
   const bool main = is_main();
   for (auto& cb : callbacks_) {
-    if (main || !cb->main_rank_only()) f(*cb);
+    if (main || !cb->main_rank_only() || (sdp_ && cb->every_rank_when_sharded())) f(*cb);
   }
 }
 
@@ -151,7 +151,10 @@ std::string Trainer::fingerprint() const {
   std::ostringstream out;
   out << "grad_accum_steps=" << o.grad_accum_steps() << ";precision=" << to_string(o.precision())
       << ";grad_clip_norm=" << o.grad_clip_norm() << ";seed=" << o.seed()
-      << ";deterministic=" << o.deterministic() << ";world_size=" << world_size();
+      << ";deterministic=" << o.deterministic();
+  // A sharded checkpoint reloads on any number of ranks (keep the global
+  // batch to continue the same run); a replicated one on as many as wrote it.
+  if (!o.sharding().has_value()) out << ";world_size=" << world_size();
   if (o.precision() == Precision::kFP16) {
     out << ";scaler.growth_factor=" << s.growth_factor()
         << ";scaler.backoff_factor=" << s.backoff_factor()
@@ -197,8 +200,10 @@ void Trainer::save_checkpoint(const std::string& path,
   TORCH_CHECK(task_ != nullptr && optimizer_ != nullptr,
               "Trainer: save_checkpoint is only available during fit");
   Checkpoint ckpt;
-  ckpt.put_module("model", task_->module());
-  ckpt.put_optimizer("optimizer", *optimizer_);
+  if (!sdp_) {  // sharded: every rank writes its own shards (below)
+    ckpt.put_module("model", task_->module());
+    ckpt.put_optimizer("optimizer", *optimizer_);
+  }
   if (scaler_) ckpt.put("scaler", [&](auto& a) { scaler_->save(a); });
   for (const auto& cb : callbacks_) {
     if (cb->has_state()) ckpt.put("callback." + cb->name(), [&](auto& a) { cb->save(a); });
@@ -212,7 +217,11 @@ void Trainer::save_checkpoint(const std::string& path,
   ckpt.set_train_state(s);
   ckpt.set_fingerprint(fingerprint());
   for (const auto& [k, v] : meta) ckpt.set_meta(k, v);
-  ckpt.save(path);
+  if (sdp_) {
+    sdp_->save_checkpoint(ckpt, path);  // collective: every rank is here
+  } else {
+    ckpt.save(path);
+  }
 }
 
 void Trainer::load_checkpoint(const std::string& path) {
@@ -223,8 +232,14 @@ void Trainer::load_checkpoint(const std::string& path) {
               " was written with other training options:",
               fingerprint_diff(ckpt.fingerprint(), fingerprint()),
               " resuming would not continue the same run");
-  ckpt.restore_module("model", task_->module());
-  ckpt.restore_optimizer("optimizer", *optimizer_);
+  if (sdp_) {
+    sdp_->load_checkpoint(ckpt);  // any world size and strategy
+  } else {
+    TORCH_CHECK(!ckpt.meta("sharding").has_value(), "Trainer: checkpoint ", path,
+                " is sharded; resume it with TrainerOptions::sharding");
+    ckpt.restore_module("model", task_->module());
+    ckpt.restore_optimizer("optimizer", *optimizer_);
+  }
   if (scaler_) ckpt.get("scaler", [&](auto& a) { scaler_->load(a); });
   for (const auto& cb : callbacks_) {
     // A callback added since the checkpoint starts from its own fresh state.
@@ -245,6 +260,7 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   optimizer_ = &optimizer;
   ScopeExit clear{[this] {
     ddp_.reset();  // removes its autograd hooks from the parameters
+    sdp_.reset();  // and leaves the module whole
     task_ = nullptr;
     optimizer_ = nullptr;
   }};
@@ -286,6 +302,17 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
     }
   }
 
+  if (options_.sharding().has_value()) {
+    // Before a resume: a sharded checkpoint restores into the shards. Also
+    // in a world of one, which can resume what more ranks wrote.
+    auto pg = options_.process_group() ? options_.process_group()
+                                       : std::make_shared<ProcessGroup>();
+    sdp_ = std::make_unique<ShardedDataParallel>(task.module().shared_from_this(), pg, optimizer,
+                                                 *options_.sharding());
+    params_ = sdp_->sharded_parameters();  // the optimizer's, now
+    if (scaler_) scaler_->set_process_group(pg);
+  }
+
   if (!options_.resume().empty()) {
     std::string path = options_.resume();
     if (path == "latest") {
@@ -299,7 +326,7 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
     torch::manual_seed(options_.seed());
   }
 
-  if (world_size() > 1) {
+  if (world_size() > 1 && !sdp_) {
     // After a resume, so every rank starts from rank 0's (restored) parameters.
     ddp_ = std::make_unique<DistributedDataParallel>(task.module().shared_from_this(),
                                                      options_.process_group(), options_.ddp());
@@ -364,6 +391,10 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
       ddp_->set_sync(accumulator_->sync_gradients());
       ddp_->prepare_forward();
     }
+    if (sdp_) {
+      sdp_->set_sync(accumulator_->sync_gradients());
+      sdp_->prepare_forward();
+    }
     StepOutput out = [&] {
       AutocastGuard autocast(device_, options_.precision());
       return task.training_step(batch);
@@ -386,6 +417,7 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
     if (scaler_) loss = scaler_->scale(loss);
     loss.backward();
     if (ddp_) ddp_->finalize_backward();
+    if (sdp_) sdp_->finalize_backward();
 
     // Sample-weighted sums for the logs, on the device: no sync per step. One
     // in-place op (float64 += size * loss) rather than a cast, a product and a sum.
@@ -428,7 +460,8 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
 void Trainer::optimizer_step() {
   if (scaler_ && options_.grad_clip_norm() > 0.0) scaler_->unscale_(*optimizer_);
   if (options_.grad_clip_norm() > 0.0) {
-    last_grad_norm_ = torch::nn::utils::clip_grad_norm_(params_, options_.grad_clip_norm());
+    last_grad_norm_ = sdp_ ? sdp_->clip_grad_norm_(options_.grad_clip_norm())
+                           : torch::nn::utils::clip_grad_norm_(params_, options_.grad_clip_norm());
   }
   bool stepped = true;
   if (scaler_) {
@@ -527,6 +560,14 @@ std::map<std::string, double> Trainer::run_validation(Task& task, BatchSource& v
   auto& module = task.module();
   const bool was_training = module.is_training();
   module.eval();
+  // Sharded: the whole model for the validation's duration, gathered once,
+  // so ranks with different numbers of validation batches never wait on
+  // each other's per-unit gathers.
+  ShardedDataParallel* sharded = task_ == &task ? sdp_.get() : nullptr;
+  if (sharded) sharded->gather_full_params();
+  ScopeExit reshard{[sharded] {
+    if (sharded) sharded->reshard();
+  }};
   if (with_callbacks) each_callback([&](Callback& cb) { cb.on_validation_start(*this); });
 
   std::map<std::string, torch::Tensor> sums;

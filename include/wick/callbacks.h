@@ -66,6 +66,10 @@ class Callback {
   /// Whether only the main rank (rank 0) runs this callback under data-parallel
   /// training: true for those that write files or the terminal.
   virtual bool main_rank_only() const { return false; }
+  /// Whether it runs on every rank when the fit is sharded
+  /// (TrainerOptions::sharding), even if main_rank_only(): its work is
+  /// collective there (the Checkpointer's saves).
+  virtual bool every_rank_when_sharded() const { return false; }
 
   /// Whether save/load carry state that must survive a resume.
   virtual bool has_state() const { return false; }
@@ -196,6 +200,7 @@ class Checkpointer : public Callback {
   explicit Checkpointer(CheckpointerOptions options);
   std::string name() const override { return "Checkpointer"; }
   bool main_rank_only() const override { return true; }
+  bool every_rank_when_sharded() const override { return true; }
   void on_step_end(Trainer& trainer) override;
   void on_epoch_end(Trainer& trainer) override;
   void on_validation_end(Trainer& trainer, const Metrics& metrics) override;

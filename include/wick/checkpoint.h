@@ -65,6 +65,13 @@ class Checkpoint {
   /// The CPU generator's state and, when CUDA is available, every CUDA device's.
   void put_rng_state();
 
+  /// A file written elsewhere (by another rank of a sharded run, say), put
+  /// into the checkpoint as `name` by save() (hard-linked, or copied across
+  /// file systems) with its `size` and CRC-32 (crc32_hex) recorded in
+  /// meta.json. load() does not read it; file_path() checks it when asked.
+  void put_file(const std::string& name, const std::string& source, uint64_t size,
+                const std::string& crc32_hex);
+
   void set_train_state(const TrainState& state) { train_state_ = state; }
   /// A digest of the options that must match on resume (the Trainer's fingerprint).
   void set_fingerprint(const std::string& fingerprint) { fingerprint_ = fingerprint; }
@@ -93,6 +100,12 @@ class Checkpoint {
   void get(const std::string& section, const Reader& read) const;
   /// Restores what put_rng_state() saved; throws when the checkpoint has none.
   void restore_rng_state() const;
+  /// Whether the checkpoint holds a file put with put_file().
+  bool has_file(const std::string& name) const;
+  /// The path of file `name` of a loaded checkpoint, after checking (once)
+  /// its size and CRC-32 against meta.json; throws naming the file when it is
+  /// missing, truncated or corrupted.
+  std::string file_path(const std::string& name) const;
 
   const TrainState& train_state() const { return train_state_; }
   const std::string& fingerprint() const { return fingerprint_; }
@@ -103,12 +116,18 @@ class Checkpoint {
 
  private:
   struct Section;
+  struct File;
   std::map<std::string, std::unique_ptr<Section>> sections_;
+  std::map<std::string, std::unique_ptr<File>> files_;
   TrainState train_state_;
   std::string fingerprint_;
   std::map<std::string, std::string> meta_;
   std::string path_;
 };
+
+/// The CRC-32 (zlib's) of `size` bytes at `data`, as the 8 hex digits
+/// meta.json records.
+std::string crc32_hex(const void* data, size_t size);
 
 /// "step-00000100": the directory name the Trainer gives the checkpoint of `step`.
 std::string checkpoint_name(int64_t step);

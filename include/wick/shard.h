@@ -50,6 +50,7 @@
 
 namespace wick {
 
+class Checkpoint;
 class ProcessGroup;
 
 enum class ShardingStrategy {
@@ -131,9 +132,8 @@ class ShardedDataParallel {
   /// Frozen parameters (requires_grad false) stay whole on every rank.
   ShardedDataParallel(std::shared_ptr<torch::nn::Module> module, std::shared_ptr<ProcessGroup> pg,
                       torch::optim::Optimizer& optimizer, ShardingOptions options = {});
-  /// Restores nothing: the module's parameters keep their last gathered
-  /// values (kFull: every unit is gathered first, on every rank together, so
-  /// destroy it on every rank); the optimizer keeps the shards.
+  /// Leaves the module whole, with the latest shards' values (an all-gather:
+  /// destroy it on every rank together). The optimizer keeps the shards.
   ~ShardedDataParallel();
   ShardedDataParallel(const ShardedDataParallel&) = delete;
   ShardedDataParallel& operator=(const ShardedDataParallel&) = delete;
@@ -162,13 +162,34 @@ class ShardedDataParallel {
   /// clipping. Every rank must call it, after finalize_backward().
   double clip_grad_norm_(double max_norm);
 
-  /// Gathers every parameter whole into the module (kFull: every unit, until
-  /// reshard(); kZero1/kZero2: the latest shards), e.g. to evaluate, export
-  /// or save the module. Every rank must call it.
+  /// Gathers every parameter whole into the module (kFull: every unit, held
+  /// until reshard(), so forwards in between communicate nothing;
+  /// kZero1/kZero2: the latest shards), e.g. to evaluate, export or save the
+  /// module. Every rank must call it.
   void gather_full_params();
   /// kFull: frees every gathered unit (after gather_full_params() or an
   /// evaluation forward). No-op otherwise.
   void reshard();
+
+  /// Sharded checkpoint (every rank calls it, with the same `path`): each
+  /// rank writes the parts of the parameters and of the optimizer state it
+  /// owns to a file of its own (nothing is gathered); rank 0 adds those
+  /// files, the manifest of the global tensors (names, shapes, which rank
+  /// holds which part), the optimizer's group options and the module's
+  /// buffers to `checkpoint` (whose sections and train state rank 0 filled)
+  /// and saves it with Checkpoint::save's guarantees: `path` holds the old
+  /// checkpoint or the new one, complete. A failure on any rank throws on
+  /// every rank, naming the rank. The optimizer must be SGD, Adam, AdamW,
+  /// FusedAdam, RMSprop or Adagrad (their state is elementwise).
+  void save_checkpoint(Checkpoint& checkpoint, const std::string& path);
+  /// Restores the shards, the optimizer's state and group options, the
+  /// buffers and frozen parameters from a checkpoint written by
+  /// save_checkpoint with any world size and strategy: each rank reads only
+  /// the parts of the files that overlap its shards (verified by size and
+  /// CRC-32). The module's parameters follow at the next prepare_forward()
+  /// or unit gather. Throws naming the checkpoint and the parameter when the
+  /// trainable parameters' names or shapes differ, or the optimizer's kind.
+  void load_checkpoint(const Checkpoint& checkpoint);
 
   /// The optimizer's parameters now: this rank's pieces of the flat shards.
   std::vector<torch::Tensor> sharded_parameters() const;
@@ -184,6 +205,13 @@ class ShardedDataParallel {
  private:
   std::shared_ptr<Impl> impl_;
 };
+
+/// Writes the whole model of a sharded checkpoint (ShardedDataParallel::
+/// save_checkpoint, any world size) to one safetensors file for inference:
+/// the trainable parameters assembled from every rank's parts, and the
+/// buffers, under the module's own names. No process group needed.
+void consolidate_sharded_checkpoint(const std::string& checkpoint_path,
+                                    const std::string& safetensors_path);
 
 /// Bytes of `optimizer`'s state tensors (distinct storages counted once).
 int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer);

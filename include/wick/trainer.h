@@ -28,6 +28,7 @@
 #include <wick/distributed.h>
 #include <wick/grad_accumulator.h>
 #include <wick/meters.h>
+#include <wick/shard.h>
 
 #include <torch/torch.h>
 
@@ -157,6 +158,14 @@ struct TrainerOptions {
   /// How the module is wrapped for data-parallel training (bucket size, buffers, unused
   /// parameters).
   TORCH_ARG(DistributedDataParallelOptions, ddp) = {};
+  /// Shard the model across the process group's ranks instead of
+  /// replicating it (ZeRO-1, ZeRO-2 or full sharding; docs/sharding.md). The
+  /// optimizer passed to fit() is rewired to this rank's shards for the fit
+  /// (its type, options and LR schedules kept); gradient clipping takes the
+  /// global norm across ranks, and the fp16 scaler agrees on overflows across
+  /// ranks. Validation gathers the model whole for its duration. Unset, or
+  /// a world of one: DDP as before.
+  TORCH_ARG(std::optional<ShardingOptions>, sharding) = std::nullopt;
   /// Seed of torch's generators at the start of a fresh run (fit start: after
   /// the model is built, so it does not decide the initial weights; call
   /// wick::seed_everything before building the model for that).
@@ -284,6 +293,8 @@ class Trainer {
   const std::map<std::string, double>& last_val_metrics() const { return last_val_metrics_; }
   /// The data-parallel wrapper of the task's module during a multi-rank fit, else nullptr.
   DistributedDataParallel* ddp() { return ddp_.get(); }
+  /// The sharded wrapper during a multi-rank fit with options().sharding(), else nullptr.
+  ShardedDataParallel* sharded() { return sdp_.get(); }
   /// Whether the last optimizer step was skipped (inf/NaN gradients under fp16).
   bool last_step_skipped() const { return last_step_skipped_; }
   const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
@@ -305,6 +316,7 @@ class Trainer {
   std::unique_ptr<AmpScaler> scaler_;
   std::unique_ptr<GradAccumulator> accumulator_;
   std::unique_ptr<DistributedDataParallel> ddp_;
+  std::unique_ptr<ShardedDataParallel> sdp_;
   Task* task_ = nullptr;
   torch::optim::Optimizer* optimizer_ = nullptr;
   std::vector<torch::Tensor> params_;  // the optimizer's parameters

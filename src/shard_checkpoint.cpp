@@ -1,0 +1,553 @@
+// Sharded checkpoints: every rank writes the parts of the parameters and of
+// the optimizer state it owns into a safetensors file of its own; rank 0
+// adds those files to an ordinary wick::Checkpoint (atomic, verified) with a
+// manifest of the global tensors. Loading reads, for each shard of the new
+// layout (any world size, any strategy), the parts of the files that overlap
+// it, so no rank ever holds more than its shard.
+
+#include "wick/checkpoint.h"
+#include "wick/distributed.h"
+#include "wick/optim.h"
+#include "wick/safetensors.h"
+#include "wick/shard.h"
+
+#include "format.h"  // first of fmt: it sets fmt's namespace
+#include "fs.h"
+#include "shard_impl.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace wick {
+namespace {
+
+using json = nlohmann::json;
+constexpr const char* kName = "ShardedDataParallel";
+constexpr const char* kManifestKey = "sharding";
+constexpr const char* kGroupsSection = "optimizer_groups";
+constexpr int64_t kManifestVersion = 1;
+
+std::string shard_file(int64_t rank, int64_t world) {
+  return fmt::format("shard-{:05d}-of-{:05d}", static_cast<long long>(rank),
+                     static_cast<long long>(world));
+}
+
+// ---- an elementwise optimizer's per-parameter state, as named tensors ----
+
+struct Fields {
+  std::map<std::string, torch::Tensor> elementwise;  // shaped like the parameter
+  std::map<std::string, torch::Tensor> scalars;      // one value per parameter
+};
+
+std::string optimizer_kind(const torch::optim::Optimizer& o) {
+  namespace optim = torch::optim;
+  if (dynamic_cast<const FusedAdam*>(&o)) return "fused_adam";
+  if (dynamic_cast<const optim::AdamW*>(&o)) return "adamw";
+  if (dynamic_cast<const optim::Adam*>(&o)) return "adam";
+  if (dynamic_cast<const optim::SGD*>(&o)) return "sgd";
+  if (dynamic_cast<const optim::RMSprop*>(&o)) return "rmsprop";
+  if (dynamic_cast<const optim::Adagrad*>(&o)) return "adagrad";
+  return "";
+}
+
+torch::Tensor step_tensor(int64_t step) { return torch::tensor(step, torch::kInt64); }
+
+Fields to_fields(const torch::optim::OptimizerParamState& state) {
+  namespace optim = torch::optim;
+  Fields f;
+  auto put = [&](const char* name, const torch::Tensor& t) {
+    if (t.defined()) f.elementwise[name] = t;
+  };
+  if (const auto* a = dynamic_cast<const FusedAdamParamState*>(&state)) {
+    f.scalars["step"] = a->step();
+    put("exp_avg", a->exp_avg());
+    put("exp_avg_sq", a->exp_avg_sq());
+    put("max_exp_avg_sq", a->max_exp_avg_sq());
+  } else if (const auto* w = dynamic_cast<const optim::AdamWParamState*>(&state)) {
+    f.scalars["step"] = step_tensor(w->step());
+    put("exp_avg", w->exp_avg());
+    put("exp_avg_sq", w->exp_avg_sq());
+    put("max_exp_avg_sq", w->max_exp_avg_sq());
+  } else if (const auto* a2 = dynamic_cast<const optim::AdamParamState*>(&state)) {
+    f.scalars["step"] = step_tensor(a2->step());
+    put("exp_avg", a2->exp_avg());
+    put("exp_avg_sq", a2->exp_avg_sq());
+    put("max_exp_avg_sq", a2->max_exp_avg_sq());
+  } else if (const auto* s = dynamic_cast<const optim::SGDParamState*>(&state)) {
+    put("momentum_buffer", s->momentum_buffer());
+  } else if (const auto* r = dynamic_cast<const optim::RMSpropParamState*>(&state)) {
+    f.scalars["step"] = step_tensor(r->step());
+    put("square_avg", r->square_avg());
+    put("momentum_buffer", r->momentum_buffer());
+    put("grad_avg", r->grad_avg());
+  } else if (const auto* g = dynamic_cast<const optim::AdagradParamState*>(&state)) {
+    f.scalars["step"] = step_tensor(g->step());
+    put("sum", g->sum());
+  } else {
+    TORCH_CHECK(false, kName, ": cannot checkpoint this optimizer's state by shards");
+  }
+  return f;
+}
+
+std::unique_ptr<torch::optim::OptimizerParamState> from_fields(const std::string& kind,
+                                                               const Fields& f) {
+  namespace optim = torch::optim;
+  auto get = [&](const char* name) {
+    auto it = f.elementwise.find(name);
+    return it == f.elementwise.end() ? torch::Tensor() : it->second;
+  };
+  auto step = [&] {
+    auto it = f.scalars.find("step");
+    TORCH_CHECK(it != f.scalars.end(), kName, ": the checkpoint's optimizer state has no step");
+    return it->second;
+  };
+  if (kind == "fused_adam") {
+    auto s = std::make_unique<FusedAdamParamState>();
+    s->step(step().to(torch::kFloat32).clone());
+    s->exp_avg(get("exp_avg"));
+    s->exp_avg_sq(get("exp_avg_sq"));
+    s->max_exp_avg_sq(get("max_exp_avg_sq"));
+    return s;
+  }
+  if (kind == "adam" || kind == "adamw") {
+    auto fill = [&](auto s) {
+      s->step(step().to(torch::kInt64).item<int64_t>());
+      s->exp_avg(get("exp_avg"));
+      s->exp_avg_sq(get("exp_avg_sq"));
+      s->max_exp_avg_sq(get("max_exp_avg_sq"));
+      return s;
+    };
+    if (kind == "adam") return fill(std::make_unique<optim::AdamParamState>());
+    return fill(std::make_unique<optim::AdamWParamState>());
+  }
+  if (kind == "sgd") {
+    auto s = std::make_unique<optim::SGDParamState>();
+    s->momentum_buffer(get("momentum_buffer"));
+    return s;
+  }
+  if (kind == "rmsprop") {
+    auto s = std::make_unique<optim::RMSpropParamState>();
+    s->step(step().to(torch::kInt64).item<int64_t>());
+    s->square_avg(get("square_avg"));
+    s->momentum_buffer(get("momentum_buffer"));
+    s->grad_avg(get("grad_avg"));
+    return s;
+  }
+  if (kind == "adagrad") {
+    auto s = std::make_unique<optim::AdagradParamState>();
+    s->step(step().to(torch::kInt64).item<int64_t>());
+    s->sum(get("sum"));
+    return s;
+  }
+  TORCH_CHECK(false, kName, ": unknown optimizer kind '", kind, "' in the checkpoint");
+}
+
+std::string part_key(const char* kind, const std::string& field, const std::string& name,
+                     int64_t start) {
+  return fmt::format("{}/{}/{}/{}", kind, field, name, static_cast<long long>(start));
+}
+
+// The manifest's record of one parameter: where each saved rank's part of it is.
+struct SavedParam {
+  std::vector<int64_t> shape;
+  int64_t numel = 0;
+  struct Part {
+    int64_t rank, start, numel;
+  };
+  std::vector<Part> parts;
+};
+
+struct SavedLayout {
+  int64_t world_size = 0;
+  std::string optimizer;  // "" when the optimizer had no state
+  std::vector<std::string> elementwise, scalars;
+  std::map<std::string, SavedParam> params;
+  std::vector<std::string> params_in_order;
+  std::vector<std::string> buffers;
+};
+
+SavedLayout parse_manifest(const Checkpoint& ckpt) {
+  auto text = ckpt.meta(kManifestKey);
+  TORCH_CHECK(text.has_value(), kName, ": checkpoint ", ckpt.path(),
+              " is not sharded (its meta.json has no \"", kManifestKey,
+              "\"); load it with Checkpoint::restore_module and restore_optimizer");
+  SavedLayout layout;
+  try {
+    const json m = json::parse(*text);
+    TORCH_CHECK(m.at("version").get<int64_t>() == kManifestVersion, kName, ": checkpoint ",
+                ckpt.path(), " has sharding manifest version ", m.at("version").dump(),
+                "; this build reads version ", kManifestVersion);
+    layout.world_size = m.at("world_size").get<int64_t>();
+    layout.optimizer = m.at("optimizer").get<std::string>();
+    layout.elementwise = m.at("elementwise").get<std::vector<std::string>>();
+    layout.scalars = m.at("scalars").get<std::vector<std::string>>();
+    layout.buffers = m.at("buffers").get<std::vector<std::string>>();
+    for (const auto& p : m.at("params")) {
+      SavedParam sp;
+      sp.shape = p.at("shape").get<std::vector<int64_t>>();
+      sp.numel = p.at("numel").get<int64_t>();
+      for (const auto& part : p.at("parts")) {
+        sp.parts.push_back({part.at(0).get<int64_t>(), part.at(1).get<int64_t>(),
+                            part.at(2).get<int64_t>()});
+      }
+      const auto name = p.at("name").get<std::string>();
+      layout.params_in_order.push_back(name);
+      layout.params.emplace(name, std::move(sp));
+    }
+  } catch (const json::exception& e) {
+    TORCH_CHECK(false, kName, ": checkpoint ", ckpt.path(), " has a malformed sharding manifest: ",
+                e.what());
+  }
+  return layout;
+}
+
+// Reads ranges of the saved global tensors from the rank files, opening each
+// file (mapped, verified) the first time one of its parts is needed.
+class PartReader {
+ public:
+  PartReader(const Checkpoint& ckpt, const SavedLayout& layout) : ckpt_(ckpt), layout_(layout) {}
+
+  // Elements [a, b) of parameter `name`'s flattened `field` ("param": its
+  // values) into `out` (b - a elements).
+  void read(const char* kind, const std::string& field, const std::string& name, int64_t a,
+            int64_t b, torch::Tensor out) {
+    const auto& sp = layout_.params.at(name);
+    int64_t covered = 0;
+    for (const auto& part : sp.parts) {
+      const int64_t lo = std::max(a, part.start), hi = std::min(b, part.start + part.numel);
+      if (hi <= lo) continue;
+      const auto& t = tensor(part.rank, part_key(kind, field, name, part.start));
+      TORCH_CHECK(t.numel() == part.numel, kName, ": checkpoint ", ckpt_.path(), ": '",
+                  part_key(kind, field, name, part.start), "' has ", t.numel(),
+                  " elements, the manifest says ", part.numel);
+      out.narrow(0, lo - a, hi - lo).copy_(t.narrow(0, lo - part.start, hi - lo));
+      covered += hi - lo;
+    }
+    TORCH_CHECK(covered == b - a, kName, ": checkpoint ", ckpt_.path(),
+                ": the manifest's parts of '", name, "' do not cover elements [", a, ", ", b, ")");
+  }
+
+  // A scalar field of the part of `name` that holds element `a`.
+  torch::Tensor scalar(const std::string& field, const std::string& name, int64_t a) {
+    for (const auto& part : layout_.params.at(name).parts) {
+      if (a >= part.start && a < part.start + part.numel) {
+        return tensor(part.rank, part_key("c", field, name, part.start));
+      }
+    }
+    TORCH_CHECK(false, kName, ": checkpoint ", ckpt_.path(), " has no part of '", name,
+                "' holding element ", a);
+  }
+
+  const torch::Tensor& tensor(int64_t rank, const std::string& key) {
+    auto& file = files_[rank];
+    if (!file) {
+      file = std::make_unique<std::map<std::string, torch::Tensor>>(
+          load_safetensors(ckpt_.file_path(shard_file(rank, layout_.world_size))).to_map());
+    }
+    auto it = file->find(key);
+    TORCH_CHECK(it != file->end(), kName, ": checkpoint ", ckpt_.path(), ": ",
+                shard_file(rank, layout_.world_size), " has no tensor '", key, "'");
+    return it->second;
+  }
+
+ private:
+  const Checkpoint& ckpt_;
+  const SavedLayout& layout_;
+  std::map<int64_t, std::unique_ptr<std::map<std::string, torch::Tensor>>> files_;
+};
+
+// The module's buffers and frozen parameters: whole on every rank, saved by rank 0.
+std::vector<std::pair<std::string, torch::Tensor>> unsharded_state(const torch::nn::Module& m) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& item : m.named_parameters(/*recurse=*/true)) {
+    if (!item.value().requires_grad()) out.emplace_back(item.key(), item.value());
+  }
+  for (const auto& item : m.named_buffers(/*recurse=*/true)) {
+    if (item.value().defined()) out.emplace_back(item.key(), item.value());
+  }
+  return out;
+}
+
+}  // namespace
+
+void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::string& path) {
+  auto& impl = *impl_;
+  auto& opt = *impl.optimizer;
+  const int64_t rank = impl.rank(), world = impl.world();
+  const std::string kind = optimizer_kind(opt);
+  TORCH_CHECK(!kind.empty() || opt.state().empty(), kName,
+              ": cannot checkpoint this optimizer's state by shards (SGD, Adam, AdamW, FusedAdam, "
+              "RMSprop and Adagrad can be)");
+
+  // A staging directory beside the checkpoint (so on its file system: the
+  // checkpoint takes the files by hard links), named alike on every rank.
+  auto nonce = torch::zeros({1}, torch::dtype(torch::kInt64).device(impl.pg->device()));
+  if (rank == 0) nonce.fill_(static_cast<int64_t>(std::random_device{}() >> 1));
+  impl.pg->broadcast({nonce}, 0);
+  std::string target = path;
+  while (target.size() > 1 && target.back() == '/') target.pop_back();
+  const std::string staging =
+      fmt::format("{}.shards-{:x}", target, static_cast<long long>(nonce.cpu().item<int64_t>()));
+
+  // 1. Every rank writes its file; every rank learns every rank's outcome.
+  std::string error;
+  std::string bytes;
+  try {
+    if (rank == 0) detail::make_directories(staging, kName);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  impl.pg->barrier();
+  std::optional<bool> has_state;
+  std::vector<std::string> elementwise, scalars;
+  if (error.empty()) {
+    try {
+      std::lock_guard<std::mutex> lock(impl.mutex);
+      NamedTensors tensors;
+      for (const auto& unit : impl.units) {
+        const int64_t begin = rank * unit.shard_numel, end = begin + unit.shard_numel;
+        for (const auto& piece : unit.pieces) {
+          auto it = opt.state().find(piece.tensor.unsafeGetTensorImpl());
+          std::optional<Fields> fields;
+          if (it != opt.state().end()) fields = to_fields(*it->second);
+          TORCH_CHECK(!has_state.has_value() || *has_state == fields.has_value(), kName,
+                      ": the optimizer has state for some shards and not for others; save after "
+                      "a step, or before the first");
+          has_state = fields.has_value();
+          if (fields && elementwise.empty() && scalars.empty()) {
+            for (const auto& [n, t] : fields->elementwise) elementwise.push_back(n);
+            for (const auto& [n, t] : fields->scalars) scalars.push_back(n);
+          }
+          const int64_t lo = begin + piece.offset, hi = lo + piece.numel;
+          for (size_t i : unit.params) {
+            const auto& p = impl.params[i];
+            const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+            if (b <= a) continue;
+            const int64_t start = a - p.offset;  // in the parameter's elements
+            tensors.emplace_back(part_key("p", "param", p.name, start),
+                                 unit.shard.narrow(0, a - begin, b - a));
+            if (!fields) continue;
+            for (const auto& [n, t] : fields->elementwise) {
+              tensors.emplace_back(part_key("s", n, p.name, start),
+                                   t.reshape(-1).narrow(0, a - lo, b - a));
+            }
+            for (const auto& [n, t] : fields->scalars) {
+              tensors.emplace_back(part_key("c", n, p.name, start), t);
+            }
+          }
+          (void)end;
+        }
+      }
+      if (rank == 0) {
+        for (const auto& [name, t] : unsharded_state(*impl.module)) {
+          tensors.emplace_back("b/" + name, t.detach());
+        }
+      }
+      bytes = save_safetensors_to_bytes(
+          tensors, {{"wick", "sharded checkpoint"},
+                    {"rank", std::to_string(rank)},
+                    {"world_size", std::to_string(world)}});
+      const std::string file = detail::join_path(staging, shard_file(rank, world));
+      detail::AtomicFile out(file, kName);
+      out.write(bytes.data(), bytes.size());
+      out.commit();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  // Row r: rank r's file size, CRC-32, and 1 when it failed.
+  auto table = torch::zeros({world, 3}, torch::dtype(torch::kInt64).device(impl.pg->device()));
+  {
+    auto row = torch::zeros({3}, torch::kInt64);
+    row[0] = static_cast<int64_t>(bytes.size());
+    row[1] = static_cast<int64_t>(std::stoul(crc32_hex(bytes.data(), bytes.size()), nullptr, 16));
+    row[2] = error.empty() ? 0 : 1;
+    table[rank].copy_(row);
+  }
+  impl.pg->allreduce_sum({table});
+  table = table.cpu();
+  for (int64_t r = 0; r < world; ++r) {
+    if (table[r][2].item<int64_t>() == 0) continue;
+    if (rank == 0) detail::remove_tree(staging);
+    TORCH_CHECK(r != rank, kName, ": cannot save checkpoint '", path, "': rank ", rank,
+                " could not write its shard: ", error, "; nothing was changed at '", path, "'");
+    TORCH_CHECK(false, kName, ": cannot save checkpoint '", path, "': rank ", r,
+                " could not write its shard (its log says why); nothing was changed at '", path,
+                "'");
+  }
+
+  // 2. Rank 0 adds the files and the manifest, and saves atomically.
+  auto outcome = torch::zeros({1}, torch::dtype(torch::kInt64).device(impl.pg->device()));
+  if (rank == 0) {
+    try {
+      json params = json::array();
+      for (const auto& p : impl.params) {
+        json parts = json::array();
+        const auto& unit = impl.units[p.unit];
+        for (int64_t r = 0; r < world; ++r) {
+          const int64_t lo = r * unit.shard_numel, hi = lo + unit.shard_numel;
+          const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+          if (b > a) parts.push_back({r, a - p.offset, b - a});
+        }
+        params.push_back(
+            {{"name", p.name}, {"shape", p.shape}, {"numel", p.numel}, {"parts", parts}});
+      }
+      std::vector<std::string> buffers;
+      for (const auto& [name, t] : unsharded_state(*impl.module)) buffers.push_back(name);
+      const json manifest = {{"version", kManifestVersion},
+                             {"world_size", world},
+                             {"strategy", to_string(impl.options.strategy())},
+                             {"optimizer", has_state.value_or(false) ? kind : ""},
+                             {"elementwise", elementwise},
+                             {"scalars", scalars},
+                             {"params", params},
+                             {"buffers", buffers}};
+      checkpoint.set_meta(kManifestKey, manifest.dump());
+      checkpoint.put(kGroupsSection, [&](torch::serialize::OutputArchive& archive) {
+        archive.write("count", c10::IValue(static_cast<int64_t>(opt.param_groups().size())));
+        for (size_t g = 0; g < opt.param_groups().size(); ++g) {
+          torch::serialize::OutputArchive group;
+          opt.param_groups()[g].options().serialize(group);
+          archive.write("group" + std::to_string(g), group);
+        }
+      });
+      for (int64_t r = 0; r < world; ++r) {
+        checkpoint.put_file(shard_file(r, world),
+                            detail::join_path(staging, shard_file(r, world)),
+                            static_cast<uint64_t>(table[r][0].item<int64_t>()),
+                            fmt::format("{:08x}", static_cast<unsigned long long>(
+                                                      table[r][1].item<int64_t>())));
+      }
+      checkpoint.save(path);
+    } catch (const std::exception& e) {
+      error = e.what();
+      outcome.fill_(1);
+    }
+    detail::remove_tree(staging);
+  }
+  impl.pg->broadcast({outcome}, 0);
+  if (outcome.cpu().item<int64_t>() != 0) {
+    TORCH_CHECK(rank != 0, error);
+    TORCH_CHECK(false, kName, ": rank 0 could not save checkpoint '", path,
+                "' (its log says why); nothing was changed at '", path, "'");
+  }
+}
+
+void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
+  auto& impl = *impl_;
+  auto& opt = *impl.optimizer;
+  const SavedLayout layout = parse_manifest(checkpoint);
+  // The same trainable parameters, by name and shape.
+  for (const auto& p : impl.params) {
+    auto it = layout.params.find(p.name);
+    TORCH_CHECK(it != layout.params.end(), kName, ": checkpoint ", checkpoint.path(),
+                " has no parameter '", p.name, "'");
+    TORCH_CHECK(it->second.shape == p.shape, kName, ": checkpoint ", checkpoint.path(),
+                ": parameter '", p.name, "' has shape ", c10::IntArrayRef(it->second.shape),
+                " there but ", c10::IntArrayRef(p.shape), " in the module");
+  }
+  TORCH_CHECK(layout.params.size() == impl.params.size(), kName, ": checkpoint ",
+              checkpoint.path(), " has ", layout.params.size(),
+              " trainable parameters, the module ", impl.params.size());
+  const std::string kind = optimizer_kind(opt);
+  TORCH_CHECK(layout.optimizer.empty() || layout.optimizer == kind, kName, ": checkpoint ",
+              checkpoint.path(), " holds the state of a ", layout.optimizer,
+              " optimizer, not of this ", kind.empty() ? "unknown kind" : kind);
+
+  PartReader reader(checkpoint, layout);
+  std::lock_guard<std::mutex> lock(impl.mutex);
+  torch::NoGradGuard no_grad;
+  opt.state().clear();
+  for (auto& unit : impl.units) {
+    const int64_t begin = impl.rank() * unit.shard_numel;
+    for (size_t i : unit.params) {
+      const auto& p = impl.params[i];
+      const int64_t a = std::max(begin, p.offset);
+      const int64_t b = std::min(begin + unit.shard_numel, p.offset + p.numel);
+      if (b <= a) continue;
+      reader.read("p", "param", p.name, a - p.offset, b - p.offset,
+                  unit.shard.narrow(0, a - begin, b - a));
+    }
+    if (layout.optimizer.empty()) continue;
+    for (auto& piece : unit.pieces) {
+      Fields fields;
+      for (const auto& name : layout.elementwise) {
+        fields.elementwise[name] = torch::zeros({piece.numel}, piece.tensor.options());
+      }
+      const int64_t lo = begin + piece.offset, hi = lo + piece.numel;
+      bool first = true;
+      for (size_t i : unit.params) {
+        const auto& p = impl.params[i];
+        const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+        if (b <= a) continue;
+        for (auto& [name, t] : fields.elementwise) {
+          reader.read("s", name, p.name, a - p.offset, b - p.offset, t.narrow(0, a - lo, b - a));
+        }
+        for (const auto& name : layout.scalars) {
+          auto value = reader.scalar(name, p.name, a - p.offset);
+          if (first) {
+            fields.scalars[name] = value.clone();
+          } else {
+            TORCH_CHECK(torch::equal(fields.scalars[name], value), kName, ": checkpoint ",
+                        checkpoint.path(), ": the optimizer's ", name,
+                        " differs between parameters that now share a shard ('", p.name,
+                        "'); it cannot be resharded");
+          }
+        }
+        first = false;
+      }
+      opt.state()[piece.tensor.unsafeGetTensorImpl()] = from_fields(layout.optimizer, fields);
+    }
+  }
+  // Every rank restores the same group options, buffers and frozen parameters.
+  checkpoint.get(kGroupsSection, [&](torch::serialize::InputArchive& archive) {
+    c10::IValue count;
+    archive.read("count", count);
+    TORCH_CHECK(count.toInt() == static_cast<int64_t>(opt.param_groups().size()), kName,
+                ": checkpoint ", checkpoint.path(), " has ", count.toInt(),
+                " optimizer parameter groups, the optimizer ", opt.param_groups().size());
+    for (size_t g = 0; g < opt.param_groups().size(); ++g) {
+      torch::serialize::InputArchive group;
+      archive.read("group" + std::to_string(g), group);
+      opt.param_groups()[g].options().serialize(group);
+    }
+  });
+  for (const auto& [name, t] : unsharded_state(*impl.module)) {
+    t.detach().copy_(reader.tensor(0, "b/" + name));
+  }
+  // The module's parameters follow the shards at the next gather.
+  impl.stale_params = true;
+  impl.stale_grads = false;
+  for (auto& p : impl.params) p.tensor.mutable_grad().reset();
+  if (impl.full()) {
+    impl.pinned = false;
+    for (size_t u = 0; u < impl.units.size(); ++u) impl.release(u);
+  }
+}
+
+void consolidate_sharded_checkpoint(const std::string& checkpoint_path,
+                                    const std::string& safetensors_path) {
+  const auto ckpt = Checkpoint::load(checkpoint_path);
+  const SavedLayout layout = parse_manifest(ckpt);
+  PartReader reader(ckpt, layout);
+  NamedTensors tensors;
+  for (const auto& name : layout.params_in_order) {
+    const auto& sp = layout.params.at(name);
+    auto first = reader.tensor(sp.parts.front().rank, part_key("p", "param", name,
+                                                                sp.parts.front().start));
+    auto whole = torch::empty({sp.numel}, first.options());
+    reader.read("p", "param", name, 0, sp.numel, whole);
+    tensors.emplace_back(name, whole.view(sp.shape));
+  }
+  for (const auto& name : layout.buffers) tensors.emplace_back(name, reader.tensor(0, "b/" + name));
+  save_safetensors(safetensors_path, tensors,
+                   {{"source", "wick sharded checkpoint " + checkpoint_path}});
+}
+
+}  // namespace wick
