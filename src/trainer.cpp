@@ -216,6 +216,9 @@ void Trainer::save_checkpoint(const std::string& path,
   }
   ckpt.set_train_state(s);
   ckpt.set_fingerprint(fingerprint());
+  // Where a sharded run stands in its epoch, for a resume on another number
+  // of ranks (load_checkpoint maps batch_in_epoch through it).
+  if (batches_per_epoch_) ckpt.set_meta("batches_per_epoch", std::to_string(*batches_per_epoch_));
   for (const auto& [k, v] : meta) ckpt.set_meta(k, v);
   if (sdp_) {
     sdp_->save_checkpoint(ckpt, path);  // collective: every rank is here
@@ -249,6 +252,22 @@ void Trainer::load_checkpoint(const std::string& path) {
   }
   ckpt.restore_rng_state();
   state_ = ckpt.train_state();
+  // Sharded, the run may continue on another number of ranks, whose epochs
+  // have another number of batches: the same place in the epoch is the same
+  // fraction of it, when that is a whole number of batches.
+  const auto saved_batches = ckpt.meta("batches_per_epoch");
+  if (sdp_ && saved_batches && batches_per_epoch_ && state_.batch_in_epoch > 0) {
+    const int64_t before = std::stoll(*saved_batches), now = *batches_per_epoch_;
+    if (before != now) {
+      const int64_t scaled = state_.batch_in_epoch * now;
+      TORCH_CHECK(scaled % before == 0, "Trainer: checkpoint ", path, " stopped after batch ",
+                  state_.batch_in_epoch, " of ", before, " in epoch ", state_.epoch,
+                  "; this run's epochs have ", now,
+                  " batches per rank, so that place is not a batch boundary here; resume from "
+                  "a checkpoint at an epoch's end, or keep the number of samples per step");
+      state_.batch_in_epoch = scaled / before;
+    }
+  }
 }
 
 FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSource& train,

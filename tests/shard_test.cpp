@@ -8,6 +8,7 @@
 #include <wick/trainer.h>
 
 #include "multiprocess.h"
+#include <gmock/gmock.h>
 #include "support.h"
 
 #include <chrono>
@@ -496,7 +497,8 @@ TEST(TrainerShardingTest, EveryStrategyMatchesDdp) {
 // checkpoints every 4 steps into `ckpt_dir`. Rank 0 saves the parameters
 // it ends with to `out`.
 void sharded_fit(ShardingStrategy strategy, const std::string& ckpt_dir, int64_t max_steps,
-                 const std::string& resume, const std::string& out) {
+                 const std::string& resume, const std::string& out, int64_t batch = 0,
+                 int64_t expected_steps = 16) {
   auto pg = child_group();
   const int64_t world = pg->world_size();
   torch::manual_seed(7);
@@ -510,7 +512,10 @@ void sharded_fit(ShardingStrategy strategy, const std::string& ckpt_dir, int64_t
   // seeded by epoch_seed) unlike several ranks' (DistributedSampler's seed + epoch).
   wick::TensorBatchSource train(
       x, y,
-      wick::TensorBatchSourceOptions(12 / world).shuffle(false).rank(pg->rank()).world_size(world));
+      wick::TensorBatchSourceOptions(batch > 0 ? batch : 12 / world)
+          .shuffle(false)
+          .rank(pg->rank())
+          .world_size(world));
   wick::Trainer trainer(wick::TrainerOptions()
                             .max_epochs(2)
                             .max_steps(max_steps)
@@ -520,8 +525,14 @@ void sharded_fit(ShardingStrategy strategy, const std::string& ckpt_dir, int64_t
                             .checkpoint_every_n_steps(4)
                             .resume(resume)
                             .sharding(sharding(strategy, model)));
-  auto result = trainer.fit(task, opt, train);
-  EXPECT_EQ(result.state.step, max_steps > 0 ? max_steps : 16);
+  wick::FitResult result;
+  try {
+    result = trainer.fit(task, opt, train);
+  } catch (const std::exception& e) {
+    if (pg->rank() == 0) std::ofstream(out + ".error") << e.what();
+    throw;
+  }
+  EXPECT_EQ(result.state.step, max_steps > 0 ? max_steps : expected_steps);
   if (pg->rank() == 0) torch::save(wick::testing::clone_parameters(*model), out);
 }
 
@@ -538,11 +549,15 @@ struct Phase {
   ShardingStrategy strategy;
   int64_t max_steps;
   std::string resume, out;
+  int64_t batch = 0;  // per rank; 0: 12 / world
+  int64_t expected_steps = 16;
 };
 
 ::testing::AssertionResult run_phase(const std::string& dir, const Phase& p) {
   ::setenv("WICK_SHARD_PHASE",
-           c10::str(wick::to_string(p.strategy), ";", p.max_steps, ";", p.resume, ";", p.out).c_str(),
+           c10::str(wick::to_string(p.strategy), ";", p.max_steps, ";", p.resume, ";", p.out, ";",
+                    p.batch, ";", p.expected_steps)
+               .c_str(),
            1);
   return run_ranks(p.world, dir, /*timeout_s=*/240);
 }
@@ -552,9 +567,9 @@ void run_child_phase(const std::string& dir) {
   std::vector<std::string> f;
   std::stringstream in(spec);
   for (std::string item; std::getline(in, item, ';');) f.push_back(item);
-  f.resize(4);
+  f.resize(6);
   sharded_fit(wick::parse_sharding_strategy(f[0]), dir + "/ckpt", std::stoll(f[1]), f[2],
-              dir + "/" + f[3]);
+              dir + "/" + f[3], std::stoll(f[4]), std::stoll(f[5]));
 }
 
 // Stopped at step 6 and resumed from the step-4 checkpoint's successor
@@ -592,13 +607,38 @@ TEST(TrainerShardingTest, ResumesOnAnotherWorldSizeAndStrategy) {
                         Change{3, 1, ShardingStrategy::kZero2, ShardingStrategy::kZero2},
                         Change{1, 2, ShardingStrategy::kZero1, ShardingStrategy::kFull}}) {
     TempDir dir;
-    ASSERT_TRUE(run_phase(dir.str(), {c.from, c.before, 8, "", "first.pt"}));
+    // Step 6 of 8 in the first epoch: the resume continues mid-epoch.
+    ASSERT_TRUE(run_phase(dir.str(), {c.from, c.before, 6, "", "first.pt"}));
     ASSERT_TRUE(run_phase(dir.str(), {c.to, c.after, -1, "latest", "params.pt"}));
     const double diff = max_relative_difference(load_params(dir.str() + "/params.pt"), expected);
     EXPECT_LE(diff, 1e-5) << c.from << " -> " << c.to << " ranks";
     std::cout << "resumed on " << c.to << " ranks (" << wick::to_string(c.after) << ") from "
               << c.from << " (" << wick::to_string(c.before)
               << "): max relative difference to the 2-rank run " << diff << "\n";
+  }
+}
+
+// The same batch per rank on more ranks: an epoch has fewer batches, and the
+// resume continues at the same fraction of the epoch when that is a batch
+// boundary (step 6 of 12 on 2 ranks is batch 4 of 8 on 3), and refuses by
+// name when it is not (step 5).
+TEST(TrainerShardingTest, MidEpochResumeMapsToTheNewEpochLength) {
+  if (is_rank_child()) return run_child_phase(child_dir());
+  {
+    TempDir dir;
+    ASSERT_TRUE(run_phase(dir.str(), {2, ShardingStrategy::kZero2, 6, "", "first.pt", 4}));
+    // 6 steps, then 4 to the first epoch's end and 8 in the second.
+    ASSERT_TRUE(
+        run_phase(dir.str(), {3, ShardingStrategy::kZero2, -1, "latest", "params.pt", 4, 18}));
+  }
+  {
+    TempDir dir;
+    ASSERT_TRUE(run_phase(dir.str(), {2, ShardingStrategy::kZero2, 5, "", "first.pt", 4}));
+    // fit's end saved step 5: batch 5 of 12 would be batch 10/3 of 8.
+    EXPECT_FALSE(run_phase(dir.str(), {3, ShardingStrategy::kZero2, -1, "latest", "params.pt", 4}));
+    EXPECT_THAT(wick::testing::read_text(dir.str() + "/params.pt.error"),
+                ::testing::HasSubstr("stopped after batch 5 of 12 in epoch 0; this run's epochs "
+                                     "have 8 batches per rank"));
   }
 }
 
