@@ -5,6 +5,7 @@
 //   wick-fmnist --model mlp --precision bf16 --accum 4 --json
 //   wick-fmnist --model cnn --checkpoint-dir runs/a/checkpoints --resume latest
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
+//   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --shard full --threads 1
 //   wick-fmnist --quantize --prune 0.5 --json          # int8 beside fp32; 50% pruned + 1 epoch
 //   wick-fmnist --model mlp --profile                  # top-10 ops, trace.json, report.html
 //   wick-fmnist --model cnn --epochs 2 --serve 64      # then serve the test set to 64 clients
@@ -68,6 +69,7 @@ struct Args {
   bool progress = true;
   bool json = false;
   bool ddp = false;
+  std::string shard;  // "": replicas (DDP); zero1, zero2, full: sharded
   std::string device = "cpu";
   bool quantize = false;
   double prune = -1;  // fraction of the weights to prune; < 0: no pruning
@@ -240,7 +242,12 @@ int run(Args args) {
                             .keep_last_k(2)
                             .resume(args.resume)
                             .process_group(pg)
-                            .device(device));
+                            .device(device)
+                            .sharding(args.shard.empty()
+                                          ? std::nullopt
+                                          : std::optional<wick::ShardingOptions>(
+                                                wick::ShardingOptions().strategy(
+                                                    wick::parse_sharding_strategy(args.shard)))));
 
   const int64_t steps_per_epoch = (*train.size() + args.accum - 1) / args.accum;
   if (args.schedule == "cosine") {
@@ -432,6 +439,7 @@ int run(Args args) {
     j["optimizer"] = args.optimizer;
     j["threads"] = torch::get_num_threads();
     j["world_size"] = world;
+    j["shard"] = args.shard.empty() ? nlohmann::json(nullptr) : nlohmann::json(args.shard);
     j["device"] = args.device;
     j["gpu_name"] = gpu ? nlohmann::json(*gpu) : nlohmann::json(nullptr);
     j["test_accuracy"] = test_accuracy;
@@ -537,6 +545,12 @@ int main(int argc, char** argv) {
                "report's ops table");
   app.add_flag("--ddp", args.ddp,
                "data-parallel: join the process group torchrun describes (RANK, WORLD_SIZE, ...)");
+  app.add_option("--shard", args.shard,
+                 "shard the training state across the ranks instead of replicating it: zero1 "
+                 "(optimizer state), zero2 (and gradients) or full (and parameters); "
+                 "checkpoints are then sharded and --resume works on any number of ranks "
+                 "(docs/sharding.md)")
+      ->check(CLI::IsMember({"zero1", "zero2", "full"}));
   app.add_option("--init-safetensors", args.init_safetensors,
                  "start from the weights in this safetensors file (keys: the model's "
                  "named_parameters() names, docs/interop.md)");
