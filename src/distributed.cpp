@@ -590,6 +590,7 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
   store = c10::make_intrusive<c10d::PrefixStore>("wick/default_pg", store);
 
   c10::intrusive_ptr<c10d::Backend> impl;
+  std::function<c10::intrusive_ptr<c10d::Backend>(const c10::intrusive_ptr<c10d::Store>&)> make;
   std::vector<detail::GpuIdentity> gpus;
   if (backend == DistributedBackend::kGloo) {
 #ifdef USE_C10D_GLOO
@@ -601,9 +602,12 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
     } else {
       gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
+    make = [r = static_cast<int>(*rank), w = static_cast<int>(*world),
+            gloo_options](const c10::intrusive_ptr<c10d::Store>& s) -> c10::intrusive_ptr<c10d::Backend> {
+      return c10::make_intrusive<c10d::ProcessGroupGloo>(s, r, w, gloo_options);
+    };
     try {
-      impl = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(*rank),
-                                                         static_cast<int>(*world), gloo_options);
+      impl = make(store);
     } catch (const std::exception& e) {
       TORCH_CHECK(false, "init_process_group: rank ", *rank,
                   " could not connect the Gloo group of ", *world, " through ", *addr, ":", *port,
@@ -623,8 +627,11 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
     gpus = exchange_gpu_identities(*store, device, *rank, *world, timeout);
     auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
     nccl_options->timeout = timeout;
-    impl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, static_cast<int>(*rank),
-                                                       static_cast<int>(*world), nccl_options);
+    make = [r = static_cast<int>(*rank), w = static_cast<int>(*world),
+            nccl_options](const c10::intrusive_ptr<c10d::Store>& s) -> c10::intrusive_ptr<c10d::Backend> {
+      return c10::make_intrusive<c10d::ProcessGroupNCCL>(s, r, w, nccl_options);
+    };
+    impl = make(store);
 #else
     TORCH_CHECK(
         false,
@@ -632,8 +639,28 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
         "LibTorch built with NCCL)");
 #endif
   }
-  return std::make_shared<ProcessGroup>(store, impl, *rank, *world, local_rank, local_world, device,
-                                        timeout, std::move(gpus));
+  auto pg = std::make_shared<ProcessGroup>(store, impl, *rank, *world, local_rank, local_world,
+                                           device, timeout, std::move(gpus));
+  pg->make_backend_ = std::move(make);
+  return pg;
+}
+
+std::shared_ptr<ProcessGroup> ProcessGroup::new_group(const std::string& name) const {
+  TORCH_CHECK(!name.empty(), "ProcessGroup: new_group needs a name");
+  if (!backend_ || world_size_ == 1 || !make_backend_) return std::make_shared<ProcessGroup>();
+  auto store = c10::make_intrusive<c10d::PrefixStore>(name, store_);
+  c10::intrusive_ptr<c10d::Backend> impl;
+  try {
+    impl = make_backend_(store);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "ProcessGroup: rank ", rank_, " could not connect the group '", name,
+                "': ", error_text(e));
+  }
+  auto pg = std::make_shared<ProcessGroup>(store, impl, rank_, world_size_, local_rank_,
+                                           local_world_size_, device_, timeout_,
+                                           gpus_ ? *gpus_ : std::vector<detail::GpuIdentity>{});
+  pg->make_backend_ = make_backend_;
+  return pg;
 }
 
 // ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cmath>
 #include <exception>
@@ -383,7 +384,7 @@ void ShardedDataParallel::Impl::start_gather(size_t u, bool prefetch) {
   if (unit.gathered || unit.gather_work) return;
   allocate_storage(unit.full);
   account(storage_bytes(unit.full));
-  unit.gather_work = pg->all_gather_async(unit.full, unit.shard);
+  unit.gather_work = (gather_pg ? gather_pg : pg)->all_gather_async(unit.full, unit.shard);
   ++stats.all_gathers;
   if (prefetch) ++stats.prefetched_all_gathers;
 }
@@ -442,6 +443,33 @@ void ShardedDataParallel::Impl::exit_unit(size_t u, const std::vector<torch::Ten
   std::lock_guard<std::mutex> lock(mutex);
   if (hooked) units[u].pre_backward_done = false;
   if (!hooked || options.reshard_after_forward()) release(u);
+  if (hooked && options.reshard_after_forward() && !pinned) {
+    // Backward gathers it again; the last forward call decides its place.
+    regather_order.erase(std::remove(regather_order.begin(), regather_order.end(), u),
+                         regather_order.end());
+    regather_order.push_back(u);
+  }
+}
+
+void ShardedDataParallel::Impl::finish_regathers() {
+  // Gathers backward never asked for on this rank (no gradient reached the
+  // unit): issued anyway, so that every rank's sequence stays the same.
+  const size_t from = next_regather;
+  if (from >= regather_order.size()) return;
+  issue_regathers_through(regather_order.size() - 1);
+  for (size_t k = from; k < regather_order.size(); ++k) {
+    const size_t u = regather_order[regather_order.size() - 1 - k];
+    finish_gather(u);
+    release(u);
+  }
+}
+
+void ShardedDataParallel::Impl::issue_regathers_through(size_t position) {
+  // regather_order is in forward order: backward takes it from the end.
+  while (next_regather < regather_order.size() && next_regather <= position) {
+    start_gather(regather_order[regather_order.size() - 1 - next_regather], /*prefetch=*/false);
+    ++next_regather;
+  }
 }
 
 void ShardedDataParallel::Impl::pre_backward(size_t u) {
@@ -449,13 +477,16 @@ void ShardedDataParallel::Impl::pre_backward(size_t u) {
   auto& unit = units[u];
   if (unit.pre_backward_done) return;
   unit.pre_backward_done = true;
+  // Its gather, and those of every unit due before it, in the canonical order.
+  auto it = std::find(regather_order.rbegin(), regather_order.rend(), u);
+  if (it != regather_order.rend()) {
+    issue_regathers_through(static_cast<size_t>(it - regather_order.rbegin()));
+  }
   finish_gather(u);
-  if (!options.prefetch()) return;
-  // Backward runs the units in reverse: the one before this in the forward comes next.
-  auto it = std::find(forward_order.rbegin(), forward_order.rend(), u);
-  if (it != forward_order.rend() && std::next(it) != forward_order.rend()) {
-    const size_t previous = *std::next(it);
-    if (!units[previous].launched) start_gather(previous, /*prefetch=*/true);
+  // Prefetch: the next unit backward will need.
+  if (options.prefetch() && next_regather < regather_order.size()) {
+    ++stats.prefetched_all_gathers;
+    issue_regathers_through(next_regather);
   }
 }
 
@@ -464,7 +495,16 @@ void ShardedDataParallel::Impl::pre_backward(size_t u) {
 
 void ShardedDataParallel::Impl::on_grad_ready(size_t index) {
   std::lock_guard<std::mutex> lock(mutex);
-  if (!sync) return;
+  if (!sync) {
+    // Accumulating locally: nothing to send, but a fully sharded unit whose
+    // backward is done still frees its gathered parameters.
+    if (full() && !grad_ready[index]) {
+      grad_ready[index] = 1;
+      const size_t u = params[index].unit;
+      if (--units[u].pending == 0 && u != root) release(u);
+    }
+    return;
+  }
   TORCH_CHECK(
       !grad_ready[index], kName, ": parameter '", params[index].name,
       "' received a gradient twice before finalize_backward(); call finalize_backward() after "
@@ -472,20 +512,29 @@ void ShardedDataParallel::Impl::on_grad_ready(size_t index) {
   grad_ready[index] = 1;
   auto& unit = units[params[index].unit];
   if (--unit.pending > 0) return;
-  if (full()) {
-    launch(params[index].unit);
-  } else {
-    launch_in_order();
-  }
+  copy_grads(params[index].unit);
+  launch_in_order();
 }
 
 void ShardedDataParallel::Impl::launch_in_order() {
-  // Collectives are matched by their order on each rank: every rank starts
-  // the same buckets in the same order.
-  while (next_launch < units.size() && units[next_launch].pending == 0) launch(next_launch++);
+  if (launch_order.empty()) {
+    // kFull: the units backward met, last forward call first, then the rest
+    // (the root, units without a hooked output) by index. kZero: the buckets.
+    std::vector<char> placed(units.size(), 0);
+    for (auto it = regather_order.rbegin(); it != regather_order.rend(); ++it) {
+      launch_order.push_back(*it);
+      placed[*it] = 1;
+    }
+    for (size_t u = 0; u < units.size(); ++u) {
+      if (!placed[u]) launch_order.push_back(u);
+    }
+  }
+  while (next_launch < launch_order.size() && units[launch_order[next_launch]].copied) {
+    launch(launch_order[next_launch++]);
+  }
 }
 
-void ShardedDataParallel::Impl::launch(size_t u) {
+void ShardedDataParallel::Impl::copy_grads(size_t u) {
   auto& unit = units[u];
   torch::NoGradGuard no_grad;
   unit.grad_flat = torch::empty({unit.padded}, unit.full.options());
@@ -503,6 +552,13 @@ void ShardedDataParallel::Impl::launch(size_t u) {
     // back averaged in finalize).
     g.reset();
   }
+  unit.copied = true;
+  // Its backward is done: a fully sharded unit gives its gathered memory back.
+  if (full() && u != root) release(u);
+}
+
+void ShardedDataParallel::Impl::launch(size_t u) {
+  auto& unit = units[u];
   if (options.strategy() == ShardingStrategy::kZero1) {
     unit.grad_work = pg->allreduce_sum_async(unit.grad_flat);
     ++stats.allreduces;
@@ -512,8 +568,6 @@ void ShardedDataParallel::Impl::launch(size_t u) {
     ++stats.reduce_scatters;
   }
   unit.launched = true;
-  // Its backward is done: a fully sharded unit gives its gathered memory back.
-  if (full() && u != root) release(u);
 }
 
 void ShardedDataParallel::Impl::wait_all() noexcept {
@@ -534,6 +588,7 @@ void ShardedDataParallel::Impl::reset_round() {
   std::fill(grad_ready.begin(), grad_ready.end(), 0);
   for (auto& unit : units) {
     unit.pending = unit.params.size();
+    unit.copied = false;
     unit.launched = false;
     unit.pre_backward_done = false;
     unit.grad_work.reset();
@@ -541,6 +596,9 @@ void ShardedDataParallel::Impl::reset_round() {
     unit.grad_out = torch::Tensor();
   }
   next_launch = 0;
+  if (full()) launch_order.clear();  // kZero's is the buckets' order, set once
+  regather_order.clear();
+  next_regather = 0;
   if (!forward_order.empty()) last_forward_order = std::move(forward_order);
   forward_order.clear();
 }
@@ -550,6 +608,7 @@ void ShardedDataParallel::Impl::finalize() {
   if (!sync) {
     // Gradients stay whole and local; a fully sharded model still gives its
     // gathered parameters back.
+    finish_regathers();
     if (full()) {
       for (size_t u = 0; u < units.size(); ++u) release(u);
     }
@@ -569,9 +628,10 @@ void ShardedDataParallel::Impl::finalize() {
     }
     grad_ready[i] = 1;
     auto& unit = units[params[i].unit];
-    if (--unit.pending == 0 && full()) launch(params[i].unit);
+    if (--unit.pending == 0) copy_grads(params[i].unit);
   }
-  if (!full()) launch_in_order();
+  launch_in_order();
+  finish_regathers();
   for (size_t u = 0; u < units.size(); ++u) {
     TORCH_INTERNAL_ASSERT(units[u].launched, kName, ": unit ", units[u].name, " was not launched");
   }
@@ -651,6 +711,12 @@ ShardedDataParallel::ShardedDataParallel(std::shared_ptr<torch::nn::Module> modu
     }
     for (const auto& b : impl_->module->buffers(/*recurse=*/true)) rest.push_back(b);
     detail::broadcast_coalesced(*impl_->pg, rest);
+  }
+  if (impl_->full()) {
+    // The all-gathers' own communicator; the name is the same on every rank
+    // because every rank builds its ShardedDataParallels in the same order.
+    static std::atomic<int64_t> instances{0};
+    impl_->gather_pg = impl_->pg->new_group("wick/shard_gather/" + std::to_string(instances++));
   }
   impl_->build(named, optimizer);
   auto& reg = registry();

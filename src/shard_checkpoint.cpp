@@ -13,6 +13,7 @@
 
 #include "format.h"  // first of fmt: it sets fmt's namespace
 #include "fs.h"
+#include "module_state.h"
 #include "shard_impl.h"
 
 #include <nlohmann/json.hpp>
@@ -531,9 +532,10 @@ void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
   }
 }
 
-void consolidate_sharded_checkpoint(const std::string& checkpoint_path,
-                                    const std::string& safetensors_path) {
-  const auto ckpt = Checkpoint::load(checkpoint_path);
+namespace {
+
+// The whole model of a sharded checkpoint: parameters, then buffers.
+NamedTensors assemble(const Checkpoint& ckpt) {
   const SavedLayout layout = parse_manifest(ckpt);
   PartReader reader(ckpt, layout);
   NamedTensors tensors;
@@ -546,8 +548,23 @@ void consolidate_sharded_checkpoint(const std::string& checkpoint_path,
     tensors.emplace_back(name, whole.view(sp.shape));
   }
   for (const auto& name : layout.buffers) tensors.emplace_back(name, reader.tensor(0, "b/" + name));
-  save_safetensors(safetensors_path, tensors,
+  return tensors;
+}
+
+}  // namespace
+
+void consolidate_sharded_checkpoint(const std::string& checkpoint_path,
+                                    const std::string& safetensors_path) {
+  save_safetensors(safetensors_path, assemble(Checkpoint::load(checkpoint_path)),
                    {{"source", "wick sharded checkpoint " + checkpoint_path}});
+}
+
+void restore_module_from_sharded_checkpoint(const Checkpoint& checkpoint,
+                                            torch::nn::Module& module) {
+  const auto tensors = assemble(checkpoint);
+  detail::restore_module_state(module, {tensors.begin(), tensors.end()},
+                               c10::str("sharded checkpoint '", checkpoint.path(), "'"),
+                               "the checkpoint");
 }
 
 }  // namespace wick

@@ -49,6 +49,7 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
     int64_t shard_version = -1;  // the shard's version when last gathered (kZero)
     // Backward:
     size_t pending = 0;
+    bool copied = false;  // its gradients are in grad_flat, waiting for their turn
     bool launched = false;
     bool pre_backward_done = false;
     torch::Tensor grad_flat;  // [padded]: the collective's input
@@ -76,7 +77,19 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
   std::vector<Unit> units;
   size_t root = SIZE_MAX;  // kFull: the root unit's index (SIZE_MAX: none)
   std::vector<char> grad_ready;
-  size_t next_launch = 0;  // kZero: units start their collectives strictly in order
+  // Every rank must start the same collectives in the same order, whatever
+  // order its autograd finishes the units in (data-dependent graphs such as
+  // a mixture of experts differ between ranks). Gradient collectives go out
+  // in launch_order (kZero: the buckets' order; kFull: the units in reverse
+  // forward order, then the rest); the gathers backward needs go out in
+  // regather_order (the units freed after their forward, last first) on a
+  // communicator of their own, so that the two sequences cannot interleave
+  // differently on different ranks.
+  std::vector<size_t> launch_order;
+  size_t next_launch = 0;
+  std::vector<size_t> regather_order;
+  size_t next_regather = 0;
+  std::shared_ptr<ProcessGroup> gather_pg;  // kFull: the all-gathers' communicator
   bool sync = true;
   bool stale_params = false;   // kZero: a step may have changed the shards since the last gather
   bool stale_grads = false;    // kZero1: the module's gradients are last step's averages
@@ -114,8 +127,11 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
 
   // ---- backward ----
   void on_grad_ready(size_t index);
+  void copy_grads(size_t u);
   void launch(size_t u);
   void launch_in_order();
+  void issue_regathers_through(size_t position);
+  void finish_regathers();
   void wait_all() noexcept;
   void reset_round();
   void finalize();

@@ -293,6 +293,68 @@ TEST(ShardingTest, UnitCallWithoutShardingJustCalls) {
 // ---------------------------------------------------------------------------
 // Real processes
 
+// A graph that differs between ranks, as a mixture of experts' does: on
+// rank 1 the loss also reads block 0's weights directly (so backward reaches
+// block 0 first there, and gathers it before block 2 has reduced its
+// gradients) and its output through a head rank 0 never uses. The
+// collectives stay in step (each rank issues them in one canonical order,
+// the gathers on a communicator of their own) and the result is DDP's.
+TEST(ShardingTest, RankDependentGraphsKeepCollectivesInStep) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    ASSERT_TRUE(run_ranks(2, dir.str(), /*timeout_s=*/240));
+    return;
+  }
+  auto pg = child_group();
+  auto run = [&](std::optional<ShardingStrategy> strategy) {
+    torch::manual_seed(0);
+    auto model = Model(3);
+    auto side = torch::nn::Linear(11, 3);
+    auto all = std::make_shared<torch::nn::Module>();
+    all->register_module("model", model);
+    all->register_module("side", side);
+    torch::optim::Adam opt(all->parameters(), torch::optim::AdamOptions(1e-2));
+    std::unique_ptr<wick::DistributedDataParallel> ddp;
+    std::unique_ptr<wick::ShardedDataParallel> sdp;
+    if (strategy) {
+      auto o = sharding(*strategy, model).find_unused_parameters(true);
+      sdp = std::make_unique<wick::ShardedDataParallel>(all, pg, opt, o);
+    } else {
+      ddp = std::make_unique<wick::DistributedDataParallel>(
+          all, pg, wick::DistributedDataParallelOptions().find_unused_parameters(true));
+    }
+    for (int64_t step = 0; step < 10; ++step) {
+      auto b = batch_of(step, pg->rank(), 2);
+      if (sdp) sdp->prepare_forward();
+      if (ddp) ddp->prepare_forward();
+      auto h = model->in(b.x);
+      torch::Tensor first, aux;
+      for (size_t i = 0; i < model->blocks.size(); ++i) {
+        auto& blk = model->blocks[i];
+        // Like an MoE's balance loss: a second output that reads only the block's weights.
+        auto [y, a] = wick::unit_call(*blk, [&] {
+          return std::make_pair(blk->forward(h), blk->fc1->weight.square().sum());
+        });
+        h = y;
+        if (i == 0) first = h, aux = a;
+      }
+      auto loss = torch::mse_loss(model->out(h), b.y);
+      if (pg->rank() == 1) loss = loss + torch::mse_loss(side(first), b.y) + 1e-3 * aux;
+      loss.backward();
+      if (sdp) sdp->finalize_backward();
+      if (ddp) ddp->finalize_backward();
+      opt.step();
+      opt.zero_grad();
+    }
+    if (sdp) sdp->gather_full_params();
+    return wick::testing::clone_parameters(*all);
+  };
+  const auto expected = run(std::nullopt);
+  for (auto s : {ShardingStrategy::kZero1, ShardingStrategy::kZero2, ShardingStrategy::kFull}) {
+    EXPECT_LE(max_relative_difference(run(s), expected), 1e-6) << wick::to_string(s);
+  }
+}
+
 // 50 Adam steps with clipping: each strategy ends within 1e-6 (relative) of
 // DDP. With 2 ranks a reduce-scatter adds the same two numbers as DDP's
 // allreduce; with 3 the order of the additions may differ, hence a tolerance.

@@ -58,6 +58,7 @@ struct TrainArgs {
   uint64_t seed = 1;
   std::string device = "cpu";
   bool ddp = false;
+  std::string shard;  // "": replicas (DDP); zero1, zero2, full (each block a unit)
   bool tf32 = false;
   bool cuda_graph = false;
   bool progress = true;
@@ -213,6 +214,7 @@ int train(const TrainArgs& a) {
     TORCH_CHECK(precision != wick::Precision::kFP16,
                 "--cuda-graph: fp16's loss scaling cannot be captured; use bf16 or fp32");
     TORCH_CHECK(a.resume.empty(), "--cuda-graph does not resume (--resume)");
+    TORCH_CHECK(a.shard.empty(), "--cuda-graph with --shard is not supported");
   }
   if (a.tf32) wick::set_tf32(true);
 
@@ -291,7 +293,7 @@ int train(const TrainArgs& a) {
     train_seconds = r.seconds;
     tokens_per_s = r.tokens_per_s;
   } else {
-    wick::Trainer trainer(wick::TrainerOptions()
+    auto trainer_options = wick::TrainerOptions()
                               .max_epochs(1000000)
                               .max_steps(a.steps)
                               .grad_accum_steps(a.accum)
@@ -303,7 +305,22 @@ int train(const TrainArgs& a) {
                               .keep_last_k(2)
                               .resume(a.resume)
                               .process_group(pg)
-                              .device(device));
+                              // A routed expert that no token of this rank's
+                              // batch chose gets no gradient here.
+                              .ddp(wick::DistributedDataParallelOptions().find_unused_parameters(
+                                  a.config.moe))
+                              .device(device);
+    if (!a.shard.empty()) {
+      // Full sharding: every transformer block is a unit (model.cpp runs it
+      // through wick::unit_call); the embedding, final norm and head are the root.
+      std::vector<std::shared_ptr<torch::nn::Module>> units;
+      for (const auto& block : *model->blocks) units.push_back(block);
+      const auto strategy = wick::parse_sharding_strategy(a.shard);
+      if (strategy != wick::ShardingStrategy::kFull) units.clear();
+      trainer_options.sharding(wick::ShardingOptions().strategy(strategy).units(units)
+                                   .find_unused_parameters(a.config.moe));
+    }
+    wick::Trainer trainer(trainer_options);
     trainer.add_callback(
         std::make_shared<wick::LRSchedulerCallback>(std::make_shared<wick::CosineWarmupLR>(
             optimizer, a.warmup >= 0 ? a.warmup : std::min<int64_t>(50, a.steps / 10), a.steps,
@@ -370,7 +387,12 @@ gpt::GPT load_model(const std::string& run_dir, std::string& checkpoint,
     TORCH_CHECK(latest, "no checkpoint in ", run_dir, "/checkpoints");
     checkpoint = *latest;
   }
-  wick::Checkpoint::load(checkpoint).restore_module("model", *model);
+  const auto saved = wick::Checkpoint::load(checkpoint);
+  if (saved.meta("sharding")) {
+    wick::restore_module_from_sharded_checkpoint(saved, *model);  // train --shard
+  } else {
+    saved.restore_module("model", *model);
+  }
   model->to(torch::Device(device));
   model->eval();
   return model;
@@ -568,6 +590,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   tr->add_option("--device", t.device, "cpu or cuda")->capture_default_str();
   tr->add_flag("--ddp", t.ddp, "data-parallel under torchrun");
+  tr->add_option("--shard", t.shard,
+                 "shard the training state across the ranks: zero1, zero2 or full (each block a "
+                 "unit; docs/sharding.md)")
+      ->check(CLI::IsMember({"zero1", "zero2", "full"}));
   tr->add_flag("--tf32", t.tf32, "TF32 for float32 matrix products on CUDA (wick::set_tf32)");
   tr->add_flag(
       "--cuda-graph", t.cuda_graph,

@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include <wick/shard.h>
+
 #include <ATen/CPUGeneratorImpl.h>
 #include <wick/amp.h>
 
@@ -254,7 +256,15 @@ torch::Tensor GPTImpl::forward(const torch::Tensor& tokens, KVCache* cache) {
   auto cos = cos_.narrow(0, past, T), sin = sin_.narrow(0, past, T);
   auto x = embed(tokens);
   for (size_t i = 0; i < blocks->size(); ++i) {
-    x = blocks[i]->as<BlockImpl>()->forward(x, cos, sin, cache, static_cast<int64_t>(i));
+    // A unit of full sharding (wick::ShardedDataParallel): its parameters are
+    // gathered for the call. Everything of the block that backward reaches is
+    // returned, the MoE's balance loss too, so backward gathers the block
+    // again before any of it runs.
+    auto* block = blocks[i]->as<BlockImpl>();
+    x = wick::unit_call(*block, [&] {
+          auto y = block->forward(x, cos, sin, cache, static_cast<int64_t>(i));
+          return std::make_pair(y, block->aux_loss());
+        }).first;
   }
   return head(norm(x));
 }

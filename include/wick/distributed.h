@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -132,6 +133,15 @@ class ProcessGroup {
   /// `output`. In a world of one, a copy.
   std::shared_ptr<Work> reduce_scatter_sum_async(torch::Tensor output, torch::Tensor input);
 
+  /// Another group of the same ranks, backend and device, with a
+  /// communicator of its own (over this group's store, under `name`): its
+  /// collectives are ordered apart from this group's, so two kinds of
+  /// traffic whose relative order differs between ranks (ShardedDataParallel's
+  /// all-gathers and reduce-scatters in backward) cannot be mismatched. Every
+  /// rank must call it, with the same name, once per name. In a world of
+  /// one, another world of one.
+  std::shared_ptr<ProcessGroup> new_group(const std::string& name) const;
+
   /// The c10d backend (nullptr in a world of one), for what wick does not wrap.
   const c10::intrusive_ptr<c10d::Backend>& backend() const { return backend_; }
 
@@ -142,6 +152,10 @@ class ProcessGroup {
   torch::Device device_ = torch::kCPU;
   std::chrono::milliseconds timeout_{std::chrono::minutes(5)};
   std::shared_ptr<const std::vector<detail::GpuIdentity>> gpus_;  // by rank; empty: unknown
+  // Makes a backend like this group's over another store (new_group); set by init_process_group.
+  std::function<c10::intrusive_ptr<c10d::Backend>(const c10::intrusive_ptr<c10d::Store>&)>
+      make_backend_;
+  friend std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options);
 };
 
 class ProcessGroup::Work {

@@ -213,6 +213,13 @@ class ShardedDataParallel {
 void consolidate_sharded_checkpoint(const std::string& checkpoint_path,
                                     const std::string& safetensors_path);
 
+/// Restores `module`'s parameters and buffers from a sharded checkpoint
+/// (ShardedDataParallel::save_checkpoint, any world size), with the checks
+/// of Checkpoint::restore_module (names, shapes; the module is unchanged on
+/// error). For inference from a sharded run. No process group needed.
+void restore_module_from_sharded_checkpoint(const Checkpoint& checkpoint,
+                                            torch::nn::Module& module);
+
 /// Bytes of `optimizer`'s state tensors (distinct storages counted once).
 int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer);
 
@@ -256,8 +263,11 @@ void collect_tensors(const std::tuple<Ts...>& t, std::vector<torch::Tensor>& out
 /// Runs `forward` (a callable taking no argument and returning a Tensor, a
 /// std::vector<Tensor>, or a pair or tuple of those) as the forward of
 /// `unit`: when `unit` is a unit of a fully sharded ShardedDataParallel, its
-/// parameters are gathered for the call (and again for its backward);
-/// otherwise it just calls.
+/// parameters are gathered for the call (and again for its backward, when
+/// the gradient of one of the returned tensors arrives); otherwise it just
+/// calls. Return every tensor of the unit that backward reaches (an
+/// auxiliary loss kept in the module, say): backward through one that is
+/// not returned could run before the unit is gathered again.
 template <typename F>
 auto unit_call(const torch::nn::Module& unit, F&& forward) {
   detail::UnitScope scope(unit);
