@@ -568,6 +568,26 @@ void ShardedDataParallel::Impl::launch(size_t u) {
     ++stats.reduce_scatters;
   }
   unit.launched = true;
+  // At most two gradient collectives in flight: each holds a whole unit's
+  // gradient, so waiting for the oldest bounds that memory to two units.
+  in_flight.push_back(u);
+  while (in_flight.size() > 2) {
+    const size_t oldest = in_flight.front();
+    in_flight.erase(in_flight.begin());
+    wait_gradients(oldest);
+  }
+}
+
+void ShardedDataParallel::Impl::wait_gradients(size_t u) {
+  auto& unit = units[u];
+  if (unit.grad_done) return;
+  unit.grad_work->wait();
+  unit.grad_done = true;
+  // ZeRO-1 hands the whole averaged gradient back; the others keep only their shard.
+  if (options.strategy() != ShardingStrategy::kZero1) {
+    unit.grad_work.reset();
+    unit.grad_flat = torch::Tensor();
+  }
 }
 
 void ShardedDataParallel::Impl::wait_all() noexcept {
@@ -592,10 +612,12 @@ void ShardedDataParallel::Impl::reset_round() {
     unit.launched = false;
     unit.pre_backward_done = false;
     unit.grad_work.reset();
+    unit.grad_done = false;
     unit.grad_flat = torch::Tensor();
     unit.grad_out = torch::Tensor();
   }
   next_launch = 0;
+  in_flight.clear();
   if (full()) launch_order.clear();  // kZero's is the buckets' order, set once
   regather_order.clear();
   next_regather = 0;
@@ -638,9 +660,10 @@ void ShardedDataParallel::Impl::finalize() {
 
   const double world_size = static_cast<double>(world());
   torch::NoGradGuard no_grad;
-  for (auto& unit : units) {
+  for (size_t u = 0; u < units.size(); ++u) {
+    auto& unit = units[u];
     try {
-      unit.grad_work->wait();
+      wait_gradients(u);
     } catch (...) {
       wait_all();
       reset_round();

@@ -55,6 +55,7 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
     torch::Tensor grad_flat;  // [padded]: the collective's input
     torch::Tensor grad_out;   // [shard_numel]: the reduce-scatter's output
     std::shared_ptr<ProcessGroup::Work> grad_work;
+    bool grad_done = false;  // grad_work waited for (and, but for kZero1, grad_flat freed)
   };
 
   struct GradReadyHook : torch::autograd::FunctionPostHook {
@@ -87,6 +88,7 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
   // differently on different ranks.
   std::vector<size_t> launch_order;
   size_t next_launch = 0;
+  std::vector<size_t> in_flight;  // units whose gradient collective is running, oldest first
   std::vector<size_t> regather_order;
   size_t next_regather = 0;
   std::shared_ptr<ProcessGroup> gather_pg;  // kFull: the all-gathers' communicator
@@ -129,6 +131,7 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
   void on_grad_ready(size_t index);
   void copy_grads(size_t u);
   void launch(size_t u);
+  void wait_gradients(size_t u);
   void launch_in_order();
   void issue_regathers_through(size_t position);
   void finish_regathers();

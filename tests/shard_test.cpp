@@ -7,11 +7,16 @@
 #include <wick/shard.h>
 #include <wick/trainer.h>
 
+#include <c10/core/CPUAllocator.h>
+
 #include "multiprocess.h"
 #include <gmock/gmock.h>
 #include "support.h"
 
+#include <atomic>
 #include <chrono>
+#include <cstring>
+#include <limits>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -462,6 +467,133 @@ TEST(ShardingTest, MemoryIsShardedAcrossTwoRanks) {
       EXPECT_GE(st.gathered_param_bytes, whole_bytes);
     }
   }
+}
+
+// Memory, for real: every CPU tensor allocation of the process counted by an
+// allocator that refuses to go past a budget, as a GPU's memory (or the
+// caching allocator's limit) would. The budget is 12 bytes per parameter. A
+// DDP replica with Adam needs 20 (parameters, gradients, the bucket copies
+// of the gradients, two moments) and fails to allocate; full sharding over 2
+// ranks holds half of the parameters, gradients and moments (8) plus the
+// units it gathers, and trains within it.
+class BudgetAllocator final : public c10::Allocator {
+ public:
+  explicit BudgetAllocator(c10::Allocator* base) : base_(base) {}
+  c10::DataPtr allocate(size_t n) override {
+    const int64_t now = live_.load() + static_cast<int64_t>(n);
+    TORCH_CHECK(now <= limit_.load(), "BudgetAllocator: ", n, " more bytes would make ", now,
+                ", over the budget of ", limit_.load());
+    auto inner = base_->allocate(n);
+    live_ += static_cast<int64_t>(n);
+    int64_t peak = peak_.load();
+    while (peak < live_.load() && !peak_.compare_exchange_weak(peak, live_.load())) {
+    }
+    void* data = inner.get();
+    const auto device = inner.device();
+    auto* ctx = new Owned{std::move(inner), static_cast<int64_t>(n), this};
+    return {data, ctx, &Owned::release, device};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    std::memcpy(dest, src, count);
+  }
+  int64_t live() const { return live_.load(); }
+  int64_t peak() const { return peak_.load(); }
+  void set_limit(int64_t bytes) { limit_ = bytes; }
+  void reset_peak() { peak_ = live_.load(); }
+
+ private:
+  struct Owned {
+    c10::DataPtr inner;
+    int64_t bytes;
+    BudgetAllocator* owner;
+    static void release(void* p) {
+      auto* o = static_cast<Owned*>(p);
+      o->owner->live_ -= o->bytes;
+      delete o;
+    }
+  };
+  c10::Allocator* base_;
+  std::atomic<int64_t> live_{0}, peak_{0}, limit_{std::numeric_limits<int64_t>::max()};
+};
+
+TEST(ShardingTest, FullShardingTrainsWhereADdpReplicaDoesNotFit) {
+  if (!is_rank_child()) {
+    for (const char* mode : {"ddp", "full"}) {
+      ::setenv("WICK_SHARD_MEMORY_MODE", mode, 1);
+      TempDir dir;
+      const auto result = run_ranks(2, dir.str(), /*timeout_s=*/300);
+      const auto report = wick::testing::read_text(dir.str() + "/memory.txt");
+      std::cout << mode << ": " << report;
+      if (std::string(mode) == "ddp") {
+        EXPECT_FALSE(result) << "a DDP replica with Adam fit in the budget";
+        EXPECT_THAT(report, ::testing::HasSubstr("over the budget"));
+      } else {
+        EXPECT_TRUE(result);
+        EXPECT_THAT(report, ::testing::HasSubstr("trained 3 steps"));
+      }
+    }
+    return;
+  }
+  const std::string mode = std::getenv("WICK_SHARD_MEMORY_MODE");
+  auto pg = child_group();
+  static BudgetAllocator budget{c10::GetDefaultCPUAllocator()};
+  c10::SetCPUAllocator(&budget, /*priority=*/100);
+  torch::manual_seed(0);
+  auto model = std::make_shared<torch::nn::Module>();
+  std::vector<std::shared_ptr<torch::nn::Module>> units;
+  std::vector<Block> blocks;
+  for (int i = 0; i < 12; ++i) {
+    blocks.push_back(model->register_module("block" + std::to_string(i), Block(512, 1024)));
+    units.push_back(blocks.back().ptr());
+  }
+  int64_t numel = 0;
+  for (const auto& p : model->parameters()) numel += p.numel();
+  const int64_t limit = 12 * numel;
+  budget.set_limit(limit);
+  std::ostringstream report;
+  report << numel << " parameters (" << 4 * numel / (1 << 20) << " MiB), budget "
+         << limit / (1 << 20) << " MiB; ";
+  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-4));
+  int steps = 0;
+  try {
+    std::unique_ptr<wick::DistributedDataParallel> ddp;
+    std::unique_ptr<wick::ShardedDataParallel> sdp;
+    if (mode == "full") {
+      sdp = std::make_unique<wick::ShardedDataParallel>(
+          model, pg, opt, wick::ShardingOptions().strategy(ShardingStrategy::kFull).units(units));
+    } else {
+      ddp = std::make_unique<wick::DistributedDataParallel>(model, pg);
+    }
+    report << "held after wrapping " << budget.live() / (1 << 20) << " MiB; ";
+    budget.reset_peak();
+    for (; steps < 3; ++steps) {
+      auto x = torch::randn({4, 512});
+      if (sdp) sdp->prepare_forward();
+      if (ddp) ddp->prepare_forward();
+      auto h = x;
+      for (auto& b : blocks) h = wick::unit_call(*b, [&] { return b->forward(h); });
+      h.square().mean().backward();
+      if (sdp) sdp->finalize_backward();
+      if (ddp) ddp->finalize_backward();
+      opt.step();
+      opt.zero_grad();
+    }
+    report << "trained 3 steps, peak " << budget.peak() / (1 << 20) << " MiB";
+    if (sdp) {
+      const auto st = sdp->stats();
+      report << " (optimizer state " << st.optimizer_state_bytes / (1 << 20)
+             << " MiB, most parameters gathered at once "
+             << st.peak_gathered_param_bytes / (1 << 20) << " MiB)";
+    }
+    budget.set_limit(std::numeric_limits<int64_t>::max());  // the destructors may gather
+  } catch (const std::exception& e) {
+    report << "at step " << steps << ": " << std::string(e.what()).substr(0, 100);
+  }
+  budget.set_limit(std::numeric_limits<int64_t>::max());
+  report << "\n";
+  if (pg->rank() == 0) std::ofstream(child_dir() + "/memory.txt") << report.str();
+  ASSERT_EQ(steps, 3) << report.str();
 }
 
 // fp16 loss scaling: the ranks' gradient shards differ, so an overflow in one
