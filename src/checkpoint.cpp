@@ -1,6 +1,7 @@
 #include "wick/checkpoint.h"
 
 #include "format.h"  // first: it sets fmt's namespace
+#include "checkpoint_internal.h"
 #include "fs.h"
 #include "module_state.h"
 
@@ -270,6 +271,10 @@ void read_module(torch::serialize::InputArchive& archive, const std::string& pre
 }  // namespace
 
 // ---------------------------------------------------------------- Checkpoint
+
+std::string detail::checkpoint_temp_name(const std::string& target_name) {
+  return temp_name(target_name);
+}
 
 struct Checkpoint::Section {
   std::string kind;   // "module", "optimizer", "archive", "rng"

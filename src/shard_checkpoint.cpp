@@ -12,6 +12,7 @@
 #include "wick/shard.h"
 
 #include "format.h"  // first of fmt: it sets fmt's namespace
+#include "checkpoint_internal.h"
 #include "fs.h"
 #include "module_state.h"
 #include "shard_impl.h"
@@ -21,7 +22,6 @@
 #include <algorithm>
 #include <map>
 #include <optional>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -263,6 +263,22 @@ class PartReader {
   std::map<int64_t, std::unique_ptr<std::map<std::string, torch::Tensor>>> files_;
 };
 
+// Rank 0's `text` on every rank.
+std::string broadcast_string(ProcessGroup& pg, const std::string& text) {
+  const auto options = torch::dtype(torch::kInt64).device(pg.device());
+  auto length = torch::full({1}, static_cast<int64_t>(text.size()), options);
+  pg.broadcast({length}, 0);
+  const int64_t n = length.cpu().item<int64_t>();
+  auto bytes = torch::zeros({std::max<int64_t>(n, 1)}, options.dtype(torch::kUInt8));
+  if (pg.rank() == 0 && n > 0) {
+    bytes.copy_(torch::from_blob(const_cast<char*>(text.data()), {n}, torch::kUInt8));
+  }
+  pg.broadcast({bytes}, 0);
+  bytes = bytes.cpu();
+  return std::string(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()),
+                     static_cast<size_t>(n));
+}
+
 // The module's buffers and frozen parameters: whole on every rank, saved by rank 0.
 std::vector<std::pair<std::string, torch::Tensor>> unsharded_state(const torch::nn::Module& m) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
@@ -287,14 +303,15 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
               "RMSprop and Adagrad can be)");
 
   // A staging directory beside the checkpoint (so on its file system: the
-  // checkpoint takes the files by hard links), named alike on every rank.
-  auto nonce = torch::zeros({1}, torch::dtype(torch::kInt64).device(impl.pg->device()));
-  if (rank == 0) nonce.fill_(static_cast<int64_t>(std::random_device{}() >> 1));
-  impl.pg->broadcast({nonce}, 0);
+  // checkpoint takes the files by hard links), named by rank 0 like any
+  // checkpoint temporary, so prune_checkpoints() clears it after a crash.
   std::string target = path;
   while (target.size() > 1 && target.back() == '/') target.pop_back();
-  const std::string staging =
-      fmt::format("{}.shards-{:x}", target, static_cast<long long>(nonce.cpu().item<int64_t>()));
+  const auto slash = target.rfind('/');
+  const std::string parent = slash == std::string::npos ? "." : target.substr(0, slash);
+  const std::string name = slash == std::string::npos ? target : target.substr(slash + 1);
+  const std::string staging = detail::join_path(
+      parent, broadcast_string(*impl.pg, rank == 0 ? detail::checkpoint_temp_name(name) : ""));
 
   // 1. Every rank writes its file; every rank learns every rank's outcome.
   std::string error;

@@ -357,10 +357,14 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   const bool unlimited_epochs = options_.max_epochs() < 0;
   while ((unlimited_epochs || state_.epoch < options_.max_epochs()) && !stop_requested()) {
     const int64_t samples_before = state_.samples_seen;
+    // A resume from a checkpoint written after an epoch's last batch (before
+    // its end) finds that epoch's batches all consumed: not an empty source.
+    const bool resumed_inside = state_.batch_in_epoch > 0;
     run_epoch(train, val);
     // Without an epoch limit only max_steps ends fit: an epoch without a
     // batch would repeat forever.
-    TORCH_CHECK(!unlimited_epochs || stop_requested() || state_.samples_seen > samples_before,
+    TORCH_CHECK(!unlimited_epochs || stop_requested() || resumed_inside ||
+                    state_.samples_seen > samples_before,
                 "Trainer: max_epochs=-1 (no epoch limit), but the training source yielded no "
                 "batches in epoch ",
                 state_.epoch - 1, "; max_steps=", options_.max_steps(), " cannot be reached");

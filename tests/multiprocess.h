@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -75,11 +76,15 @@ inline std::string read_text(const std::string& path) {
 }
 
 /// Starts the current test in children for `ranks` of a `world`-rank group
-/// (a rank left out never joins), sharing `dir`; waits at most `timeout_s`
-/// seconds, then kills what still runs. Returns each child's exit status
+/// (a rank left out never joins), sharing `dir`; waits at most `timeout`,
+/// then kills what still runs (SIGKILL). Returns each child's exit status
 /// (128 + signal when killed by one, -1 when it outlived the timeout).
+/// `kill_now`, when given, is asked every 10 ms while the children run;
+/// true kills them all at once (SIGKILL).
 inline std::vector<int> run_rank_processes(const std::vector<int>& ranks, int world,
-                                           const std::string& dir, int timeout_s) {
+                                           const std::string& dir,
+                                           std::chrono::milliseconds timeout,
+                                           const std::function<bool()>& kill_now = {}) {
   const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
   const std::string filter =
       std::string("--gtest_filter=") + info->test_suite_name() + "." + info->name();
@@ -110,9 +115,10 @@ inline std::vector<int> run_rank_processes(const std::vector<int>& ranks, int wo
     pids.push_back(pid);
   }
   std::vector<int> status(pids.size(), -1);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   size_t done = 0;
-  while (done < pids.size() && std::chrono::steady_clock::now() < deadline) {
+  while (done < pids.size() && std::chrono::steady_clock::now() < deadline &&
+         !(kill_now && kill_now())) {
     for (size_t i = 0; i < pids.size(); ++i) {
       if (pids[i] == 0) continue;
       int st = 0;
@@ -131,6 +137,11 @@ inline std::vector<int> run_rank_processes(const std::vector<int>& ranks, int wo
     }
   }
   return status;
+}
+
+inline std::vector<int> run_rank_processes(const std::vector<int>& ranks, int world,
+                                           const std::string& dir, int timeout_s) {
+  return run_rank_processes(ranks, world, dir, std::chrono::seconds(timeout_s));
 }
 
 /// Runs the current test in `world` children (ranks 0..world-1) sharing

@@ -17,10 +17,13 @@
 #include <chrono>
 #include <cstring>
 #include <limits>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <sstream>
 #include <optional>
+#include <utility>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -850,4 +853,122 @@ TEST(TrainerShardingTest, ConsolidatesToOneSafetensorsFile) {
   const auto trained = load_params(dir.str() + "/params.pt");
   EXPECT_LE(max_relative_difference(wick::testing::clone_parameters(*model), trained), 0.0);
 }
+// Both ranks of a sharded run that checkpoints every step (12 MiB of shards
+// per rank and save) are SIGKILLed 20 times at random moments once it
+// trains (uniform over its next few steps), many inside a save; each time
+// the run resumes from the newest checkpoint. After every
+// kill the newest complete checkpoint loads and every rank's file in it
+// passes its size and CRC-32 check; in the end the run completes and no
+// staging or temporary directory is left behind.
+TEST(ShardingFaultTest, SigkillDuringShardedSavesKeepsTheLastCheckpoint) {
+  constexpr int64_t kSteps = 80;
+  if (is_rank_child()) {
+    auto pg = child_group();
+    torch::manual_seed(0);
+    auto model = std::make_shared<torch::nn::Module>();
+    std::vector<std::shared_ptr<torch::nn::Module>> units;
+    for (int i = 0; i < 4; ++i) {
+      units.push_back(model->register_module("block" + std::to_string(i), Block(256, 1024)));
+    }
+    wick::SupervisedTask task(
+        model,
+        [&](const torch::Tensor& x) {
+          auto h = x;
+          for (auto& u : units) {
+            auto* b = u->as<BlockImpl>();
+            h = wick::unit_call(*b, [&] { return b->forward(h); });
+          }
+          return h;
+        },
+        [](const torch::Tensor& o, const torch::Tensor& t) { return torch::mse_loss(o, t); });
+    wick::FusedAdam opt(model->parameters(), wick::FusedAdamOptions(1e-4));
+    auto x = torch::randn({64, 256}), y = torch::randn({64, 256});
+    wick::TensorBatchSource train(
+        x, y, wick::TensorBatchSourceOptions(4).shuffle(false).rank(pg->rank()).world_size(2));
+    const std::string dir = child_dir() + "/ckpt";
+    wick::Trainer trainer(
+        wick::TrainerOptions()
+            .max_epochs(-1)
+            .max_steps(kSteps)
+            .log_system_metrics(false)
+            .process_group(pg)
+            .checkpoint_dir(dir)
+            .checkpoint_every_n_steps(1)
+            .keep_last_k(2)
+            .resume(wick::latest_checkpoint(dir) ? "latest" : "")
+            .sharding(wick::ShardingOptions().strategy(ShardingStrategy::kFull).units(units)));
+    // Rank 0 says when it trains: the kills aim at the steps, not the start.
+    struct Started : wick::Callback {
+      std::string path;
+      std::string name() const override { return "Started"; }
+      void on_step_end(wick::Trainer& t) override {
+        if (t.is_main() && !path.empty()) std::ofstream(std::exchange(path, "")) << "1";
+      }
+    };
+    auto started = std::make_shared<Started>();
+    started->path = child_dir() + "/started";
+    trainer.add_callback(started);
+    EXPECT_EQ(trainer.fit(task, opt, train).state.step, kSteps);
+    return;
+  }
+  TempDir dir;
+  const std::string ckpt = dir.str() + "/ckpt";
+  std::mt19937 gen(12345);
+  std::uniform_int_distribution<int> delay_ms(0, 400);
+  int kills = 0, resumed_from_new = 0, in_save = 0;
+  int64_t last_step = -1;
+  bool completed = false;
+  while (!completed) {
+    const std::string started = dir.str() + "/started";
+    std::filesystem::remove(started);
+    const auto delay = std::chrono::milliseconds(delay_ms(gen));
+    std::optional<std::chrono::steady_clock::time_point> seen;
+    auto kill_now = [&] {
+      if (kills >= 20) return false;  // the last run goes to its end
+      if (!seen && std::filesystem::exists(started)) seen = std::chrono::steady_clock::now();
+      return seen && std::chrono::steady_clock::now() - *seen >= delay;
+    };
+    const auto status = wick::testing::run_rank_processes({0, 1}, 2, dir.str(),
+                                                          std::chrono::minutes(5), kill_now);
+    completed = status[0] == 0 && status[1] == 0;
+    if (!completed) {
+      ASSERT_LT(kills, 20) << "the last run, not killed, failed: "
+                           << wick::testing::read_text(dir.str() + "/rank0.log");
+      ++kills;
+      // A kill inside a save leaves its staging or temporary directory.
+      if (std::filesystem::exists(ckpt)) {
+        for (const auto& entry : std::filesystem::directory_iterator(ckpt)) {
+          if (entry.path().filename().string().find(".tmp-") != std::string::npos) {
+            ++in_save;
+            break;
+          }
+        }
+      }
+    }
+    const auto latest = wick::latest_checkpoint(ckpt);
+    if (!latest) continue;  // killed before the first checkpoint was complete
+    const auto loaded = wick::Checkpoint::load(*latest);
+    for (int r = 0; r < 2; ++r) {
+      const std::string name = "shard-0000" + std::to_string(r) + "-of-00002";
+      ASSERT_TRUE(loaded.has_file(name)) << *latest;
+      EXPECT_NO_THROW(loaded.file_path(name)) << *latest;  // size and CRC-32
+    }
+    EXPECT_GE(loaded.train_state().step, last_step) << "the newest checkpoint went back";
+    if (loaded.train_state().step > last_step) ++resumed_from_new;
+    last_step = loaded.train_state().step;
+  }
+  EXPECT_EQ(kills, 20);
+  EXPECT_EQ(last_step, kSteps);
+  EXPECT_GE(resumed_from_new, 10) << "the kills did not let the run progress";
+  // The last run pruned what the killed ones left (their processes are gone).
+  for (const auto& entry : std::filesystem::directory_iterator(ckpt)) {
+    const auto name = entry.path().filename().string();
+    EXPECT_EQ(name.find(".tmp-"), std::string::npos) << "left behind: " << name;
+  }
+  EXPECT_GE(in_save, 5) << "too few kills landed inside a save";
+  std::cout << kills << " kills, " << in_save << " inside a save; the newest checkpoint advanced "
+            << resumed_from_new
+            << " times; the run completed at step " << last_step << "\n";
+}
+
 }  // namespace

@@ -293,6 +293,33 @@ TEST_F(TrainerTest, UnlimitedEpochsTrainUntilMaxSteps) {
   for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(tensors_equal(params[i], reference[i]));
 }
 
+// A checkpoint written at the step that consumed an epoch's last batch
+// (before the epoch's end) resumes into an epoch with no batch left: that
+// is the resume, not an empty source (it once stopped fit with that error).
+TEST_F(TrainerTest, UnlimitedEpochsResumeAfterAnEpochsLastBatch) {
+  auto data = make_data(100, torch::kFloat32);
+  TempDir dir;
+  const auto run = [&](int64_t max_steps, const std::string& resume) {
+    auto model = make_model(torch::kFloat32);
+    wick::SupervisedTask task(model);
+    torch::optim::SGD opt(model->parameters(), 0.1);
+    wick::TensorBatchSource source(data.x, data.y, 10);
+    wick::Trainer trainer(quiet()
+                              .max_epochs(-1)
+                              .max_steps(max_steps)
+                              .checkpoint_dir(dir.str())
+                              .checkpoint_every_n_steps(1)
+                              .resume(resume));
+    return trainer.fit(task, opt, source).state;
+  };
+  const auto first = run(10, "");  // the 10 batches of epoch 0
+  EXPECT_EQ(first.step, 10);
+  const auto second = run(15, dir.str() + "/" + wick::checkpoint_name(10));
+  EXPECT_EQ(second.step, 15);
+  EXPECT_EQ(second.epoch, 1);
+  EXPECT_EQ(second.batch_in_epoch, 5);
+}
+
 TEST_F(TrainerTest, UnlimitedEpochsOfAnEmptySourceAreAnError) {
   struct Empty : wick::BatchSource {
     void reset(int64_t) override {}
