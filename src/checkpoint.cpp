@@ -1,7 +1,7 @@
 #include "wick/checkpoint.h"
 
-#include "format.h"  // first: it sets fmt's namespace
 #include "checkpoint_internal.h"
+#include "format.h"  // first: it sets fmt's namespace
 #include "fs.h"
 #include "module_state.h"
 

@@ -57,8 +57,8 @@ void check_same_parameters(ProcessGroup& pg,
   pg.broadcast({header}, 0);
   header = header.cpu();
   const int64_t n0 = header[0].item<int64_t>(), len0 = header[1].item<int64_t>();
-  torch::Tensor enc0 = rank == 0 ? torch::tensor(encoded, torch::kInt64).to(pg.device())
-                                 : torch::zeros({len0}, i64);
+  torch::Tensor enc0 =
+      rank == 0 ? torch::tensor(encoded, torch::kInt64).to(pg.device()) : torch::zeros({len0}, i64);
   if (len0 > 0) pg.broadcast({enc0}, 0);
   enc0 = enc0.cpu();
   const auto* e = enc0.data_ptr<int64_t>();

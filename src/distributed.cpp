@@ -227,8 +227,7 @@ class BackendWork : public ProcessGroup::Work {
 // `world` times `part`'s elements, both contiguous, one dtype, one device.
 void check_scatter_gather_operands(const char* what, const torch::Tensor& whole,
                                    const torch::Tensor& part, int64_t world) {
-  TORCH_CHECK(whole.defined() && part.defined(), "ProcessGroup: ", what,
-              " needs defined tensors");
+  TORCH_CHECK(whole.defined() && part.defined(), "ProcessGroup: ", what, " needs defined tensors");
   TORCH_CHECK(whole.is_contiguous() && part.is_contiguous(), "ProcessGroup: ", what,
               " needs contiguous tensors");
   TORCH_CHECK(whole.scalar_type() == part.scalar_type() && whole.device() == part.device(),
@@ -467,7 +466,7 @@ std::shared_ptr<ProcessGroup::Work> ProcessGroup::allreduce_sum_async(torch::Ten
 }
 
 std::shared_ptr<ProcessGroup::Work> ProcessGroup::all_gather_async(torch::Tensor output,
-                                                                  torch::Tensor input) {
+                                                                   torch::Tensor input) {
   check_scatter_gather_operands("all_gather", output, input, world_size_);
   if (!backend_ || world_size_ == 1) {
     if (output.data_ptr() != input.data_ptr()) output.copy_(input);
@@ -482,7 +481,7 @@ std::shared_ptr<ProcessGroup::Work> ProcessGroup::all_gather_async(torch::Tensor
 }
 
 std::shared_ptr<ProcessGroup::Work> ProcessGroup::reduce_scatter_sum_async(torch::Tensor output,
-                                                                          torch::Tensor input) {
+                                                                           torch::Tensor input) {
   check_scatter_gather_operands("reduce_scatter", input, output, world_size_);
   if (!backend_ || world_size_ == 1) {
     if (output.data_ptr() != input.data_ptr()) output.copy_(input);
@@ -602,8 +601,8 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
     } else {
       gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
-    make = [r = static_cast<int>(*rank), w = static_cast<int>(*world),
-            gloo_options](const c10::intrusive_ptr<c10d::Store>& s) -> c10::intrusive_ptr<c10d::Backend> {
+    make = [r = static_cast<int>(*rank), w = static_cast<int>(*world), gloo_options](
+               const c10::intrusive_ptr<c10d::Store>& s) -> c10::intrusive_ptr<c10d::Backend> {
       return c10::make_intrusive<c10d::ProcessGroupGloo>(s, r, w, gloo_options);
     };
     try {
@@ -627,8 +626,8 @@ std::shared_ptr<ProcessGroup> init_process_group(ProcessGroupOptions options) {
     gpus = exchange_gpu_identities(*store, device, *rank, *world, timeout);
     auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
     nccl_options->timeout = timeout;
-    make = [r = static_cast<int>(*rank), w = static_cast<int>(*world),
-            nccl_options](const c10::intrusive_ptr<c10d::Store>& s) -> c10::intrusive_ptr<c10d::Backend> {
+    make = [r = static_cast<int>(*rank), w = static_cast<int>(*world), nccl_options](
+               const c10::intrusive_ptr<c10d::Store>& s) -> c10::intrusive_ptr<c10d::Backend> {
       return c10::make_intrusive<c10d::ProcessGroupNCCL>(s, r, w, nccl_options);
     };
     impl = make(store);

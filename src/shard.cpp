@@ -28,9 +28,7 @@ constexpr const char* kName = "ShardedDataParallel";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int64_t storage_bytes(const torch::Tensor& t) {
-  return static_cast<int64_t>(t.storage().nbytes());
-}
+int64_t storage_bytes(const torch::Tensor& t) { return static_cast<int64_t>(t.storage().nbytes()); }
 
 // A unit's unsharded flat tensor keeps one StorageImpl for its whole life:
 // the module's parameters, and the views of them that autograd saves during
@@ -137,10 +135,10 @@ std::vector<std::vector<size_t>> ShardedDataParallel::Impl::plan_units(
     double bytes = 0;
     for (size_t k = trainable.size(); k-- > 0;) {
       const auto& t = trainable[k].second;
-      const bool new_bucket = plan.empty() || bytes >= cap ||
-                              trainable[plan.back().front()].second.scalar_type() !=
-                                  t.scalar_type() ||
-                              trainable[plan.back().front()].second.device() != t.device();
+      const bool new_bucket =
+          plan.empty() || bytes >= cap ||
+          trainable[plan.back().front()].second.scalar_type() != t.scalar_type() ||
+          trainable[plan.back().front()].second.device() != t.device();
       if (new_bucket) {
         plan.emplace_back();
         bytes = 0;
@@ -199,17 +197,16 @@ std::vector<std::vector<size_t>> ShardedDataParallel::Impl::plan_units(
     plan.push_back(std::move(rest));
   }
   for (size_t u = 0; u < plan.size(); ++u) {
-    TORCH_CHECK(!plan[u].empty(), kName, ": unit '", units[u].name,
-                "' has no trainable parameter");
+    TORCH_CHECK(!plan[u].empty(), kName, ": unit '", units[u].name, "' has no trainable parameter");
     const auto& first = trainable[plan[u].front()];
     for (size_t k : plan[u]) {
       const auto& [name, t] = trainable[k];
-      TORCH_CHECK(t.scalar_type() == first.second.scalar_type() &&
-                      t.device() == first.second.device(),
-                  kName, ": unit '", units[u].name, "' mixes parameters of different dtypes or ",
-                  "devices ('", first.first, "' is ", first.second.scalar_type(), " on ",
-                  first.second.device(), ", '", name, "' is ", t.scalar_type(), " on ", t.device(),
-                  "); a unit is one flat tensor");
+      TORCH_CHECK(
+          t.scalar_type() == first.second.scalar_type() && t.device() == first.second.device(),
+          kName, ": unit '", units[u].name, "' mixes parameters of different dtypes or ",
+          "devices ('", first.first, "' is ", first.second.scalar_type(), " on ",
+          first.second.device(), ", '", name, "' is ", t.scalar_type(), " on ", t.device(),
+          "); a unit is one flat tensor");
     }
   }
   return plan;
@@ -265,8 +262,7 @@ void ShardedDataParallel::Impl::make_unit(Unit& unit) {
 }
 
 void ShardedDataParallel::Impl::build(
-    const std::vector<std::pair<std::string, torch::Tensor>>& named,
-    torch::optim::Optimizer& opt) {
+    const std::vector<std::pair<std::string, torch::Tensor>>& named, torch::optim::Optimizer& opt) {
   TORCH_CHECK(dynamic_cast<torch::optim::LBFGS*>(&opt) == nullptr, kName,
               ": LBFGS is not elementwise (its steps use dot products over all parameters), so "
               "it cannot step shards; use SGD, Adam, AdamW, FusedAdam, RMSprop or Adagrad");
@@ -297,8 +293,8 @@ void ShardedDataParallel::Impl::build(
     for (size_t g = 0; g < opt.param_groups().size(); ++g) {
       for (const auto& t : opt.param_groups()[g].params()) {
         TORCH_CHECK(mine.count(t.unsafeGetTensorImpl()) != 0, kName,
-                    ": the optimizer's parameter group ", g, " holds a tensor of shape ",
-                    t.sizes(), " that is not a trainable parameter of the module");
+                    ": the optimizer's parameter group ", g, " holds a tensor of shape ", t.sizes(),
+                    " that is not a trainable parameter of the module");
       }
     }
   }
@@ -347,8 +343,8 @@ void ShardedDataParallel::Impl::build(
   for (const auto& u : units) {
     stats.param_numel += u.numel;
     stats.shard_numel += u.shard_numel;
-    stats.padding_numel += std::max<int64_t>(
-        0, std::min(u.shard_numel, (rank() + 1) * u.shard_numel - u.numel));
+    stats.padding_numel +=
+        std::max<int64_t>(0, std::min(u.shard_numel, (rank() + 1) * u.shard_numel - u.numel));
     stats.shard_bytes += storage_bytes(u.shard);
   }
   reset_round();
@@ -538,7 +534,8 @@ void ShardedDataParallel::Impl::copy_grads(size_t u) {
   auto& unit = units[u];
   torch::NoGradGuard no_grad;
   unit.grad_flat = torch::empty({unit.padded}, unit.full.options());
-  if (unit.padded > unit.numel) unit.grad_flat.narrow(0, unit.numel, unit.padded - unit.numel).zero_();
+  if (unit.padded > unit.numel)
+    unit.grad_flat.narrow(0, unit.numel, unit.padded - unit.numel).zero_();
   for (size_t i : unit.params) {
     auto& p = params[i];
     auto slice = unit.grad_flat.narrow(0, p.offset, p.numel);
@@ -806,7 +803,8 @@ void ShardedDataParallel::prepare_forward() {
           ++impl.stats.all_gathers;
         }
         for (auto& w : works) w->wait();
-        for (auto& unit : impl.units) unit.shard_version = static_cast<int64_t>(unit.shard._version());
+        for (auto& unit : impl.units)
+          unit.shard_version = static_cast<int64_t>(unit.shard._version());
         impl.stale_params = false;
       }
     }
@@ -837,8 +835,8 @@ double ShardedDataParallel::clip_grad_norm_(double max_norm) {
   // parameters' norms. Each parameter's squared norm is summed over the
   // ranks' parts of it, in the gradients' dtype.
   const auto options = impl.units.front().shard.options();
-  auto squares = torch::zeros({static_cast<int64_t>(impl.params.size())},
-                              options.device(impl.pg->device()));
+  auto squares =
+      torch::zeros({static_cast<int64_t>(impl.params.size())}, options.device(impl.pg->device()));
   std::vector<torch::Tensor> grads;
   for (const auto& unit : impl.units) {
     const int64_t begin = impl.rank() * unit.shard_numel;

@@ -11,8 +11,8 @@
 #include "wick/safetensors.h"
 #include "wick/shard.h"
 
-#include "format.h"  // first of fmt: it sets fmt's namespace
 #include "checkpoint_internal.h"
+#include "format.h"  // first of fmt: it sets fmt's namespace
 #include "fs.h"
 #include "module_state.h"
 #include "shard_impl.h"
@@ -194,16 +194,16 @@ SavedLayout parse_manifest(const Checkpoint& ckpt) {
       sp.shape = p.at("shape").get<std::vector<int64_t>>();
       sp.numel = p.at("numel").get<int64_t>();
       for (const auto& part : p.at("parts")) {
-        sp.parts.push_back({part.at(0).get<int64_t>(), part.at(1).get<int64_t>(),
-                            part.at(2).get<int64_t>()});
+        sp.parts.push_back(
+            {part.at(0).get<int64_t>(), part.at(1).get<int64_t>(), part.at(2).get<int64_t>()});
       }
       const auto name = p.at("name").get<std::string>();
       layout.params_in_order.push_back(name);
       layout.params.emplace(name, std::move(sp));
     }
   } catch (const json::exception& e) {
-    TORCH_CHECK(false, kName, ": checkpoint ", ckpt.path(), " has a malformed sharding manifest: ",
-                e.what());
+    TORCH_CHECK(false, kName, ": checkpoint ", ckpt.path(),
+                " has a malformed sharding manifest: ", e.what());
   }
   return layout;
 }
@@ -367,10 +367,9 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
           tensors.emplace_back("b/" + name, t.detach());
         }
       }
-      bytes = save_safetensors_to_bytes(
-          tensors, {{"wick", "sharded checkpoint"},
-                    {"rank", std::to_string(rank)},
-                    {"world_size", std::to_string(world)}});
+      bytes = save_safetensors_to_bytes(tensors, {{"wick", "sharded checkpoint"},
+                                                  {"rank", std::to_string(rank)},
+                                                  {"world_size", std::to_string(world)}});
       const std::string file = detail::join_path(staging, shard_file(rank, world));
       detail::AtomicFile out(file, kName);
       out.write(bytes.data(), bytes.size());
@@ -436,11 +435,10 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
         }
       });
       for (int64_t r = 0; r < world; ++r) {
-        checkpoint.put_file(shard_file(r, world),
-                            detail::join_path(staging, shard_file(r, world)),
-                            static_cast<uint64_t>(table[r][0].item<int64_t>()),
-                            fmt::format("{:08x}", static_cast<unsigned long long>(
-                                                      table[r][1].item<int64_t>())));
+        checkpoint.put_file(
+            shard_file(r, world), detail::join_path(staging, shard_file(r, world)),
+            static_cast<uint64_t>(table[r][0].item<int64_t>()),
+            fmt::format("{:08x}", static_cast<unsigned long long>(table[r][1].item<int64_t>())));
       }
       checkpoint.save(path);
     } catch (const std::exception& e) {
@@ -470,9 +468,9 @@ void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
                 ": parameter '", p.name, "' has shape ", c10::IntArrayRef(it->second.shape),
                 " there but ", c10::IntArrayRef(p.shape), " in the module");
   }
-  TORCH_CHECK(layout.params.size() == impl.params.size(), kName, ": checkpoint ",
-              checkpoint.path(), " has ", layout.params.size(),
-              " trainable parameters, the module ", impl.params.size());
+  TORCH_CHECK(layout.params.size() == impl.params.size(), kName, ": checkpoint ", checkpoint.path(),
+              " has ", layout.params.size(), " trainable parameters, the module ",
+              impl.params.size());
   const std::string kind = optimizer_kind(opt);
   TORCH_CHECK(layout.optimizer.empty() || layout.optimizer == kind, kName, ": checkpoint ",
               checkpoint.path(), " holds the state of a ", layout.optimizer,
@@ -558,8 +556,8 @@ NamedTensors assemble(const Checkpoint& ckpt) {
   NamedTensors tensors;
   for (const auto& name : layout.params_in_order) {
     const auto& sp = layout.params.at(name);
-    auto first = reader.tensor(sp.parts.front().rank, part_key("p", "param", name,
-                                                                sp.parts.front().start));
+    auto first =
+        reader.tensor(sp.parts.front().rank, part_key("p", "param", name, sp.parts.front().start));
     auto whole = torch::empty({sp.numel}, first.options());
     reader.read("p", "param", name, 0, sp.numel, whole);
     tensors.emplace_back(name, whole.view(sp.shape));

@@ -24,7 +24,7 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
     int64_t numel = 0;
     int64_t offset = 0;  // in its unit's flat tensor
     size_t unit = 0;
-    size_t group = 0;  // optimizer parameter group
+    size_t group = 0;     // optimizer parameter group
     torch::Tensor view;   // the parameter's place in its unit's flat tensor
     torch::Tensor empty;  // what the parameter holds at rest (kFull): no element
     std::shared_ptr<torch::autograd::Node> accumulator;
@@ -93,9 +93,9 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
   size_t next_regather = 0;
   std::shared_ptr<ProcessGroup> gather_pg;  // kFull: the all-gathers' communicator
   bool sync = true;
-  bool stale_params = false;   // kZero: a step may have changed the shards since the last gather
-  bool stale_grads = false;    // kZero1: the module's gradients are last step's averages
-  bool pinned = false;         // kFull: gather_full_params() holds every unit until reshard()
+  bool stale_params = false;  // kZero: a step may have changed the shards since the last gather
+  bool stale_grads = false;   // kZero1: the module's gradients are last step's averages
+  bool pinned = false;        // kFull: gather_full_params() holds every unit until reshard()
   std::vector<size_t> forward_order, last_forward_order;
   ShardingStats stats;
   int64_t gathered_bytes = 0;

@@ -324,8 +324,8 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   if (options_.sharding().has_value()) {
     // Before a resume: a sharded checkpoint restores into the shards. Also
     // in a world of one, which can resume what more ranks wrote.
-    auto pg = options_.process_group() ? options_.process_group()
-                                       : std::make_shared<ProcessGroup>();
+    auto pg =
+        options_.process_group() ? options_.process_group() : std::make_shared<ProcessGroup>();
     sdp_ = std::make_unique<ShardedDataParallel>(task.module().shared_from_this(), pg, optimizer,
                                                  *options_.sharding());
     params_ = sdp_->sharded_parameters();  // the optimizer's, now

@@ -9,22 +9,22 @@
 
 #include <c10/core/CPUAllocator.h>
 
-#include "multiprocess.h"
 #include <gmock/gmock.h>
+#include "multiprocess.h"
 #include "support.h"
 
 #include <atomic>
 #include <chrono>
 #include <cstring>
-#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <functional>
-#include <sstream>
+#include <limits>
 #include <optional>
-#include <utility>
 #include <random>
+#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -195,7 +195,7 @@ TEST(ShardingTest, RefusesWhatCannotBeSharded) {
     torch::optim::Adam adam_opt(m->parameters());
     adam_opt.step();
     EXPECT_THROWS_WITH(wick::ShardedDataParallel(m.ptr(), pg, adam_opt),
-                           "the optimizer already has state");
+                       "the optimizer already has state");
   }
   {
     auto m = make_model();
@@ -203,7 +203,7 @@ TEST(ShardingTest, RefusesWhatCannotBeSharded) {
     params.pop_back();  // out.bias
     torch::optim::SGD opt(params, 0.1);
     EXPECT_THROWS_WITH(wick::ShardedDataParallel(m.ptr(), pg, opt),
-                           "parameter 'out.bias' is trainable but not in the optimizer");
+                       "parameter 'out.bias' is trainable but not in the optimizer");
   }
   {
     auto m = make_model();
@@ -211,7 +211,7 @@ TEST(ShardingTest, RefusesWhatCannotBeSharded) {
     params.push_back(torch::zeros({4, 5}, torch::requires_grad()));
     torch::optim::SGD opt(params, 0.1);
     EXPECT_THROWS_WITH(wick::ShardedDataParallel(m.ptr(), pg, opt),
-                           "holds a tensor of shape [4, 5] that is not a trainable parameter");
+                       "holds a tensor of shape [4, 5] that is not a trainable parameter");
   }
   {
     auto m = make_model();
@@ -227,10 +227,10 @@ TEST(ShardingTest, RefusesWhatCannotBeSharded) {
     torch::optim::SGD opt(m->parameters(), 0.1);
     auto units = m->units();
     units.push_back(m->blocks[0]->fc1.ptr());  // inside block0
-    EXPECT_THROWS_WITH(
-        wick::ShardedDataParallel(
-            m.ptr(), pg, opt, wick::ShardingOptions().strategy(ShardingStrategy::kFull).units(units)),
-        "units 'block0' and 'block0.fc1' share parameters");
+    EXPECT_THROWS_WITH(wick::ShardedDataParallel(
+                           m.ptr(), pg, opt,
+                           wick::ShardingOptions().strategy(ShardingStrategy::kFull).units(units)),
+                       "units 'block0' and 'block0.fc1' share parameters");
   }
   {
     auto m = make_model();
@@ -340,9 +340,8 @@ TEST(ShardingTest, RankDependentGraphsKeepCollectivesInStep) {
       for (size_t i = 0; i < model->blocks.size(); ++i) {
         auto& blk = model->blocks[i];
         // Like an MoE's balance loss: a second output that reads only the block's weights.
-        auto [y, a] = wick::unit_call(*blk, [&] {
-          return std::make_pair(blk->forward(h), blk->fc1->weight.square().sum());
-        });
+        auto [y, a] = wick::unit_call(
+            *blk, [&] { return std::make_pair(blk->forward(h), blk->fc1->weight.square().sum()); });
         h = y;
         if (i == 0) first = h, aux = a;
       }
@@ -701,18 +700,16 @@ void sharded_fit(ShardingStrategy strategy, const std::string& ckpt_dir, int64_t
   torch::manual_seed(7);
   auto x = torch::randn({96, 6}), y = torch::randn({96, 3});
   auto model = make_model();
-  wick::SupervisedTask task(model, [](const torch::Tensor& o, const torch::Tensor& t) {
-    return torch::mse_loss(o, t);
-  });
+  wick::SupervisedTask task(
+      model, [](const torch::Tensor& o, const torch::Tensor& t) { return torch::mse_loss(o, t); });
   wick::FusedAdam opt(model->parameters(), wick::FusedAdamOptions(1e-2));
   // In order: a shuffled TensorBatchSource orders one rank's epoch (randperm
   // seeded by epoch_seed) unlike several ranks' (DistributedSampler's seed + epoch).
-  wick::TensorBatchSource train(
-      x, y,
-      wick::TensorBatchSourceOptions(batch > 0 ? batch : 12 / world)
-          .shuffle(false)
-          .rank(pg->rank())
-          .world_size(world));
+  wick::TensorBatchSource train(x, y,
+                                wick::TensorBatchSourceOptions(batch > 0 ? batch : 12 / world)
+                                    .shuffle(false)
+                                    .rank(pg->rank())
+                                    .world_size(world));
   wick::Trainer trainer(wick::TrainerOptions()
                             .max_epochs(2)
                             .max_steps(max_steps)
@@ -928,8 +925,8 @@ TEST(ShardingFaultTest, SigkillDuringShardedSavesKeepsTheLastCheckpoint) {
       if (!seen && std::filesystem::exists(started)) seen = std::chrono::steady_clock::now();
       return seen && std::chrono::steady_clock::now() - *seen >= delay;
     };
-    const auto status = wick::testing::run_rank_processes({0, 1}, 2, dir.str(),
-                                                          std::chrono::minutes(5), kill_now);
+    const auto status =
+        wick::testing::run_rank_processes({0, 1}, 2, dir.str(), std::chrono::minutes(5), kill_now);
     completed = status[0] == 0 && status[1] == 0;
     if (!completed) {
       ASSERT_LT(kills, 20) << "the last run, not killed, failed: "
@@ -967,8 +964,7 @@ TEST(ShardingFaultTest, SigkillDuringShardedSavesKeepsTheLastCheckpoint) {
   }
   EXPECT_GE(in_save, 5) << "too few kills landed inside a save";
   std::cout << kills << " kills, " << in_save << " inside a save; the newest checkpoint advanced "
-            << resumed_from_new
-            << " times; the run completed at step " << last_step << "\n";
+            << resumed_from_new << " times; the run completed at step " << last_step << "\n";
 }
 
 }  // namespace

@@ -229,25 +229,25 @@ int run(Args args) {
 
   const std::string checkpoint_dir =
       args.checkpoint_dir.empty() ? args.run_dir + "/checkpoints" : args.checkpoint_dir;
-  wick::Trainer trainer(wick::TrainerOptions()
-                            .max_epochs(args.epochs)
-                            .max_steps(args.max_steps)
-                            .grad_accum_steps(args.accum)
-                            .precision(precision)
-                            .grad_clip_norm(args.clip)
-                            .seed(args.seed)
-                            .log_every_n_steps(50)
-                            .checkpoint_dir(checkpoint_dir)
-                            .checkpoint_every_n_steps(args.checkpoint_every)
-                            .keep_last_k(2)
-                            .resume(args.resume)
-                            .process_group(pg)
-                            .device(device)
-                            .sharding(args.shard.empty()
-                                          ? std::nullopt
-                                          : std::optional<wick::ShardingOptions>(
-                                                wick::ShardingOptions().strategy(
-                                                    wick::parse_sharding_strategy(args.shard)))));
+  wick::Trainer trainer(
+      wick::TrainerOptions()
+          .max_epochs(args.epochs)
+          .max_steps(args.max_steps)
+          .grad_accum_steps(args.accum)
+          .precision(precision)
+          .grad_clip_norm(args.clip)
+          .seed(args.seed)
+          .log_every_n_steps(50)
+          .checkpoint_dir(checkpoint_dir)
+          .checkpoint_every_n_steps(args.checkpoint_every)
+          .keep_last_k(2)
+          .resume(args.resume)
+          .process_group(pg)
+          .device(device)
+          .sharding(args.shard.empty()
+                        ? std::nullopt
+                        : std::optional<wick::ShardingOptions>(wick::ShardingOptions().strategy(
+                              wick::parse_sharding_strategy(args.shard)))));
 
   const int64_t steps_per_epoch = (*train.size() + args.accum - 1) / args.accum;
   if (args.schedule == "cosine") {

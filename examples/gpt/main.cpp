@@ -293,23 +293,23 @@ int train(const TrainArgs& a) {
     train_seconds = r.seconds;
     tokens_per_s = r.tokens_per_s;
   } else {
-    auto trainer_options = wick::TrainerOptions()
-                              .max_epochs(1000000)
-                              .max_steps(a.steps)
-                              .grad_accum_steps(a.accum)
-                              .precision(precision)
-                              .grad_clip_norm(1.0)
-                              .seed(a.seed)
-                              .log_every_n_steps(20)
-                              .checkpoint_dir(a.run_dir + "/checkpoints")
-                              .keep_last_k(2)
-                              .resume(a.resume)
-                              .process_group(pg)
-                              // A routed expert that no token of this rank's
-                              // batch chose gets no gradient here.
-                              .ddp(wick::DistributedDataParallelOptions().find_unused_parameters(
-                                  a.config.moe))
-                              .device(device);
+    auto trainer_options =
+        wick::TrainerOptions()
+            .max_epochs(1000000)
+            .max_steps(a.steps)
+            .grad_accum_steps(a.accum)
+            .precision(precision)
+            .grad_clip_norm(1.0)
+            .seed(a.seed)
+            .log_every_n_steps(20)
+            .checkpoint_dir(a.run_dir + "/checkpoints")
+            .keep_last_k(2)
+            .resume(a.resume)
+            .process_group(pg)
+            // A routed expert that no token of this rank's
+            // batch chose gets no gradient here.
+            .ddp(wick::DistributedDataParallelOptions().find_unused_parameters(a.config.moe))
+            .device(device);
     if (!a.shard.empty()) {
       // Full sharding: every transformer block is a unit (model.cpp runs it
       // through wick::unit_call); the embedding, final norm and head are the root.
@@ -317,8 +317,9 @@ int train(const TrainArgs& a) {
       for (const auto& block : *model->blocks) units.push_back(block);
       const auto strategy = wick::parse_sharding_strategy(a.shard);
       if (strategy != wick::ShardingStrategy::kFull) units.clear();
-      trainer_options.sharding(wick::ShardingOptions().strategy(strategy).units(units)
-                                   .find_unused_parameters(a.config.moe));
+      trainer_options.sharding(
+          wick::ShardingOptions().strategy(strategy).units(units).find_unused_parameters(
+              a.config.moe));
     }
     wick::Trainer trainer(trainer_options);
     trainer.add_callback(

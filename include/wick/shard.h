@@ -229,7 +229,7 @@ namespace detail {
 class UnitScope {
  public:
   explicit UnitScope(const torch::nn::Module& unit);  // gathers the unit when it is sharded
-  ~UnitScope();  // after an exception: frees what it gathered
+  ~UnitScope();                                       // after an exception: frees what it gathered
   UnitScope(const UnitScope&) = delete;
   UnitScope& operator=(const UnitScope&) = delete;
   /// The forward returned `outputs`: hooks them so that backward gathers
