@@ -217,7 +217,7 @@ class PartReader {
   // Elements [a, b) of parameter `name`'s flattened `field` ("param": its
   // values) into `out` (b - a elements).
   void read(const char* kind, const std::string& field, const std::string& name, int64_t a,
-            int64_t b, torch::Tensor out) {
+            int64_t b, const torch::Tensor& out) {
     const auto& sp = layout_.params.at(name);
     int64_t covered = 0;
     for (const auto& part : sp.parts) {
