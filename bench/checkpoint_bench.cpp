@@ -39,9 +39,8 @@ namespace {
 // rm -rf through libc (the torch wheel's std::filesystem is not safe to call).
 void remove_tree(const std::string& path) {
   ::nftw(
-      path.c_str(),
-      [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-      FTW_DEPTH | FTW_PHYS);
+      path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); },
+      16, FTW_DEPTH | FTW_PHYS);
 }
 
 int64_t tree_bytes(const std::string& dir) {
@@ -63,8 +62,7 @@ Json measure_async_checkpoint(const std::function<void(wick::Checkpoint&)>& buil
                               const AsyncCheckpointMeasureOptions& options) {
   TORCH_CHECK(options.rounds >= 1, "measure_async_checkpoint: rounds must be >= 1, got ",
               options.rounds);
-  const std::string root =
-      options.dir + "/wick-bench-checkpoint-" + std::to_string(::getpid());
+  const std::string root = options.dir + "/wick-bench-checkpoint-" + std::to_string(::getpid());
   wick::AsyncCheckpointWriter writer;
   std::vector<double> sync_ms, blocked_ms, snapshot_ms, write_ms;
   double first_blocked_ms = 0;
@@ -145,8 +143,7 @@ void run_checkpoint_bench(const CheckpointBenchOptions& o, const GlobalOptions& 
   // Layers of 1024 x 1024 (+ bias) until parameters and Adam's two moments fill `mb` MiB.
   constexpr int64_t kWidth = 1024;
   const int64_t per_layer = 3 * (kWidth * kWidth + kWidth) * 4;
-  const auto layers =
-      std::max<int64_t>(1, (o.mb * (int64_t{1} << 20) + per_layer - 1) / per_layer);
+  const auto layers = std::max<int64_t>(1, (o.mb * (int64_t{1} << 20) + per_layer - 1) / per_layer);
   torch::manual_seed(7);
   torch::nn::Sequential model;
   for (int64_t i = 0; i < layers; ++i) model->push_back(torch::nn::Linear(kWidth, kWidth));
@@ -180,9 +177,9 @@ void run_checkpoint_bench(const CheckpointBenchOptions& o, const GlobalOptions& 
   s["bench"] = "checkpoint";
   s["summary"] = true;
   s["layers"] = layers;
-  for (const char* key : {"state_mb", "checkpoint_mb", "sync_save_ms", "async_blocked_ms",
-                          "async_snapshot_ms", "async_write_ms", "async_blocked_ratio",
-                          "async_first_blocked_ms"}) {
+  for (const char* key :
+       {"state_mb", "checkpoint_mb", "sync_save_ms", "async_blocked_ms", "async_snapshot_ms",
+        "async_write_ms", "async_blocked_ratio", "async_first_blocked_ms"}) {
     s[key] = r[key];
   }
   s["goal_blocked_ratio"] = 0.10;

@@ -19,7 +19,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point t0) {
+double elapsed_s(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
@@ -79,7 +79,7 @@ struct AsyncCheckpointWriter::State {
     ckpt.reset();  // its host copies are free for recycle() from here
     {
       std::lock_guard<std::mutex> lock(mutex);
-      stats.last_write_s = seconds_since(t0);
+      stats.last_write_s = elapsed_s(t0);
       if (failure) {
         stats.saves_failed += 1;
         error = failure;
@@ -130,7 +130,7 @@ void AsyncCheckpointWriter::save(const std::string& path, const Build& build,
   State& s = *state_;
   const auto t0 = Clock::now();
   s.join(/*block=*/true);  // at most one in flight
-  const double wait_s = seconds_since(t0);
+  const double wait_s = elapsed_s(t0);
   s.raise();
 
   const auto t1 = Clock::now();
@@ -144,14 +144,14 @@ void AsyncCheckpointWriter::save(const std::string& path, const Build& build,
   }
   s.staging->end_snapshot();
   const int64_t bytes = s.staging->bytes();
-  const double snapshot_s = seconds_since(t1);
+  const double snapshot_s = elapsed_s(t1);
 
   s.done.store(false, std::memory_order_release);
   try {
-    s.thread = std::thread([&s, ckpt = std::move(ckpt), path,
-                            after = std::move(after_write)]() mutable {
-      s.write(std::move(ckpt), path, after);
-    });
+    s.thread =
+        std::thread([&s, ckpt = std::move(ckpt), path, after = std::move(after_write)]() mutable {
+          s.write(std::move(ckpt), path, after);
+        });
   } catch (const std::system_error& e) {
     s.done.store(true, std::memory_order_release);
     s.staging->recycle();
@@ -160,7 +160,7 @@ void AsyncCheckpointWriter::save(const std::string& path, const Build& build,
   }
   std::lock_guard<std::mutex> lock(s.mutex);
   s.stats.saves_started += 1;
-  s.stats.last_blocked_s = seconds_since(t0);
+  s.stats.last_blocked_s = elapsed_s(t0);
   s.stats.last_wait_s = wait_s;
   s.stats.last_snapshot_s = snapshot_s;
   s.stats.last_snapshot_bytes = bytes;

@@ -188,9 +188,9 @@ std::pair<uint64_t, uint32_t> stream_file_synced(
       const ssize_t w = ::write(fd.get(), data + off, std::min<size_t>(n - off, size_t{1} << 30));
       if (w < 0 && errno == EINTR) continue;
       if (w <= 0) {
-        write_error = c10::str("Checkpoint: cannot write '", p.string(), "' (after ", size + off,
-                               " bytes): ",
-                               w < 0 ? errno_text(errno) : std::string("the write made no progress"));
+        write_error = c10::str(
+            "Checkpoint: cannot write '", p.string(), "' (after ", size + off,
+            " bytes): ", w < 0 ? errno_text(errno) : std::string("the write made no progress"));
         return n;
       }
       off += static_cast<size_t>(w);
@@ -380,8 +380,7 @@ void Checkpoint::put_optimizer(const std::string& section,
               "' is reserved for put_rng_state()");
   if (host_snapshot_) {
     if (auto snapshot = detail::snapshot_optimizer(optimizer, *staging_)) {
-      sections_[section] =
-          std::make_unique<Section>(Section{"optimizer", {}, std::move(snapshot)});
+      sections_[section] = std::make_unique<Section>(Section{"optimizer", {}, std::move(snapshot)});
       return;
     }
     // An optimizer type whose state wick cannot copy: serialized now.

@@ -50,9 +50,9 @@ torch::Tensor HostStaging::copy(const torch::Tensor& t) {
     }
     it = memo_.emplace(key, Copied{storage, host}).first;
   }
-  torch::Tensor view = torch::empty({0}, torch::TensorOptions().dtype(t.scalar_type()))
-                           .set_(it->second.bytes.storage(), t.storage_offset(), t.sizes(),
-                                 t.strides());
+  torch::Tensor view =
+      torch::empty({0}, torch::TensorOptions().dtype(t.scalar_type()))
+          .set_(it->second.bytes.storage(), t.storage_offset(), t.sizes(), t.strides());
   if (t.requires_grad()) view.set_requires_grad(true);
   return view;
 }
@@ -116,7 +116,9 @@ void write_tree(torch::serialize::OutputArchive& archive, const ModuleTree& tree
 class ModuleSnapshot final : public SectionSnapshot {
  public:
   explicit ModuleSnapshot(ModuleTree tree) : tree_(std::move(tree)) {}
-  void write(torch::serialize::OutputArchive& archive) const override { write_tree(archive, tree_); }
+  void write(torch::serialize::OutputArchive& archive) const override {
+    write_tree(archive, tree_);
+  }
 
  private:
   ModuleTree tree_;
@@ -206,8 +208,7 @@ std::shared_ptr<const SectionSnapshot> snapshot_optimizer(const torch::optim::Op
         });
   } else if (type == typeid(optim::SGD)) {
     frozen = freeze<optim::SGD, optim::SGDOptions, optim::SGDParamState>(
-        optimizer,
-        [&](optim::SGDParamState& s) { s.momentum_buffer(c(s.momentum_buffer())); });
+        optimizer, [&](optim::SGDParamState& s) { s.momentum_buffer(c(s.momentum_buffer())); });
   } else if (type == typeid(optim::RMSprop)) {
     frozen = freeze<optim::RMSprop, optim::RMSpropOptions, optim::RMSpropParamState>(
         optimizer, [&](optim::RMSpropParamState& s) {

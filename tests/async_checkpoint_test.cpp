@@ -62,9 +62,9 @@ std::set<std::string> entries(const fs::path& dir) {
 // copy has to reproduce.
 struct NetImpl : torch::nn::Module {
   NetImpl() {
-    body = register_module("body", torch::nn::Sequential(torch::nn::Linear(4, 16),
-                                                         torch::nn::BatchNorm1d(16),
-                                                         torch::nn::Tanh()));
+    body = register_module(
+        "body", torch::nn::Sequential(torch::nn::Linear(4, 16), torch::nn::BatchNorm1d(16),
+                                      torch::nn::Tanh()));
     out = register_module("out", torch::nn::Linear(16, 3));
     transposed = register_parameter("transposed", torch::randn({5, 3}).t());
     // A buffer viewing part of a parameter's storage, at an offset.
@@ -114,9 +114,9 @@ struct DerivedSGD : torch::optim::SGD {
   using torch::optim::SGD::SGD;
 };
 
-// For every optimizer type whose state is copied, and for one that is not: a host snapshot, changed-under after its puts
-// and saved later, writes the same bytes as a synchronous checkpoint built at
-// the moment of the puts.
+// For every optimizer type whose state is copied, and for one that is not: a host snapshot,
+// changed-under after its puts and saved later, writes the same bytes as a synchronous checkpoint
+// built at the moment of the puts.
 TEST_F(AsyncCheckpointTest, HostSnapshotWritesTheBytesOfASynchronousCheckpointOfItsMoment) {
   using Make = std::function<std::unique_ptr<torch::optim::Optimizer>(Net&)>;
   const std::vector<std::pair<std::string, Make>> optimizers{
@@ -230,7 +230,8 @@ TEST_F(AsyncCheckpointTest, HostSnapshotWriteFailureNamesTheFileAndChangesNothin
   snap.put_module("model", *big);
   {
     FileSizeLimit limit(8 * 1024);
-    EXPECT_THROWS_WITH(snap.save(target), "Checkpoint: cannot save '" + target + "': cannot write '");
+    EXPECT_THROWS_WITH(snap.save(target),
+                       "Checkpoint: cannot save '" + target + "': cannot write '");
     EXPECT_THROWS_WITH(snap.save(target), "model.pt' (after ");
     EXPECT_THROWS_WITH(snap.save(target), "File too large");
   }
@@ -259,8 +260,7 @@ TEST_F(AsyncCheckpointTest, WriterSavesTheMomentOfSaveWhileTrainingGoesOn) {
     const std::string name = wick::checkpoint_name(round);
     Checkpoint sync;
     build(sync, net, opt, extra);
-    writer.save(path("async/" + name),
-                [&](Checkpoint& ckpt) { build(ckpt, net, opt, extra); });
+    writer.save(path("async/" + name), [&](Checkpoint& ckpt) { build(ckpt, net, opt, extra); });
     train_steps(net, opt, 1);  // while the write runs
     extra.add_(1);
     sync.save(path("sync/" + name));

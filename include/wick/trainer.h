@@ -261,8 +261,7 @@ class Trainer {
   /// With options().async_checkpoint(), only the state's host copy is made
   /// here; the write and then `after_write` run in the background (see
   /// TrainerOptions::async_checkpoint). Only during fit (callbacks call it).
-  void save_checkpoint(const std::string& path,
-                       const std::map<std::string, std::string>& meta = {},
+  void save_checkpoint(const std::string& path, const std::map<std::string, std::string>& meta = {},
                        const std::function<void()>& after_write = {});
   /// Restores everything save_checkpoint wrote into the running fit's task,
   /// optimizer, scaler and callbacks. Throws naming the checkpoint when the
