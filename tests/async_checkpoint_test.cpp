@@ -280,6 +280,43 @@ TEST_F(AsyncCheckpointTest, WriterSavesTheMomentOfSaveWhileTrainingGoesOn) {
   EXPECT_GE(stats.last_blocked_s, stats.last_snapshot_s);
 }
 
+// docs/checkpoints.md's example, as it is there.
+TEST_F(AsyncCheckpointTest, DocExampleSavesInTheBackground) {
+  const std::string dir = path("checkpoints");
+  const int64_t steps = 10, every = 2, batch = 8;
+  Net model;
+  torch::optim::Adam optimizer(model->parameters(), 1e-2);
+  auto train_step = [&] { train_steps(model, optimizer, 1); };
+
+  wick::AsyncCheckpointWriter writer;
+  for (int64_t step = 1; step <= steps; ++step) {
+    writer.check();  // a failed background save throws here, naming its checkpoint
+    train_step();
+    if (step % every == 0) {
+      writer.save(
+          dir + "/" + wick::checkpoint_name(step),
+          [&](wick::Checkpoint& ckpt) {  // runs here, now: copies the state to host memory
+            ckpt.put_module("model", *model);
+            ckpt.put_optimizer("optimizer", optimizer);
+            ckpt.put_rng_state();
+            ckpt.set_train_state({step, 0, 0, step * batch});
+          },
+          [dir] { wick::prune_checkpoints(dir, /*keep_last_k=*/3); });  // after the write
+    }
+  }
+  writer.wait();  // the last checkpoint is on disk, or its failure throws here
+
+  EXPECT_EQ(wick::list_checkpoints(dir),
+            (std::vector<std::string>{dir + "/step-00000006", dir + "/step-00000008",
+                                      dir + "/step-00000010"}));
+  const auto last = Checkpoint::load(dir + "/step-00000010");
+  EXPECT_EQ(last.train_state().step, 10);
+  EXPECT_EQ(last.train_state().samples_seen, 80);
+  Net back;
+  last.restore_module("model", *back);
+  EXPECT_EQ(wick::parameters_sha256(*back), wick::parameters_sha256(*model));
+}
+
 // At most one save in flight: a second save() waits until the first one,
 // after_write included, is over before it even snapshots, and that wait is
 // counted as blocked time.
