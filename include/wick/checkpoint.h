@@ -22,7 +22,8 @@
 // directory, then renames it into place, so a crash leaves either the old
 // checkpoint or the new one, never a mix. load() verifies sizes and checksums
 // before anything is deserialized: a truncated or corrupted file is an error
-// that names it, never a silent fresh start.
+// that names it, never a silent fresh start. To save in the background while
+// training goes on, see AsyncCheckpointWriter (wick/async_checkpoint.h).
 
 #include <torch/torch.h>
 
