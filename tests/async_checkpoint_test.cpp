@@ -243,6 +243,52 @@ TEST_F(AsyncCheckpointTest, HostSnapshotWriteFailureNamesTheFileAndChangesNothin
   EXPECT_TRUE(tensors_equal(back->weight, big->weight));
 }
 
+// GPU state: the host snapshot copies it into pinned host memory and writes
+// CPU tensors; restoring puts the module's and the optimizer's state back on
+// the GPU, with the values of the moment of the snapshot.
+TEST_F(AsyncCheckpointTest, HostSnapshotOfCudaStateRestoresOntoTheGpu) {
+  if (!wick::testing::cuda_available()) GTEST_SKIP() << "no CUDA device";
+  Net net;
+  net->to(torch::kCUDA);
+  torch::optim::AdamW opt(net->parameters(), 1e-2);
+  for (int i = 0; i < 2; ++i) {
+    opt.zero_grad();
+    net->forward(torch::randn({8, 4}, torch::kCUDA)).pow(2).mean().backward();
+    opt.step();
+  }
+  const auto before = wick::testing::clone_parameters(*net);
+  std::vector<torch::Tensor> moments;
+  for (const auto& p : net->parameters()) {
+    moments.push_back(
+        static_cast<const torch::optim::AdamWParamState&>(*opt.state().at(p.unsafeGetTensorImpl()))
+            .exp_avg()
+            .clone());
+  }
+  AsyncCheckpointWriter writer;
+  writer.save(path("gpu"), [&](Checkpoint& c) {
+    c.put_module("model", *net);
+    c.put_optimizer("optimizer", opt);
+  });
+  for (const auto& p : net->parameters()) p.detach().add_(1.0);  // while it is written
+  writer.wait();
+
+  Net back;
+  back->to(torch::kCUDA);
+  torch::optim::AdamW back_opt(back->parameters(), 1e-2);
+  const auto ckpt = Checkpoint::load(path("gpu"));
+  ckpt.restore_module("model", *back);
+  ckpt.restore_optimizer("optimizer", back_opt);
+  const auto params = back->parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(params[i].is_cuda());
+    EXPECT_TRUE(tensors_equal(params[i], before[i])) << "parameter " << i;
+    const auto& s = static_cast<const torch::optim::AdamWParamState&>(
+        *back_opt.state().at(params[i].unsafeGetTensorImpl()));
+    EXPECT_TRUE(s.exp_avg().is_cuda()) << "parameter " << i;
+    EXPECT_TRUE(tensors_equal(s.exp_avg(), moments[i])) << "parameter " << i;
+  }
+}
+
 // ---------------------------------------------------------------- the writer
 
 // The file written in the background holds the state of the moment of save(),
