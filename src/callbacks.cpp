@@ -384,15 +384,18 @@ void Checkpointer::save_step(Trainer& trainer) {
   const auto previous = std::make_pair(last_saved_step_, last_path_);
   last_saved_step_ = step;
   last_path_ = path;
+  // Pruning follows the write (in the background with async checkpoints), so
+  // it neither counts nor races a checkpoint still being written.
+  // Sharded, every rank saves, and one prunes, after the save completed everywhere.
+  auto prune = [dir = options_.dir(), keep_last_k = options_.keep_last_k(),
+                main = trainer.is_main()] {
+    if (main) prune_checkpoints(dir, keep_last_k, {join(dir, "best")});
+  };
   try {
-    trainer.save_checkpoint(path);
+    trainer.save_checkpoint(path, {}, prune);
   } catch (...) {
     std::tie(last_saved_step_, last_path_) = previous;
     throw;
-  }
-  // Sharded, every rank saved; one prunes, after the save completed everywhere.
-  if (trainer.is_main()) {
-    prune_checkpoints(options_.dir(), options_.keep_last_k(), {join(options_.dir(), "best")});
   }
 }
 

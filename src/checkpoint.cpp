@@ -3,6 +3,7 @@
 #include "checkpoint_internal.h"
 #include "format.h"  // first: it sets fmt's namespace
 #include "fs.h"
+#include "host_snapshot.h"
 #include "module_state.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -21,11 +22,13 @@
 #include <cerrno>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <system_error>
+#include <tuple>
 #include <utility>
 
 namespace fs = std::filesystem;
@@ -163,6 +166,52 @@ void write_file_synced(const fs::path& p, const std::string& data) {
   if (int err = fd.close()) fail_errno("cannot close", p, err);
 }
 
+// Creates `p` (which must not exist), streams the archive `write` fills into
+// it, fsyncs and closes it; returns its size and CRC-32. The archive's bytes
+// are never held in memory whole: each record (a tensor's storage) goes from
+// its tensor to the file.
+std::pair<uint64_t, uint32_t> stream_file_synced(
+    const fs::path& p, const std::function<void(torch::serialize::OutputArchive&)>& write) {
+  Fd fd(::open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644));
+  if (fd.get() < 0) fail_errno("cannot create", p, errno);
+  torch::serialize::OutputArchive archive;
+  write(archive);
+  uint64_t size = 0;
+  uLong crc = ::crc32(0L, Z_NULL, 0);
+  std::string write_error;
+  archive.save_to([&](const void* buf, size_t n) -> size_t {
+    // Called from within torch's zip writer: after a failed write the rest is
+    // only counted, never thrown through it or reported to it as a short
+    // write (its destructor would then fail again while unwinding).
+    if (!write_error.empty()) return n;
+    const auto* data = static_cast<const char*>(buf);
+    for (size_t off = 0; off < n;) {
+      const ssize_t w = ::write(fd.get(), data + off, std::min<size_t>(n - off, size_t{1} << 30));
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        write_error = c10::str(
+            "Checkpoint: cannot write '", p.string(), "' (after ", size + off,
+            " bytes): ", w < 0 ? errno_text(errno) : std::string("the write made no progress"));
+        return n;
+      }
+      off += static_cast<size_t>(w);
+    }
+    const auto* bytes = static_cast<const Bytef*>(buf);
+    for (size_t left = n; left > 0;) {
+      const uInt chunk = static_cast<uInt>(std::min<size_t>(left, 1u << 30));
+      crc = ::crc32(crc, bytes, chunk);
+      bytes += chunk;
+      left -= chunk;
+    }
+    size += n;
+    return n;
+  });
+  if (!write_error.empty()) fail(write_error);
+  if (::fsync(fd.get()) != 0) fail_errno("cannot fsync", p, errno);
+  if (int err = fd.close()) fail_errno("cannot close", p, err);
+  return {size, static_cast<uint32_t>(crc)};
+}
+
 void fsync_dir(const fs::path& p) { detail::fsync_dir(p.string(), "Checkpoint"); }
 
 // Reads the whole of `p`, checking first that it holds `expected_size` bytes
@@ -279,6 +328,8 @@ std::string detail::checkpoint_temp_name(const std::string& target_name) {
 struct Checkpoint::Section {
   std::string kind;   // "module", "optimizer", "archive", "rng"
   std::string bytes;  // the serialized torch archive, exactly as in <section>.pt
+  // Instead of `bytes`, in a host snapshot: the host copies, serialized by save().
+  std::shared_ptr<const detail::SectionSnapshot> snapshot;
 };
 
 struct Checkpoint::File {
@@ -327,18 +378,50 @@ std::string Checkpoint::file_path(const std::string& name) const {
   return file.string();
 }
 
+namespace {
+
+// The section's serialized archive: its bytes, or a host snapshot's archive
+// serialized now into `scratch`. (A template only to name the private Section.)
+template <typename S>
+const std::string& archive_bytes(const S& s, std::string& scratch) {
+  if (!s.snapshot) return s.bytes;
+  torch::serialize::OutputArchive archive;
+  s.snapshot->write(archive);
+  scratch = to_bytes(archive);
+  return scratch;
+}
+
+}  // namespace
+
 Checkpoint::Checkpoint() = default;
 Checkpoint::~Checkpoint() = default;
 Checkpoint::Checkpoint(Checkpoint&&) noexcept = default;
 Checkpoint& Checkpoint::operator=(Checkpoint&&) noexcept = default;
 
+Checkpoint Checkpoint::host_snapshot() {
+  return host_snapshot(std::make_shared<detail::HostStaging>(/*reuse=*/false));
+}
+
+Checkpoint Checkpoint::host_snapshot(std::shared_ptr<detail::HostStaging> staging) {
+  TORCH_INTERNAL_ASSERT(staging != nullptr);
+  Checkpoint ckpt;
+  ckpt.host_snapshot_ = true;
+  ckpt.staging_ = std::move(staging);
+  return ckpt;
+}
+
 void Checkpoint::put_module(const std::string& section, const torch::nn::Module& module) {
   check_section_name(section);
   TORCH_CHECK(section != kRngSection, "Checkpoint: section name '", section,
               "' is reserved for put_rng_state()");
+  if (host_snapshot_) {
+    auto snapshot = detail::snapshot_module(module, *staging_);
+    sections_[section] = std::make_unique<Section>(Section{"module", {}, std::move(snapshot)});
+    return;
+  }
   torch::serialize::OutputArchive archive;
   write_module(archive, module);
-  sections_[section] = std::make_unique<Section>(Section{"module", to_bytes(archive)});
+  sections_[section] = std::make_unique<Section>(Section{"module", to_bytes(archive), nullptr});
 }
 
 void Checkpoint::put_optimizer(const std::string& section,
@@ -346,9 +429,16 @@ void Checkpoint::put_optimizer(const std::string& section,
   check_section_name(section);
   TORCH_CHECK(section != kRngSection, "Checkpoint: section name '", section,
               "' is reserved for put_rng_state()");
+  if (host_snapshot_) {
+    if (auto snapshot = detail::snapshot_optimizer(optimizer, *staging_)) {
+      sections_[section] = std::make_unique<Section>(Section{"optimizer", {}, std::move(snapshot)});
+      return;
+    }
+    // An optimizer type whose state wick cannot copy: serialized now.
+  }
   torch::serialize::OutputArchive archive;
   optimizer.save(archive);
-  sections_[section] = std::make_unique<Section>(Section{"optimizer", to_bytes(archive)});
+  sections_[section] = std::make_unique<Section>(Section{"optimizer", to_bytes(archive), nullptr});
 }
 
 void Checkpoint::put(const std::string& section, const Writer& write) {
@@ -358,7 +448,7 @@ void Checkpoint::put(const std::string& section, const Writer& write) {
   TORCH_CHECK(write, "Checkpoint: put('", section, "') needs a writer function");
   torch::serialize::OutputArchive archive;
   write(archive);
-  sections_[section] = std::make_unique<Section>(Section{"archive", to_bytes(archive)});
+  sections_[section] = std::make_unique<Section>(Section{"archive", to_bytes(archive), nullptr});
 }
 
 void Checkpoint::put_rng_state() {
@@ -380,7 +470,7 @@ void Checkpoint::put_rng_state() {
     }
   }
   archive.write("cuda/count", torch::tensor(cuda_devices));
-  sections_[kRngSection] = std::make_unique<Section>(Section{"rng", to_bytes(archive)});
+  sections_[kRngSection] = std::make_unique<Section>(Section{"rng", to_bytes(archive), nullptr});
 }
 
 void Checkpoint::save(const std::string& path) const {
@@ -428,11 +518,19 @@ void Checkpoint::save(const std::string& path) const {
     json sections = json::object();
     for (const auto& [section, s] : sections_) {
       const std::string file = section + ".pt";
-      write_file_synced(tmp / file, s->bytes);
-      sections[section] = {{"file", file},
-                           {"kind", s->kind},
-                           {"size", s->bytes.size()},
-                           {"crc32", crc_hex(crc32_of(s->bytes))}};
+      uint64_t size = s->bytes.size();
+      uint32_t crc = 0;
+      if (s->snapshot) {
+        const auto& snapshot = *s->snapshot;
+        std::tie(size, crc) = stream_file_synced(
+            tmp / file,
+            [&snapshot](torch::serialize::OutputArchive& archive) { snapshot.write(archive); });
+      } else {
+        write_file_synced(tmp / file, s->bytes);
+        crc = crc32_of(s->bytes);
+      }
+      sections[section] = {
+          {"file", file}, {"kind", s->kind}, {"size", size}, {"crc32", crc_hex(crc)}};
     }
     json files = json::object();
     for (const auto& [name, f] : files_) {
@@ -613,7 +711,7 @@ Checkpoint Checkpoint::load(const std::string& path) {
       fail(c10::str("Checkpoint: '", file.string(), "' is corrupted: its CRC-32 is ", actual,
                     " but meta.json records ", crc));
     }
-    ckpt.sections_[name] = std::make_unique<Section>(Section{kind, std::move(bytes)});
+    ckpt.sections_[name] = std::make_unique<Section>(Section{kind, std::move(bytes), nullptr});
   }
   return ckpt;
 }
@@ -636,7 +734,8 @@ void Checkpoint::restore_module(const std::string& section, torch::nn::Module& m
   auto it = sections_.find(section);
   TORCH_CHECK(it != sections_.end(), "Checkpoint '", where(path_), "' has no section '", section,
               "'");
-  const auto& bytes = it->second->bytes;
+  std::string scratch;
+  const auto& bytes = archive_bytes(*it->second, scratch);
 
   std::map<std::string, torch::Tensor> saved;
   try {
@@ -655,7 +754,34 @@ void Checkpoint::restore_module(const std::string& section, torch::nn::Module& m
 
 void Checkpoint::restore_optimizer(const std::string& section,
                                    torch::optim::Optimizer& optimizer) const {
-  get(section, [&](torch::serialize::InputArchive& archive) { optimizer.load(archive); });
+  // Onto the parameters' device when they share one: a checkpoint saved from
+  // another device (a GPU run resumed on the CPU, a host snapshot of GPU
+  // state) then steps without moving anything.
+  std::optional<torch::Device> device;
+  bool one_device = true;
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& p : group.params()) {
+      if (!device) device = p.device();
+      one_device = one_device && p.device() == *device;
+    }
+  }
+  auto it = sections_.find(section);
+  TORCH_CHECK(it != sections_.end(), "Checkpoint '", where(path_), "' has no section '", section,
+              "'");
+  std::string scratch;
+  const auto& bytes = archive_bytes(*it->second, scratch);
+  torch::serialize::InputArchive archive;
+  try {
+    if (device && one_device) {
+      archive.load_from(bytes.data(), bytes.size(), *device);
+    } else {
+      archive.load_from(bytes.data(), bytes.size());
+    }
+    optimizer.load(archive);
+  } catch (const std::exception& e) {
+    fail(c10::str("Checkpoint '", where(path_), "': cannot restore section '", section,
+                  "': ", message_of(e)));
+  }
 }
 
 void Checkpoint::get(const std::string& section, const Reader& read) const {
@@ -663,7 +789,8 @@ void Checkpoint::get(const std::string& section, const Reader& read) const {
   TORCH_CHECK(it != sections_.end(), "Checkpoint '", where(path_), "' has no section '", section,
               "'");
   TORCH_CHECK(read, "Checkpoint: get('", section, "') needs a reader function");
-  const auto& bytes = it->second->bytes;
+  std::string scratch;
+  const auto& bytes = archive_bytes(*it->second, scratch);
   torch::serialize::InputArchive archive;
   try {
     archive.load_from(bytes.data(), bytes.size());
@@ -678,7 +805,7 @@ void Checkpoint::restore_rng_state() const {
   auto it = sections_.find(kRngSection);
   TORCH_CHECK(it != sections_.end() && it->second->kind == "rng", "Checkpoint '", where(path_),
               "' holds no RNG state (put_rng_state() was not called before saving)");
-  const auto& bytes = it->second->bytes;
+  const auto& bytes = it->second->bytes;  // never a host snapshot
   // Everything read from the archive is used inside the try, so a corrupt
   // section is one error naming the checkpoint rather than LibTorch's bare
   // message from item() (a count of 0 elements) or set_state() (a wrong size).

@@ -1,6 +1,7 @@
 #include "wick/trainer.h"
 
 #include "batch_mover.h"
+#include "module_state.h"
 
 #include <wick/lr_scheduler.h>
 
@@ -196,35 +197,74 @@ std::string fingerprint_diff(const std::string& saved, const std::string& now) {
 }  // namespace
 
 void Trainer::save_checkpoint(const std::string& path,
-                              const std::map<std::string, std::string>& meta) {
+                              const std::map<std::string, std::string>& meta,
+                              const std::function<void()>& after_write) {
   TORCH_CHECK(task_ != nullptr && optimizer_ != nullptr,
               "Trainer: save_checkpoint is only available during fit");
-  Checkpoint ckpt;
-  if (!sdp_) {  // sharded: every rank writes its own shards (below)
-    ckpt.put_module("model", task_->module());
-    ckpt.put_optimizer("optimizer", *optimizer_);
-  }
-  if (scaler_) ckpt.put("scaler", [&](auto& a) { scaler_->save(a); });
-  for (const auto& cb : callbacks_) {
-    if (cb->has_state()) ckpt.put("callback." + cb->name(), [&](auto& a) { cb->save(a); });
-  }
-  ckpt.put_rng_state();
-  TrainState s = state_;
-  if (epoch_done_) {  // the epoch and its validation are complete: resume at the next one
-    s.epoch += 1;
-    s.batch_in_epoch = 0;
-  }
-  ckpt.set_train_state(s);
-  ckpt.set_fingerprint(fingerprint());
-  // Where a sharded run stands in its epoch, for a resume on another number
-  // of ranks (load_checkpoint maps batch_in_epoch through it).
-  if (batches_per_epoch_) ckpt.set_meta("batches_per_epoch", std::to_string(*batches_per_epoch_));
-  for (const auto& [k, v] : meta) ckpt.set_meta(k, v);
+  auto build = [&](Checkpoint& ckpt) {
+    if (!sdp_) {  // sharded: every rank writes its own shards (below)
+      ckpt.put_module("model", task_->module());
+      ckpt.put_optimizer("optimizer", *optimizer_);
+    }
+    if (scaler_) ckpt.put("scaler", [&](auto& a) { scaler_->save(a); });
+    for (const auto& cb : callbacks_) {
+      if (cb->has_state()) ckpt.put("callback." + cb->name(), [&](auto& a) { cb->save(a); });
+    }
+    ckpt.put_rng_state();
+    TrainState s = state_;
+    if (epoch_done_) {  // the epoch and its validation are complete: resume at the next one
+      s.epoch += 1;
+      s.batch_in_epoch = 0;
+    }
+    ckpt.set_train_state(s);
+    ckpt.set_fingerprint(fingerprint());
+    // Where a sharded run stands in its epoch, for a resume on another number
+    // of ranks (load_checkpoint maps batch_in_epoch through it).
+    if (batches_per_epoch_) {
+      ckpt.set_meta("batches_per_epoch", std::to_string(*batches_per_epoch_));
+    }
+    for (const auto& [k, v] : meta) ckpt.set_meta(k, v);
+  };
   if (sdp_) {
-    sdp_->save_checkpoint(ckpt, path);  // collective: every rank is here
-  } else {
-    ckpt.save(path);
+    // Collective: every rank is here, and writes its shards itself.
+    Checkpoint ckpt;
+    build(ckpt);
+    sdp_->save_checkpoint(ckpt, path);
+    if (after_write) after_write();
+    return;
   }
+  if (options_.async_checkpoint()) {
+    if (!checkpoint_writer_) checkpoint_writer_ = std::make_unique<AsyncCheckpointWriter>();
+    checkpoint_writer_->save(path, build, after_write);
+    return;
+  }
+  Checkpoint ckpt;
+  build(ckpt);
+  ckpt.save(path);
+  if (after_write) after_write();
+}
+
+AsyncCheckpointStats Trainer::async_checkpoint_stats() const {
+  return checkpoint_writer_ ? checkpoint_writer_->stats() : checkpoint_stats_;
+}
+
+void Trainer::close_checkpoint_writer(c10::Error* failing) {
+  if (!checkpoint_writer_) return;
+  try {
+    checkpoint_writer_->wait();
+  } catch (const std::exception& e) {
+    // fit is already failing: the background write's failure goes with that
+    // error rather than being lost.
+    const std::string msg =
+        c10::str("besides, a background checkpoint write failed: ", detail::message_of(e));
+    if (failing != nullptr) {
+      failing->add_context(msg);
+    } else {
+      TORCH_WARN("Trainer: fit failed; ", msg);
+    }
+  }
+  checkpoint_stats_ = checkpoint_writer_->stats();
+  checkpoint_writer_.reset();
 }
 
 void Trainer::load_checkpoint(const std::string& path) {
@@ -273,6 +313,22 @@ void Trainer::load_checkpoint(const std::string& path) {
 FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSource& train,
                        BatchSource* val) {
   TORCH_CHECK(task_ == nullptr, "Trainer: fit is already running");
+  checkpoint_stats_ = {};
+  try {
+    FitResult result = run_fit(task, optimizer, train, val);
+    close_checkpoint_writer(nullptr);  // idle: run_fit waited for the last write
+    return result;
+  } catch (c10::Error& e) {
+    close_checkpoint_writer(&e);
+    throw;
+  } catch (...) {
+    close_checkpoint_writer(nullptr);
+    throw;
+  }
+}
+
+FitResult Trainer::run_fit(Task& task, torch::optim::Optimizer& optimizer, BatchSource& train,
+                           BatchSource* val) {
   TORCH_CHECK(!optimizer.param_groups().empty(), "Trainer: the optimizer has no parameter groups");
   const auto start = std::chrono::steady_clock::now();
   task_ = &task;
@@ -322,6 +378,10 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   }
 
   if (options_.sharding().has_value()) {
+    TORCH_CHECK(!options_.async_checkpoint(),
+                "Trainer: async_checkpoint with sharding is not supported yet: a sharded save is "
+                "collective (every rank writes its shards, rank 0 commits them); checkpoint "
+                "synchronously, or train with DDP");
     // Before a resume: a sharded checkpoint restores into the shards. Also
     // in a world of one, which can resume what more ranks wrote.
     auto pg =
@@ -378,6 +438,8 @@ FitResult Trainer::fit(Task& task, torch::optim::Optimizer& optimizer, BatchSour
   }
   if (stop_reason_.empty()) stop_reason_ = "max_epochs";
   each_callback([&](Callback& cb) { cb.on_fit_end(*this); });
+  // fit returns once the last checkpoint is on disk, or raises why it is not.
+  if (checkpoint_writer_) checkpoint_writer_->wait();
 
   FitResult result;
   result.state = state_;
@@ -481,6 +543,8 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
 }
 
 void Trainer::optimizer_step() {
+  // A background checkpoint write that failed stops training here.
+  if (checkpoint_writer_) checkpoint_writer_->check();
   if (scaler_ && options_.grad_clip_norm() > 0.0) scaler_->unscale_(*optimizer_);
   if (options_.grad_clip_norm() > 0.0) {
     last_grad_norm_ = sdp_ ? sdp_->clip_grad_norm_(options_.grad_clip_norm())

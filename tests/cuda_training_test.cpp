@@ -269,7 +269,10 @@ void expect_fused_adam_matches_python(const torch::Device& device) {
 // N steps straight equal N/2 steps + resume + N/2 steps, bit for bit, on the
 // GPU: dropout draws from the CUDA generator (its state is in the checkpoint),
 // deterministic algorithms on (the Trainer sets cuBLAS's workspace config).
-TEST_F(CudaTrainingTest, ResumeOnCudaIsBitIdentical) {
+// With `async`, the checkpoints are host copies (pinned memory) written in
+// the background, their tensors on the CPU in the files: the resume puts the
+// model's and AdamW's state back on the GPU.
+void resume_on_cuda_is_bit_identical(bool async) {
   auto gen = at::detail::createCPUGenerator(123);
   const auto x = torch::randn({100, 6}, gen);
   const auto y = torch::randint(0, 3, {100}, gen, torch::kLong);
@@ -287,11 +290,17 @@ TEST_F(CudaTrainingTest, ResumeOnCudaIsBitIdentical) {
                               .device(torch::Device(torch::kCUDA))
                               .log_every_n_steps(1000000)
                               .checkpoint_dir(dir)
-                              .resume(resume));
+                              .checkpoint_every_n_steps(async ? 1 : 0)
+                              .resume(resume)
+                              .async_checkpoint(async));
     trainer.add_callback(std::make_shared<wick::LRSchedulerCallback>(
         std::make_shared<wick::CosineWarmupLR>(opt, 3, 15)));
     auto result = trainer.fit(task, opt, source);
     EXPECT_TRUE(model->parameters()[0].is_cuda());
+    for (const auto& item : opt.state()) {
+      EXPECT_TRUE(
+          static_cast<const torch::optim::AdamWParamState&>(*item.second).exp_avg().is_cuda());
+    }
     return std::make_pair(result.state.step, wick::parameters_sha256(*model));
   };
   TempDir straight, split;
@@ -307,6 +316,14 @@ TEST_F(CudaTrainingTest, ResumeOnCudaIsBitIdentical) {
   EXPECT_EQ(second_hash, full_hash);
   EXPECT_TRUE(at::globalContext().deterministicAlgorithms());
   at::globalContext().setDeterministicAlgorithms(false, false);
+}
+
+TEST_F(CudaTrainingTest, ResumeOnCudaIsBitIdentical) {
+  resume_on_cuda_is_bit_identical(/*async=*/false);
+}
+
+TEST_F(CudaTrainingTest, ResumeFromAsyncCheckpointsOnCudaIsBitIdentical) {
+  resume_on_cuda_is_bit_identical(/*async=*/true);
 }
 
 // Kineto with CUPTI: the trace holds the GPU's kernels by name, linked to the

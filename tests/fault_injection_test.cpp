@@ -1,7 +1,8 @@
 // Fault injection with real processes and real files (issue 9): training
 // processes killed with SIGKILL at random moments (checkpoint writes
-// included), checkpoint writes that fail (read-only directory, a file-size
-// limit), and training that stops on repeated non-finite losses.
+// included, synchronous and in the background), checkpoint writes that fail
+// (read-only directory, a file-size limit), and training that stops on
+// repeated non-finite losses.
 //
 // The children here are fork()ed from the test process, not re-executed
 // (tests/multiprocess.h): starting LibTorch anew costs ~0.5 s per process,
@@ -179,9 +180,11 @@ struct Hook : wick::Callback {
 
 /// Trains the model for `max_steps` with Adam, dropout and shuffling (so the
 /// optimizer state, the RNG and the data position all have to be restored),
-/// checkpointing every step into `dir` when it is not empty, and resuming from
-/// its newest checkpoint when there is one. Returns the parameters' SHA-256.
-std::string train(const std::string& dir, int64_t max_steps, std::shared_ptr<Hook> hook = nullptr) {
+/// checkpointing every step into `dir` when it is not empty (in the
+/// background with `async`), and resuming from its newest checkpoint when
+/// there is one. Returns the parameters' SHA-256.
+std::string train(const std::string& dir, int64_t max_steps, std::shared_ptr<Hook> hook = nullptr,
+                  bool async = false) {
   static const Data data = make_data();
   auto model = make_model();
   wick::SupervisedTask task(model);
@@ -193,7 +196,8 @@ std::string train(const std::string& dir, int64_t max_steps, std::shared_ptr<Hoo
                      .max_steps(max_steps)
                      .seed(17)
                      .log_every_n_steps(1000000)
-                     .log_system_metrics(false);
+                     .log_system_metrics(false)
+                     .async_checkpoint(async);
   if (!dir.empty()) {
     options.checkpoint_dir(dir).checkpoint_every_n_steps(1).keep_last_k(2);
     if (wick::latest_checkpoint(dir).has_value()) options.resume("latest");
@@ -229,12 +233,13 @@ std::vector<std::string> reference_hashes(int64_t steps) {
 
 class FaultInjectionTest : public wick::testing::SeededTest {};
 
-// A training process checkpointing every step is SIGKILLed 40 times at random
-// moments, many inside a checkpoint write; after every kill the newest
-// complete checkpoint loads (CRCs verified) and holds exactly the parameters
-// an uninterrupted run had after that step, and the run resumed to the end
-// reaches bit for bit the uninterrupted run's parameters.
-TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
+// A training process checkpointing every step (in the background with
+// `async`) is SIGKILLed 40 times at random moments, many inside a checkpoint
+// write; after every kill the newest complete checkpoint loads (CRCs
+// verified) and holds exactly the parameters an uninterrupted run had after
+// that step, and the run resumed to the end reaches bit for bit the
+// uninterrupted run's parameters.
+void sigkill_during_checkpoint_writes(bool async) {
   constexpr int64_t kSteps = 100;
   constexpr int kKills = 40;
   const auto t0 = std::chrono::steady_clock::now();
@@ -253,7 +258,7 @@ TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
   {
     TempDir calibrate;
     const auto c0 = std::chrono::steady_clock::now();
-    train(calibrate.str() + "/checkpoints", 10);
+    train(calibrate.str() + "/checkpoints", 10, nullptr, async);
     step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count() / 10;
   }
   auto run_dir = std::make_unique<TempDir>();
@@ -266,7 +271,7 @@ TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
     auto child = Child::start([&](int report) {
       auto hook = std::make_shared<Hook>();
       hook->start = [report](wick::Trainer&) { write_all(report, "R"); };
-      train(dir, kSteps, hook);
+      train(dir, kSteps, hook, async);
     });
     ASSERT_TRUE(child.wait_ready(30000))
         << "child after " << kills << " kills never started training";
@@ -304,7 +309,7 @@ TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
   std::string resumed;
   {
     auto child = Child::start([&](int report) {
-      const std::string h = train(dir, kSteps);
+      const std::string h = train(dir, kSteps, nullptr, async);
       write_all(report, "H" + h);
     });
     std::string text;
@@ -317,11 +322,22 @@ TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
 
   const double total_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::cout << "[ figures  ] " << kills << " SIGKILLs survived, " << in_write
+  std::cout << "[ figures  ] " << (async ? "async checkpoints: " : "") << kills
+            << " SIGKILLs survived, " << in_write
             << " inside a checkpoint write (temp dir of the killed pid left), " << completed
             << " runs finished between kills; newest checkpoint before the final resume at step "
             << last_step << " of " << kSteps << "; checkpointed step " << 1e3 * step_s
             << " ms, reference run " << reference_s << " s, test " << total_s << " s\n";
+}
+
+TEST_F(FaultInjectionTest, SigkillDuringTrainingAndCheckpointWrites) {
+  sigkill_during_checkpoint_writes(/*async=*/false);
+}
+
+// The same with TrainerOptions::async_checkpoint: kills land in background
+// writes, in snapshots and while a save waits for the previous one.
+TEST_F(FaultInjectionTest, SigkillDuringAsyncCheckpointWrites) {
+  sigkill_during_checkpoint_writes(/*async=*/true);
 }
 
 // What a failed checkpoint write must leave: the directory as it was, its
@@ -343,8 +359,9 @@ void expect_previous_intact(const std::string& dir, const std::vector<std::strin
 // A training process whose checkpoint directory became read-only: fit fails
 // with an error naming the directory and the reason, and the previous
 // checkpoint stays intact. Root ignores permission bits, so the child drops
-// to the unprivileged user "nobody" first.
-TEST_F(FaultInjectionTest, CheckpointIntoReadOnlyDirectoryFailsClearly) {
+// to the unprivileged user "nobody" first. With `async`, the background
+// write's failure stops fit the same way (at the next step or at its end).
+void checkpoint_into_read_only_directory(bool async) {
   const auto reference = reference_hashes(6);
   TempDir tmp;
   const std::string dir = tmp.str() + "/checkpoints";
@@ -358,7 +375,7 @@ TEST_F(FaultInjectionTest, CheckpointIntoReadOnlyDirectoryFailsClearly) {
       TORCH_CHECK(::setgid(65534) == 0 && ::setuid(65534) == 0,
                   "cannot drop to uid 65534: ", std::strerror(errno));
     }
-    train(dir, 6);
+    train(dir, 6, nullptr, async);
   });
   std::string text;
   const int status = child.wait(60, &text);
@@ -368,15 +385,30 @@ TEST_F(FaultInjectionTest, CheckpointIntoReadOnlyDirectoryFailsClearly) {
   EXPECT_NE(text.find("Checkpoint: cannot save '" + dir + "/step-00000004'"), std::string::npos)
       << text;
   EXPECT_NE(text.find("Permission denied"), std::string::npos) << text;
+  if (async) {
+    EXPECT_NE(text.find("AsyncCheckpointWriter: the background save of '" + dir +
+                        "/step-00000004' failed"),
+              std::string::npos)
+        << text;
+  }
   expect_previous_intact(dir, before, reference, 3);
+}
+
+TEST_F(FaultInjectionTest, CheckpointIntoReadOnlyDirectoryFailsClearly) {
+  checkpoint_into_read_only_directory(/*async=*/false);
+}
+
+TEST_F(FaultInjectionTest, AsyncCheckpointIntoReadOnlyDirectoryFailsClearly) {
+  checkpoint_into_read_only_directory(/*async=*/true);
 }
 
 // A training process under a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored
 // as a long run would) smaller than one section of its checkpoint: the write
 // fails part-way through a file, fit fails naming the checkpoint and "File too
 // large", the partial temporary directory is removed and the previous
-// checkpoint stays intact.
-TEST_F(FaultInjectionTest, CheckpointBeyondFileSizeLimitFailsClearly) {
+// checkpoint stays intact. With `async`, the section is streamed from the
+// host snapshot into the file by the background thread.
+void checkpoint_beyond_file_size_limit(bool async) {
   const auto reference = reference_hashes(6);
   TempDir tmp;
   const std::string dir = tmp.str() + "/checkpoints";
@@ -392,7 +424,7 @@ TEST_F(FaultInjectionTest, CheckpointBeyondFileSizeLimitFailsClearly) {
     ::getrlimit(RLIMIT_FSIZE, &lim);
     lim.rlim_cur = limit;
     TORCH_CHECK(::setrlimit(RLIMIT_FSIZE, &lim) == 0, "setrlimit failed");
-    train(dir, 6);
+    train(dir, 6, nullptr, async);
   });
   std::string text;
   const int status = child.wait(60, &text);
@@ -402,7 +434,21 @@ TEST_F(FaultInjectionTest, CheckpointBeyondFileSizeLimitFailsClearly) {
       << text;
   EXPECT_NE(text.find("File too large"), std::string::npos) << text;
   EXPECT_NE(text.find("model.pt"), std::string::npos) << text;
+  if (async) {
+    EXPECT_NE(text.find("AsyncCheckpointWriter: the background save of '" + dir +
+                        "/step-00000004' failed"),
+              std::string::npos)
+        << text;
+  }
   expect_previous_intact(dir, before, reference, 3);
+}
+
+TEST_F(FaultInjectionTest, CheckpointBeyondFileSizeLimitFailsClearly) {
+  checkpoint_beyond_file_size_limit(/*async=*/false);
+}
+
+TEST_F(FaultInjectionTest, AsyncCheckpointBeyondFileSizeLimitFailsClearly) {
+  checkpoint_beyond_file_size_limit(/*async=*/true);
 }
 
 // ------------------------------------------------------------ non-finite losses

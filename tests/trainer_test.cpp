@@ -591,8 +591,9 @@ TEST(TrainerDdpTest, TwoRanksEqualOneProcessWithTheWholeBatch) {
 namespace {
 
 // Under DDP, a run stopped and resumed from rank 0's checkpoint ends with the
-// same parameters, bit for bit, as one that ran straight through.
-TEST(TrainerDdpTest, ResumeIsBitIdentical) {
+// same parameters, bit for bit, as one that ran straight through. With
+// `async`, rank 0 alone writes them, in the background.
+void ddp_resume_is_bit_identical(bool async) {
   if (!is_rank_child()) {
     TempDir dir;
     ASSERT_TRUE(run_ranks(2, dir.str()));
@@ -614,8 +615,11 @@ TEST(TrainerDdpTest, ResumeIsBitIdentical) {
                               .grad_accum_steps(2)
                               .checkpoint_dir(ckpt_dir)
                               .resume(resume)
-                              .process_group(pg));
+                              .process_group(pg)
+                              .async_checkpoint(async));
     auto result = trainer.fit(task, opt, source);
+    const int64_t saves = trainer.async_checkpoint_stats().saves_completed;
+    EXPECT_EQ(saves > 0, async && pg->rank() == 0) << "rank " << pg->rank() << ": " << saves;
     pg->barrier();  // rank 0's checkpoint is on disk before anyone resumes from it
     return std::make_pair(result.state.step, wick::parameters_sha256(*model));
   };
@@ -628,6 +632,12 @@ TEST(TrainerDdpTest, ResumeIsBitIdentical) {
   auto [second_steps, second] = run(root + "/split", -1, "latest");
   EXPECT_EQ(second_steps, 12);
   EXPECT_EQ(second, full);
+}
+
+TEST(TrainerDdpTest, ResumeIsBitIdentical) { ddp_resume_is_bit_identical(/*async=*/false); }
+
+TEST(TrainerDdpTest, ResumeFromAsyncCheckpointsIsBitIdentical) {
+  ddp_resume_is_bit_identical(/*async=*/true);
 }
 
 }  // namespace

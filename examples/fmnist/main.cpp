@@ -4,6 +4,7 @@
 //   wick-fmnist --model cnn --epochs 2                 # ~0.91 test accuracy
 //   wick-fmnist --model mlp --precision bf16 --accum 4 --json
 //   wick-fmnist --model cnn --checkpoint-dir runs/a/checkpoints --resume latest
+//   wick-fmnist --model cnn --checkpoint-every 100 --async-checkpoint  # written in the background
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --threads 1
 //   torchrun --standalone --nproc_per_node=2 --no-python wick-fmnist --ddp --shard full --threads 1
 //   wick-fmnist --quantize --prune 0.5 --json          # int8 beside fp32; 50% pruned + 1 epoch
@@ -60,6 +61,7 @@ struct Args {
   std::string checkpoint_dir;  // default <run_dir>/checkpoints
   std::string resume;
   int64_t checkpoint_every = 0;
+  bool async_checkpoint = false;
   int64_t max_steps = -1;
   int64_t val_size = 5000;
   uint64_t seed = 1;
@@ -241,6 +243,7 @@ int run(Args args) {
           .checkpoint_dir(checkpoint_dir)
           .checkpoint_every_n_steps(args.checkpoint_every)
           .keep_last_k(2)
+          .async_checkpoint(args.async_checkpoint)
           .resume(args.resume)
           .process_group(pg)
           .device(device)
@@ -410,6 +413,15 @@ int run(Args args) {
                 100.0 * static_cast<double>(int8->int8_linear_bytes) /
                     static_cast<double>(int8->fp32_linear_bytes));
   }
+  const auto ckpt_stats = trainer.async_checkpoint_stats();
+  if (args.async_checkpoint) {
+    std::printf(
+        "checkpoints: %lld written in the background; the last blocked training %.1f ms (host "
+        "copy of %.1f MiB), its write took %.1f ms\n",
+        static_cast<long long>(ckpt_stats.saves_completed), 1e3 * ckpt_stats.last_blocked_s,
+        static_cast<double>(ckpt_stats.last_snapshot_bytes) / (1 << 20),
+        1e3 * ckpt_stats.last_write_s);
+  }
   std::printf("metrics in %s/metrics.{jsonl,csv}, checkpoints in %s\n", args.run_dir.c_str(),
               checkpoint_dir.c_str());
   if (profile && profile->ops()) {
@@ -450,6 +462,12 @@ int run(Args args) {
     j["train_seconds"] = result.seconds;
     j["params_sha256"] = hash;
     j["stop_reason"] = result.stop_reason;
+    j["async_checkpoint"] = args.async_checkpoint;
+    if (args.async_checkpoint) {
+      j["checkpoints_written"] = ckpt_stats.saves_completed;
+      j["checkpoint_blocked_ms"] = 1e3 * ckpt_stats.last_blocked_s;
+      j["checkpoint_write_ms"] = 1e3 * ckpt_stats.last_write_s;
+    }
     if (pruned) {
       j["pruned_sparsity"] = pruned->sparsity;
       j["pruned_test_accuracy"] = pruned_accuracy;
@@ -513,6 +531,9 @@ int main(int argc, char** argv) {
   app.add_option("--checkpoint-every", args.checkpoint_every,
                  "also checkpoint every N steps (0: per epoch)")
       ->check(CLI::NonNegativeNumber);
+  app.add_flag("--async-checkpoint", args.async_checkpoint,
+               "write checkpoints in the background: training blocks only for a host copy of "
+               "the state (TrainerOptions::async_checkpoint)");
   app.add_option("--resume", args.resume,
                  "\"latest\" (newest in the checkpoint dir) or a checkpoint path");
   app.add_option("--max-steps", args.max_steps, "stop after N optimizer steps (-1: no limit)");

@@ -53,6 +53,7 @@ struct TrainArgs {
   std::string corpus = "/usr/share/games/fortunes";
   std::string run_dir = "runs/gpt";
   std::string resume;
+  int64_t checkpoint_every = 0;  // 0: at epoch ends and at the end only
   int64_t val_batches = 40;
   int64_t eval_every = 200;
   uint64_t seed = 1;
@@ -61,6 +62,7 @@ struct TrainArgs {
   std::string shard;  // "": replicas (DDP); zero1, zero2, full (each block a unit)
   bool tf32 = false;
   bool cuda_graph = false;
+  bool async_checkpoint = false;
   bool progress = true;
   bool json = false;
 };
@@ -215,6 +217,9 @@ int train(const TrainArgs& a) {
                 "--cuda-graph: fp16's loss scaling cannot be captured; use bf16 or fp32");
     TORCH_CHECK(a.resume.empty(), "--cuda-graph does not resume (--resume)");
     TORCH_CHECK(a.shard.empty(), "--cuda-graph with --shard is not supported");
+    TORCH_CHECK(!a.async_checkpoint,
+                "--async-checkpoint is for the Trainer's checkpoints; --cuda-graph writes its one "
+                "checkpoint at the end, synchronously");
   }
   if (a.tf32) wick::set_tf32(true);
 
@@ -303,7 +308,9 @@ int train(const TrainArgs& a) {
             .seed(a.seed)
             .log_every_n_steps(20)
             .checkpoint_dir(a.run_dir + "/checkpoints")
+            .checkpoint_every_n_steps(a.checkpoint_every)
             .keep_last_k(2)
+            .async_checkpoint(a.async_checkpoint)
             .resume(a.resume)
             .process_group(pg)
             // A routed expert that no token of this rank's
@@ -363,6 +370,7 @@ int train(const TrainArgs& a) {
     j["device"] = device.str();
     j["tf32"] = wick::tf32_enabled();
     j["cuda_graph"] = a.cuda_graph;
+    j["async_checkpoint"] = a.async_checkpoint;
     j["tokens_per_s"] = tokens_per_s;
     j["val_loss_before"] = val_before;
     j["val_loss_after"] = val_after;
@@ -585,6 +593,12 @@ int main(int argc, char** argv) {
   tr->add_option("--corpus", t.corpus, "folder of fortune files")->capture_default_str();
   tr->add_option("--run-dir", t.run_dir, "metrics, config and checkpoints")->capture_default_str();
   tr->add_option("--resume", t.resume, "\"latest\" or a checkpoint path");
+  tr->add_option("--checkpoint-every", t.checkpoint_every,
+                 "also checkpoint every N steps (0: at epoch ends and at the end)")
+      ->capture_default_str();
+  tr->add_flag("--async-checkpoint", t.async_checkpoint,
+               "write checkpoints in the background: training blocks only for a host copy of "
+               "the state (TrainerOptions::async_checkpoint)");
   tr->add_option("--val-batches", t.val_batches, "validation batches before and after")
       ->capture_default_str();
   tr->add_option("--seed", t.seed, "seed of weights, data order and samples")

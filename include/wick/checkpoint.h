@@ -22,7 +22,8 @@
 // directory, then renames it into place, so a crash leaves either the old
 // checkpoint or the new one, never a mix. load() verifies sizes and checksums
 // before anything is deserialized: a truncated or corrupted file is an error
-// that names it, never a silent fresh start.
+// that names it, never a silent fresh start. To save in the background while
+// training goes on, see AsyncCheckpointWriter (wick/async_checkpoint.h).
 
 #include <torch/torch.h>
 
@@ -35,6 +36,11 @@
 #include <vector>
 
 namespace wick {
+
+namespace detail {
+class HostStaging;
+}
+class AsyncCheckpointWriter;
 
 /// Where a training run stands.
 struct TrainState {
@@ -54,13 +60,26 @@ class Checkpoint {
   Checkpoint(Checkpoint&&) noexcept;
   Checkpoint& operator=(Checkpoint&&) noexcept;
 
+  /// A checkpoint whose put_module and put_optimizer only copy tensors to host
+  /// memory (each storage once, GPU tensors device -> host) and leave their
+  /// serialization to save(), which may then run on another thread while
+  /// training changes the originals: the file holds the values of the moment
+  /// of the put. Optimizers of other types than torch::optim::Adam, AdamW,
+  /// SGD, RMSprop, Adagrad and wick::FusedAdam, put() and put_rng_state()
+  /// serialize at once, as in a plain Checkpoint. AsyncCheckpointWriter builds
+  /// its checkpoints this way.
+  static Checkpoint host_snapshot();
+  /// Whether put_module / put_optimizer copy to host memory (host_snapshot()).
+  bool is_host_snapshot() const { return host_snapshot_; }
+
   // ---- building (before save) ----
 
   /// Every parameter and buffer of `module`, by its dotted name.
   void put_module(const std::string& section, const torch::nn::Module& module);
   /// The optimizer's state (torch::optim::Optimizer::save).
   void put_optimizer(const std::string& section, const torch::optim::Optimizer& optimizer);
-  /// Any state through a torch archive.
+  /// Any state through a torch archive, serialized at once (in a host
+  /// snapshot too: `write` may read live tensors only during this call).
   void put(const std::string& section, const Writer& write);
   /// The CPU generator's state and, when CUDA is available, every CUDA device's.
   void put_rng_state();
@@ -95,6 +114,10 @@ class Checkpoint {
   /// naming the checkpoint and the parameter when one is missing, unexpected or
   /// of another shape; the module is left unchanged on error.
   void restore_module(const std::string& section, torch::nn::Module& module) const;
+  /// optimizer.load() on the section. When all the optimizer's parameters are
+  /// on one device, the state is loaded onto it (as PyTorch's
+  /// load_state_dict moves state to its parameter's device), whichever device
+  /// it was saved from; otherwise onto the device it was saved from.
   void restore_optimizer(const std::string& section, torch::optim::Optimizer& optimizer) const;
   /// Reads a section written with put(); throws naming the section when absent.
   void get(const std::string& section, const Reader& read) const;
@@ -115,14 +138,19 @@ class Checkpoint {
   const std::string& path() const { return path_; }
 
  private:
+  friend class AsyncCheckpointWriter;
   struct Section;
   struct File;
+  static Checkpoint host_snapshot(std::shared_ptr<detail::HostStaging> staging);
+
   std::map<std::string, std::unique_ptr<Section>> sections_;
   std::map<std::string, std::unique_ptr<File>> files_;
   TrainState train_state_;
   std::string fingerprint_;
   std::map<std::string, std::string> meta_;
   std::string path_;
+  bool host_snapshot_ = false;
+  std::shared_ptr<detail::HostStaging> staging_;  // host memory of a host snapshot's copies
 };
 
 /// The CRC-32 (zlib's) of `size` bytes at `data`, as the 8 hex digits

@@ -21,6 +21,7 @@
 // (skipped by the scaler on inf/NaN). Callbacks see the events in between.
 
 #include <wick/amp.h>
+#include <wick/async_checkpoint.h>
 #include <wick/callbacks.h>
 #include <wick/checkpoint.h>
 #include <wick/data.h>
@@ -180,6 +181,16 @@ struct TrainerOptions {
   TORCH_ARG(int64_t, checkpoint_every_n_steps) = 0;
   /// Keep only the newest this many periodic checkpoints (<= 0: keep all).
   TORCH_ARG(int64_t, keep_last_k) = 3;
+  /// Write checkpoints in the background (AsyncCheckpointWriter): the loop
+  /// blocks only while the state is copied to host memory (and, when a
+  /// checkpoint is due before the previous one is written, until it is);
+  /// serialization, the atomic write and then pruning run on another thread.
+  /// A failed background write is raised at the next optimizer step or at the
+  /// end of fit, and fit returns only once the last checkpoint is on disk.
+  /// Costs one host copy of the model and optimizer state during fit. Under a
+  /// process group only rank 0 writes, as with synchronous checkpoints.
+  /// Default false.
+  TORCH_ARG(bool, async_checkpoint) = false;
   /// "" starts fresh; "latest" resumes from the newest checkpoint in
   /// checkpoint_dir (an error when there is none); anything else is the path
   /// of a checkpoint to resume from.
@@ -255,9 +266,12 @@ class Trainer {
 
   /// Writes the whole training state (model, optimizer, scaler, callbacks'
   /// state, RNG, train state, fingerprint) to checkpoint directory `path`,
-  /// atomically. Only during fit (callbacks call it).
-  void save_checkpoint(const std::string& path,
-                       const std::map<std::string, std::string>& meta = {});
+  /// atomically, then calls `after_write` (e.g. pruning older checkpoints).
+  /// With options().async_checkpoint(), only the state's host copy is made
+  /// here; the write and then `after_write` run in the background (see
+  /// TrainerOptions::async_checkpoint). Only during fit (callbacks call it).
+  void save_checkpoint(const std::string& path, const std::map<std::string, std::string>& meta = {},
+                       const std::function<void()>& after_write = {});
   /// Restores everything save_checkpoint wrote into the running fit's task,
   /// optimizer, scaler and callbacks. Throws naming the checkpoint when the
   /// fingerprint or a parameter does not match.
@@ -295,11 +309,17 @@ class Trainer {
   DistributedDataParallel* ddp() { return ddp_.get(); }
   /// The sharded wrapper during a multi-rank fit with options().sharding(), else nullptr.
   ShardedDataParallel* sharded() { return sdp_.get(); }
+  /// The background checkpoint writer's figures (async_checkpoint): live
+  /// during fit, the last fit's afterwards; all zero without async checkpoints.
+  AsyncCheckpointStats async_checkpoint_stats() const;
   /// Whether the last optimizer step was skipped (inf/NaN gradients under fp16).
   bool last_step_skipped() const { return last_step_skipped_; }
   const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
 
  private:
+  FitResult run_fit(Task& task, torch::optim::Optimizer& optimizer, BatchSource& train,
+                    BatchSource* val);
+  void close_checkpoint_writer(c10::Error* failing);
   void run_epoch(BatchSource& train, BatchSource* val);
   std::map<std::string, double> run_validation(Task& task, BatchSource& val, bool with_callbacks);
   void optimizer_step();
@@ -317,6 +337,8 @@ class Trainer {
   std::unique_ptr<GradAccumulator> accumulator_;
   std::unique_ptr<DistributedDataParallel> ddp_;
   std::unique_ptr<ShardedDataParallel> sdp_;
+  std::unique_ptr<AsyncCheckpointWriter> checkpoint_writer_;  // async_checkpoint, during fit
+  AsyncCheckpointStats checkpoint_stats_;                     // the last fit's writer's
   Task* task_ = nullptr;
   torch::optim::Optimizer* optimizer_ = nullptr;
   std::vector<torch::Tensor> params_;  // the optimizer's parameters

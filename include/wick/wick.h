@@ -1,6 +1,7 @@
 #pragma once
 // wick: everything. Include single headers to compile less.
 #include <wick/amp.h>
+#include <wick/async_checkpoint.h>
 #include <wick/batcher.h>
 #include <wick/callbacks.h>
 #include <wick/checkpoint.h>
