@@ -11,7 +11,8 @@
 #  3. wick-fmnist --device cuda for 2 epochs in fp32, bf16 and fp16;
 #  4. NCCL under torchrun: world size 1 trains; two ranks on the one GPU must
 #     fail with wick's plain-words message (both as cuda:LOCAL_RANK and as
-#     cuda:0 twice); Gloo on the CPU with two ranks trains.
+#     cuda:0 twice); Gloo on the CPU with two ranks trains; full sharding on
+#     NCCL trains and its checkpoint resumes under zero2.
 # WICK_GPU_TESTS=<ctest -R regex> runs only those tests (a rerun after fixes);
 # WICK_GPU_STAGES picks stages, default "build ctest fmnist ddp"; two more:
 # gpt (wick-bench gpt --device cuda --compile, then wick-gpt train / sample /
@@ -121,8 +122,14 @@ if stage ddp; then
     run_for 60 $TR --nproc_per_node=2 $B/wick-fmnist --ddp --device cuda:0 --epochs 1 --no-progress --json --run-dir /tmp/fm-nccl0 2>&1 | grep -v "^W\|^\*\*\*\*" | tail -12
     echo "== Gloo on the CPU, 2 ranks"
     run_for 90 $TR --nproc_per_node=2 $B/wick-fmnist --ddp --threads 4 --epochs 1 --no-progress --json --run-dir /tmp/fm-gloo 2>&1 | tail -3
+    echo "== NCCL, world size 1, full sharding (docs/sharding.md), then resumed with zero2"
+    rm -rf /tmp/fm-shard
+    run_for 60 $TR --nproc_per_node=1 $B/wick-fmnist --ddp --shard full --device cuda --epochs -1 --max-steps 200 \
+      --checkpoint-every 100 --no-progress --json --run-dir /tmp/fm-shard 2>&1 | tail -2
+    run_for 60 $TR --nproc_per_node=1 $B/wick-fmnist --ddp --shard zero2 --device cuda --epochs -1 --max-steps 300 \
+      --resume latest --no-progress --json --run-dir /tmp/fm-shard 2>&1 | tail -2
   } > "$OUT/ddp.log" 2>&1
-  say "ddp: $(grep -c test_accuracy "$OUT/ddp.log") runs reported accuracy (2 expected); NCCL shared-GPU messages:"
+  say "ddp: $(grep -c test_accuracy "$OUT/ddp.log") runs reported accuracy (4 expected); NCCL shared-GPU messages:"
   grep -E "one GPU|same GPU|Duplicate GPU|GPUs are visible|visible" "$OUT/ddp.log" | head -6 | cut -c1-400 | tee -a "$OUT/summary.txt"
 fi
 
