@@ -6,7 +6,7 @@ Started by wick-bench as one process per rank with torchrun's variables
 as the C++ cases' ranks are; it also runs under `torchrun --nproc_per_node 2`.
 Gloo over the environment's address, one torch thread.
 
-The work is the C++ cases' (bench/shard_bench.cpp), what a Python user writes:
+The work is the C++ cases' (bench/shard_bench.cpp), what a Python user writes (7.2M parameters at the defaults):
 
   model   Linear(in_dim, width), then `blocks` residual blocks
           x + fc2(gelu(fc1(layer_norm(x)))) with fc1 width->hidden and fc2
@@ -214,10 +214,12 @@ def main():
     for i in range(a.warmup):
         step(i, False)
     dist.barrier()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0, c0 = time.perf_counter(), time.process_time()
     for i in range(a.warmup, a.warmup + a.steps):
         step(i, True)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
     # Memory at rest: after the step, before the next forward.
     state_bytes = storage_bytes(optimizer_state_tensors(torch, local_opt))
@@ -245,6 +247,7 @@ def main():
         "parameters": params_numel,
         "ms_per_step": 1e3 * wall / a.steps,
         "cpu_ms_per_step": 1e3 * cpu / a.steps,
+        "page_faults_per_step": faults / a.steps,
         "forward_ms_per_step": 1e3 * phases["forward"] / a.steps,
         "backward_ms_per_step": 1e3 * phases["backward"] / a.steps,
         "step_ms_per_step": 1e3 * phases["step"] / a.steps,
