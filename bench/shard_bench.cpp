@@ -50,6 +50,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <unordered_set>
 #include <vector>
 
@@ -86,8 +87,11 @@ constexpr double kVsPythonGoal = 1.0;  // wick's steps/s at least Python's
 // up to the padding of each unit to a multiple of the world size.
 constexpr double kShareTolerance = 1.01;
 
-const std::vector<std::string> kAllCases = {"wick_ddp",   "wick_zero1",  "wick_zero2", "wick_full",
-                                            "python_ddp", "python_zero", "python_fsdp"};
+// Each wick case next to its Python counterpart: the rotation of the order from
+// round to round keeps them adjacent (but for the pair it splits at the
+// wrap), so that a round's pair meets about the same load.
+const std::vector<std::string> kAllCases = {"wick_ddp",  "python_ddp",  "wick_zero1", "python_zero",
+                                            "wick_full", "python_fsdp", "wick_zero2"};
 
 // ---------------------------------------------------------------------------
 // The model (bench/peers/shard_peer.py builds the same one).
@@ -185,10 +189,6 @@ Json time_collectives(wick::ProcessGroup& pg, int64_t model_numel, int64_t block
     time_ms("allreduce_" + name, [&] { pg.allreduce_sum_async(full)->wait(); });
     time_ms("all_gather_" + name, [&] { pg.all_gather_async(full, part)->wait(); });
     time_ms("reduce_scatter_" + name, [&] { pg.reduce_scatter_sum_async(part, full)->wait(); });
-    // What a buffer of this size costs when it is fresh memory from the
-    // allocator each time (page faults) against one that is reused.
-    time_ms("fresh_buffer_fill_" + name, [&] { torch::empty({shard * world}).fill_(1.0); });
-    time_ms("reused_buffer_fill_" + name, [&] { full.fill_(1.0); });
   }
   j["model_numel"] = model_numel;
   j["block_numel"] = block_numel;
@@ -642,6 +642,24 @@ void run_shard_bench(ShardBenchOptions o, const GlobalOptions& global, const CLI
   s["vs_python_ddp"] = ratio_or_null(steps_per_s("wick_ddp"), steps_per_s("python_ddp"));
   s["vs_python_zero_case"] = "wick_zero1 / python_zero";
   s["vs_python_fsdp_case"] = "wick_full / python_fsdp";
+  // Less sensitive to load that drifts over the run: the ratio within each
+  // round (the pair ran back to back), its median, and the ratio of process
+  // CPU time per step (medians).
+  for (const auto& [key, wick_name, python_name] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"vs_python_zero", "wick_zero1", "python_zero"},
+           {"vs_python_fsdp", "wick_full", "python_fsdp"},
+           {"vs_python_ddp", "wick_ddp", "python_ddp"}}) {
+    const ShardCase* w = find(wick_name);
+    const ShardCase* p = find(python_name);
+    if (w == nullptr || p == nullptr) continue;
+    const auto wr = w->per_round_max("ms_per_step"), pr = p->per_round_max("ms_per_step");
+    std::vector<double> rounds;
+    for (size_t r = 0; r < wr.size() && r < pr.size(); ++r) rounds.push_back(pr[r] / wr[r]);
+    s[key + "_rounds"] = rounds;
+    s[key + "_paired_median"] = median(rounds);
+    s[key + "_cpu"] = p->med("cpu_ms_per_step") / w->med("cpu_ms_per_step");
+  }
   Json state = Json::object(), at_rest = Json::object(), efficiency = Json::object(),
        py_state = Json::object(), py_at_rest = Json::object(), py_efficiency = Json::object();
   for (const char* st : {"zero1", "zero2", "full"}) {
