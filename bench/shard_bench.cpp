@@ -521,9 +521,19 @@ Json case_line(const ShardCase& c, const ShardCase* ddp, const Json& replica_sta
   j["check_loss"] = c.rank0()["check_loss"];
   for (const char* key : {"no_comm_ms_per_step", "no_comm_forward_backward_ms_per_step",
                           "no_comm_optimizer_ms_per_step"}) {
-    if (c.rank0().contains(key)) j[key] = c.max_over_ranks(key);
+    if (c.rank0().contains(key)) j[key] = c.med(key);
   }
-  if (c.rank0().contains("collectives")) j["collectives"] = c.rank0()["collectives"];
+  if (c.rank0().contains("collectives")) {
+    // Per figure, the median over rounds of rank 0's.
+    Json coll = Json::object();
+    for (const auto& item : c.rank0()["collectives"].items()) {
+      std::vector<double> v;
+      for (const auto& round : c.runs)
+        v.push_back(round.front()["collectives"][item.key()].get<double>());
+      coll[item.key()] = median(v);
+    }
+    j["collectives"] = coll;
+  }
   j["parameters"] = c.rank0()["parameters"];
   j["batch_per_rank"] = o.batch;
   j["steps"] = o.steps;
@@ -592,7 +602,7 @@ void run_shard_bench(ShardBenchOptions o, const GlobalOptions& global, const CLI
     for (size_t k = 0; k < cases.size(); ++k) {
       auto& c = cases[(k + static_cast<size_t>(r)) % cases.size()];
       ScratchFolder dir("shard");
-      const bool diag = r == 0 && !o.no_diagnostics && c.name == "wick_ddp";
+      const bool diag = !o.no_diagnostics && c.name == "wick_ddp";
       const auto argv = c.python() ? python_args(o, global, c.kind(), dir.path)
                                    : wick_args(o, c.kind(), dir.path, diag);
       const double t0 = now_s();
@@ -728,9 +738,9 @@ void run_shard_bench(ShardBenchOptions o, const GlobalOptions& global, const CLI
     s["same_init_as_python"] = init_max - init_min <= 1e-6 * std::abs(init_max);
     s["same_training_as_python"] = (check_max - check_min) <= 1e-4 * std::abs(check_max);
   }
-  if (wick_ddp != nullptr && wick_ddp->rank0().contains("collectives")) {
-    s["collectives"] = wick_ddp->rank0()["collectives"];
-    s["no_comm_ms_per_step"] = wick_ddp->max_over_ranks("no_comm_ms_per_step");
+  if (const Json* l = line_of("wick_ddp"); l != nullptr && l->contains("collectives")) {
+    s["collectives"] = (*l)["collectives"];
+    s["no_comm_ms_per_step"] = (*l)["no_comm_ms_per_step"];
   }
   s["ms_per_step"] = Json::object();
   for (const auto& l : lines) s["ms_per_step"][l["case"].get<std::string>()] = l["ms_per_step"];
@@ -781,7 +791,8 @@ void add_shard_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
                 "a smoke run: model 64-128x2(256)-10, 3 steps, 1 warmup, 1 round (explicit "
                 "options win)");
   sub->add_flag("--no-diagnostics", o->no_diagnostics,
-                "skip the first round's standalone collective and no-communication timings");
+                "skip the standalone collective and no-communication timings that wick_ddp's "
+                "ranks take after their run, every round");
   sub->add_option("--timeout", o->timeout_s,
                   "seconds a run's processes may take before they are killed")
       ->capture_default_str();
