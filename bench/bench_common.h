@@ -103,5 +103,6 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_safetensors_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_export_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 void add_checkpoint_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
+void add_shard_command(CLI::App& app, std::shared_ptr<GlobalOptions> global);
 
 }  // namespace wick_bench

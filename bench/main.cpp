@@ -11,6 +11,7 @@
 //   wick-bench export                         # AOTInductor .pt2 in wick vs torch::nn vs Python
 //   wick-bench safetensors                    # a 512 MiB safetensors file: wick vs Python
 //   wick-bench checkpoint                     # async checkpoint's blocked time vs a sync save
+//   wick-bench shard                          # ZeRO-1/2, full sharding vs Python ZeRO, FSDP2
 //
 // Each subcommand lives in its own file (trainer_bench.cpp, ...) and adds
 // itself through an add_<name>_command function declared in bench_common.h.
@@ -47,6 +48,7 @@ int main(int argc, char** argv) {
   wick_bench::add_safetensors_command(app, global);
   wick_bench::add_export_command(app, global);
   wick_bench::add_checkpoint_command(app, global);
+  wick_bench::add_shard_command(app, global);
 
   try {
     app.parse(argc, argv);
