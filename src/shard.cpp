@@ -556,7 +556,11 @@ void ShardedDataParallel::Impl::copy_grads(size_t u) {
 
 void ShardedDataParallel::Impl::launch(size_t u) {
   auto& unit = units[u];
-  if (options.strategy() == ShardingStrategy::kZero1) {
+  // Gloo's reduce-scatter is a copy, a whole all-reduce and another copy
+  // (measured: 28.8 ms against 17.6 ms for an all-reduce of a 28.8 MB model
+  // on 2 ranks), so on Gloo ZeRO-2 and full sharding all-reduce their
+  // private gradient buffer and keep their slice; NCCL reduce-scatters.
+  if (options.strategy() == ShardingStrategy::kZero1 || allreduce_gradients) {
     unit.grad_work = pg->allreduce_sum_async(unit.grad_flat);
     ++stats.allreduces;
   } else {
@@ -582,6 +586,9 @@ void ShardedDataParallel::Impl::wait_gradients(size_t u) {
   unit.grad_done = true;
   // ZeRO-1 hands the whole averaged gradient back; the others keep only their shard.
   if (options.strategy() != ShardingStrategy::kZero1) {
+    if (allreduce_gradients) {
+      unit.grad_out = unit.grad_flat.narrow(0, rank() * unit.shard_numel, unit.shard_numel).clone();
+    }
     unit.grad_work.reset();
     unit.grad_flat = torch::Tensor();
   }
@@ -738,6 +745,7 @@ ShardedDataParallel::ShardedDataParallel(std::shared_ptr<torch::nn::Module> modu
     static std::atomic<int64_t> instances{0};
     impl_->gather_pg = impl_->pg->new_group("wick/shard_gather/" + std::to_string(instances++));
   }
+  impl_->allreduce_gradients = impl_->pg->backend_name() == "gloo";
   impl_->build(named, optimizer);
   auto& reg = registry();
   std::lock_guard<std::mutex> lock(reg.mutex);

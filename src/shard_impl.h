@@ -92,6 +92,7 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
   std::vector<size_t> regather_order;
   size_t next_regather = 0;
   std::shared_ptr<ProcessGroup> gather_pg;  // kFull: the all-gathers' communicator
+  bool allreduce_gradients = false;         // Gloo: all-reduce, not reduce-scatter (launch)
   bool sync = true;
   bool stale_params = false;  // kZero: a step may have changed the shards since the last gather
   bool stale_grads = false;   // kZero1: the module's gradients are last step's averages
