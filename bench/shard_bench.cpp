@@ -308,7 +308,11 @@ void run_rank_child(const ShardBenchOptions& o) {
     j["optimizer_state_bytes"] = st.optimizer_state_bytes;
     j["shard_bytes"] = st.shard_bytes;
     j["gathered_param_bytes"] = st.gathered_param_bytes;
-    j["param_bytes_at_rest"] = st.gathered_param_bytes + st.shard_bytes;
+    // ZeRO's shards are slices of its whole parameters (counted once);
+    // full sharding's are copies, beside nothing gathered at rest.
+    j["param_bytes_at_rest"] = o.strategy == "full"
+                                   ? st.gathered_param_bytes + st.shard_bytes
+                                   : st.gathered_param_bytes;
     j["peak_gathered_param_bytes"] = st.peak_gathered_param_bytes;
     j["num_units"] = st.num_units;
     j["padding_numel"] = st.padding_numel;

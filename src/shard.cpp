@@ -240,7 +240,11 @@ void ShardedDataParallel::Impl::make_unit(Unit& unit) {
   unit.gathered = true;
   account(storage_bytes(unit.full));
   const int64_t begin = rank() * unit.shard_numel;
-  unit.shard = unit.full.narrow(0, begin, unit.shard_numel).clone();
+  // ZeRO keeps every parameter whole, so its master shard is its slice of
+  // the flat tensor (the all-gather then reads it in place); full sharding
+  // frees the flat tensor at rest, so its shard is a copy.
+  unit.shard = full() ? unit.full.narrow(0, begin, unit.shard_numel).clone()
+                      : unit.full.narrow(0, begin, unit.shard_numel);
   unit.shard_version = static_cast<int64_t>(unit.shard._version());
   // Pieces: the intersection of this rank's range with each group's range.
   for (size_t i : unit.params) {
@@ -345,7 +349,7 @@ void ShardedDataParallel::Impl::build(
     stats.shard_numel += u.shard_numel;
     stats.padding_numel +=
         std::max<int64_t>(0, std::min(u.shard_numel, (rank() + 1) * u.shard_numel - u.numel));
-    stats.shard_bytes += storage_bytes(u.shard);
+    stats.shard_bytes += u.shard.numel() * static_cast<int64_t>(u.shard.element_size());
   }
   reset_round();
 }

@@ -103,7 +103,8 @@ struct ShardingStats {
   /// ceil(unit numel / world)), and the padding among them.
   int64_t shard_numel = 0;
   int64_t padding_numel = 0;
-  /// Bytes of this rank's master shards.
+  /// Bytes of this rank's master shards (kZero1, kZero2: its slices of the whole
+  /// parameters, no extra memory; kFull: copies, all it holds of the parameters at rest).
   int64_t shard_bytes = 0;
   /// Bytes of the optimizer's state on this rank (its tensors' storage).
   int64_t optimizer_state_bytes = 0;
