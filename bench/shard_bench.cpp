@@ -310,9 +310,8 @@ void run_rank_child(const ShardBenchOptions& o) {
     j["gathered_param_bytes"] = st.gathered_param_bytes;
     // ZeRO's shards are slices of its whole parameters (counted once);
     // full sharding's are copies, beside nothing gathered at rest.
-    j["param_bytes_at_rest"] = o.strategy == "full"
-                                   ? st.gathered_param_bytes + st.shard_bytes
-                                   : st.gathered_param_bytes;
+    j["param_bytes_at_rest"] =
+        o.strategy == "full" ? st.gathered_param_bytes + st.shard_bytes : st.gathered_param_bytes;
     j["peak_gathered_param_bytes"] = st.peak_gathered_param_bytes;
     j["num_units"] = st.num_units;
     j["padding_numel"] = st.padding_numel;
@@ -727,8 +726,9 @@ void run_shard_bench(ShardBenchOptions o, const GlobalOptions& global, const CLI
                              {"sync_save_ms", a["sync_save_ms"]},
                              {"async_blocked_ms", a["async_blocked_ms"]},
                              {"async_write_ms", a["async_write_ms"]},
-                             {"note", "AsyncCheckpointWriter (DDP or one process); sharded "
-                                      "saves are synchronous so far"}};
+                             {"note",
+                              "AsyncCheckpointWriter (DDP or one process); sharded "
+                              "saves are synchronous so far"}};
   }
 
   // Goals.

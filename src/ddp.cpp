@@ -50,18 +50,6 @@ struct DistributedDataParallel::Impl {
   DistributedDataParallelStats stats;
   std::mutex mutex;
 
-  struct GradReadyHook : torch::autograd::FunctionPostHook {
-    GradReadyHook(Impl* impl, size_t index) : impl_(impl), index_(index) {}
-    torch::autograd::variable_list operator()(
-        const torch::autograd::variable_list& outputs,
-        const torch::autograd::variable_list& /*inputs*/) override {
-      impl_->on_grad_ready(index_);
-      return outputs;
-    }
-    Impl* impl_;
-    size_t index_;
-  };
-
   bool distributed() const { return pg->world_size() > 1; }
 
   void build_buckets(const std::vector<std::pair<std::string, torch::Tensor>>& named);
@@ -121,7 +109,8 @@ void DistributedDataParallel::Impl::register_hooks() {
     p.accumulator = torch::autograd::impl::grad_accumulator(p.tensor);
     TORCH_CHECK(p.accumulator != nullptr, kName, ": parameter '", p.name,
                 "' has no gradient accumulator (is it a leaf tensor?)");
-    p.hook_key = p.accumulator->add_post_hook(std::make_unique<GradReadyHook>(this, i));
+    p.hook_key =
+        p.accumulator->add_post_hook(std::make_unique<detail::GradReadyHook<Impl>>(this, i));
   }
 }
 

@@ -365,8 +365,8 @@ void ShardedDataParallel::Impl::rewire(torch::optim::Optimizer& opt) {
 
 void ShardedDataParallel::Impl::register_hooks() {
   for (size_t i = 0; i < params.size(); ++i) {
-    params[i].hook_key =
-        params[i].accumulator->add_post_hook(std::make_unique<GradReadyHook>(this, i));
+    params[i].hook_key = params[i].accumulator->add_post_hook(
+        std::make_unique<detail::GradReadyHook<Impl>>(this, i));
   }
 }
 

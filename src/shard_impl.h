@@ -5,6 +5,8 @@
 #include "wick/distributed.h"
 #include "wick/shard.h"
 
+#include "data_parallel.h"
+
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 
@@ -56,18 +58,6 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
     torch::Tensor grad_out;   // [shard_numel]: the reduce-scatter's output
     std::shared_ptr<ProcessGroup::Work> grad_work;
     bool grad_done = false;  // grad_work waited for (and, but for kZero1, grad_flat freed)
-  };
-
-  struct GradReadyHook : torch::autograd::FunctionPostHook {
-    GradReadyHook(Impl* impl, size_t index) : impl_(impl), index_(index) {}
-    torch::autograd::variable_list operator()(
-        const torch::autograd::variable_list& outputs,
-        const torch::autograd::variable_list& /*inputs*/) override {
-      impl_->on_grad_ready(index_);
-      return outputs;
-    }
-    Impl* impl_;
-    size_t index_;
   };
 
   std::shared_ptr<torch::nn::Module> module;
