@@ -533,18 +533,22 @@ torch::Tensor QuantizedLinearImpl::forward_rows(const torch::Tensor& input, int6
   int32_t* row_zp = sized(scratch.zero_point, rows);
   detail::quantize_rows(x.data_ptr<float>(), rows, in_features_, in_features_, qmax, u8 ? 0 : -128,
                         codes, row_scale, row_zp);
+  at::Tensor y = at::empty(out_shape, input.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t n = out_features_;
+  auto dequantize = [&](int64_t r0, int64_t r1) {
+    detail::dequantize_rows(acc + r0 * n, r1 - r0, n, row_scale + r0, row_zp + r0, r.colsum.data(),
+                            r.wscale.data(), r.bias.empty() ? nullptr : r.bias.data(), yp + r0 * n);
+  };
   if (u8) {
-    r.fbgemm->matmul(codes, rows, acc);
+    r.fbgemm->matmul(codes, rows, acc, dequantize);  // block by block, while in cache
   } else {
     at::Tensor a = at::from_blob(codes, {rows, in_features_}, at::TensorOptions(at::kChar));
-    at::Tensor out = at::from_blob(acc, {rows, out_features_}, at::TensorOptions(at::kInt));
+    at::Tensor out = at::from_blob(acc, {rows, n}, at::TensorOptions(at::kInt));
     at::_int_mm_out(out, a, r.weight_t);
     TORCH_INTERNAL_ASSERT(out.data_ptr<int32_t>() == acc, "at::_int_mm_out reallocated its output");
+    dequantize(0, rows);
   }
-  at::Tensor y = at::empty(out_shape, input.options());
-  detail::dequantize_rows(acc, rows, out_features_, row_scale, row_zp, r.colsum.data(),
-                          r.wscale.data(), r.bias.empty() ? nullptr : r.bias.data(),
-                          y.data_ptr<float>());
   return y;
 }
 
