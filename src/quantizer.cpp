@@ -482,7 +482,7 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
       packed = slot;
     }
   }
-  if (per_row) return forward_rows(input, rows, engine, *row_weights, std::move(out_shape));
+  if (per_row) return forward_rows(input, rows, engine, *row_weights, out_shape);
   // Without VNNI, FBGEMM and oneDNN multiply u8 x s8 pairs into int16 and
   // can saturate; 7-bit activations avoid that (what torch.ao does on every CPU).
   const bool reduce_range = !fp16 && int8_activation_qmax(engine) < 255;
@@ -522,7 +522,7 @@ std::shared_ptr<const QuantizedLinearImpl::RowWeights> QuantizedLinearImpl::pack
 
 torch::Tensor QuantizedLinearImpl::forward_rows(const torch::Tensor& input, int64_t rows,
                                                 QuantEngine engine, const RowWeights& r,
-                                                std::vector<int64_t> out_shape) const {
+                                                const std::vector<int64_t>& out_shape) const {
   const at::Tensor x = input.reshape({rows, in_features_}).contiguous();
   const int32_t qmax = static_cast<int32_t>(activation_qmax(rows));
   const bool u8 = engine == QuantEngine::kFbgemm;  // FBGEMM multiplies u8 x s8; _int_mm s8 x s8

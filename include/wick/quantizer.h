@@ -152,7 +152,7 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   torch::Tensor forward_cpu(const torch::Tensor& input);
   std::shared_ptr<const RowWeights> pack_rows(QuantEngine engine) const;
   torch::Tensor forward_rows(const torch::Tensor& input, int64_t rows, QuantEngine engine,
-                             const RowWeights& weights, std::vector<int64_t> out_shape) const;
+                             const RowWeights& r, const std::vector<int64_t>& out_shape) const;
   torch::Tensor forward_cuda(const torch::Tensor& input);
 
   int64_t in_features_;
