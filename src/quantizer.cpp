@@ -414,8 +414,10 @@ QuantEngine QuantizedLinearImpl::engine_for(int64_t rows) const {
   // one core) outweighs its speed on small layers and small batches.
   const bool large = cpu_has_amx_int8() && rows >= options_.onednn_min_rows() &&
                      in_features_ * out_features_ >= kOnednnMinWeights;
-  if ((dnn || per_row) && (!fb || large)) return QuantEngine::kOnednn;
-  return fb ? QuantEngine::kFbgemm : QuantEngine::kQnnpack;
+  if (fb) return dnn && large ? QuantEngine::kOnednn : QuantEngine::kFbgemm;
+  // No FBGEMM: oneDNN; per row also without it, as at::_int_mm has loops of
+  // its own (exact, slow); per batch QNNPACK is the last resort.
+  return dnn || per_row ? QuantEngine::kOnednn : QuantEngine::kQnnpack;
 }
 
 int64_t QuantizedLinearImpl::activation_qmax(int64_t rows) const {
