@@ -121,6 +121,10 @@ BatcherCore::BatcherCore(BatcherOptions options, std::function<void(BatcherJobs&
               options_.request_timeout().count());
   TORCH_CHECK(options_.num_workers() >= 1, "DynamicBatcher: num_workers must be >= 1, got ",
               options_.num_workers());
+  TORCH_CHECK(options_.preferred_batch_size() >= 0 &&
+                  options_.preferred_batch_size() <= options_.max_batch_size(),
+              "DynamicBatcher: preferred_batch_size must be in [0, max_batch_size = ",
+              options_.max_batch_size(), "], got ", options_.preferred_batch_size());
   TORCH_CHECK(run_, "DynamicBatcher: the batch function must not be empty");
   state_->stats.batch_size_histogram.assign(static_cast<size_t>(options_.max_batch_size()) + 1, 0);
   state_->queue_full_error =
@@ -157,8 +161,8 @@ Admission BatcherCore::enqueue_locked(std::unique_ptr<BatcherJob>& job,
   const size_t size = s.queue.size();
   s.queued.store(static_cast<int64_t>(size), std::memory_order_relaxed);
   lock.unlock();
-  // Workers wait either for a first request or for a full batch.
-  if (size == 1 || size >= static_cast<size_t>(options_.max_batch_size())) s.work_cv.notify_all();
+  // Workers wait either for a first request or for a (preferred) batch.
+  if (size == 1 || size >= fill_target()) s.work_cv.notify_all();
   return Admission::kAccepted;
 }
 
@@ -211,9 +215,15 @@ Admission BatcherCore::try_submit(std::unique_ptr<BatcherJob>& job) {
   return a;
 }
 
+size_t BatcherCore::fill_target() const {
+  const int64_t preferred = options_.preferred_batch_size();
+  return static_cast<size_t>(preferred > 0 ? preferred : options_.max_batch_size());
+}
+
 void BatcherCore::worker_loop() {
   auto& s = *state_;
   const auto max_batch = static_cast<size_t>(options_.max_batch_size());
+  const size_t target = fill_target();
   BatcherJobs batch, expired;
   batch.reserve(max_batch);
   bool busy = false;  // this worker has just run a batch, and no idle wait came since
@@ -233,7 +243,7 @@ void BatcherCore::worker_loop() {
         // Back from a batch with requests waiting: they run now (run_waiting_when_busy).
         if (busy && options_.run_waiting_when_busy()) break;
         const auto due = s.queue.front()->enqueued + options_.max_delay();
-        if (!s.stopping && s.queue.size() < max_batch && Clock::now() < due) {
+        if (!s.stopping && s.queue.size() < target && Clock::now() < due) {
           s.work_cv.wait_until(lock, due);
           continue;
         }
@@ -266,7 +276,11 @@ void BatcherCore::worker_loop() {
                                  "DynamicBatcher: deadline exceeded before the request was run");
       for (auto& j : expired) j->fail(error);
     }
-    if (batch.empty()) continue;
+    if (batch.empty()) {
+      if (!expired.empty() && options_.after_batch())
+        after_batch(static_cast<int64_t>(expired.size()));
+      continue;
+    }
 
     busy = true;
     BatchStages stages;
@@ -319,11 +333,20 @@ void BatcherCore::worker_loop() {
       }
       answer_ns += nanos(Clock::now() - done);
     }
+    if (options_.after_batch()) after_batch(static_cast<int64_t>(batch.size() + expired.size()));
     {
       std::lock_guard<std::mutex> g(s.stats_mutex);
       s.answer_ns += answer_ns;
       s.answered_requests += static_cast<int64_t>(batch.size());
     }
+  }
+}
+
+void BatcherCore::after_batch(int64_t answered) noexcept {
+  try {
+    options_.after_batch()(answered);
+  } catch (...) {
+    // Documented as must-not-throw; a throwing hook must not end the worker.
   }
 }
 

@@ -957,3 +957,54 @@ TEST(DynamicBatcherTest, TrySubmitDocExample) {
   }
   EXPECT_EQ(checked, answered.load());
 }
+
+// An idle worker runs as soon as preferred_batch_size requests are queued,
+// takes up to max_batch_size, and still waits for company below it.
+TEST(DynamicBatcherTest, PreferredBatchSizeRunsWithoutWaitingForAFullBatch) {
+  RecordingModel model;
+  TensorBatcher batcher(recording(model),
+                        BatcherOptions().max_batch_size(8).preferred_batch_size(3).max_delay(10s));
+  std::vector<std::future<torch::Tensor>> fs;
+  for (int64_t i = 0; i < 3; ++i) fs.push_back(batcher.submit(request(i)));
+  for (int64_t i = 0; i < 3; ++i) {
+    ASSERT_EQ(fs[static_cast<size_t>(i)].wait_for(5s), std::future_status::ready);
+    EXPECT_TRUE(wick::testing::tensors_equal(fs[static_cast<size_t>(i)].get(), expected(i)));
+  }
+  auto lone = batcher.submit(request(9));
+  EXPECT_EQ(lone.wait_for(200ms), std::future_status::timeout);  // 1 < 3: waits for company
+  for (int64_t i = 10; i < 12; ++i) fs.push_back(batcher.submit(request(i)));
+  EXPECT_EQ(lone.wait_for(5s), std::future_status::ready);
+  batcher.shutdown();
+  ASSERT_GE(model.sizes.size(), 2u);
+  EXPECT_EQ(model.sizes[0], 3);
+  EXPECT_THROWS_WITH(
+      TensorBatcher(recording(model), BatcherOptions().max_batch_size(4).preferred_batch_size(5)),
+      "preferred_batch_size must be in [0, max_batch_size = 4], got 5");
+}
+
+// after_batch runs once per batch, on the worker, after every request of the
+// batch has its answer, with how many were answered.
+TEST(DynamicBatcherTest, AfterBatchHookRunsOnceEveryAnswerOfTheBatchIsDelivered) {
+  std::atomic<int64_t> callbacks{0}, hook_calls{0}, hook_total{0}, early{0};
+  TensorBatcher batcher(
+      wick::stack_batches([](const torch::Tensor& x) { return x * 2 + 1; }),
+      BatcherOptions().max_batch_size(4).max_delay(5ms).after_batch([&](int64_t answered) {
+        ++hook_calls;
+        hook_total += answered;
+        if (callbacks.load() < hook_total.load()) ++early;
+      }));
+  for (int64_t i = 0; i < 10; ++i) {
+    auto x = request(i);
+    ASSERT_EQ(batcher.try_submit(std::move(x),
+                                 [&](wick::BatcherAnswer<torch::Tensor> r) {
+                                   EXPECT_TRUE(r.ok());
+                                   ++callbacks;
+                                 }),
+              wick::Admission::kAccepted);
+  }
+  batcher.shutdown();
+  EXPECT_EQ(callbacks.load(), 10);
+  EXPECT_EQ(hook_total.load(), 10);
+  EXPECT_EQ(hook_calls.load(), batcher.stats().batches_run);
+  EXPECT_EQ(early.load(), 0);
+}

@@ -55,6 +55,13 @@ enum class ShutdownPolicy {
 struct BatcherOptions {
   /// Most requests in one batch, >= 1. Default 32.
   TORCH_ARG(int64_t, max_batch_size) = 32;
+  /// An idle worker runs a batch as soon as this many requests are queued,
+  /// without waiting for max_batch_size or max_delay (Triton's preferred batch
+  /// size); it still takes up to max_batch_size. 0: max_batch_size. With as
+  /// many one-at-a-time clients as max_batch_size, half of it splits them into
+  /// two groups: one is computed while the other is answered and resubmits.
+  /// >= 0 and <= max_batch_size. Default 0.
+  TORCH_ARG(int64_t, preferred_batch_size) = 0;
   /// How long the oldest queued request may wait for company before its batch
   /// runs anyway, >= 0 (0: run whatever is queued at once). Default 1 ms.
   TORCH_ARG(std::chrono::microseconds, max_delay) = std::chrono::microseconds(1000);
@@ -83,6 +90,13 @@ struct BatcherOptions {
   TORCH_ARG(ShutdownPolicy, shutdown_policy) = ShutdownPolicy::kDrain;
   /// Run the model under c10::InferenceMode (no autograd records). Default true.
   TORCH_ARG(bool, inference_mode) = true;
+  /// Called on the worker once every request of a batch has been answered
+  /// (futures set, callbacks returned; the requests it refused as expired
+  /// just before included), with the number answered: one place per batch to
+  /// flush what the callbacks buffered (a socket's writes), or to wake all the
+  /// batch's waiting clients with one call instead of one each. Not called
+  /// for requests a kCancel shutdown cancels. Must not throw. Default none.
+  TORCH_ARG(std::function<void(int64_t)>, after_batch) = nullptr;
 };
 
 /// What try_submit did with a request.
@@ -192,6 +206,8 @@ class BatcherCore {
  private:
   struct State;
   void worker_loop();
+  void after_batch(int64_t answered) noexcept;
+  size_t fill_target() const;  // the queue length an idle worker waits for
   Admission enqueue_locked(std::unique_ptr<BatcherJob>& job, std::unique_lock<std::mutex>& lock);
   BatcherOptions options_;
   std::function<void(BatcherJobs&)> run_;
