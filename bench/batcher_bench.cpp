@@ -42,13 +42,17 @@
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
+#include <linux/futex.h>
 #include <semaphore.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <wick/meters.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <future>
@@ -71,6 +75,7 @@ struct BatcherBenchOptions {
   int64_t requests = 100;  // per client
   int64_t max_batch = 64;
   int64_t max_delay_us = 2000;
+  int64_t preferred_batch = -1;  // -1: max_batch / 2
   int64_t workers = 1;
   bool wait_when_busy = false;
   int repeats = 3;
@@ -111,18 +116,46 @@ double percentile(std::vector<double> v, double q) {
   return v[std::min(v.size() - 1, rank == 0 ? 0 : rank - 1)];
 }
 
+int64_t preferred_batch(const BatcherBenchOptions& o) {
+  return o.preferred_batch >= 0 ? o.preferred_batch : o.max_batch / 2;
+}
+
 struct ServeRun {
   double requests_per_s = 0, p50_ms = 0, p99_ms = 0, mean_batch = 0, mean_ms = 0;
   int64_t wrong = 0;  // answers that differ from the offline ones
   wick::BatcherBreakdown breakdown;
 };
 
-enum class ClientApi { kCallback, kFuture };
+// How a client waits for its answer:
+//   kBatchWake  try_submit; the callback marks the client's slot, and the
+//               batcher's after_batch hook wakes every sleeping client with one
+//               futex call per batch (a batch-level promise);
+//   kCallback   try_submit; the callback posts the client's own semaphore (a
+//               wake-up call per request);
+//   kFuture     submit() and std::future::get().
+enum class ClientApi { kBatchWake, kCallback, kFuture };
+
+// The futex word the kBatchWake clients sleep on.
+struct BatchWake {
+  std::atomic<int32_t> epoch{0};
+  void wake_all() {
+    epoch.fetch_add(1, std::memory_order_release);
+    syscall(SYS_futex, &epoch, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+  }
+  void wait_for(const std::atomic<bool>& ready) {
+    while (!ready.load(std::memory_order_acquire)) {
+      const int32_t e = epoch.load(std::memory_order_acquire);
+      if (ready.load(std::memory_order_acquire)) break;
+      syscall(SYS_futex, &epoch, FUTEX_WAIT_PRIVATE, e, nullptr, nullptr, 0);
+    }
+  }
+};
 
 // What a client thread of the callback case waits on: the answer's callback
 // stores the result and posts the semaphore (no future, no allocation).
 struct Slot {
   sem_t ready{};
+  std::atomic<bool> done{false};  // kBatchWake
   torch::Tensor y;
   bool ok = false;
   Slot() { sem_init(&ready, 0, 0); }
@@ -142,14 +175,16 @@ struct Slot {
 ServeRun run_serving(const wick::InferenceSession& session, const torch::Tensor& images,
                      const torch::Tensor& expected, const BatcherBenchOptions& o, int64_t max_batch,
                      ClientApi api) {
-  wick::TensorBatcher batcher(
-      session.batch_fn(),
-      wick::BatcherOptions()
-          .max_batch_size(max_batch)
-          .max_delay(std::chrono::microseconds(max_batch == 1 ? 0 : o.max_delay_us))
-          .run_waiting_when_busy(!o.wait_when_busy)
-          .num_workers(o.workers)
-          .max_queue_size(std::max<int64_t>(1024, o.clients)));
+  BatchWake wake;
+  auto options = wick::BatcherOptions()
+                     .max_batch_size(max_batch)
+                     .preferred_batch_size(std::min(max_batch, preferred_batch(o)))
+                     .max_delay(std::chrono::microseconds(max_batch == 1 ? 0 : o.max_delay_us))
+                     .run_waiting_when_busy(!o.wait_when_busy)
+                     .num_workers(o.workers)
+                     .max_queue_size(std::max<int64_t>(1024, o.clients));
+  if (api == ClientApi::kBatchWake) options.after_batch([&wake](int64_t) { wake.wake_all(); });
+  wick::TensorBatcher batcher(session.batch_fn(), options);
   const int64_t n = images.size(0);
   const std::vector<torch::Tensor> requests = images.unbind(0);
   std::vector<torch::Tensor> answers(static_cast<size_t>(n));
@@ -176,17 +211,27 @@ ServeRun run_serving(const wick::InferenceSession& session, const torch::Tensor&
           }
         } else {
           torch::Tensor x = requests[static_cast<size_t>(i)];
-          const auto a =
-              batcher.try_submit(std::move(x), [slot](wick::BatcherAnswer<torch::Tensor> r) {
+          const bool batch_wake = api == ClientApi::kBatchWake;
+          slot->done.store(false, std::memory_order_relaxed);
+          const auto a = batcher.try_submit(
+              std::move(x), [slot, batch_wake](wick::BatcherAnswer<torch::Tensor> r) {
                 slot->ok = r.ok();
                 if (slot->ok) slot->y = std::move(r).value();
-                sem_post(&slot->ready);
+                if (batch_wake) {
+                  slot->done.store(true, std::memory_order_release);  // after_batch wakes
+                } else {
+                  sem_post(&slot->ready);
+                }
               });
           if (a != wick::Admission::kAccepted) {
             ++wrong;
             continue;
           }
-          slot->wait();
+          if (batch_wake) {
+            wake.wait_for(slot->done);
+          } else {
+            slot->wait();
+          }
           if (!slot->ok) {
             ++wrong;
             continue;
@@ -264,9 +309,9 @@ CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tenso
 }
 
 struct ModelFigures {
-  std::vector<double> batched_rps, future_rps, unbatched_rps, ceiling_rps, ceiling1_rps,
-      batched_p50, batched_p99, future_p99, unbatched_p99, batched_mean_batch, batch_ms;
-  std::vector<ServeRun> batched_runs;
+  std::vector<double> batched_rps, future_rps, sem_rps, unbatched_rps, ceiling_rps, ceiling1_rps,
+      batched_p50, batched_p99, future_p99, sem_p99, unbatched_p99, batched_mean_batch, batch_ms;
+  std::vector<ServeRun> batched_runs, sem_runs;
   int64_t wrong = 0;
 };
 
@@ -296,6 +341,7 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
   j["model"] = model;
   j["batched_requests_per_s"] = median(f.batched_rps);
   j["batched_future_requests_per_s"] = median(f.future_rps);
+  j["batched_per_request_wake_requests_per_s"] = median(f.sem_rps);
   j["unbatched_requests_per_s"] = median(f.unbatched_rps);
   j["ceiling_requests_per_s"] = median(f.ceiling_rps);
   j["ceiling_1_requests_per_s"] = median(f.ceiling1_rps);
@@ -303,9 +349,11 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
   j["batched_vs_unbatched"] = median(f.batched_rps) / median(f.unbatched_rps);
   j["batched_vs_ceiling"] = median(f.batched_rps) / median(f.ceiling_rps);
   j["batched_future_vs_ceiling"] = median(f.future_rps) / median(f.ceiling_rps);
+  j["batched_per_request_wake_vs_ceiling"] = median(f.sem_rps) / median(f.ceiling_rps);
   j["batched_p50_ms"] = median(f.batched_p50);
   j["batched_p99_ms"] = median(f.batched_p99);
   j["batched_future_p99_ms"] = median(f.future_p99);
+  j["batched_per_request_wake_p99_ms"] = median(f.sem_p99);
   j["unbatched_p99_ms"] = median(f.unbatched_p99);
   j["batched_mean_batch"] = median(f.batched_mean_batch);
   j["batch_compute_ms"] = median(f.batch_ms);
@@ -316,8 +364,13 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
     if (f.batched_runs[i].requests_per_s == median(f.batched_rps)) mid = i;
   }
   if (!f.batched_runs.empty()) j["batched_breakdown_us"] = breakdown_json(f.batched_runs[mid]);
+  for (size_t i = 0; i < f.sem_runs.size(); ++i) {
+    if (f.sem_runs[i].requests_per_s == median(f.sem_rps))
+      j["batched_per_request_wake_breakdown_us"] = breakdown_json(f.sem_runs[i]);
+  }
   j["runs_batched_requests_per_s"] = f.batched_rps;
   j["runs_batched_future_requests_per_s"] = f.future_rps;
+  j["runs_batched_per_request_wake_requests_per_s"] = f.sem_rps;
   j["runs_unbatched_requests_per_s"] = f.unbatched_rps;
   j["runs_ceiling_requests_per_s"] = f.ceiling_rps;
   j["runs_batched_p99_ms"] = f.batched_p99;
@@ -702,12 +755,19 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
         f.ceiling1_rps.push_back(run_ceiling(session, images, 1).requests_per_s);
       };
       auto batched = [&] {
-        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kCallback);
+        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kBatchWake);
         f.batched_rps.push_back(b.requests_per_s);
         f.batched_p50.push_back(b.p50_ms);
         f.batched_p99.push_back(b.p99_ms);
         f.batched_mean_batch.push_back(b.mean_batch);
         f.batched_runs.push_back(b);
+        f.wrong += b.wrong;
+      };
+      auto batched_sem = [&] {
+        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kCallback);
+        f.sem_rps.push_back(b.requests_per_s);
+        f.sem_p99.push_back(b.p99_ms);
+        f.sem_runs.push_back(b);
         f.wrong += b.wrong;
       };
       auto batched_future = [&] {
@@ -725,11 +785,13 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
       if (r % 2 == 0) {
         ceiling();
         batched();
+        batched_sem();
         batched_future();
         unbatched();
       } else {
         unbatched();
         batched_future();
+        batched_sem();
         batched();
         ceiling();
       }
@@ -812,6 +874,7 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
   s["requests_per_client"] = o.requests;
   s["max_batch"] = o.max_batch;
   s["max_delay_us"] = o.max_delay_us;
+  s["preferred_batch"] = preferred_batch(o);
   s["workers"] = o.workers;
   s["run_waiting_when_busy"] = !o.wait_when_busy;
   s["threads"] = threads;
@@ -838,6 +901,10 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--max-delay-us", o->max_delay_us, "the batcher's max_delay, microseconds")
       ->capture_default_str();
   sub->add_option("--workers", o->workers, "the batcher's num_workers")->capture_default_str();
+  sub->add_option("--preferred-batch", o->preferred_batch,
+                  "the batcher's preferred_batch_size in the serving cases (-1: --max-batch / 2, "
+                  "0: none)")
+      ->capture_default_str();
   sub->add_flag("--wait-when-busy", o->wait_when_busy,
                 "run_waiting_when_busy(false): a worker back from a batch waits for a full batch "
                 "or max_delay as an idle one does");
