@@ -1,14 +1,17 @@
 // wick-bench batcher: what dynamic batching buys a server whose requests come
-// one at a time from many clients.
+// one at a time from many clients, what the batcher costs per request, and
+// what it serves when offered more than it can.
 //
 // Two models, each behind a wick::InferenceSession (eval mode, InferenceMode,
 // warmed up): the Fashion-MNIST CNN of examples/fmnist (conv32-conv64-fc128-
 // fc10) and the MLP 784-512-256-10, with seeded random weights, on random
-// 1x28x28 images. For each model, three cases:
+// 1x28x28 images. For each model, these cases:
 //   batched    `clients` threads, each sending `requests` images one at a time
-//              (submit, wait for the answer, send the next) through a
-//              TensorBatcher(max_batch_size, max_delay);
-//   unbatched  the same clients and batcher with max_batch_size 1;
+//              (try_submit, wait for the answer its callback posts, send the
+//              next) through a TensorBatcher(max_batch_size, max_delay); the
+//              batcher's breakdown says where a request's time went;
+//   batched_future  the same with submit() and std::future::get();
+//   unbatched  the same clients (futures) with max_batch_size 1;
 //   ceiling    the same session on pre-formed batches of max_batch_size (what
 //              the model can do when batching costs nothing);
 //   ceiling_1  the same on batches of one: ceiling / ceiling_1 is what batching
@@ -19,6 +22,17 @@
 // rounds (cases alternate within a round). The bound on p99 latency is
 // max_delay + 2 x one full batch's compute: a request may arrive just after a
 // batch left, wait for it to finish, then for its own.
+//
+// overload (the --overload-models, MLP by default): the batcher's capacity is
+// measured first (callbacks resubmit each answered request, so the queue never
+// runs dry); then paced open-loop load (load threads offering requests at
+// fixed times, whatever the answers) at 2x, 5x and 10x that capacity for
+// --overload-seconds each, through try_submit with a queue of one batch
+// (--overload-queue), --load-threads (2) each waking at most every --pace-us
+// (200) to send the arrivals due. Goodput is the served rate over the capacity; every
+// request is answered exactly once (its callback), or refused at admission;
+// served latency (try_submit to the callback) against the same p99 bound; RSS
+// sampled every 100 ms.
 
 #include "bench_common.h"
 
@@ -28,12 +42,23 @@
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
+#include <linux/futex.h>
+#include <semaphore.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <wick/meters.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdint>
+#include <future>
 #include <memory>
+#include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -50,14 +75,25 @@ struct BatcherBenchOptions {
   int64_t requests = 100;  // per client
   int64_t max_batch = 64;
   int64_t max_delay_us = 2000;
+  int64_t preferred_batch = -1;  // -1: max_batch / 2
   int64_t workers = 1;
+  bool wait_when_busy = false;
   int repeats = 3;
   uint64_t seed = 0;
   std::string models = "cnn,mlp";
+  std::string cases = "serving,rejection,overload";
+  std::string overload_models = "mlp";
+  std::vector<double> overload_levels{2, 5, 10};
+  double overload_seconds = 30;
+  int64_t overload_queue = 0;  // 0: max_batch
+  int load_threads = 2;
+  int64_t pace_us = 200;
+  double capacity_seconds = 3;
 };
 
 constexpr double kUnbatchedGoal = 5.0;  // batched / unbatched throughput, at least
 constexpr double kCeilingGoal = 0.8;    // batched / ceiling throughput, at least
+constexpr double kGoodputGoal = 0.8;    // served / capacity under overload, at least
 
 torch::nn::Sequential make_model(const std::string& name, uint64_t seed) {
   namespace nn = torch::nn;
@@ -80,9 +116,56 @@ double percentile(std::vector<double> v, double q) {
   return v[std::min(v.size() - 1, rank == 0 ? 0 : rank - 1)];
 }
 
+int64_t preferred_batch(const BatcherBenchOptions& o) {
+  return o.preferred_batch >= 0 ? o.preferred_batch : o.max_batch / 2;
+}
+
 struct ServeRun {
-  double requests_per_s = 0, p50_ms = 0, p99_ms = 0, mean_batch = 0;
+  double requests_per_s = 0, p50_ms = 0, p99_ms = 0, mean_batch = 0, mean_ms = 0;
   int64_t wrong = 0;  // answers that differ from the offline ones
+  wick::BatcherBreakdown breakdown;
+};
+
+// How a client waits for its answer:
+//   kBatchWake  try_submit; the callback marks the client's slot, and the
+//               batcher's after_batch hook wakes every sleeping client with one
+//               futex call per batch (a batch-level promise);
+//   kCallback   try_submit; the callback posts the client's own semaphore (a
+//               wake-up call per request);
+//   kFuture     submit() and std::future::get().
+enum class ClientApi { kBatchWake, kCallback, kFuture };
+
+// The futex word the kBatchWake clients sleep on.
+struct BatchWake {
+  std::atomic<int32_t> epoch{0};
+  void wake_all() {
+    epoch.fetch_add(1, std::memory_order_release);
+    syscall(SYS_futex, &epoch, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+  }
+  void wait_for(const std::atomic<bool>& ready) {
+    while (!ready.load(std::memory_order_acquire)) {
+      const int32_t e = epoch.load(std::memory_order_acquire);
+      if (ready.load(std::memory_order_acquire)) break;
+      syscall(SYS_futex, &epoch, FUTEX_WAIT_PRIVATE, e, nullptr, nullptr, 0);
+    }
+  }
+};
+
+// What a client thread of the callback case waits on: the answer's callback
+// stores the result and posts the semaphore (no future, no allocation).
+struct Slot {
+  sem_t ready{};
+  std::atomic<bool> done{false};  // kBatchWake
+  torch::Tensor y;
+  bool ok = false;
+  Slot() { sem_init(&ready, 0, 0); }
+  ~Slot() { sem_destroy(&ready); }
+  Slot(const Slot&) = delete;
+  Slot& operator=(const Slot&) = delete;
+  void wait() {
+    while (sem_wait(&ready) != 0 && errno == EINTR) {
+    }
+  }
 };
 
 // `clients` threads send images[i] for i = c, c + clients, ...; every answer is
@@ -90,33 +173,70 @@ struct ServeRun {
 // batch composition may change the last bits). The requests are sliced before
 // the clock starts, so the clients' own tensor work is not counted.
 ServeRun run_serving(const wick::InferenceSession& session, const torch::Tensor& images,
-                     const torch::Tensor& expected, const BatcherBenchOptions& o,
-                     int64_t max_batch) {
-  wick::TensorBatcher batcher(
-      session.batch_fn(),
-      wick::BatcherOptions()
-          .max_batch_size(max_batch)
-          .max_delay(std::chrono::microseconds(max_batch == 1 ? 0 : o.max_delay_us))
-          .num_workers(o.workers)
-          .max_queue_size(std::max<int64_t>(1024, o.clients)));
+                     const torch::Tensor& expected, const BatcherBenchOptions& o, int64_t max_batch,
+                     ClientApi api) {
+  BatchWake wake;
+  auto options = wick::BatcherOptions()
+                     .max_batch_size(max_batch)
+                     .preferred_batch_size(std::min(max_batch, preferred_batch(o)))
+                     .max_delay(std::chrono::microseconds(max_batch == 1 ? 0 : o.max_delay_us))
+                     .run_waiting_when_busy(!o.wait_when_busy)
+                     .num_workers(o.workers)
+                     .max_queue_size(std::max<int64_t>(1024, o.clients));
+  if (api == ClientApi::kBatchWake) options.after_batch([&wake](int64_t) { wake.wake_all(); });
+  wick::TensorBatcher batcher(session.batch_fn(), options);
   const int64_t n = images.size(0);
   const std::vector<torch::Tensor> requests = images.unbind(0);
   std::vector<torch::Tensor> answers(static_cast<size_t>(n));
   std::vector<std::vector<double>> lat(static_cast<size_t>(o.clients));
+  std::vector<std::unique_ptr<Slot>> slots;
+  for (int c = 0; c < o.clients; ++c) slots.push_back(std::make_unique<Slot>());
   std::atomic<int64_t> wrong{0};
   const auto t0 = Clock::now();
   std::vector<std::thread> clients;
   for (int c = 0; c < o.clients; ++c) {
     clients.emplace_back([&, c] {
       auto& l = lat[static_cast<size_t>(c)];
+      Slot* slot = slots[static_cast<size_t>(c)].get();
       l.reserve(static_cast<size_t>(o.requests));
       for (int64_t i = c; i < n; i += o.clients) {
         const auto sent = Clock::now();
-        try {
-          answers[static_cast<size_t>(i)] = batcher.submit(requests[static_cast<size_t>(i)]).get();
-        } catch (...) {
-          ++wrong;
-          continue;
+        if (api == ClientApi::kFuture) {
+          try {
+            answers[static_cast<size_t>(i)] =
+                batcher.submit(requests[static_cast<size_t>(i)]).get();
+          } catch (...) {
+            ++wrong;
+            continue;
+          }
+        } else {
+          torch::Tensor x = requests[static_cast<size_t>(i)];
+          const bool batch_wake = api == ClientApi::kBatchWake;
+          slot->done.store(false, std::memory_order_relaxed);
+          const auto a = batcher.try_submit(
+              std::move(x), [slot, batch_wake](wick::BatcherAnswer<torch::Tensor> r) {
+                slot->ok = r.ok();
+                if (slot->ok) slot->y = std::move(r).value();
+                if (batch_wake) {
+                  slot->done.store(true, std::memory_order_release);  // after_batch wakes
+                } else {
+                  sem_post(&slot->ready);
+                }
+              });
+          if (a != wick::Admission::kAccepted) {
+            ++wrong;
+            continue;
+          }
+          if (batch_wake) {
+            wake.wait_for(slot->done);
+          } else {
+            slot->wait();
+          }
+          if (!slot->ok) {
+            ++wrong;
+            continue;
+          }
+          answers[static_cast<size_t>(i)] = std::move(slot->y);
         }
         l.push_back(std::chrono::duration<double, std::milli>(Clock::now() - sent).count());
       }
@@ -135,7 +255,12 @@ ServeRun run_serving(const wick::InferenceSession& session, const torch::Tensor&
   r.requests_per_s = static_cast<double>(n) / wall;
   r.p50_ms = percentile(all, 0.50);
   r.p99_ms = percentile(all, 0.99);
-  r.mean_batch = batcher.stats().mean_batch_size;
+  double sum = 0;
+  for (double v : all) sum += v;
+  r.mean_ms = all.empty() ? 0 : sum / static_cast<double>(all.size());
+  const auto st = batcher.stats();
+  r.mean_batch = st.mean_batch_size;
+  r.breakdown = st.breakdown;
   r.wrong = wrong.load();
   return r;
 }
@@ -184,10 +309,30 @@ CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tenso
 }
 
 struct ModelFigures {
-  std::vector<double> batched_rps, unbatched_rps, ceiling_rps, ceiling1_rps, batched_p50,
-      batched_p99, unbatched_p99, batched_mean_batch, batch_ms;
+  std::vector<double> batched_rps, future_rps, sem_rps, unbatched_rps, ceiling_rps, ceiling1_rps,
+      batched_p50, batched_p99, future_p99, sem_p99, unbatched_p99, batched_mean_batch, batch_ms;
+  std::vector<ServeRun> batched_runs, sem_runs;
   int64_t wrong = 0;
 };
+
+// Where a batched request's time went, per request, microseconds: the
+// batcher's stages and the client's wake-up (its own latency less the
+// batcher's, i.e. from the callback posting to the client running again).
+Json breakdown_json(const ServeRun& r) {
+  const auto& b = r.breakdown;
+  Json j;
+  j["queue"] = b.queue_us;
+  j["handoff"] = b.handoff_us;
+  j["collate"] = b.collate_us;
+  j["model"] = b.model_us;
+  j["split"] = b.split_us;
+  j["answer"] = b.answer_us;
+  const double batcher =
+      b.queue_us + b.handoff_us + b.collate_us + b.model_us + b.split_us + b.answer_us;
+  j["wakeup"] = std::max(0.0, 1e3 * r.mean_ms - batcher);
+  j["client_mean"] = 1e3 * r.mean_ms;
+  return j;
+}
 
 Json model_line(const std::string& model, const ModelFigures& f, const BatcherBenchOptions& o,
                 int threads) {
@@ -195,25 +340,366 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
   j["bench"] = "batcher";
   j["model"] = model;
   j["batched_requests_per_s"] = median(f.batched_rps);
+  j["batched_future_requests_per_s"] = median(f.future_rps);
+  j["batched_per_request_wake_requests_per_s"] = median(f.sem_rps);
   j["unbatched_requests_per_s"] = median(f.unbatched_rps);
   j["ceiling_requests_per_s"] = median(f.ceiling_rps);
   j["ceiling_1_requests_per_s"] = median(f.ceiling1_rps);
   j["batching_gain_bound"] = median(f.ceiling_rps) / median(f.ceiling1_rps);
   j["batched_vs_unbatched"] = median(f.batched_rps) / median(f.unbatched_rps);
   j["batched_vs_ceiling"] = median(f.batched_rps) / median(f.ceiling_rps);
+  j["batched_future_vs_ceiling"] = median(f.future_rps) / median(f.ceiling_rps);
+  j["batched_per_request_wake_vs_ceiling"] = median(f.sem_rps) / median(f.ceiling_rps);
   j["batched_p50_ms"] = median(f.batched_p50);
   j["batched_p99_ms"] = median(f.batched_p99);
+  j["batched_future_p99_ms"] = median(f.future_p99);
+  j["batched_per_request_wake_p99_ms"] = median(f.sem_p99);
   j["unbatched_p99_ms"] = median(f.unbatched_p99);
   j["batched_mean_batch"] = median(f.batched_mean_batch);
   j["batch_compute_ms"] = median(f.batch_ms);
   j["p99_bound_ms"] = static_cast<double>(o.max_delay_us) / 1000.0 + 2.0 * median(f.batch_ms);
+  // The breakdown of the round whose throughput is the median.
+  size_t mid = 0;
+  for (size_t i = 0; i < f.batched_runs.size(); ++i) {
+    if (f.batched_runs[i].requests_per_s == median(f.batched_rps)) mid = i;
+  }
+  if (!f.batched_runs.empty()) j["batched_breakdown_us"] = breakdown_json(f.batched_runs[mid]);
+  for (size_t i = 0; i < f.sem_runs.size(); ++i) {
+    if (f.sem_runs[i].requests_per_s == median(f.sem_rps))
+      j["batched_per_request_wake_breakdown_us"] = breakdown_json(f.sem_runs[i]);
+  }
   j["runs_batched_requests_per_s"] = f.batched_rps;
+  j["runs_batched_future_requests_per_s"] = f.future_rps;
+  j["runs_batched_per_request_wake_requests_per_s"] = f.sem_rps;
   j["runs_unbatched_requests_per_s"] = f.unbatched_rps;
   j["runs_ceiling_requests_per_s"] = f.ceiling_rps;
   j["runs_batched_p99_ms"] = f.batched_p99;
   j["wrong_answers"] = f.wrong;
   j["threads"] = threads;
   return j;
+}
+
+// ---------------------------------------------------------------- overload
+
+struct OverloadRun {
+  double factor = 0, target_rps = 0, offered_rps = 0, served_rps = 0, goodput = 0;
+  int64_t offered = 0, served = 0, rejected_full = 0, rejected_other = 0, failed = 0;
+  int64_t answered_twice = 0, answered_but_refused = 0, accepted_unanswered = 0;
+  double p50_ms = 0, p99_ms = 0, max_ms = 0;
+  double rss_start_mb = 0, rss_quarter_mb = 0, rss_peak_mb = 0, rss_end_mb = 0;
+  double mean_batch = 0;
+};
+
+wick::BatcherOptions overload_options(const BatcherBenchOptions& o) {
+  return wick::BatcherOptions()
+      .max_batch_size(o.max_batch)
+      .max_delay(std::chrono::microseconds(o.max_delay_us))
+      .run_waiting_when_busy(!o.wait_when_busy)
+      .num_workers(o.workers)
+      .max_queue_size(o.overload_queue > 0 ? o.overload_queue : o.max_batch)
+      .queue_full_policy(wick::QueueFullPolicy::kReject);
+}
+
+// Requests per second the batcher serves when it never waits for work: the
+// queue is filled once and each answer's callback submits a new request, so
+// no client thread stands between an answer and the next request.
+double measure_capacity(const wick::InferenceSession& session,
+                        const std::vector<torch::Tensor>& pool, const BatcherBenchOptions& o) {
+  struct Loop {
+    wick::TensorBatcher batcher;
+    const std::vector<torch::Tensor>& pool;
+    std::atomic<bool> stop{false}, measuring{false};
+    std::atomic<int64_t> served{0}, next{0};
+    void submit_one() {
+      torch::Tensor x = pool[static_cast<size_t>(next++ % static_cast<int64_t>(pool.size()))];
+      // One pointer captured: the callback lives in std::function's own storage.
+      (void)batcher.try_submit(std::move(x), [this](wick::BatcherAnswer<torch::Tensor> r) {
+        if (measuring.load(std::memory_order_relaxed) && r.ok()) ++served;
+        if (!stop.load(std::memory_order_relaxed)) submit_one();
+      });
+    }
+  } loop{wick::TensorBatcher(session.batch_fn(), overload_options(o)), pool};
+  const int64_t in_flight = loop.batcher.options().max_queue_size();
+  for (int64_t i = 0; i < in_flight; ++i) loop.submit_one();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  loop.served = 0;
+  loop.measuring = true;
+  const auto t0 = Clock::now();
+  std::this_thread::sleep_for(std::chrono::duration<double>(o.capacity_seconds));
+  const int64_t n = loop.served.load();
+  const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+  loop.stop = true;
+  loop.batcher.shutdown();
+  return static_cast<double>(n) / elapsed;
+}
+
+// One overload level: `load_threads` threads offer requests at fixed times
+// (thread t the arrivals t, t + T, t + 2T, ... of a schedule at `rate`), each
+// through try_submit; an arrival the thread reaches late is sent at once
+// (catching up, never beyond the end), and a thread sleeps at least --pace-us
+// at a time, sending what fell due meanwhile (so the load costs a wake-up per
+// pace, not per arrival). Each callback records its request's answer and
+// latency (from try_submit to the callback).
+OverloadRun run_overload_level(const wick::InferenceSession& session,
+                               const std::vector<torch::Tensor>& pool, const BatcherBenchOptions& o,
+                               double capacity, double factor) {
+  OverloadRun r;
+  r.factor = factor;
+  r.target_rps = factor * capacity;
+  const double seconds = o.overload_seconds;
+  const auto max_ids = static_cast<size_t>(1.05 * r.target_rps * seconds) + 4096;
+  // Per request: how try_submit answered (1 accepted, 2 queue full, 3 shut down)
+  // and how many times its callback ran (2 ok answers, 1 error answers, counted).
+  std::unique_ptr<uint8_t[]> admitted(new uint8_t[max_ids]());
+  std::unique_ptr<std::atomic<uint8_t>[]> answers(new std::atomic<uint8_t>[max_ids]);
+  for (size_t i = 0; i < max_ids; ++i) answers[i].store(0, std::memory_order_relaxed);
+  std::mutex lat_mutex;
+  std::vector<float> latencies;
+  latencies.reserve(static_cast<size_t>(1.5 * capacity * seconds) + 1024);
+  std::atomic<int64_t> failed{0};
+
+  // RSS every 100 ms from before the load starts to after the last answer.
+  std::vector<std::pair<double, int64_t>> rss;
+  std::atomic<bool> sampling{true};
+  const auto t0 = Clock::now();
+  std::thread sampler([&] {
+    while (sampling.load()) {
+      rss.emplace_back(std::chrono::duration<double>(Clock::now() - t0).count(),
+                       wick::host_memory().rss_bytes);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+
+  struct Context {
+    std::atomic<uint8_t>* answers;
+    std::mutex* lat_mutex;
+    std::vector<float>* latencies;
+    std::atomic<int64_t>* failed;
+    Clock::time_point start;
+  } ctx{answers.get(), &lat_mutex, &latencies, &failed, Clock::time_point()};
+  constexpr int kTimeBits = 26;  // microseconds since the start: 67 s
+  double elapsed = 0;
+  wick::BatcherStats st;
+  {
+    wick::TensorBatcher batcher(session.batch_fn(), overload_options(o));
+    const auto start = Clock::now() + std::chrono::milliseconds(20);
+    ctx.start = start;
+    const auto end =
+        start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    const int threads = o.load_threads;
+    const auto step = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(threads / r.target_rps));
+    const auto pace =
+        std::chrono::duration_cast<Clock::duration>(std::chrono::microseconds(o.pace_us));
+    std::vector<std::thread> load;
+    std::vector<int64_t> issued(static_cast<size_t>(threads), 0);
+    for (int t = 0; t < threads; ++t) {
+      load.emplace_back([&, t] {
+        auto next = start + std::chrono::duration_cast<Clock::duration>(
+                                std::chrono::duration<double>(t / r.target_rps));
+        int64_t k = 0;
+        for (;;) {
+          const auto now = Clock::now();
+          if (now >= end) break;
+          while (next <= now && next < end) {
+            const auto id = static_cast<uint64_t>(k * threads + t);
+            if (id >= max_ids) break;
+            torch::Tensor x = pool[id % pool.size()];
+            const auto us = static_cast<uint64_t>(
+                std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start)
+                    .count());
+            const uint64_t packed = (id << kTimeBits) | (us & ((uint64_t{1} << kTimeBits) - 1));
+            const Context* c = &ctx;
+            const auto a = batcher.try_submit(
+                std::move(x), [c, packed](wick::BatcherAnswer<torch::Tensor> answer) {
+                  const auto now_us = static_cast<uint64_t>(
+                      std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - c->start)
+                          .count());
+                  const uint64_t sent = packed & ((uint64_t{1} << kTimeBits) - 1);
+                  c->answers[packed >> kTimeBits].fetch_add(answer.ok() ? 2 : 1,
+                                                            std::memory_order_relaxed);
+                  if (!answer.ok()) {
+                    ++*c->failed;
+                    return;
+                  }
+                  std::lock_guard<std::mutex> g(*c->lat_mutex);
+                  c->latencies->push_back(static_cast<float>(now_us - sent) * 1e-3f);
+                });
+            admitted[id] = a == wick::Admission::kAccepted    ? 1
+                           : a == wick::Admission::kQueueFull ? 2
+                                                              : 3;
+            ++k;
+            next += step;
+          }
+          if (next >= end) break;
+          // At most one wake-up per pace: it sends every arrival due by then.
+          std::this_thread::sleep_until(std::max(next, now + pace));
+        }
+        issued[static_cast<size_t>(t)] = k;
+      });
+    }
+    for (auto& t : load) t.join();
+    elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    batcher.shutdown();  // drains: every accepted request is answered before this returns
+    st = batcher.stats();
+    for (int t = 0; t < threads; ++t) {
+      for (int64_t k = 0; k < issued[static_cast<size_t>(t)]; ++k) {
+        const auto id = static_cast<size_t>(k * threads + t);
+        const uint8_t a = admitted[id];
+        const uint8_t n = answers[id].load();
+        ++r.offered;
+        if (a == 1) {
+          r.served += n == 2;
+          r.accepted_unanswered += n == 0;
+          r.answered_twice += n > 2;
+        } else {
+          (a == 2 ? r.rejected_full : r.rejected_other)++;
+          r.answered_but_refused += n != 0;
+        }
+      }
+    }
+  }
+  sampling = false;
+  sampler.join();
+  r.failed = failed.load();
+  r.offered_rps = static_cast<double>(r.offered) / seconds;
+  r.served_rps = static_cast<double>(r.served) / std::max(seconds, elapsed);
+  r.goodput = r.served_rps / capacity;
+  r.mean_batch = st.mean_batch_size;
+  std::vector<double> lat(latencies.begin(), latencies.end());
+  r.p50_ms = percentile(lat, 0.50);
+  r.p99_ms = percentile(lat, 0.99);
+  r.max_ms = lat.empty() ? 0 : *std::max_element(lat.begin(), lat.end());
+  const double mb = 1.0 / (1 << 20);
+  if (!rss.empty()) {
+    r.rss_start_mb = static_cast<double>(rss.front().second) * mb;
+    r.rss_end_mb = static_cast<double>(rss.back().second) * mb;
+    for (const auto& [t, v] : rss) {
+      r.rss_peak_mb = std::max(r.rss_peak_mb, static_cast<double>(v) * mb);
+      if (t <= 0.02 + seconds / 4) r.rss_quarter_mb = static_cast<double>(v) * mb;
+    }
+  }
+  return r;
+}
+
+Json overload_line(const std::string& model, const OverloadRun& r, double capacity, double bound_ms,
+                   const BatcherBenchOptions& o) {
+  Json j;
+  j["bench"] = "batcher_overload";
+  j["model"] = model;
+  j["factor"] = r.factor;
+  j["capacity_requests_per_s"] = capacity;
+  j["target_requests_per_s"] = r.target_rps;
+  j["offered_requests_per_s"] = r.offered_rps;
+  j["served_requests_per_s"] = r.served_rps;
+  j["goodput_ratio"] = r.goodput;
+  j["offered"] = r.offered;
+  j["served"] = r.served;
+  j["rejected_queue_full"] = r.rejected_full;
+  j["rejected_other"] = r.rejected_other;
+  j["failed"] = r.failed;
+  j["answered_twice"] = r.answered_twice;
+  j["answered_but_refused"] = r.answered_but_refused;
+  j["accepted_unanswered"] = r.accepted_unanswered;
+  j["served_p50_ms"] = r.p50_ms;
+  j["served_p99_ms"] = r.p99_ms;
+  j["served_max_ms"] = r.max_ms;
+  j["p99_bound_ms"] = bound_ms;
+  j["mean_batch"] = r.mean_batch;
+  j["rss_start_mb"] = r.rss_start_mb;
+  j["rss_quarter_mb"] = r.rss_quarter_mb;
+  j["rss_peak_mb"] = r.rss_peak_mb;
+  j["rss_end_mb"] = r.rss_end_mb;
+  j["seconds"] = o.overload_seconds;
+  j["load_threads"] = o.load_threads;
+  j["pace_us"] = o.pace_us;
+  j["max_queue_size"] = o.overload_queue > 0 ? o.overload_queue : o.max_batch;
+  return j;
+}
+
+// What refusing one request costs its client, nanoseconds of wall time per
+// request with the queue held full (the model waits on a gate): submit() and
+// the future's BatcherError caught, against try_submit's status. `threads`
+// clients refuse at once, as under overload.
+struct RejectionCost {
+  double submit_ns = 0, try_submit_ns = 0;
+};
+
+RejectionCost measure_rejection(int threads, int64_t per_thread) {
+  std::promise<void> gate;
+  std::shared_future<void> open = gate.get_future().share();
+  std::promise<void> entered;
+  std::atomic<bool> entered_set{false};
+  wick::TensorBatcher batcher(wick::stack_batches([&](const torch::Tensor& x) {
+                                if (!entered_set.exchange(true)) entered.set_value();
+                                open.wait();
+                                return x;
+                              }),
+                              wick::BatcherOptions()
+                                  .max_batch_size(1)
+                                  .max_delay(std::chrono::microseconds(0))
+                                  .max_queue_size(1));
+  auto running = batcher.submit(torch::zeros({4}));
+  entered.get_future().wait();
+  auto queued = batcher.submit(torch::zeros({4}));  // the queue's one place: full from here
+  const torch::Tensor x = torch::zeros({4});
+  auto timed = [&](bool try_api) {
+    std::atomic<int64_t> refused{0};
+    const auto t0 = Clock::now();
+    std::vector<std::thread> clients;
+    for (int t = 0; t < threads; ++t) {
+      clients.emplace_back([&] {
+        int64_t n = 0;
+        for (int64_t i = 0; i < per_thread; ++i) {
+          torch::Tensor request = x;
+          if (try_api) {
+            n += batcher.try_submit(std::move(request), [](wick::BatcherAnswer<torch::Tensor>) {
+            }) == wick::Admission::kQueueFull;
+          } else {
+            auto f = batcher.submit(std::move(request));
+            try {
+              f.get();
+            } catch (const wick::BatcherError& e) {
+              n += e.kind() == wick::BatcherError::Kind::kQueueFull;
+            }
+          }
+        }
+        refused += n;
+      });
+    }
+    for (auto& c : clients) c.join();
+    const double ns = std::chrono::duration<double, std::nano>(Clock::now() - t0).count();
+    TORCH_CHECK(refused.load() == threads * per_thread,
+                "wick-bench batcher: rejection: ", refused.load(), " of ", threads * per_thread,
+                " refused");
+    return ns / static_cast<double>(threads * per_thread);
+  };
+  RejectionCost c;
+  timed(false);  // warm both paths
+  timed(true);
+  c.submit_ns = timed(false);
+  c.try_submit_ns = timed(true);
+  gate.set_value();
+  running.get();
+  queued.get();
+  return c;
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  for (size_t start = 0; start <= s.size();) {
+    size_t comma = s.find(',', start);
+    if (comma == std::string::npos) comma = s.size();
+    if (comma > start) out.push_back(s.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return out;
+}
+
+std::string factor_key(double f) {
+  std::ostringstream k;
+  k << f;
+  return k.str() + "x";
 }
 
 void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global) {
@@ -223,23 +709,31 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
   TORCH_CHECK(o.max_delay_us >= 0, "wick-bench batcher: --max-delay-us must be >= 0, got ",
               o.max_delay_us);
   TORCH_CHECK(o.repeats >= 1, "wick-bench batcher: --repeats must be >= 1, got ", o.repeats);
+  TORCH_CHECK(o.overload_seconds > 0, "wick-bench batcher: --overload-seconds must be > 0, got ",
+              o.overload_seconds);
+  TORCH_CHECK(o.load_threads >= 1, "wick-bench batcher: --load-threads must be >= 1, got ",
+              o.load_threads);
   const int threads = set_torch_threads(o.threads);
   JsonOut out(global.jsonl);
   const double load_start = load_average_1m();
 
-  std::vector<std::string> models;
-  for (size_t start = 0; start <= o.models.size();) {
-    size_t comma = o.models.find(',', start);
-    if (comma == std::string::npos) comma = o.models.size();
-    if (comma > start) models.push_back(o.models.substr(start, comma - start));
-    start = comma + 1;
-  }
+  const auto models = split_list(o.models);
   TORCH_CHECK(!models.empty(), "wick-bench batcher: --models is empty");
+  const auto cases = split_list(o.cases);
+  auto has_case = [&](const char* c) {
+    return std::find(cases.begin(), cases.end(), c) != cases.end();
+  };
+  for (const auto& c : cases) {
+    TORCH_CHECK(c == "serving" || c == "overload" || c == "rejection",
+                "wick-bench batcher: --cases takes serving, overload and rejection, got ", c);
+  }
+  const auto overload_models = split_list(o.overload_models);
 
   Json s;
   s["bench"] = "batcher";
   s["summary"] = true;
   bool first = true;
+  bool overload_ok = true;
   for (const auto& name : models) {
     wick::InferenceSession session(make_model(name, o.seed),
                                    wick::InferenceSessionOptions()
@@ -252,7 +746,8 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
         session.run(images);              // offline answers the served ones are checked against
     session.run(images.narrow(0, 0, 1));  // warms the batch-of-one shapes too
     ModelFigures f;
-    for (int r = 0; r < o.repeats; ++r) {
+    const bool serving = has_case("serving");
+    for (int r = 0; serving && r < o.repeats; ++r) {
       auto ceiling = [&] {
         auto c = run_ceiling(session, images, o.max_batch);
         f.ceiling_rps.push_back(c.requests_per_s);
@@ -260,15 +755,29 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
         f.ceiling1_rps.push_back(run_ceiling(session, images, 1).requests_per_s);
       };
       auto batched = [&] {
-        auto b = run_serving(session, images, expected, o, o.max_batch);
+        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kBatchWake);
         f.batched_rps.push_back(b.requests_per_s);
         f.batched_p50.push_back(b.p50_ms);
         f.batched_p99.push_back(b.p99_ms);
         f.batched_mean_batch.push_back(b.mean_batch);
+        f.batched_runs.push_back(b);
+        f.wrong += b.wrong;
+      };
+      auto batched_sem = [&] {
+        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kCallback);
+        f.sem_rps.push_back(b.requests_per_s);
+        f.sem_p99.push_back(b.p99_ms);
+        f.sem_runs.push_back(b);
+        f.wrong += b.wrong;
+      };
+      auto batched_future = [&] {
+        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kFuture);
+        f.future_rps.push_back(b.requests_per_s);
+        f.future_p99.push_back(b.p99_ms);
         f.wrong += b.wrong;
       };
       auto unbatched = [&] {
-        auto u = run_serving(session, images, expected, o, 1);
+        auto u = run_serving(session, images, expected, o, 1, ClientApi::kFuture);
         f.unbatched_rps.push_back(u.requests_per_s);
         f.unbatched_p99.push_back(u.p99_ms);
         f.wrong += u.wrong;
@@ -276,37 +785,98 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
       if (r % 2 == 0) {
         ceiling();
         batched();
+        batched_sem();
+        batched_future();
         unbatched();
       } else {
         unbatched();
+        batched_future();
+        batched_sem();
         batched();
         ceiling();
       }
     }
-    Json line = model_line(name, f, o, threads);
-    out.emit(line);
-    TORCH_CHECK(f.wrong == 0, "wick-bench batcher: ", f.wrong, " answers of the ", name,
-                " model differ from its offline outputs");
-    // The summary's headline figures are the first model's (the CNN by default).
-    const std::string suffix = first ? "" : "_" + name;
-    for (const char* k : {"batched_vs_unbatched", "batched_vs_ceiling"}) s[k + suffix] = line[k];
-    s["p99_ms" + suffix] = line["batched_p99_ms"];
-    s["p99_bound_ms" + suffix] = line["p99_bound_ms"];
-    s["batching_gain_bound" + suffix] = line["batching_gain_bound"];
-    if (first) {
-      s["model"] = name;
-      s["unbatched_goal_met"] = line["batched_vs_unbatched"].get<double>() >= kUnbatchedGoal;
-      s["ceiling_goal_met"] = line["batched_vs_ceiling"].get<double>() >= kCeilingGoal;
-      s["p99_goal_met"] =
+    if (serving) {
+      Json line = model_line(name, f, o, threads);
+      out.emit(line);
+      TORCH_CHECK(f.wrong == 0, "wick-bench batcher: ", f.wrong, " answers of the ", name,
+                  " model differ from its offline outputs");
+      // The summary's headline figures are the first model's (the CNN by default).
+      const std::string suffix = first ? "" : "_" + name;
+      for (const char* k :
+           {"batched_vs_unbatched", "batched_vs_ceiling", "batched_future_vs_ceiling"})
+        s[k + suffix] = line[k];
+      s["p99_ms" + suffix] = line["batched_p99_ms"];
+      s["p99_bound_ms" + suffix] = line["p99_bound_ms"];
+      s["batching_gain_bound" + suffix] = line["batching_gain_bound"];
+      s["breakdown_us" + suffix] = line["batched_breakdown_us"];
+      s["ceiling_goal_met" + suffix] = line["batched_vs_ceiling"].get<double>() >= kCeilingGoal;
+      s["p99_goal_met" + suffix] =
           line["batched_p99_ms"].get<double>() <= line["p99_bound_ms"].get<double>();
+      if (first) {
+        s["model"] = name;
+        s["unbatched_goal_met"] = line["batched_vs_unbatched"].get<double>() >= kUnbatchedGoal;
+      }
+      first = false;
     }
-    first = false;
+
+    if (has_case("overload") &&
+        std::find(overload_models.begin(), overload_models.end(), name) != overload_models.end()) {
+      // The p99 bound: max_delay + 2 full batches, from this model's ceiling
+      // (measured here when the serving case did not run).
+      double batch_ms = f.batch_ms.empty() ? run_ceiling(session, images, o.max_batch).batch_ms
+                                           : median(f.batch_ms);
+      const double bound = static_cast<double>(o.max_delay_us) / 1000.0 + 2.0 * batch_ms;
+      const std::vector<torch::Tensor> pool = images.unbind(0);
+      const double capacity = measure_capacity(session, pool, o);
+      for (double factor : o.overload_levels) {
+        auto r = run_overload_level(session, pool, o, capacity, factor);
+        out.emit(overload_line(name, r, capacity, bound, o));
+        const std::string key =
+            "_" + factor_key(factor) + (name == overload_models[0] ? "" : "_" + name);
+        s["goodput_ratio" + key] = r.goodput;
+        s["overload_p99_ms" + key] = r.p99_ms;
+        s["overload_rss_growth_mb" + key] = r.rss_end_mb - r.rss_quarter_mb;
+        const bool once = r.answered_twice == 0 && r.answered_but_refused == 0 &&
+                          r.accepted_unanswered == 0 && r.failed == 0;
+        s["overload_exactly_once" + key] = once;
+        overload_ok = overload_ok && once && r.goodput >= kGoodputGoal && r.p99_ms <= bound;
+      }
+      s["overload_capacity_requests_per_s" +
+        std::string(name == overload_models[0] ? "" : "_" + name)] = capacity;
+      s["overload_p99_bound_ms" + std::string(name == overload_models[0] ? "" : "_" + name)] =
+          bound;
+    }
+  }
+  if (has_case("rejection")) {
+    // Per refused request: one client thread, then four refusing at once.
+    for (int t : {1, 4}) {
+      const auto c = measure_rejection(t, t == 1 ? 200000 : 100000);
+      Json j;
+      j["bench"] = "batcher_rejection";
+      j["client_threads"] = t;
+      j["submit_future_ns"] = c.submit_ns;
+      j["try_submit_ns"] = c.try_submit_ns;
+      j["ratio"] = c.submit_ns / c.try_submit_ns;
+      out.emit(j);
+      s["rejection_ns_submit_" + std::to_string(t) + "t"] = c.submit_ns;
+      s["rejection_ns_try_submit_" + std::to_string(t) + "t"] = c.try_submit_ns;
+    }
+  }
+  if (has_case("overload")) {
+    s["overload_goal_met"] = overload_ok;
+    s["overload_seconds"] = o.overload_seconds;
+    s["overload_queue"] = o.overload_queue > 0 ? o.overload_queue : o.max_batch;
+    s["load_threads"] = o.load_threads;
+    s["pace_us"] = o.pace_us;
   }
   s["clients"] = o.clients;
   s["requests_per_client"] = o.requests;
   s["max_batch"] = o.max_batch;
   s["max_delay_us"] = o.max_delay_us;
+  s["preferred_batch"] = preferred_batch(o);
   s["workers"] = o.workers;
+  s["run_waiting_when_busy"] = !o.wait_when_busy;
   s["threads"] = threads;
   s["repeats"] = o.repeats;
   add_run_environment(s, load_start);
@@ -319,7 +889,8 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   auto o = std::make_shared<BatcherBenchOptions>();
   CLI::App* sub = app.add_subcommand("batcher",
                                      "DynamicBatcher: 64 one-at-a-time clients, batched vs "
-                                     "unbatched vs pre-formed batches (CNN, MLP)");
+                                     "unbatched vs pre-formed batches (CNN, MLP); overload at "
+                                     "2x, 5x, 10x capacity");
   sub->add_option("--threads", o->threads, "intra-op threads for torch")->capture_default_str();
   sub->add_option("--clients", o->clients, "client threads, each with one request in flight")
       ->capture_default_str();
@@ -330,10 +901,39 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--max-delay-us", o->max_delay_us, "the batcher's max_delay, microseconds")
       ->capture_default_str();
   sub->add_option("--workers", o->workers, "the batcher's num_workers")->capture_default_str();
+  sub->add_option("--preferred-batch", o->preferred_batch,
+                  "the batcher's preferred_batch_size in the serving cases (-1: --max-batch / 2, "
+                  "0: none)")
+      ->capture_default_str();
+  sub->add_flag("--wait-when-busy", o->wait_when_busy,
+                "run_waiting_when_busy(false): a worker back from a batch waits for a full batch "
+                "or max_delay as an idle one does");
   sub->add_option("--repeats", o->repeats, "rounds; figures are medians")->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the weights and the images")->capture_default_str();
   sub->add_option("--models", o->models,
                   "comma-separated: cnn, mlp (the first gives the summary's headline)")
+      ->capture_default_str();
+  sub->add_option("--cases", o->cases, "comma-separated: serving, rejection, overload")
+      ->capture_default_str();
+  sub->add_option("--overload-models", o->overload_models,
+                  "models the overload case runs (of --models)")
+      ->capture_default_str();
+  sub->add_option("--overload-levels", o->overload_levels,
+                  "offered load as multiples of the measured capacity")
+      ->delimiter(',')
+      ->capture_default_str();
+  sub->add_option("--overload-seconds", o->overload_seconds, "seconds of load per level")
+      ->capture_default_str();
+  sub->add_option("--overload-queue", o->overload_queue,
+                  "max_queue_size under overload (0: --max-batch, one batch)")
+      ->capture_default_str();
+  sub->add_option("--load-threads", o->load_threads, "threads pacing the overload's arrivals")
+      ->capture_default_str();
+  sub->add_option("--pace-us", o->pace_us,
+                  "a load thread's shortest sleep: each wake-up sends the arrivals due by then")
+      ->capture_default_str();
+  sub->add_option("--capacity-seconds", o->capacity_seconds,
+                  "seconds the capacity is measured over (after 0.5 s of warm-up)")
       ->capture_default_str();
   sub->callback([o, global] { run_batcher_bench(*o, *global); });
 }

@@ -45,6 +45,7 @@ struct QuantBenchOptions {
   uint64_t seed = 0;
   bool no_python = false;
   std::string engine = "auto";
+  std::string activations = "per_row";
   bool cuda = false;
 };
 
@@ -111,6 +112,10 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   for (int t : o.threads) TORCH_CHECK(t >= 1, "wick-bench quant: --threads must be >= 1, got ", t);
   for (auto b : o.batches) TORCH_CHECK(b >= 1, "wick-bench quant: --batches must be >= 1, got ", b);
   const auto engine = parse_engine(o.engine);
+  TORCH_CHECK(o.activations == "per_row" || o.activations == "per_batch",
+              "wick-bench quant: --activations must be per_row or per_batch, got '", o.activations,
+              "'");
+  const bool per_row = o.activations == "per_row";
   JsonOut out(global.jsonl);
   const double load_start = load_average_1m();
 
@@ -120,8 +125,9 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   for (const auto& name : o.models) {
     auto fp32 = build(name, o.seed);
     auto int8 = build(name, o.seed);
-    auto report = wick::quantize_dynamic(*int8, {typeid(torch::nn::Linear)}, torch::kInt8,
-                                         wick::QuantizeOptions().engine(engine));
+    auto report =
+        wick::quantize_dynamic(*int8, {typeid(torch::nn::Linear)}, torch::kInt8,
+                               wick::QuantizeOptions().engine(engine).per_row_activations(per_row));
     linear_before += report.linear_bytes_before;
     linear_after += report.linear_bytes_after;
     models.emplace(name, std::make_pair(fp32, int8));
@@ -245,6 +251,7 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   if (!peer_error.empty()) s["python_error"] = peer_error;
   s["int8_size_ratio"] = static_cast<double>(linear_after) / static_cast<double>(linear_before);
   s["engine"] = o.engine;
+  s["activations"] = o.activations;
   s["python_engine"] = py_engine;
   s["repeats"] = o.repeats;
   s["min_time_s"] = o.min_time;
@@ -341,6 +348,10 @@ void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
       ->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the weights and inputs")->capture_default_str();
   sub->add_option("--engine", o->engine, "wick's engine: auto, fbgemm, onednn, qnnpack")
+      ->capture_default_str();
+  sub->add_option("--activations", o->activations,
+                  "wick's input quantization: per_row (each row its own scale: answers independent "
+                  "of batch mates) or per_batch (one scale per batch, as Python's)")
       ->capture_default_str();
   sub->add_flag("--no-python", o->no_python, "skip the Python peer");
   sub->add_flag("--cuda", o->cuda,

@@ -1,6 +1,7 @@
 #include <wick/quantizer.h>
 
 #include "format.h"
+#include "int8_rows.h"
 #include "linear_swap.h"
 
 #include <ATen/Context.h>
@@ -163,6 +164,11 @@ bool onednn_uses_vnni() {
 
 }  // namespace
 
+bool cpu_has_amx_int8() {
+  static const bool has = cpu_capability("amx_int8");
+  return has;
+}
+
 int64_t int8_activation_qmax(QuantEngine engine) {
   switch (engine) {
     case QuantEngine::kFbgemm:
@@ -181,6 +187,17 @@ int64_t int8_activation_qmax(QuantEngine engine) {
 
 // ---------------------------------------------------------- QuantizedLinear
 
+// What the per-row path needs beside the int8 weight: the weight packed for
+// its engine, and per output j the sum of row j of the int8 weight (the zero
+// point's correction), its scale and its bias, as plain arrays.
+struct QuantizedLinearImpl::RowWeights {
+  std::unique_ptr<detail::FbgemmInt8Weight> fbgemm;  // kFbgemm
+  at::Tensor weight_t;                               // kOnednn: int8 [in, out] for at::_int_mm
+  std::vector<int32_t> colsum;
+  std::vector<float> wscale;
+  std::vector<float> bias;  // empty without bias
+};
+
 struct QuantizedLinearImpl::Packed {
   std::mutex mutex;
   // What the packed copies were made from: the buffers' identity and version.
@@ -188,7 +205,8 @@ struct QuantizedLinearImpl::Packed {
   const void* scale_ptr = nullptr;
   const void* bias_ptr = nullptr;
   int64_t versions[3] = {-1, -1, -1};
-  PackedPtr by_engine[3];  // fbgemm, onednn, qnnpack
+  PackedPtr by_engine[3];                        // per batch: fbgemm, onednn, qnnpack
+  std::shared_ptr<const RowWeights> by_rows[2];  // per row: fbgemm, onednn
 };
 
 namespace {
@@ -238,6 +256,34 @@ void check_options(const QuantizeOptions& options) {
     TORCH_CHECK(engine_available(options.engine()), "QuantizeOptions: engine '",
                 to_string(options.engine()), "' is not built into this LibTorch");
   }
+  if (options.per_row_activations()) {
+    TORCH_CHECK(options.engine() != QuantEngine::kQnnpack,
+                "QuantizeOptions: per_row_activations runs on FBGEMM or oneDNN; QNNPACK has only "
+                "per-batch kernels, so set per_row_activations(false) to use it");
+    TORCH_CHECK(options.engine() != QuantEngine::kFbgemm || detail::fbgemm_int32_gemm_available(),
+                "QuantizeOptions: per_row_activations on engine 'fbgemm' needs FBGEMM's int32 "
+                "GEMM, which this LibTorch or CPU lacks");
+  }
+}
+
+// Scratch of the per-row path, kept per thread so a served model does not
+// allocate (and fault in) its integer buffers on every batch.
+struct RowScratch {
+  std::vector<uint8_t> codes;
+  std::vector<int32_t> acc;
+  std::vector<float> scale;
+  std::vector<int32_t> zero_point;
+};
+
+RowScratch& row_scratch() {
+  thread_local RowScratch scratch;
+  return scratch;
+}
+
+template <class T>
+T* sized(std::vector<T>& v, int64_t n) {
+  if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  return v.data();
 }
 
 }  // namespace
@@ -326,6 +372,9 @@ void QuantizedLinearImpl::pretty_print(std::ostream& stream) const {
          << ", out_features=" << out_features_ << ", bias=" << (with_bias_ ? "true" : "false")
          << ", dtype=" << dtype_name(dtype_);
   if (dtype_ == torch::kInt8) stream << (options_.per_channel() ? ", per_channel" : ", per_tensor");
+  if (dtype_ == torch::kInt8 && device_.is_cpu())
+    stream << (options_.per_row_activations() ? ", activations per row"
+                                              : ", activations per batch");
   if (device_.is_cpu()) stream << ", engine=" << to_string(options_.engine());
   stream << ")";
 }
@@ -355,14 +404,29 @@ QuantEngine QuantizedLinearImpl::engine_for(int64_t rows) const {
   if (dtype_ == torch::kFloat16)
     return QuantEngine::kFbgemm;  // LibTorch's fp16 dynamic linear is FBGEMM's
   if (options_.engine() != QuantEngine::kAuto) return options_.engine();
-  const bool fb = engine_available(QuantEngine::kFbgemm);
+  const bool per_row = options_.per_row_activations();
+  const bool fb =
+      per_row ? detail::fbgemm_int32_gemm_available() : engine_available(QuantEngine::kFbgemm);
   const bool dnn = engine_available(QuantEngine::kOnednn);
-  // oneDNN's fixed cost per call (about 8 us on one core here) outweighs its
-  // speed on small layers and small batches.
-  const bool large =
-      rows >= options_.onednn_min_rows() && in_features_ * out_features_ >= kOnednnMinWeights;
-  if (dnn && (!fb || large)) return QuantEngine::kOnednn;
-  return fb ? QuantEngine::kFbgemm : QuantEngine::kQnnpack;
+  // oneDNN is faster from about 16 rows where it has AMX tiles (measured on
+  // Sapphire Rapids); without AMX, FBGEMM is at least as fast on every shape
+  // measured (AMD EPYC, AVX-512 VNNI). Its fixed cost per call (about 8 us on
+  // one core) outweighs its speed on small layers and small batches.
+  const bool large = cpu_has_amx_int8() && rows >= options_.onednn_min_rows() &&
+                     in_features_ * out_features_ >= kOnednnMinWeights;
+  if (fb) return dnn && large ? QuantEngine::kOnednn : QuantEngine::kFbgemm;
+  // No FBGEMM: oneDNN; per row also without it, as at::_int_mm has loops of
+  // its own (exact, slow); per batch QNNPACK is the last resort.
+  return dnn || per_row ? QuantEngine::kOnednn : QuantEngine::kQnnpack;
+}
+
+int64_t QuantizedLinearImpl::activation_qmax(int64_t rows) const {
+  if (!options_.per_row_activations()) return int8_activation_qmax(engine_for(rows));
+  // One range for every batch size: the least of the engines the layer can run.
+  if (options_.engine() != QuantEngine::kAuto) return int8_activation_qmax(options_.engine());
+  const QuantEngine small = engine_for(1);
+  const QuantEngine big = engine_for(std::numeric_limits<int32_t>::max());
+  return std::min(int8_activation_qmax(small), int8_activation_qmax(big));
 }
 
 torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
@@ -375,8 +439,10 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
   if (rows == 0) return torch::zeros(out_shape, input.options());
 
   const bool fp16 = dtype_ == torch::kFloat16;
+  const bool per_row = !fp16 && options_.per_row_activations();
   const QuantEngine engine = engine_for(rows);
   PackedPtr packed;
+  std::shared_ptr<const RowWeights> row_weights;
   {
     std::lock_guard<std::mutex> lock(packed_->mutex);
     Packed& p = *packed_;
@@ -386,37 +452,106 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
     if (ptrs[0] != p.weight_ptr || ptrs[1] != p.scale_ptr || ptrs[2] != p.bias_ptr ||
         !std::equal(versions, versions + 3, p.versions)) {
       for (auto& slot : p.by_engine) slot.reset();
+      for (auto& slot : p.by_rows) slot.reset();
       p.weight_ptr = ptrs[0];
       p.scale_ptr = ptrs[1];
       p.bias_ptr = ptrs[2];
       std::copy(versions, versions + 3, p.versions);
     }
-    PackedPtr& slot = p.by_engine[engine_slot(engine)];
-    if (!slot) {
-      c10::InferenceMode guard;
-      std::optional<at::Tensor> b;
-      if (bias.defined()) b = bias.detach();
-      if (fp16) {
-        slot = prepack(engine, weight.detach().to(torch::kFloat), b, /*fp16=*/true);
-      } else {
-        at::Tensor w = weight.detach();
-        at::Tensor s = scale.detach();
-        at::Tensor qw =
-            s.numel() == 1 && !options_.per_channel()
-                ? at::_make_per_tensor_quantized_tensor(w, s.item<double>(), 0)
-                : at::_make_per_channel_quantized_tensor(
-                      w, s.to(torch::kDouble), torch::zeros({out_features_}, torch::kLong), 0);
-        slot = prepack(engine, qw, b, /*fp16=*/false);
+    if (per_row) {
+      auto& slot = p.by_rows[engine == QuantEngine::kFbgemm ? 0 : 1];
+      if (!slot) slot = pack_rows(engine);
+      row_weights = slot;
+    } else {
+      PackedPtr& slot = p.by_engine[engine_slot(engine)];
+      if (!slot) {
+        c10::InferenceMode guard;
+        std::optional<at::Tensor> b;
+        if (bias.defined()) b = bias.detach();
+        if (fp16) {
+          slot = prepack(engine, weight.detach().to(torch::kFloat), b, /*fp16=*/true);
+        } else {
+          at::Tensor w = weight.detach();
+          at::Tensor s = scale.detach();
+          at::Tensor qw =
+              s.numel() == 1 && !options_.per_channel()
+                  ? at::_make_per_tensor_quantized_tensor(w, s.item<double>(), 0)
+                  : at::_make_per_channel_quantized_tensor(
+                        w, s.to(torch::kDouble), torch::zeros({out_features_}, torch::kLong), 0);
+          slot = prepack(engine, qw, b, /*fp16=*/false);
+        }
       }
+      packed = slot;
     }
-    packed = slot;
   }
+  if (per_row) return forward_rows(input, rows, engine, *row_weights, out_shape);
   // Without VNNI, FBGEMM and oneDNN multiply u8 x s8 pairs into int16 and
   // can saturate; 7-bit activations avoid that (what torch.ao does on every CPU).
   const bool reduce_range = !fp16 && int8_activation_qmax(engine) < 255;
   at::Tensor x = input.dim() == 1 ? input.unsqueeze(0) : input;
   at::Tensor y = packed->apply_dynamic(x.contiguous(), reduce_range);
   return input.dim() == 1 ? y.squeeze(0) : y;
+}
+
+std::shared_ptr<const QuantizedLinearImpl::RowWeights> QuantizedLinearImpl::pack_rows(
+    QuantEngine engine) const {
+  c10::InferenceMode guard;
+  auto r = std::make_shared<RowWeights>();
+  const at::Tensor w = weight.detach().contiguous();
+  const auto* wp = w.data_ptr<int8_t>();
+  r->colsum.assign(static_cast<size_t>(out_features_), 0);
+  for (int64_t j = 0; j < out_features_; ++j) {
+    int32_t sum = 0;
+    for (int64_t k = 0; k < in_features_; ++k) sum += wp[j * in_features_ + k];
+    r->colsum[static_cast<size_t>(j)] = sum;
+  }
+  const at::Tensor s = scale.detach().to(torch::kFloat).contiguous();
+  r->wscale.assign(static_cast<size_t>(out_features_), s.data_ptr<float>()[0]);
+  if (s.numel() == out_features_) {
+    std::copy(s.data_ptr<float>(), s.data_ptr<float>() + out_features_, r->wscale.begin());
+  }
+  if (bias.defined()) {
+    const at::Tensor b = bias.detach().to(torch::kFloat).contiguous();
+    r->bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + out_features_);
+  }
+  if (engine == QuantEngine::kFbgemm) {
+    r->fbgemm = std::make_unique<detail::FbgemmInt8Weight>(wp, out_features_, in_features_);
+  } else {
+    r->weight_t = w.t();  // [in, out], column-major: the weight as stored
+  }
+  return r;
+}
+
+torch::Tensor QuantizedLinearImpl::forward_rows(const torch::Tensor& input, int64_t rows,
+                                                QuantEngine engine, const RowWeights& r,
+                                                const std::vector<int64_t>& out_shape) const {
+  const at::Tensor x = input.reshape({rows, in_features_}).contiguous();
+  const int32_t qmax = static_cast<int32_t>(activation_qmax(rows));
+  const bool u8 = engine == QuantEngine::kFbgemm;  // FBGEMM multiplies u8 x s8; _int_mm s8 x s8
+  RowScratch& scratch = row_scratch();
+  uint8_t* codes = sized(scratch.codes, rows * in_features_);
+  int32_t* acc = sized(scratch.acc, rows * out_features_);
+  float* row_scale = sized(scratch.scale, rows);
+  int32_t* row_zp = sized(scratch.zero_point, rows);
+  detail::quantize_rows(x.data_ptr<float>(), rows, in_features_, in_features_, qmax, u8 ? 0 : -128,
+                        codes, row_scale, row_zp);
+  at::Tensor y = at::empty(out_shape, input.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t n = out_features_;
+  auto dequantize = [&](int64_t r0, int64_t r1) {
+    detail::dequantize_rows(acc + r0 * n, r1 - r0, n, row_scale + r0, row_zp + r0, r.colsum.data(),
+                            r.wscale.data(), r.bias.empty() ? nullptr : r.bias.data(), yp + r0 * n);
+  };
+  if (u8) {
+    r.fbgemm->matmul(codes, rows, acc, dequantize);  // block by block, while in cache
+  } else {
+    at::Tensor a = at::from_blob(codes, {rows, in_features_}, at::TensorOptions(at::kChar));
+    at::Tensor out = at::from_blob(acc, {rows, n}, at::TensorOptions(at::kInt));
+    at::_int_mm_out(out, a, r.weight_t);
+    TORCH_INTERNAL_ASSERT(out.data_ptr<int32_t>() == acc, "at::_int_mm_out reallocated its output");
+    dequantize(0, rows);
+  }
+  return y;
 }
 
 torch::Tensor QuantizedLinearImpl::forward_cuda(const torch::Tensor& input) {

@@ -2,9 +2,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <thread>
 
 #include "support.h"
@@ -578,4 +581,430 @@ TEST(DynamicBatcherTest, ShutdownFromInsideTheBatchFunctionStopsIntake) {
   called.get_future().wait();
   auto late = batcher.submit(request(1));
   EXPECT_NE(error_of(late).find("shut down"), std::string::npos);
+}
+
+// ---------------------------------------------------------------- try_submit
+
+namespace {
+
+// What a try_submit callback saw: every answer by request id, under a lock.
+struct Answers {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::map<int64_t, std::vector<std::string>> by_id;  // "ok" or the error's what()
+  std::map<int64_t, torch::Tensor> values;
+  std::map<int64_t, BatcherError::Kind> kinds;
+  int64_t count = 0;
+
+  TensorBatcher::Callback callback(int64_t id) {
+    return [this, id](wick::BatcherAnswer<torch::Tensor> a) {
+      std::lock_guard<std::mutex> g(mutex);
+      if (a.ok()) {
+        by_id[id].push_back("ok");
+        values[id] = std::move(a).value();
+      } else {
+        try {
+          std::rethrow_exception(a.error());
+        } catch (const BatcherError& e) {
+          by_id[id].push_back(e.what());
+          kinds[id] = e.kind();
+        } catch (const std::exception& e) {
+          by_id[id].push_back(e.what());
+        }
+      }
+      ++count;
+      cv.notify_all();
+    };
+  }
+  void wait_for(int64_t n) {
+    std::unique_lock<std::mutex> lock(mutex);
+    cv.wait(lock, [&] { return count >= n; });
+  }
+};
+
+}  // namespace
+
+TEST(DynamicBatcherTest, TrySubmitAnswersEachCallbackOnceWithItsResult) {
+  RecordingModel model;
+  TensorBatcher batcher(recording(model),
+                        BatcherOptions().max_batch_size(8).max_delay(1ms).num_workers(2));
+  Answers answers;
+  for (int64_t i = 0; i < 100; ++i) {
+    auto x = request(i);
+    ASSERT_EQ(batcher.try_submit(std::move(x), answers.callback(i)), wick::Admission::kAccepted);
+    EXPECT_FALSE(x.defined());  // taken
+  }
+  answers.wait_for(100);
+  batcher.shutdown();
+  ASSERT_EQ(answers.by_id.size(), 100u);
+  for (int64_t i = 0; i < 100; ++i) {
+    EXPECT_EQ(answers.by_id[i], std::vector<std::string>({"ok"})) << i;
+    EXPECT_TRUE(wick::testing::tensors_equal(answers.values[i], expected(i))) << i;
+  }
+  auto st = batcher.stats();
+  EXPECT_EQ(st.requests_submitted, 100);
+  EXPECT_EQ(st.requests_succeeded, 100);
+  EXPECT_GT(st.mean_batch_size, 1.0);
+}
+
+// The admission path under overload: a status, no exception, no future, and
+// the refused input and callback handed back untouched.
+TEST(DynamicBatcherTest, TrySubmitRefusesWithAStatusAndLeavesTheRequestWithTheCaller) {
+  RecordingModel model;
+  std::promise<void> open;
+  model.gate = open.get_future().share();
+  TensorBatcher batcher(recording(model), BatcherOptions()
+                                              .max_batch_size(1)
+                                              .max_delay(0us)
+                                              .max_queue_size(2)
+                                              .queue_full_policy(QueueFullPolicy::kBlock)
+                                              .block_timeout(10s));
+  Answers answers;
+  auto first = request(0);
+  ASSERT_EQ(batcher.try_submit(std::move(first), answers.callback(0)), wick::Admission::kAccepted);
+  model.entered.get_future().wait();  // request 0 runs; the queue is empty
+  for (int64_t i = 1; i <= 2; ++i) {
+    auto x = request(i);
+    ASSERT_EQ(batcher.try_submit(std::move(x), answers.callback(i)), wick::Admission::kAccepted);
+  }
+  // Full: refused at once, even under kBlock (try_submit never waits).
+  auto x = request(3);
+  TensorBatcher::Callback cb = answers.callback(3);
+  const auto t0 = Clock::now();
+  for (int k = 0; k < 1000; ++k) {
+    ASSERT_EQ(batcher.try_submit(std::move(x), std::move(cb)), wick::Admission::kQueueFull);
+  }
+  EXPECT_LT(Clock::now() - t0, 1s);
+  ASSERT_TRUE(x.defined());
+  EXPECT_TRUE(wick::testing::tensors_equal(x, request(3)));  // still the caller's
+  ASSERT_TRUE(static_cast<bool>(cb));                        // not moved from, not called
+  open.set_value();
+  answers.wait_for(3);
+  // Room again: the same request and callback go through.
+  ASSERT_EQ(batcher.try_submit(std::move(x), std::move(cb)), wick::Admission::kAccepted);
+  answers.wait_for(4);
+  batcher.shutdown();
+  auto late = request(9);
+  EXPECT_EQ(batcher.try_submit(std::move(late), answers.callback(9)), wick::Admission::kShutdown);
+  EXPECT_TRUE(late.defined());
+  {
+    std::lock_guard<std::mutex> g(answers.mutex);
+    EXPECT_EQ(answers.count, 4);
+    EXPECT_EQ(answers.by_id.count(9), 0u);
+    for (int64_t i = 0; i <= 3; ++i) EXPECT_EQ(answers.by_id[i], std::vector<std::string>({"ok"}));
+  }
+  auto st = batcher.stats();
+  EXPECT_EQ(st.requests_rejected, 1001);
+  EXPECT_EQ(st.requests_submitted, 1005);
+  EXPECT_EQ(st.requests_succeeded, 4);
+  EXPECT_STREQ(wick::to_string(wick::Admission::kQueueFull), "queue_full");
+}
+
+TEST(DynamicBatcherTest, TrySubmitCallbackCarriesDeadlineModelAndCancelErrors) {
+  std::promise<void> open;
+  std::shared_future<void> gate = open.get_future().share();
+  std::promise<void> entered;
+  std::atomic<bool> entered_set{false};
+  auto fn = wick::stack_batches([&](const torch::Tensor& x) {
+    if (!entered_set.exchange(true)) entered.set_value();
+    gate.wait();
+    for (int64_t r = 0; r < x.size(0); ++r) {
+      TORCH_CHECK(x[r][0].item<int64_t>() != 1, "model refuses request 1");
+    }
+    return x * 2 + 1;
+  });
+  Answers answers;
+  {
+    TensorBatcher batcher(fn, BatcherOptions().max_batch_size(1).max_delay(0us).shutdown_policy(
+                                  ShutdownPolicy::kCancel));
+    for (int64_t i : {0, 1, 2, 3}) {
+      auto x = request(i);
+      const auto deadline = i == 2 ? Clock::now() + 5ms : Clock::now() + 1h;
+      ASSERT_EQ(batcher.try_submit(std::move(x), answers.callback(i), deadline),
+                wick::Admission::kAccepted);
+      if (i == 0) entered.get_future().wait();
+    }
+    std::this_thread::sleep_for(20ms);  // request 2's deadline passes in the queue
+    open.set_value();
+    answers.wait_for(3);  // 0 answered, 1 failed by the model, 2 expired when taken
+    // The destructor cancels 3 if it is still queued.
+  }
+  answers.wait_for(4);
+  std::lock_guard<std::mutex> g(answers.mutex);
+  EXPECT_EQ(answers.by_id[0], std::vector<std::string>({"ok"}));
+  ASSERT_EQ(answers.by_id[1].size(), 1u);
+  EXPECT_NE(answers.by_id[1][0].find("model refuses request 1"), std::string::npos);
+  ASSERT_EQ(answers.by_id[2].size(), 1u);
+  EXPECT_EQ(answers.kinds[2], BatcherError::Kind::kDeadlineExceeded);
+  ASSERT_EQ(answers.by_id[3].size(), 1u);
+  EXPECT_TRUE(answers.by_id[3][0] == "ok" || answers.kinds[3] == BatcherError::Kind::kCancelled)
+      << answers.by_id[3][0];
+  EXPECT_EQ(answers.count, 4);
+}
+
+// A callback may submit the next request (an asynchronous client's loop) and
+// may throw; neither blocks nor breaks the batcher.
+TEST(DynamicBatcherTest, TrySubmitCallbackMaySubmitAgainAndMayThrow) {
+  RecordingModel model;
+  TensorBatcher batcher(recording(model), BatcherOptions().max_batch_size(4).max_delay(100us));
+  std::atomic<int64_t> next{0}, done{0};
+  std::promise<void> finished;
+  constexpr int64_t kTotal = 500;
+  std::function<void()> send = [&] {
+    const int64_t id = next++;
+    auto x = request(id);
+    auto a = batcher.try_submit(std::move(x), [&, id](wick::BatcherAnswer<torch::Tensor> r) {
+      EXPECT_TRUE(wick::testing::tensors_equal(r.value(), expected(id)));
+      if (++done == kTotal) finished.set_value();
+      if (next.load() < kTotal) send();
+      if (id % 7 == 0) throw std::runtime_error("a callback's own failure");
+    });
+    ASSERT_EQ(a, wick::Admission::kAccepted);
+  };
+  for (int c = 0; c < 8; ++c) send();
+  ASSERT_EQ(finished.get_future().wait_for(30s), std::future_status::ready);
+  batcher.shutdown();
+  EXPECT_EQ(next.load(), kTotal);
+  EXPECT_EQ(batcher.stats().requests_succeeded, kTotal);
+  EXPECT_EQ(static_cast<int64_t>(model.seen_ids.size()), kTotal);
+}
+
+// Where a request's time went: stack_batches reports collation, the model
+// and the split; a batch function of your own counts wholly as the model.
+TEST(DynamicBatcherTest, StatsBreakDownEachRequestsTime) {
+  auto fn = wick::stack_batches([](const torch::Tensor& x) {
+    std::this_thread::sleep_for(2ms);
+    return x * 2 + 1;
+  });
+  TensorBatcher batcher(fn, BatcherOptions().max_batch_size(4).max_delay(5ms));
+  std::vector<std::future<torch::Tensor>> fs;
+  for (int64_t i = 0; i < 16; ++i) fs.push_back(batcher.submit(request(i)));
+  for (auto& f : fs) f.get();
+  batcher.shutdown();
+  auto b = batcher.stats().breakdown;
+  EXPECT_EQ(b.requests, 16);
+  EXPECT_GE(b.model_us, 1900.0);
+  EXPECT_GT(b.collate_us, 0.0);
+  EXPECT_GT(b.split_us, 0.0);
+  EXPECT_LT(b.collate_us + b.split_us, b.model_us);
+  EXPECT_GE(b.queue_us, 0.0);
+  EXPECT_GE(b.handoff_us, 0.0);
+  EXPECT_GE(b.answer_us, 0.0);
+
+  wick::DynamicBatcher<int, int> own(
+      [](std::vector<int>&& xs) {
+        std::this_thread::sleep_for(1ms);
+        return xs;
+      },
+      BatcherOptions().max_batch_size(2).max_delay(0us));
+  own.submit(1).get();
+  own.shutdown();
+  auto o = own.stats().breakdown;
+  EXPECT_EQ(o.requests, 1);
+  EXPECT_EQ(o.collate_us, 0.0);
+  EXPECT_EQ(o.split_us, 0.0);
+  EXPECT_GE(o.model_us, 900.0);
+}
+
+// 64 threads x 1000 requests, half through submit() and half through
+// try_submit(): every request answered once, by its own result, run once.
+TEST(DynamicBatcherTest, ManyThreadsMixingSubmitAndTrySubmitAnswerEachOnce) {
+  constexpr int kThreads = 64;
+  constexpr int64_t kPerThread = 1000;
+  std::mutex seen_mutex;
+  std::vector<int> seen_count(kThreads * kPerThread, 0);
+  auto fn = wick::stack_batches([&](const torch::Tensor& x) {
+    auto ids = x.select(1, 0).to(torch::kInt64);
+    {
+      std::lock_guard<std::mutex> g(seen_mutex);
+      auto acc = ids.accessor<int64_t, 1>();
+      for (int64_t r = 0; r < acc.size(0); ++r) ++seen_count[static_cast<size_t>(acc[r])];
+    }
+    return x * 2 + 1;
+  });
+  // A small queue, so try_submit is refused and retried (submit() blocks instead).
+  TensorBatcher batcher(fn, BatcherOptions()
+                                .max_batch_size(64)
+                                .max_delay(200us)
+                                .num_workers(2)
+                                .max_queue_size(32)
+                                .queue_full_policy(QueueFullPolicy::kBlock)
+                                .block_timeout(10s));
+  std::atomic<int64_t> correct{0}, wrong{0}, answered{0}, refused{0};
+  std::vector<std::atomic<int>> answers(kThreads * kPerThread);
+  std::vector<std::thread> clients;
+  for (int t = 0; t < kThreads; ++t) {
+    clients.emplace_back([&, t] {
+      std::deque<std::pair<int64_t, std::future<torch::Tensor>>> inflight;
+      for (int64_t i = 0; i < kPerThread; ++i) {
+        const int64_t id = t * kPerThread + i;
+        if (i % 2 == 0) {
+          inflight.emplace_back(id, batcher.submit(request(id)));
+          if (inflight.size() >= 2) {
+            auto& [fid, f] = inflight.front();
+            auto y = f.get();
+            (y[0].item<double>() == 2.0 * fid + 1 ? correct : wrong)++;
+            ++answers[static_cast<size_t>(fid)];
+            inflight.pop_front();
+          }
+          continue;
+        }
+        auto x = request(id);
+        for (;;) {  // full: try again (the caller still holds x)
+          const auto a =
+              batcher.try_submit(std::move(x), [&, id](wick::BatcherAnswer<torch::Tensor> r) {
+                const auto& y = r.value();
+                (y[0].item<double>() == 2.0 * id + 1 ? correct : wrong)++;
+                ++answers[static_cast<size_t>(id)];
+                ++answered;
+              });
+          if (a == wick::Admission::kAccepted) break;
+          ASSERT_EQ(a, wick::Admission::kQueueFull);
+          ASSERT_TRUE(x.defined());
+          ++refused;
+          std::this_thread::yield();
+        }
+      }
+      while (!inflight.empty()) {
+        auto& [fid, f] = inflight.front();
+        auto y = f.get();
+        (y[0].item<double>() == 2.0 * fid + 1 ? correct : wrong)++;
+        ++answers[static_cast<size_t>(fid)];
+        inflight.pop_front();
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  batcher.shutdown();  // drains: every accepted callback has run when it returns
+  EXPECT_EQ(correct.load(), kThreads * kPerThread);
+  EXPECT_EQ(wrong.load(), 0);
+  int64_t not_once = 0, not_answered_once = 0;
+  for (int c : seen_count) not_once += c != 1;
+  for (auto& a : answers) not_answered_once += a.load() != 1;
+  EXPECT_EQ(not_once, 0);
+  EXPECT_EQ(not_answered_once, 0);
+  auto st = batcher.stats();
+  EXPECT_EQ(st.requests_succeeded, kThreads * kPerThread);
+  EXPECT_EQ(st.requests_rejected, refused.load());
+  std::printf("[ stats    ] %lld batches, mean size %.1f, %lld refusals retried\n",
+              static_cast<long long>(st.batches_run), st.mean_batch_size,
+              static_cast<long long>(refused.load()));
+}
+
+// A worker back from a batch runs what queued meanwhile at once; with
+// run_waiting_when_busy(false) it waits for a full batch or max_delay, as an
+// idle worker does.
+TEST(DynamicBatcherTest, RequestsQueuedDuringABatchRunAtOnceUnlessToldToWait) {
+  for (bool run_waiting : {true, false}) {
+    SCOPED_TRACE(run_waiting ? "run_waiting_when_busy" : "wait");
+    RecordingModel model;
+    std::promise<void> open;
+    model.gate = open.get_future().share();
+    TensorBatcher batcher(
+        recording(model),
+        BatcherOptions().max_batch_size(4).max_delay(2s).run_waiting_when_busy(run_waiting));
+    std::vector<std::future<torch::Tensor>> first;
+    for (int64_t i = 0; i < 4; ++i) first.push_back(batcher.submit(request(i)));  // full: runs
+    model.entered.get_future().wait();
+    std::vector<std::future<torch::Tensor>> during;
+    for (int64_t i = 4; i < 6; ++i) during.push_back(batcher.submit(request(i)));
+    const auto t0 = Clock::now();
+    open.set_value();
+    for (auto& f : first) f.get();
+    const bool soon = during[0].wait_for(1s) == std::future_status::ready;
+    EXPECT_EQ(soon, run_waiting);
+    for (int64_t i = 0; i < 2; ++i)
+      EXPECT_TRUE(
+          wick::testing::tensors_equal(during[static_cast<size_t>(i)].get(), expected(4 + i)));
+    if (!run_waiting) EXPECT_GE(Clock::now() - t0, 1900ms);  // their max_delay
+    batcher.shutdown();
+    EXPECT_EQ(model.sizes, std::vector<int64_t>({4, 2}));
+  }
+}
+
+// The try_submit example of docs/batching.md, as it is printed there.
+TEST(DynamicBatcherTest, TrySubmitDocExample) {
+  torch::manual_seed(0);
+  torch::nn::Linear net(4, 3);
+  net->eval();
+  wick::TensorBatcher batcher(
+      wick::stack_batches([&](const torch::Tensor& x) { return net->forward(x); }),
+      wick::BatcherOptions().max_batch_size(16).max_queue_size(32));
+
+  auto inputs = torch::randn({100, 4});
+  std::vector<torch::Tensor> results(100);
+  std::atomic<int64_t> answered{0}, refused{0};
+  for (int64_t i = 0; i < 100; ++i) {
+    torch::Tensor x = inputs[i];
+    wick::Admission a = batcher.try_submit(
+        std::move(x), [&results, &answered, i](wick::BatcherAnswer<torch::Tensor> r) {
+          if (r.ok()) results[i] = std::move(r).value();  // on a worker thread: keep it short
+          ++answered;
+        });
+    if (a != wick::Admission::kAccepted) ++refused;  // kQueueFull: x is still ours, retry or drop
+  }
+  batcher.shutdown();  // drains: every accepted request's callback has run
+
+  EXPECT_EQ(answered.load() + refused.load(), 100);
+  EXPECT_GT(answered.load(), 0);
+  torch::NoGradGuard no_grad;
+  auto reference = net->forward(inputs);
+  int64_t checked = 0;
+  for (int64_t i = 0; i < 100; ++i) {
+    if (!results[static_cast<size_t>(i)].defined()) continue;
+    WICK_EXPECT_CLOSE(results[static_cast<size_t>(i)], reference[i], 1e-6, 1e-6);
+    ++checked;
+  }
+  EXPECT_EQ(checked, answered.load());
+}
+
+// An idle worker runs as soon as preferred_batch_size requests are queued,
+// takes up to max_batch_size, and still waits for company below it.
+TEST(DynamicBatcherTest, PreferredBatchSizeRunsWithoutWaitingForAFullBatch) {
+  RecordingModel model;
+  TensorBatcher batcher(recording(model),
+                        BatcherOptions().max_batch_size(8).preferred_batch_size(3).max_delay(10s));
+  std::vector<std::future<torch::Tensor>> fs;
+  for (int64_t i = 0; i < 3; ++i) fs.push_back(batcher.submit(request(i)));
+  for (int64_t i = 0; i < 3; ++i) {
+    ASSERT_EQ(fs[static_cast<size_t>(i)].wait_for(5s), std::future_status::ready);
+    EXPECT_TRUE(wick::testing::tensors_equal(fs[static_cast<size_t>(i)].get(), expected(i)));
+  }
+  auto lone = batcher.submit(request(9));
+  EXPECT_EQ(lone.wait_for(200ms), std::future_status::timeout);  // 1 < 3: waits for company
+  for (int64_t i = 10; i < 12; ++i) fs.push_back(batcher.submit(request(i)));
+  EXPECT_EQ(lone.wait_for(5s), std::future_status::ready);
+  batcher.shutdown();
+  ASSERT_GE(model.sizes.size(), 2u);
+  EXPECT_EQ(model.sizes[0], 3);
+  EXPECT_THROWS_WITH(
+      TensorBatcher(recording(model), BatcherOptions().max_batch_size(4).preferred_batch_size(5)),
+      "preferred_batch_size must be in [0, max_batch_size = 4], got 5");
+}
+
+// after_batch runs once per batch, on the worker, after every request of the
+// batch has its answer, with how many were answered.
+TEST(DynamicBatcherTest, AfterBatchHookRunsOnceEveryAnswerOfTheBatchIsDelivered) {
+  std::atomic<int64_t> callbacks{0}, hook_calls{0}, hook_total{0}, early{0};
+  TensorBatcher batcher(
+      wick::stack_batches([](const torch::Tensor& x) { return x * 2 + 1; }),
+      BatcherOptions().max_batch_size(4).max_delay(5ms).after_batch([&](int64_t answered) {
+        ++hook_calls;
+        hook_total += answered;
+        if (callbacks.load() < hook_total.load()) ++early;
+      }));
+  for (int64_t i = 0; i < 10; ++i) {
+    auto x = request(i);
+    ASSERT_EQ(batcher.try_submit(std::move(x),
+                                 [&](wick::BatcherAnswer<torch::Tensor> r) {
+                                   EXPECT_TRUE(r.ok());
+                                   ++callbacks;
+                                 }),
+              wick::Admission::kAccepted);
+  }
+  batcher.shutdown();
+  EXPECT_EQ(callbacks.load(), 10);
+  EXPECT_EQ(hook_total.load(), 10);
+  EXPECT_EQ(hook_calls.load(), batcher.stats().batches_run);
+  EXPECT_EQ(early.load(), 0);
 }

@@ -1,8 +1,10 @@
 // wick::quantize_dynamic and QuantizedLinear against an independent float64
 // emulation of dynamic int8 quantization (symmetric int8 weights, asymmetric
-// uint8 activations chosen per batch as ATen's ChooseQuantizationParams does),
-// against fp32 within the quantization error, and module replacement in every
-// container, checkpoints and errors.
+// uint8 activations chosen per row, or per batch as ATen's
+// ChooseQuantizationParams does), against Python computing the per-row
+// arithmetic in float32 bit for bit, against fp32 within the quantization
+// error; a row's answer independent of its batch mates, batch size, engine
+// and threads; module replacement in every container, checkpoints and errors.
 #include <wick/checkpoint.h>
 #include <wick/profiler.h>
 #include <wick/quantizer.h>
@@ -18,6 +20,7 @@
 #include <string>
 #include <thread>
 
+#include "python_reference.h"
 #include "support.h"
 
 namespace {
@@ -56,10 +59,22 @@ struct Emulated {
   double one_flip_bound;  // what one activation rounded the other way changes in an output
 };
 
+// One row's parameters as wick's per-row kernels choose them (src/int8_rows.h),
+// in float32 like them: the row's range widened to include 0 onto [0, qmax].
+ActQuant choose_row_qparams(float lo, float hi, int64_t qmax) {
+  lo = std::min(lo, 0.0f);
+  hi = std::max(hi, 0.0f);
+  float scale = (hi - lo) / static_cast<float>(qmax);
+  if (!(scale >= std::numeric_limits<float>::min())) scale = 1.0f;
+  const float zp = std::clamp(std::nearbyint(-lo / scale), 0.0f, static_cast<float>(qmax));
+  return {scale, static_cast<int64_t>(zp)};
+}
+
 // y = sx * s_w[row] * sum_k (qx - zp) * qw + b, with qw = clamp(round(w / s_w), -128, 127)
-// and s_w = amax / 127.5 (torch.ao's symmetric observers).
+// and s_w = amax / 127.5 (torch.ao's symmetric observers); sx and zp per input
+// row (per_row_act) or one pair for the whole batch.
 Emulated emulate_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
-                      bool per_channel, int64_t act_qmax) {
+                      bool per_channel, int64_t act_qmax, bool per_row_act = true) {
   auto wd = w.to(torch::kDouble);
   auto amax = per_channel ? wd.abs().amax(1) : wd.abs().max().reshape({1});
   auto sw = (amax.to(torch::kFloat) / 127.5f)
@@ -70,24 +85,31 @@ Emulated emulate_int8(const torch::Tensor& x, const torch::Tensor& w, const torc
                 .round()
                 .clamp(-128, 127)
                 .to(torch::kDouble);
-  auto x2 = x.reshape({-1, x.size(-1)});
-  auto q = choose_act_qparams(x2.min().item<double>(), x2.max().item<double>(), act_qmax);
-  auto qx = (x2.to(torch::kDouble) / q.scale)
-                .round()
-                .add(static_cast<double>(q.zero_point))
-                .clamp(0, act_qmax);
-  auto acc = torch::matmul(qx - static_cast<double>(q.zero_point), qw.t());
-  auto y = acc * q.scale * (per_channel ? sw.unsqueeze(0) : sw);
+  auto x2 = x.reshape({-1, x.size(-1)}).to(torch::kFloat);
+  const int64_t rows = x2.size(0);
+  auto sx = torch::empty({rows, 1}, torch::kDouble);
+  auto zp = torch::empty({rows, 1}, torch::kDouble);
+  for (int64_t i = 0; i < rows; ++i) {
+    ActQuant q =
+        per_row_act
+            ? choose_row_qparams(x2[i].min().item<float>(), x2[i].max().item<float>(), act_qmax)
+            : choose_act_qparams(x2.min().item<double>(), x2.max().item<double>(), act_qmax);
+    sx[i][0] = q.scale;
+    zp[i][0] = static_cast<double>(q.zero_point);
+  }
+  auto qx = (x2.to(torch::kDouble) / sx).round().add(zp).clamp(0, act_qmax);
+  auto acc = torch::matmul(qx - zp, qw.t());
+  auto y = acc * sx * (per_channel ? sw.unsqueeze(0) : sw);
   if (b.defined()) y = y + b.to(torch::kDouble);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = w.size(0);
-  return {y.reshape(shape), q.scale * sw.max().item<double>() * 128.0};
+  return {y.reshape(shape), sx.max().item<double>() * sw.max().item<double>() * 128.0};
 }
 
-// The input range a batch of `rows` rows gets on the engine `q` picks for it.
+// The input range a batch of `rows` rows gets.
 template <typename Layer>
 int64_t qmax(const Layer& q, int64_t rows) {
-  return wick::int8_activation_qmax(q->engine_for(rows));
+  return q->activation_qmax(rows);
 }
 
 torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias = true) {
@@ -105,25 +127,29 @@ torch::Tensor run(torch::nn::Module& m, const torch::Tensor& x) {
 TEST_F(QuantizerTest, MatchesFloat64EmulationOnEveryEngine) {
   auto lin = make_linear(96, 40);
   auto x = torch::randn({7, 96}) * 2 + 0.5;
+  x[3] *= 0.01;  // a row of small values: its own scale per row, the batch's otherwise
   auto fp32 = lin->forward(x).detach();
   ASSERT_FALSE(wick::available_quant_engines().empty());
-  for (auto engine : wick::available_quant_engines()) {
-    SCOPED_TRACE(wick::to_string(engine));
-    if (engine == wick::QuantEngine::kQnnpack) continue;  // per-tensor only below
-    // 7-bit inputs where the engine's kernels could saturate (no VNNI).
-    auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/true,
-                            wick::int8_activation_qmax(engine));
-    wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().engine(engine));
-    torch::Tensor y;
-    {
-      c10::InferenceMode guard;
-      y = q(x);
+  for (bool per_row : {true, false}) {
+    for (auto engine : wick::available_quant_engines()) {
+      SCOPED_TRACE(std::string(wick::to_string(engine)) + (per_row ? " per row" : " per batch"));
+      if (engine == wick::QuantEngine::kQnnpack) continue;  // per-tensor only below
+      wick::QuantizedLinear q(*lin, torch::kInt8,
+                              wick::QuantizeOptions().engine(engine).per_row_activations(per_row));
+      // 7-bit inputs where the engine's kernels could saturate (no VNNI).
+      auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/true,
+                              q->activation_qmax(7), per_row);
+      torch::Tensor y;
+      {
+        c10::InferenceMode guard;
+        y = q(x);
+      }
+      // Equal to the integer arithmetic up to a couple of activations rounded
+      // the other way, and far closer to it than to fp32.
+      WICK_EXPECT_CLOSE(y, ref.y, 0.0, 2 * ref.one_flip_bound);
+      EXPECT_LT((y - ref.y.to(torch::kFloat)).abs().max().item<double>(),
+                0.2 * (fp32 - ref.y.to(torch::kFloat)).abs().max().item<double>());
     }
-    // Equal to the integer arithmetic up to a couple of activations rounded
-    // the other way, and far closer to it than to fp32.
-    WICK_EXPECT_CLOSE(y, ref.y, 0.0, 2 * ref.one_flip_bound);
-    EXPECT_LT((y - ref.y.to(torch::kFloat)).abs().max().item<double>(),
-              0.2 * (fp32 - ref.y.to(torch::kFloat)).abs().max().item<double>());
   }
 }
 
@@ -152,9 +178,10 @@ TEST_F(QuantizerTest, PerTensorMatchesEmulation) {
   for (auto engine : wick::available_quant_engines()) {
     SCOPED_TRACE(wick::to_string(engine));
     auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), /*per_channel=*/false,
-                            wick::int8_activation_qmax(engine));
-    wick::QuantizedLinear q(*lin, torch::kInt8,
-                            wick::QuantizeOptions().per_channel(false).engine(engine));
+                            wick::int8_activation_qmax(engine), /*per_row_act=*/false);
+    wick::QuantizedLinear q(
+        *lin, torch::kInt8,
+        wick::QuantizeOptions().per_channel(false).engine(engine).per_row_activations(false));
     EXPECT_EQ(q->scale.numel(), 1);
     c10::InferenceMode guard;
     WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
@@ -177,26 +204,144 @@ TEST_F(QuantizerTest, CloseToFp32WithinTheQuantizationError) {
 
 TEST_F(QuantizerTest, AutoEngineSwitchesByRowsAndAgrees) {
   auto lin = make_linear(256, 256);  // 64 Ki weights: large enough for oneDNN
-  wick::QuantizedLinear q(*lin, torch::kInt8, wick::QuantizeOptions().onednn_min_rows(8));
   const auto engines = wick::available_quant_engines();
   auto has = [&](wick::QuantEngine e) {
     return std::find(engines.begin(), engines.end(), e) != engines.end();
   };
-  if (has(wick::QuantEngine::kFbgemm) && has(wick::QuantEngine::kOnednn)) {
-    EXPECT_EQ(q->engine_for(7), wick::QuantEngine::kFbgemm);
-    EXPECT_EQ(q->engine_for(8), wick::QuantEngine::kOnednn);
-    wick::QuantizedLinear small(*make_linear(128, 64), torch::kInt8,
-                                wick::QuantizeOptions().onednn_min_rows(8));
-    EXPECT_EQ(small->engine_for(1000),
-              wick::QuantEngine::kFbgemm);  // too small a layer for oneDNN's overhead
+  for (bool per_row : {true, false}) {
+    SCOPED_TRACE(per_row ? "per row" : "per batch");
+    wick::QuantizedLinear q(
+        *lin, torch::kInt8,
+        wick::QuantizeOptions().onednn_min_rows(8).per_row_activations(per_row));
+    if (has(wick::QuantEngine::kFbgemm) && has(wick::QuantEngine::kOnednn)) {
+      EXPECT_EQ(q->engine_for(7), wick::QuantEngine::kFbgemm);
+      // oneDNN from onednn_min_rows on where the CPU has AMX; FBGEMM throughout otherwise.
+      EXPECT_EQ(q->engine_for(8),
+                wick::cpu_has_amx_int8() ? wick::QuantEngine::kOnednn : wick::QuantEngine::kFbgemm);
+      wick::QuantizedLinear small(
+          *make_linear(128, 64), torch::kInt8,
+          wick::QuantizeOptions().onednn_min_rows(8).per_row_activations(per_row));
+      EXPECT_EQ(small->engine_for(1000),
+                wick::QuantEngine::kFbgemm);  // too small a layer for oneDNN's overhead
+    }
+    for (int64_t rows : {1, 3, 8, 40}) {
+      auto x = torch::randn({rows, 256});
+      auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), true,
+                              q->activation_qmax(rows), per_row);
+      c10::InferenceMode guard;
+      WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
+    }
   }
-  for (int64_t rows : {1, 3, 8, 40}) {
-    auto x = torch::randn({rows, 256});
-    auto ref = emulate_int8(x, lin->weight.detach(), lin->bias.detach(), true,
-                            wick::int8_activation_qmax(q->engine_for(rows)));
+}
+
+// ---------------------------------------------------------------- per-row activations
+
+// The int8 weights, their scales and the bias of `q`, and `x`, for tests/py/reference.py.
+nlohmann::json int8_rows_input(const wick::QuantizedLinear& q, const torch::Tensor& x) {
+  nlohmann::json in;
+  in["x"] = wick::testing::to_json(x);
+  in["x_shape"] = x.sizes().vec();
+  in["weight"] = wick::testing::to_json(q->weight);
+  in["weight_shape"] = q->weight.sizes().vec();
+  in["weight_scale"] = wick::testing::to_json(q->scale);
+  in["bias"] = q->bias.defined() ? wick::testing::to_json(q->bias) : nlohmann::json();
+  in["qmax"] = q->activation_qmax(x.size(0));
+  return in;
+}
+
+// Python's float32 torch ops computing the documented per-row arithmetic give
+// the same bits as every engine: rows of mixed ranges (all positive, all
+// negative, tiny, all zero), sizes that leave vector tails, both weight
+// granularities, with and without bias.
+TEST_F(QuantizerTest, PerRowMatchesPythonBitForBit) {
+  auto x = torch::randn({9, 301}) * 3 + 0.25;
+  x[1] = x[1].abs();   // ReLU-like: zero point 0
+  x[2] = -x[2].abs();  // all negative: zero point qmax
+  x[3] *= 1e-6;        // tiny
+  x[4].zero_();        // nothing: scale 1
+  x[5][7] = 1e4;       // one outlier owns its row's range only
+  std::vector<std::string> names;
+  std::vector<torch::Tensor> outputs;
+  nlohmann::json cases = nlohmann::json::array();
+  for (bool per_channel : {true, false}) {
+    for (bool with_bias : {true, false}) {
+      auto lin = make_linear(301, 131, with_bias);
+      for (auto engine : {wick::QuantEngine::kFbgemm, wick::QuantEngine::kOnednn}) {
+        const auto engines = wick::available_quant_engines();
+        if (std::find(engines.begin(), engines.end(), engine) == engines.end()) continue;
+        wick::QuantizedLinear q(*lin, torch::kInt8,
+                                wick::QuantizeOptions().engine(engine).per_channel(per_channel));
+        c10::InferenceMode guard;
+        outputs.push_back(q(x));
+        names.push_back(std::string(wick::to_string(engine)) +
+                        (per_channel ? " per channel" : " per tensor") +
+                        (with_bias ? " bias" : " no bias"));
+        cases.push_back(int8_rows_input(q, x));
+      }
+    }
+  }
+  ASSERT_GE(outputs.size(), 4u);
+  const auto ref = wick::testing::python_reference("reference.py", "int8_rows",
+                                                   {{"device", "cpu"}, {"cases", cases}});
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    SCOPED_TRACE(names[i]);
+    auto expected = torch::tensor(ref["results"][i]["y"].get<std::vector<double>>(), torch::kDouble)
+                        .to(torch::kFloat)
+                        .view({9, 131});
+    EXPECT_TRUE(torch::equal(outputs[i], expected))
+        << "max difference " << (outputs[i] - expected).abs().max().item<double>();
+  }
+}
+
+// What makes serving deterministic: a row's output is the same bits alone,
+// among any batch mates (far larger or smaller values), at any position, in
+// batches of any size, on either engine, with one thread or two.
+TEST_F(QuantizerTest, PerRowAnswerDoesNotDependOnBatchMatesSizeEngineOrThreads) {
+  auto lin = make_linear(512, 256);  // large enough for oneDNN under kAuto with AMX
+  auto probe = torch::randn({1, 512});
+  const auto engines = wick::available_quant_engines();
+  std::vector<wick::QuantizeOptions> variants;
+  for (auto e : {wick::QuantEngine::kFbgemm, wick::QuantEngine::kOnednn}) {
+    if (std::find(engines.begin(), engines.end(), e) != engines.end())
+      variants.push_back(wick::QuantizeOptions().engine(e));
+  }
+  variants.push_back(wick::QuantizeOptions().onednn_min_rows(4));  // kAuto switching by rows
+  ASSERT_GE(variants.size(), 2u);
+  torch::Tensor alone;
+  {
+    wick::QuantizedLinear q(*lin, torch::kInt8, variants[0]);
     c10::InferenceMode guard;
-    WICK_EXPECT_CLOSE(q(x), ref.y, 0.0, 2 * ref.one_flip_bound);
+    alone = q(probe);
   }
+  int64_t cases = 0;
+  for (int threads : {1, 2}) {
+    torch::set_num_threads(threads);
+    for (const auto& options : variants) {
+      wick::QuantizedLinear q(*lin, torch::kInt8, options);
+      for (int64_t size : {1, 2, 7, 16, 33, 64, 200}) {
+        for (double mates_scale : {1e-3, 1.0, 1e3}) {
+          auto batch = torch::randn({size, 512}) * mates_scale;
+          const int64_t at = (size * 5) / 7;  // first, middle or last depending on the size
+          batch[at] = probe[0];
+          c10::InferenceMode guard;
+          auto y = q(batch);
+          ++cases;
+          EXPECT_TRUE(torch::equal(y[at], alone[0]))
+              << wick::to_string(options.engine()) << " threads " << threads << " batch " << size
+              << " mates x" << mates_scale << ": max difference "
+              << (y[at] - alone[0]).abs().max().item<double>();
+        }
+      }
+    }
+  }
+  torch::set_num_threads(1);
+  EXPECT_EQ(cases, 2 * static_cast<int64_t>(variants.size()) * 7 * 3);
+  // Per batch the same probe's answer moves with its mates (what per row fixes).
+  wick::QuantizedLinear per_batch(*lin, torch::kInt8,
+                                  wick::QuantizeOptions().per_row_activations(false));
+  c10::InferenceMode guard;
+  auto mates = torch::randn({15, 512}) * 1e3;
+  EXPECT_FALSE(torch::equal(per_batch(torch::cat({probe, mates}))[0], per_batch(probe)[0]));
 }
 
 TEST_F(QuantizerTest, HandlesBatchedShapesVectorsAndEmptyBatches) {
@@ -526,6 +671,13 @@ TEST_F(QuantizerTest, RefusesBadRequestsAndLeavesTheModelAsItWas) {
   EXPECT_THROWS_WITH(wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kInt8,
                                             wick::QuantizeOptions().onednn_min_rows(0)),
                      "onednn_min_rows must be >= 1, got 0");
+  const auto engines = wick::available_quant_engines();
+  if (std::find(engines.begin(), engines.end(), wick::QuantEngine::kQnnpack) != engines.end()) {
+    EXPECT_THROWS_WITH(
+        wick::quantize_dynamic(*model, {typeid(torch::nn::Linear)}, torch::kInt8,
+                               wick::QuantizeOptions().engine(wick::QuantEngine::kQnnpack)),
+        "QNNPACK has only per-batch kernels, so set per_row_activations(false)");
+  }
   EXPECT_NE(model->ptr<torch::nn::LinearImpl>(0), nullptr);  // untouched
 
   auto lin = torch::nn::Linear(8, 4);

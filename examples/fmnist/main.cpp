@@ -591,10 +591,11 @@ int main(int argc, char** argv) {
                  "serving: longest wait for a batch to fill, us")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  app.add_flag("--serve-int8", args.serve.int8,
-               "serve the int8 copy (needs --quantize) through a quantized checkpoint; its answers "
-               "depend on the "
-               "batch mates, so served accuracy is reported beside offline, not required equal");
+  app.add_flag(
+      "--serve-int8", args.serve.int8,
+      "serve the int8 copy (needs --quantize) through a quantized checkpoint; each image's "
+      "activations are quantized on their own, so served answers are compared with "
+      "offline ones bit for bit (serve_int8_differ)");
   app.add_option("--serve-workers", args.serve.workers, "serving: batches run in parallel")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -50,21 +50,40 @@ ServeReport serve_session(const wick::InferenceSession& session, const torch::Te
 
   // Offline: the same session on batches of 1000, in order.
   std::vector<int64_t> offline_pred(static_cast<size_t>(n));
+  std::vector<torch::Tensor> offline_parts;
   for (int64_t start = 0; start < n; start += 1000) {
     const int64_t len = std::min<int64_t>(1000, n - start);
-    auto pred = session.run(images.narrow(0, start, len)).argmax(1).cpu();
+    auto logits = session.run(images.narrow(0, start, len)).cpu();
+    offline_parts.push_back(logits);
+    auto pred = logits.argmax(1);
     auto acc = pred.accessor<int64_t, 1>();
     for (int64_t i = 0; i < len; ++i) offline_pred[static_cast<size_t>(start + i)] = acc[i];
   }
+  const torch::Tensor offline_logits = torch::cat(offline_parts);
 
-  // Online: each client sends images c, c + clients, ... one at a time.
-  wick::TensorBatcher batcher(session.batch_fn(),
+  // Online: each client sends images c, c + clients, ... one at a time. The
+  // batch function notes the size of the batch each image ran in (an image is
+  // a view of `images`, so its address says which one it is).
+  std::vector<int64_t> batch_of(static_cast<size_t>(n), 0);
+  const auto* base = static_cast<const char*>(images.data_ptr());
+  const auto image_bytes = static_cast<int64_t>(images[0].numel() * images.element_size());
+  auto batch_fn = [fn = session.batch_fn(), &batch_of, base, image_bytes,
+                   n](std::vector<torch::Tensor>&& xs) {
+    for (const auto& x : xs) {
+      const auto offset = static_cast<const char*>(x.data_ptr()) - base;
+      const int64_t i = offset / image_bytes;
+      if (offset >= 0 && i < n) batch_of[static_cast<size_t>(i)] = static_cast<int64_t>(xs.size());
+    }
+    return fn(std::move(xs));
+  };
+  wick::TensorBatcher batcher(batch_fn,
                               wick::BatcherOptions()
                                   .max_batch_size(options.max_batch)
                                   .max_delay(std::chrono::microseconds(options.max_delay_us))
                                   .num_workers(options.workers)
                                   .max_queue_size(std::max<int64_t>(1024, options.clients)));
   std::vector<int64_t> served_pred(static_cast<size_t>(n), -1);
+  std::vector<torch::Tensor> served_logits(static_cast<size_t>(n));
   std::vector<std::vector<double>> latencies(static_cast<size_t>(options.clients));
   std::vector<std::exception_ptr> errors(static_cast<size_t>(options.clients));
   const auto t0 = Clock::now();
@@ -79,6 +98,7 @@ ServeReport serve_session(const wick::InferenceSession& session, const torch::Te
             torch::Tensor logits = batcher.submit(images[i]).get();  // [10]
             lat.push_back(std::chrono::duration<double, std::milli>(Clock::now() - sent).count());
             served_pred[static_cast<size_t>(i)] = logits.argmax().item<int64_t>();
+            served_logits[static_cast<size_t>(i)] = logits;
           }
         } catch (...) {
           errors[static_cast<size_t>(c)] = std::current_exception();
@@ -100,6 +120,10 @@ ServeReport serve_session(const wick::InferenceSession& session, const torch::Te
     r.offline_correct += offline_pred[static_cast<size_t>(i)] == t[i];
     r.predictions_differing +=
         served_pred[static_cast<size_t>(i)] != offline_pred[static_cast<size_t>(i)];
+    const bool differs =
+        !torch::equal(served_logits[static_cast<size_t>(i)].cpu(), offline_logits[i]);
+    r.logits_differing += differs;
+    r.logits_differing_alone += differs && batch_of[static_cast<size_t>(i)] == 1;
   }
   r.serve_accuracy = static_cast<double>(r.serve_correct) / static_cast<double>(n);
   r.offline_accuracy = static_cast<double>(r.offline_correct) / static_cast<double>(n);
@@ -112,13 +136,14 @@ ServeReport serve_session(const wick::InferenceSession& session, const torch::Te
   const auto stats = batcher.stats();
   r.mean_batch = stats.mean_batch_size;
   r.batches = stats.batches_run;
+  if (stats.batch_size_histogram.size() > 1)
+    r.requests_in_batches_of_one = stats.batch_size_histogram[1];
   TORCH_CHECK(stats.requests_succeeded == n, "serve: the batcher answered ",
               stats.requests_succeeded, " of ", n, " requests with a result");
-  TORCH_CHECK(options.int8 || r.serve_correct == r.offline_correct, "serve: serving accuracy ",
-              r.serve_accuracy, " (", r.serve_correct,
-              " correct) differs from the offline accuracy ", r.offline_accuracy, " (",
-              r.offline_correct, " correct) of the same model; ", r.predictions_differing,
-              " images got another class when served");
+  TORCH_CHECK(r.serve_correct == r.offline_correct, "serve: serving accuracy ", r.serve_accuracy,
+              " (", r.serve_correct, " correct) differs from the offline accuracy ",
+              r.offline_accuracy, " (", r.offline_correct, " correct) of the same model; ",
+              r.predictions_differing, " images got another class when served");
   return r;
 }
 
@@ -135,12 +160,18 @@ void print_serve_report(const ServeReport& r, const ServeOptions& o) {
       o.workers == 1 ? "" : "s");
   std::printf(
       "            accuracy served %.4f %s offline %.4f (%lld of %lld correct; %lld predictions "
-      "differ)%s\n",
+      "differ)\n",
       r.serve_accuracy, r.serve_correct == r.offline_correct ? "=" : "vs", r.offline_accuracy,
       static_cast<long long>(r.serve_correct), static_cast<long long>(r.requests),
-      static_cast<long long>(r.predictions_differing),
-      o.int8 ? "; int8: activations are quantized per batch, so answers depend on batch mates"
-             : "");
+      static_cast<long long>(r.predictions_differing));
+  std::printf(
+      "            %s logits served = offline bit for bit for %lld of %lld images (%lld differ, "
+      "%lld "
+      "of them run alone; %lld requests ran in batches of one)\n",
+      o.int8 ? "int8" : "fp32", static_cast<long long>(r.requests - r.logits_differing),
+      static_cast<long long>(r.requests), static_cast<long long>(r.logits_differing),
+      static_cast<long long>(r.logits_differing_alone),
+      static_cast<long long>(r.requests_in_batches_of_one));
   std::fflush(stdout);
 }
 
@@ -154,6 +185,13 @@ void add_serve_fields(nlohmann::json& j, const ServeReport& r, const ServeOption
   j["serve_mean_batch"] = r.mean_batch;
   j["serve_test_accuracy"] = r.serve_accuracy;
   j["offline_test_accuracy"] = r.offline_accuracy;
+  j["serve_logits_differ"] = r.logits_differing;
+  j["serve_requests_in_batches_of_one"] = r.requests_in_batches_of_one;
+  j["serve_logits_differ_alone"] = r.logits_differing_alone;
+  if (o.int8) {
+    j["serve_int8_differ"] = r.logits_differing;
+    j["serve_int8_differ_alone"] = r.logits_differing_alone;
+  }
 }
 
 }  // namespace fmnist

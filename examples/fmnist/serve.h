@@ -17,10 +17,11 @@ struct ServeOptions {
   int64_t max_batch = 64;  ///< BatcherOptions::max_batch_size
   int64_t max_delay_us = 1000;  ///< BatcherOptions::max_delay, microseconds
   int64_t workers = 1;          ///< BatcherOptions::num_workers
-  /// Serve the int8 copy (wick-fmnist --serve-int8 with --quantize). Dynamic
-  /// int8 quantizes each batch's activations with one scale for the batch, so
-  /// an image's answer depends on its batch mates: the served and offline
-  /// accuracies are compared but not required to be equal.
+  /// Serve the int8 copy (wick-fmnist --serve-int8 with --quantize). Its
+  /// Linear layers quantize each image's activations with the image's own
+  /// scale (QuantizeOptions::per_row_activations), so an image's int8 answer
+  /// does not depend on its batch mates: served and offline answers are
+  /// compared bit for bit (serve_int8_differ).
   bool int8 = false;
 };
 
@@ -34,9 +35,18 @@ struct ServeReport {
   int64_t serve_correct = 0, offline_correct = 0;
   double serve_accuracy = 0, offline_accuracy = 0;
   /// Images whose served class differs from the offline one. Batches of other
-  /// sizes may change logits in the last bits (CPU kernels block by batch
+  /// sizes may change fp32 logits in the last bits (CPU kernels block by batch
   /// size), so a near-tie could flip; the accuracies must still be equal.
   int64_t predictions_differing = 0;
+  /// Images whose served logits differ from the offline ones in any bit, and
+  /// how many of them ran in a batch of one (whose fp32 convolutions take
+  /// another oneDNN kernel on some CPUs: the CNN's served answer can then
+  /// differ in the last bits, int8 or not; docs/quantization.md).
+  int64_t logits_differing = 0;
+  int64_t logits_differing_alone = 0;
+  /// Requests that ran in batches of one (the size whose fp32 convolutions
+  /// take another oneDNN kernel here, docs/batching.md).
+  int64_t requests_in_batches_of_one = 0;
 };
 
 /// Serves `model` (loaded from `checkpoint` unless it is "", after
@@ -59,7 +69,8 @@ ServeReport serve_session(const wick::InferenceSession& session, const torch::Te
 /// The report for a person.
 void print_serve_report(const ServeReport& report, const ServeOptions& options);
 /// serve_requests_per_s, serve_p50_ms, serve_p99_ms, serve_mean_batch,
-/// serve_test_accuracy, offline_test_accuracy (and the serving options).
+/// serve_test_accuracy, offline_test_accuracy, serve_logits_differ (and
+/// serve_int8_differ when serving int8), and the serving options.
 void add_serve_fields(nlohmann::json& j, const ServeReport& report, const ServeOptions& options);
 
 }  // namespace fmnist

@@ -2,9 +2,10 @@
 // Dynamic quantization for inference: the C++ counterpart of
 // torch.ao.quantization.quantize_dynamic. Every torch::nn::Linear in a module
 // tree becomes a wick::QuantizedLinear whose weights are int8 (one scale per
-// output row by default) and whose input is quantized to uint8 per batch, so
-// the matrix product runs on an int8 GEMM (FBGEMM or oneDNN on x86, QNNPACK on
-// ARM) with the weights packed once.
+// output row by default) and whose input is quantized to uint8 row by row (each
+// row with its own scale, so a row's answer does not depend on the rest of its
+// batch), so the matrix product runs on an int8 GEMM (FBGEMM or oneDNN on x86,
+// QNNPACK on ARM) with the weights packed once.
 //
 //   auto model = torch::nn::Sequential(torch::nn::Linear(784, 512), torch::nn::ReLU(),
 //                                      torch::nn::Linear(512, 10));
@@ -53,10 +54,11 @@ namespace wick {
 
 /// Which int8 GEMM library runs a CPU QuantizedLinear.
 enum class QuantEngine {
-  /// FBGEMM for batches of fewer than QuantizeOptions::onednn_min_rows rows
-  /// and for layers of fewer than 64 Ki weights, oneDNN otherwise (each packed
-  /// on first use); engines that are not built in are skipped, QNNPACK is the
-  /// last resort.
+  /// FBGEMM, except on CPUs with AMX (Intel Sapphire Rapids and newer), where
+  /// batches of at least QuantizeOptions::onednn_min_rows rows on layers of at
+  /// least 64 Ki weights run on oneDNN (each packed on first use); engines that
+  /// are not built in are skipped, QNNPACK is the last resort. With per-row
+  /// activations every engine computes the same bits, so the choice is speed only.
   kAuto,
   kFbgemm,   ///< x86 (AVX2, AVX-512, VNNI)
   kOnednn,   ///< x86; uses AMX on CPUs that have it
@@ -80,11 +82,22 @@ struct QuantizeOptions {
   TORCH_ARG(bool, per_channel) = true;
   /// CPU int8 GEMM library; see QuantEngine. Default kAuto.
   TORCH_ARG(QuantEngine, engine) = QuantEngine::kAuto;
-  /// kAuto: a batch of at least this many rows (product of the leading
-  /// dimensions) runs on oneDNN, smaller ones on FBGEMM. Default 16, where the
-  /// two cross over on a Sapphire Rapids core (docs/quantization.md).
+  /// kAuto on a CPU with AMX: a batch of at least this many rows (product of
+  /// the leading dimensions) runs on oneDNN, smaller ones on FBGEMM. Default
+  /// 16, where the two cross over on a Sapphire Rapids core
+  /// (docs/quantization.md). Without AMX, FBGEMM runs every batch.
   TORCH_ARG(int64_t, onednn_min_rows) = 16;
+  /// int8 on CPU: quantize the input row by row, each row (sample) with its
+  /// own scale and zero point (true, default), or with one scale and zero
+  /// point for the whole batch (false: LibTorch's own dynamic kernels, as
+  /// Python's quantize_dynamic). Per row, an output depends only on its own
+  /// input row: a served request gets the same bits whatever its batch mates
+  /// and batch size, and whichever engine runs it.
+  TORCH_ARG(bool, per_row_activations) = true;
 };
+
+/// Whether this CPU has AMX tiles for int8 (what QuantEngine::kAuto's rule reads).
+bool cpu_has_amx_int8();
 
 /// A Linear with quantized weights. Built by quantize_dynamic, or directly from a Linear.
 class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
@@ -111,6 +124,11 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   /// The engine a CPU batch of `rows` rows (the product of the input's leading
   /// dimensions) runs on.
   QuantEngine engine_for(int64_t rows) const;
+  /// The largest code of the uint8 inputs (255, or 127 where an engine this
+  /// layer may run on could saturate; see int8_activation_qmax). Per-row
+  /// layers use one value for every batch, so that the engine a batch size
+  /// picks cannot change its bits; per-batch layers use their engine's.
+  int64_t activation_qmax(int64_t rows) const;
   /// The weights as float32 (quantization error included).
   torch::Tensor dequantized_weight() const;
   /// Bytes of the state: weight + scale + bias buffers.
@@ -130,7 +148,11 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
 
  private:
   struct Packed;
+  struct RowWeights;
   torch::Tensor forward_cpu(const torch::Tensor& input);
+  std::shared_ptr<const RowWeights> pack_rows(QuantEngine engine) const;
+  torch::Tensor forward_rows(const torch::Tensor& input, int64_t rows, QuantEngine engine,
+                             const RowWeights& r, const std::vector<int64_t>& out_shape) const;
   torch::Tensor forward_cuda(const torch::Tensor& input);
 
   int64_t in_features_;

@@ -156,7 +156,40 @@ def mlp_fused_adam(inp):
     return {"params": results}
 
 
-CASES = {"trainer_amp": trainer_amp, "fused_adam": fused_adam, "mlp_fused_adam": mlp_fused_adam}
+def int8_rows(inp):
+    """int8_row_case for each of inp["cases"]."""
+    return {"results": [int8_row_case(c) for c in inp["cases"]]}
+
+
+def int8_row_case(inp):
+    """wick's per-row dynamic int8 Linear (src/int8_rows.h), written out in
+    float32 torch ops: each input row gets its own scale and zero point, the
+    product is exact integer arithmetic, and each output is
+    float(acc - zp * colsum) * (scale_row * scale_weight) + bias, one rounding
+    per operation (torch's elementwise ops are IEEE float32, as wick's kernels are)."""
+    x = tensor(inp["x"], inp["x_shape"])
+    w = tensor(inp["weight"], inp["weight_shape"], torch.int64)  # int8 values
+    sw = tensor(inp["weight_scale"], [-1])
+    b = tensor(inp["bias"], [-1]) if inp.get("bias") is not None else None
+    qmax = float(inp["qmax"])
+    lo = x.amin(1).clamp(max=0.0)
+    hi = x.amax(1).clamp(min=0.0)
+    scale = (hi - lo) / torch.tensor(qmax, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.where((scale >= tiny) & (scale <= torch.finfo(torch.float32).max), scale,
+                        torch.ones_like(scale))
+    zp = torch.round(-lo / scale).clamp(0.0, qmax)
+    inv = 1.0 / scale
+    q = (torch.round(x * inv[:, None]) + zp[:, None]).clamp(0.0, qmax)
+    acc = (q.to(torch.int64) - zp.to(torch.int64)[:, None]) @ w.t()  # exact
+    s = scale[:, None] * sw[None, :]
+    y = acc.to(torch.int32).to(torch.float32) * s
+    y = y + (b[None, :] if b is not None else 0.0)
+    return {"y": flat(y), "codes": flat(q), "zero_point": flat(zp), "scale": flat(scale)}
+
+
+CASES = {"trainer_amp": trainer_amp, "fused_adam": fused_adam, "mlp_fused_adam": mlp_fused_adam,
+         "int8_rows": int8_rows}
 
 if __name__ == "__main__":
     case, src, dst = sys.argv[1:4]
