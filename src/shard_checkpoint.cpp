@@ -29,7 +29,7 @@ namespace wick {
 namespace {
 
 using json = nlohmann::json;
-constexpr const char* kName = "ShardedDataParallel";
+constexpr const char* kWho = "ShardedDataParallel";
 constexpr const char* kManifestKey = "sharding";
 constexpr const char* kGroupsSection = "optimizer_groups";
 constexpr int64_t kManifestVersion = 1;
@@ -91,7 +91,7 @@ Fields to_fields(const torch::optim::OptimizerParamState& state) {
     f.scalars["step"] = step_tensor(g->step());
     put("sum", g->sum());
   } else {
-    TORCH_CHECK(false, kName, ": cannot checkpoint this optimizer's state by shards");
+    TORCH_CHECK(false, kWho, ": cannot checkpoint this optimizer's state by shards");
   }
   return f;
 }
@@ -105,7 +105,7 @@ std::unique_ptr<torch::optim::OptimizerParamState> from_fields(const std::string
   };
   auto step = [&] {
     auto it = f.scalars.find("step");
-    TORCH_CHECK(it != f.scalars.end(), kName, ": the checkpoint's optimizer state has no step");
+    TORCH_CHECK(it != f.scalars.end(), kWho, ": the checkpoint's optimizer state has no step");
     return it->second;
   };
   if (kind == "fused_adam") {
@@ -146,7 +146,7 @@ std::unique_ptr<torch::optim::OptimizerParamState> from_fields(const std::string
     s->sum(get("sum"));
     return s;
   }
-  TORCH_CHECK(false, kName, ": unknown optimizer kind '", kind, "' in the checkpoint");
+  TORCH_CHECK(false, kWho, ": unknown optimizer kind '", kind, "' in the checkpoint");
 }
 
 std::string part_key(const char* kind, const std::string& field, const std::string& name,
@@ -175,13 +175,13 @@ struct SavedLayout {
 
 SavedLayout parse_manifest(const Checkpoint& ckpt) {
   auto text = ckpt.meta(kManifestKey);
-  TORCH_CHECK(text.has_value(), kName, ": checkpoint ", ckpt.path(),
+  TORCH_CHECK(text.has_value(), kWho, ": checkpoint ", ckpt.path(),
               " is not sharded (its meta.json has no \"", kManifestKey,
               "\"); load it with Checkpoint::restore_module and restore_optimizer");
   SavedLayout layout;
   try {
     const json m = json::parse(*text);
-    TORCH_CHECK(m.at("version").get<int64_t>() == kManifestVersion, kName, ": checkpoint ",
+    TORCH_CHECK(m.at("version").get<int64_t>() == kManifestVersion, kWho, ": checkpoint ",
                 ckpt.path(), " has sharding manifest version ", m.at("version").dump(),
                 "; this build reads version ", kManifestVersion);
     layout.world_size = m.at("world_size").get<int64_t>();
@@ -202,7 +202,7 @@ SavedLayout parse_manifest(const Checkpoint& ckpt) {
       layout.params.emplace(name, std::move(sp));
     }
   } catch (const json::exception& e) {
-    TORCH_CHECK(false, kName, ": checkpoint ", ckpt.path(),
+    TORCH_CHECK(false, kWho, ": checkpoint ", ckpt.path(),
                 " has a malformed sharding manifest: ", e.what());
   }
   return layout;
@@ -224,13 +224,13 @@ class PartReader {
       const int64_t lo = std::max(a, part.start), hi = std::min(b, part.start + part.numel);
       if (hi <= lo) continue;
       const auto& t = tensor(part.rank, part_key(kind, field, name, part.start));
-      TORCH_CHECK(t.numel() == part.numel, kName, ": checkpoint ", ckpt_.path(), ": '",
+      TORCH_CHECK(t.numel() == part.numel, kWho, ": checkpoint ", ckpt_.path(), ": '",
                   part_key(kind, field, name, part.start), "' has ", t.numel(),
                   " elements, the manifest says ", part.numel);
       out.narrow(0, lo - a, hi - lo).copy_(t.narrow(0, lo - part.start, hi - lo));
       covered += hi - lo;
     }
-    TORCH_CHECK(covered == b - a, kName, ": checkpoint ", ckpt_.path(),
+    TORCH_CHECK(covered == b - a, kWho, ": checkpoint ", ckpt_.path(),
                 ": the manifest's parts of '", name, "' do not cover elements [", a, ", ", b, ")");
   }
 
@@ -241,7 +241,7 @@ class PartReader {
         return tensor(part.rank, part_key("c", field, name, part.start));
       }
     }
-    TORCH_CHECK(false, kName, ": checkpoint ", ckpt_.path(), " has no part of '", name,
+    TORCH_CHECK(false, kWho, ": checkpoint ", ckpt_.path(), " has no part of '", name,
                 "' holding element ", a);
   }
 
@@ -252,7 +252,7 @@ class PartReader {
           load_safetensors(ckpt_.file_path(shard_file(rank, layout_.world_size))).to_map());
     }
     auto it = file->find(key);
-    TORCH_CHECK(it != file->end(), kName, ": checkpoint ", ckpt_.path(), ": ",
+    TORCH_CHECK(it != file->end(), kWho, ": checkpoint ", ckpt_.path(), ": ",
                 shard_file(rank, layout_.world_size), " has no tensor '", key, "'");
     return it->second;
   }
@@ -298,7 +298,7 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
   auto& opt = *impl.optimizer;
   const int64_t rank = impl.rank(), world = impl.world();
   const std::string kind = optimizer_kind(opt);
-  TORCH_CHECK(!kind.empty() || opt.state().empty(), kName,
+  TORCH_CHECK(!kind.empty() || opt.state().empty(), kWho,
               ": cannot checkpoint this optimizer's state by shards (SGD, Adam, AdamW, FusedAdam, "
               "RMSprop and Adagrad can be)");
 
@@ -317,7 +317,7 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
   std::string error;
   std::string bytes;
   try {
-    if (rank == 0) detail::make_directories(staging, kName);
+    if (rank == 0) detail::make_directories(staging, kWho);
   } catch (const std::exception& e) {
     error = e.what();
   }
@@ -334,7 +334,7 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
           auto it = opt.state().find(piece.tensor.unsafeGetTensorImpl());
           std::optional<Fields> fields;
           if (it != opt.state().end()) fields = to_fields(*it->second);
-          TORCH_CHECK(!has_state.has_value() || *has_state == fields.has_value(), kName,
+          TORCH_CHECK(!has_state.has_value() || *has_state == fields.has_value(), kWho,
                       ": the optimizer has state for some shards and not for others; save after "
                       "a step, or before the first");
           has_state = fields.has_value();
@@ -371,7 +371,7 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
                                                   {"rank", std::to_string(rank)},
                                                   {"world_size", std::to_string(world)}});
       const std::string file = detail::join_path(staging, shard_file(rank, world));
-      detail::AtomicFile out(file, kName);
+      detail::AtomicFile out(file, kWho);
       out.write(bytes.data(), bytes.size());
       out.commit();
     } catch (const std::exception& e) {
@@ -392,9 +392,9 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
   for (int64_t r = 0; r < world; ++r) {
     if (table[r][2].item<int64_t>() == 0) continue;
     if (rank == 0) detail::remove_tree(staging);
-    TORCH_CHECK(r != rank, kName, ": cannot save checkpoint '", path, "': rank ", rank,
+    TORCH_CHECK(r != rank, kWho, ": cannot save checkpoint '", path, "': rank ", rank,
                 " could not write its shard: ", error, "; nothing was changed at '", path, "'");
-    TORCH_CHECK(false, kName, ": cannot save checkpoint '", path, "': rank ", r,
+    TORCH_CHECK(false, kWho, ": cannot save checkpoint '", path, "': rank ", r,
                 " could not write its shard (its log says why); nothing was changed at '", path,
                 "'");
   }
@@ -450,7 +450,7 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
   impl.pg->broadcast({outcome}, 0);
   if (outcome.cpu().item<int64_t>() != 0) {
     TORCH_CHECK(rank != 0, error);
-    TORCH_CHECK(false, kName, ": rank 0 could not save checkpoint '", path,
+    TORCH_CHECK(false, kWho, ": rank 0 could not save checkpoint '", path,
                 "' (its log says why); nothing was changed at '", path, "'");
   }
 }
@@ -462,17 +462,17 @@ void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
   // The same trainable parameters, by name and shape.
   for (const auto& p : impl.params) {
     auto it = layout.params.find(p.name);
-    TORCH_CHECK(it != layout.params.end(), kName, ": checkpoint ", checkpoint.path(),
+    TORCH_CHECK(it != layout.params.end(), kWho, ": checkpoint ", checkpoint.path(),
                 " has no parameter '", p.name, "'");
-    TORCH_CHECK(it->second.shape == p.shape, kName, ": checkpoint ", checkpoint.path(),
+    TORCH_CHECK(it->second.shape == p.shape, kWho, ": checkpoint ", checkpoint.path(),
                 ": parameter '", p.name, "' has shape ", c10::IntArrayRef(it->second.shape),
                 " there but ", c10::IntArrayRef(p.shape), " in the module");
   }
-  TORCH_CHECK(layout.params.size() == impl.params.size(), kName, ": checkpoint ", checkpoint.path(),
+  TORCH_CHECK(layout.params.size() == impl.params.size(), kWho, ": checkpoint ", checkpoint.path(),
               " has ", layout.params.size(), " trainable parameters, the module ",
               impl.params.size());
   const std::string kind = optimizer_kind(opt);
-  TORCH_CHECK(layout.optimizer.empty() || layout.optimizer == kind, kName, ": checkpoint ",
+  TORCH_CHECK(layout.optimizer.empty() || layout.optimizer == kind, kWho, ": checkpoint ",
               checkpoint.path(), " holds the state of a ", layout.optimizer,
               " optimizer, not of this ", kind.empty() ? "unknown kind" : kind);
 
@@ -510,7 +510,7 @@ void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
           if (first) {
             fields.scalars[name] = value.clone();
           } else {
-            TORCH_CHECK(torch::equal(fields.scalars[name], value), kName, ": checkpoint ",
+            TORCH_CHECK(torch::equal(fields.scalars[name], value), kWho, ": checkpoint ",
                         checkpoint.path(), ": the optimizer's ", name,
                         " differs between parameters that now share a shard ('", p.name,
                         "'); it cannot be resharded");
@@ -525,7 +525,7 @@ void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
   checkpoint.get(kGroupsSection, [&](torch::serialize::InputArchive& archive) {
     c10::IValue count;
     archive.read("count", count);
-    TORCH_CHECK(count.toInt() == static_cast<int64_t>(opt.param_groups().size()), kName,
+    TORCH_CHECK(count.toInt() == static_cast<int64_t>(opt.param_groups().size()), kWho,
                 ": checkpoint ", checkpoint.path(), " has ", count.toInt(),
                 " optimizer parameter groups, the optimizer ", opt.param_groups().size());
     for (size_t g = 0; g < opt.param_groups().size(); ++g) {
