@@ -34,14 +34,13 @@
 
 namespace wick_bench {
 
-namespace {
-
-// rm -rf through libc (the torch wheel's std::filesystem is not safe to call).
 void remove_tree(const std::string& path) {
   ::nftw(
       path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); },
       16, FTW_DEPTH | FTW_PHYS);
 }
+
+namespace {
 
 int64_t tree_bytes(const std::string& dir) {
   static int64_t total = 0;

@@ -39,6 +39,9 @@ struct AsyncCheckpointMeasureOptions {
 /// async_blocked_ms / sync_save_ms, state_mb (the host snapshot's size),
 /// checkpoint_mb (the files' size), each round's figures (runs_*), and
 /// async_first_blocked_ms (the untimed first round: host buffers allocated).
+/// rm -rf through libc (the torch wheel's std::filesystem is not safe to call).
+void remove_tree(const std::string& path);
+
 Json measure_async_checkpoint(const std::function<void(wick::Checkpoint&)>& build,
                               const AsyncCheckpointMeasureOptions& options);
 

@@ -58,13 +58,13 @@ struct AsyncCheckpointWriter::State {
   }
 
   // The background part of a save, on `thread`.
-  void write(std::unique_ptr<Checkpoint> ckpt, const std::string& path,
+  void write(std::unique_ptr<Checkpoint> ckpt, Job job, const std::string& path,
              const AfterWrite& after_write) {
     const auto t0 = Clock::now();
     std::exception_ptr failure;
     bool written = false;
     try {
-      ckpt->save(path);
+      job(*ckpt);
       written = true;
       if (after_write) after_write();
     } catch (const std::exception& e) {
@@ -76,6 +76,7 @@ struct AsyncCheckpointWriter::State {
     } catch (...) {
       failure = std::current_exception();
     }
+    job = nullptr;  // and the host copies it holds
     ckpt.reset();  // its host copies are free for recycle() from here
     {
       std::lock_guard<std::mutex> lock(mutex);
@@ -127,6 +128,17 @@ void AsyncCheckpointWriter::save(const std::string& path, const Build& build,
                                  AfterWrite after_write) {
   TORCH_CHECK(!path.empty(), "AsyncCheckpointWriter: save() needs a path, got an empty string");
   TORCH_CHECK(build, "AsyncCheckpointWriter: save('", path, "') needs a build function");
+  submit(
+      path,
+      [&](Checkpoint& ckpt, detail::HostStaging&) -> Job {
+        build(ckpt);
+        return [path](Checkpoint& c) { c.save(path); };
+      },
+      std::move(after_write));
+}
+
+void AsyncCheckpointWriter::submit(const std::string& path, const Snapshot& snapshot,
+                                   AfterWrite after_write) {
   State& s = *state_;
   const auto t0 = Clock::now();
   s.join(/*block=*/true);  // at most one in flight
@@ -135,8 +147,9 @@ void AsyncCheckpointWriter::save(const std::string& path, const Build& build,
 
   const auto t1 = Clock::now();
   auto ckpt = std::make_unique<Checkpoint>(Checkpoint::host_snapshot(s.staging));
+  Job job;
   try {
-    build(*ckpt);
+    job = snapshot(*ckpt, *s.staging);
   } catch (...) {
     ckpt.reset();
     s.staging->recycle();
@@ -148,10 +161,10 @@ void AsyncCheckpointWriter::save(const std::string& path, const Build& build,
 
   s.done.store(false, std::memory_order_release);
   try {
-    s.thread =
-        std::thread([&s, ckpt = std::move(ckpt), path, after = std::move(after_write)]() mutable {
-          s.write(std::move(ckpt), path, after);
-        });
+    s.thread = std::thread([&s, ckpt = std::move(ckpt), job = std::move(job), path,
+                            after = std::move(after_write)]() mutable {
+      s.write(std::move(ckpt), std::move(job), path, after);
+    });
   } catch (const std::system_error& e) {
     s.done.store(true, std::memory_order_release);
     s.staging->recycle();

@@ -57,6 +57,16 @@ torch::Tensor HostStaging::copy(const torch::Tensor& t) {
   return view;
 }
 
+torch::Tensor HostStaging::copy_compact(const torch::Tensor& t) {
+  if (!t.defined()) return t;
+  TORCH_CHECK(t.layout() == torch::kStrided && (t.is_cpu() || t.is_cuda()),
+              "HostStaging: copy_compact needs a dense CPU or CUDA tensor, got ", t.toString());
+  const auto nbytes = static_cast<int64_t>(t.numel() * t.element_size());
+  torch::Tensor host = buffer(nbytes, t.is_cuda()).view(t.scalar_type()).view(t.sizes());
+  host.copy_(t.detach());
+  return host;
+}
+
 void HostStaging::end_snapshot() {
   memo_.clear();
   free_.clear();  // buffers of the last snapshot this one did not need

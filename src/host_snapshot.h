@@ -31,6 +31,11 @@ class HostStaging {
   /// A host tensor with `t`'s values, dtype, sizes, strides, storage offset
   /// and requires_grad; undefined for an undefined `t`. Blocks until copied.
   torch::Tensor copy(const torch::Tensor& t);
+  /// A contiguous host tensor with `t`'s values, dtype and sizes, of `t`'s
+  /// elements alone (copy() takes `t`'s whole storage: a slice of a big flat
+  /// buffer would copy the buffer); undefined for an undefined `t`. Blocks
+  /// until copied.
+  torch::Tensor copy_compact(const torch::Tensor& t);
   /// Ends a section: later copies no longer share storages with earlier ones.
   void end_section() { memo_.clear(); }
   /// Ends a snapshot: pooled buffers it did not take are freed.

@@ -14,15 +14,21 @@
 #include "checkpoint_internal.h"
 #include "format.h"  // first of fmt: it sets fmt's namespace
 #include "fs.h"
+#include "host_snapshot.h"
 #include "module_state.h"
 #include "shard_impl.h"
 
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace wick {
@@ -291,20 +297,140 @@ std::vector<std::pair<std::string, torch::Tensor>> unsharded_state(const torch::
   return out;
 }
 
-}  // namespace
+// ---- saving ----
 
-void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::string& path) {
-  auto& impl = *impl_;
+// What one rank writes at a save: its parts of the parameters and of the
+// optimizer state (and, on rank 0, the module's buffers), taken at one moment.
+struct ShardContents {
+  NamedTensors tensors;
+  std::optional<bool> has_state;  // nullopt: the rank holds no parameter
+  std::vector<std::string> elementwise, scalars;
+};
+
+// `take` maps each tensor to what is written: itself (a synchronous save) or
+// a host copy (an asynchronous one).
+ShardContents collect_shard(ShardedDataParallel::Impl& impl,
+                            const std::function<torch::Tensor(const torch::Tensor&)>& take) {
   auto& opt = *impl.optimizer;
-  const int64_t rank = impl.rank(), world = impl.world();
-  const std::string kind = optimizer_kind(opt);
-  TORCH_CHECK(!kind.empty() || opt.state().empty(), kWho,
-              ": cannot checkpoint this optimizer's state by shards (SGD, Adam, AdamW, FusedAdam, "
-              "RMSprop and Adagrad can be)");
+  const int64_t rank = impl.rank();
+  ShardContents c;
+  std::lock_guard<std::mutex> lock(impl.mutex);
+  for (const auto& unit : impl.units) {
+    const int64_t begin = rank * unit.shard_numel;
+    for (const auto& piece : unit.pieces) {
+      auto it = opt.state().find(piece.tensor.unsafeGetTensorImpl());
+      std::optional<Fields> fields;
+      if (it != opt.state().end()) fields = to_fields(*it->second);
+      TORCH_CHECK(!c.has_state.has_value() || *c.has_state == fields.has_value(), kWho,
+                  ": the optimizer has state for some shards and not for others; save after "
+                  "a step, or before the first");
+      c.has_state = fields.has_value();
+      if (fields && c.elementwise.empty() && c.scalars.empty()) {
+        for (const auto& [n, t] : fields->elementwise) c.elementwise.push_back(n);
+        for (const auto& [n, t] : fields->scalars) c.scalars.push_back(n);
+      }
+      const int64_t lo = begin + piece.offset, hi = lo + piece.numel;
+      for (size_t i : unit.params) {
+        const auto& p = impl.params[i];
+        const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+        if (b <= a) continue;
+        const int64_t start = a - p.offset;  // in the parameter's elements
+        c.tensors.emplace_back(part_key("p", "param", p.name, start),
+                               take(unit.shard.narrow(0, a - begin, b - a)));
+        if (!fields) continue;
+        for (const auto& [n, t] : fields->elementwise) {
+          c.tensors.emplace_back(part_key("s", n, p.name, start),
+                                 take(t.reshape(-1).narrow(0, a - lo, b - a)));
+        }
+        for (const auto& [n, t] : fields->scalars) {
+          c.tensors.emplace_back(part_key("c", n, p.name, start), take(t));
+        }
+      }
+    }
+  }
+  if (rank == 0) {
+    for (const auto& [name, t] : unsharded_state(*impl.module)) {
+      c.tensors.emplace_back("b/" + name, take(t.detach()));
+    }
+  }
+  return c;
+}
 
-  // A staging directory beside the checkpoint (so on its file system: the
-  // checkpoint takes the files by hard links), named by rank 0 like any
-  // checkpoint temporary, so prune_checkpoints() clears it after a crash.
+// A rank's file as written: its size and CRC-32.
+struct WrittenFile {
+  int64_t size = 0;
+  uint32_t crc = 0;
+};
+
+WrittenFile write_shard(const ShardContents& c, const std::string& staging, int64_t rank,
+                        int64_t world) {
+  const std::string bytes =
+      save_safetensors_to_bytes(c.tensors, {{"wick", "sharded checkpoint"},
+                                            {"rank", std::to_string(rank)},
+                                            {"world_size", std::to_string(world)}});
+  detail::AtomicFile out(detail::join_path(staging, shard_file(rank, world)), kWho);
+  out.write(bytes.data(), bytes.size());
+  out.commit();
+  return {static_cast<int64_t>(bytes.size()),
+          static_cast<uint32_t>(std::stoul(crc32_hex(bytes.data(), bytes.size()), nullptr, 16))};
+}
+
+// Rank 0's part of a save besides its file: the manifest of the global
+// tensors and the optimizer's group options, into `checkpoint`.
+void put_manifest(ShardedDataParallel::Impl& impl, const std::string& kind, const ShardContents& c,
+                  Checkpoint& checkpoint) {
+  const int64_t world = impl.world();
+  json params = json::array();
+  for (const auto& p : impl.params) {
+    json parts = json::array();
+    const auto& unit = impl.units[p.unit];
+    for (int64_t r = 0; r < world; ++r) {
+      const int64_t lo = r * unit.shard_numel, hi = lo + unit.shard_numel;
+      const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+      if (b > a) parts.push_back({r, a - p.offset, b - a});
+    }
+    params.push_back({{"name", p.name}, {"shape", p.shape}, {"numel", p.numel}, {"parts", parts}});
+  }
+  std::vector<std::string> buffers;
+  for (const auto& [name, t] : unsharded_state(*impl.module)) buffers.push_back(name);
+  const json manifest = {{"version", kManifestVersion},
+                         {"world_size", world},
+                         {"strategy", to_string(impl.options.strategy())},
+                         {"optimizer", c.has_state.value_or(false) ? kind : ""},
+                         {"elementwise", c.elementwise},
+                         {"scalars", c.scalars},
+                         {"params", params},
+                         {"buffers", buffers}};
+  checkpoint.set_meta(kManifestKey, manifest.dump());
+  auto& opt = *impl.optimizer;
+  checkpoint.put(kGroupsSection, [&](torch::serialize::OutputArchive& archive) {
+    archive.write("count", c10::IValue(static_cast<int64_t>(opt.param_groups().size())));
+    for (size_t g = 0; g < opt.param_groups().size(); ++g) {
+      torch::serialize::OutputArchive group;
+      opt.param_groups()[g].options().serialize(group);
+      archive.write("group" + std::to_string(g), group);
+    }
+  });
+}
+
+// Rank 0: adds every rank's file to `checkpoint` and saves it at `path`.
+void commit(Checkpoint& checkpoint, const std::string& staging, const std::string& path,
+            const std::vector<WrittenFile>& files) {
+  const auto world = static_cast<int64_t>(files.size());
+  for (int64_t r = 0; r < world; ++r) {
+    checkpoint.put_file(shard_file(r, world), detail::join_path(staging, shard_file(r, world)),
+                        static_cast<uint64_t>(files[r].size),
+                        fmt::format("{:08x}", static_cast<unsigned long long>(files[r].crc)));
+  }
+  checkpoint.save(path);
+}
+
+// The staging directory of a save at `path`: beside the checkpoint (so on its
+// file system: the checkpoint takes the files by hard links), named by rank 0
+// like any checkpoint temporary, so prune_checkpoints() clears it after a
+// crash. Rank 0 creates it; collective, throws on every rank when it cannot.
+std::string make_staging(ShardedDataParallel::Impl& impl, const std::string& path) {
+  const int64_t rank = impl.rank();
   std::string target = path;
   while (target.size() > 1 && target.back() == '/') target.pop_back();
   const auto slash = target.rfind('/');
@@ -312,81 +438,132 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
   const std::string name = slash == std::string::npos ? target : target.substr(slash + 1);
   const std::string staging = detail::join_path(
       parent, broadcast_string(*impl.pg, rank == 0 ? detail::checkpoint_temp_name(name) : ""));
-
-  // 1. Every rank writes its file; every rank learns every rank's outcome.
   std::string error;
-  std::string bytes;
-  try {
-    if (rank == 0) detail::make_directories(staging, kWho);
-  } catch (const std::exception& e) {
-    error = e.what();
-  }
-  impl.pg->barrier();
-  std::optional<bool> has_state;
-  std::vector<std::string> elementwise, scalars;
-  if (error.empty()) {
+  if (rank == 0) {
     try {
-      std::lock_guard<std::mutex> lock(impl.mutex);
-      NamedTensors tensors;
-      for (const auto& unit : impl.units) {
-        const int64_t begin = rank * unit.shard_numel, end = begin + unit.shard_numel;
-        for (const auto& piece : unit.pieces) {
-          auto it = opt.state().find(piece.tensor.unsafeGetTensorImpl());
-          std::optional<Fields> fields;
-          if (it != opt.state().end()) fields = to_fields(*it->second);
-          TORCH_CHECK(!has_state.has_value() || *has_state == fields.has_value(), kWho,
-                      ": the optimizer has state for some shards and not for others; save after "
-                      "a step, or before the first");
-          has_state = fields.has_value();
-          if (fields && elementwise.empty() && scalars.empty()) {
-            for (const auto& [n, t] : fields->elementwise) elementwise.push_back(n);
-            for (const auto& [n, t] : fields->scalars) scalars.push_back(n);
-          }
-          const int64_t lo = begin + piece.offset, hi = lo + piece.numel;
-          for (size_t i : unit.params) {
-            const auto& p = impl.params[i];
-            const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
-            if (b <= a) continue;
-            const int64_t start = a - p.offset;  // in the parameter's elements
-            tensors.emplace_back(part_key("p", "param", p.name, start),
-                                 unit.shard.narrow(0, a - begin, b - a));
-            if (!fields) continue;
-            for (const auto& [n, t] : fields->elementwise) {
-              tensors.emplace_back(part_key("s", n, p.name, start),
-                                   t.reshape(-1).narrow(0, a - lo, b - a));
-            }
-            for (const auto& [n, t] : fields->scalars) {
-              tensors.emplace_back(part_key("c", n, p.name, start), t);
-            }
-          }
-          (void)end;
-        }
-      }
-      if (rank == 0) {
-        for (const auto& [name, t] : unsharded_state(*impl.module)) {
-          tensors.emplace_back("b/" + name, t.detach());
-        }
-      }
-      bytes = save_safetensors_to_bytes(tensors, {{"wick", "sharded checkpoint"},
-                                                  {"rank", std::to_string(rank)},
-                                                  {"world_size", std::to_string(world)}});
-      const std::string file = detail::join_path(staging, shard_file(rank, world));
-      detail::AtomicFile out(file, kWho);
-      out.write(bytes.data(), bytes.size());
-      out.commit();
+      detail::make_directories(staging, kWho);
     } catch (const std::exception& e) {
       error = e.what();
     }
   }
+  auto failed = torch::full({1}, error.empty() ? 0 : 1,
+                            torch::dtype(torch::kInt64).device(impl.pg->device()));
+  impl.pg->broadcast({failed}, 0);
+  if (failed.cpu().item<int64_t>() != 0) {
+    TORCH_CHECK(rank != 0, kWho, ": cannot save checkpoint '", path, "': ", error,
+                "; nothing was changed at '", path, "'");
+    TORCH_CHECK(false, kWho, ": cannot save checkpoint '", path,
+                "': rank 0 could not create its staging directory (its log says why); nothing "
+                "was changed at '",
+                path, "'");
+  }
+  return staging;
+}
+
+// Every rank's "failed" flag (0 or 1), on every rank.
+std::vector<int64_t> flags_of_all(ProcessGroup& pg, bool failed) {
+  auto table = torch::zeros({pg.world_size()}, torch::dtype(torch::kInt64).device(pg.device()));
+  table[pg.rank()].fill_(failed ? 1 : 0);
+  pg.allreduce_sum({table});
+  table = table.cpu();
+  return {table.data_ptr<int64_t>(), table.data_ptr<int64_t>() + table.numel()};
+}
+
+// An asynchronous save's status file: beside rank r's file in the staging
+// directory, written (atomically) once the file is, or failed.
+std::string status_file(int64_t rank, int64_t world) { return shard_file(rank, world) + ".status"; }
+
+void write_status(const std::string& staging, int64_t rank, int64_t world, const WrittenFile& file,
+                  const std::string& error) {
+  constexpr size_t kMaxError = 2000;  // a status file stays small, even when files are limited
+  const json status =
+      error.empty()
+          ? json{{"ok", true}, {"size", file.size}, {"crc", file.crc}}
+          : json{{"ok", false},
+                 {"error", error.size() <= kMaxError ? error : error.substr(0, kMaxError) + "..."}};
+  const std::string text = status.dump(-1, ' ', false, json::error_handler_t::replace);
+  detail::AtomicFile out(detail::join_path(staging, status_file(rank, world)), kWho);
+  out.write(text.data(), text.size());
+  out.commit();
+}
+
+// Rank 0, in the background: every rank's status file, waited for up to
+// `timeout`. Throws naming the first rank that failed or never reported.
+std::vector<WrittenFile> wait_statuses(const std::string& staging, int64_t world,
+                                       std::chrono::milliseconds timeout, const std::string& path) {
+  std::vector<std::optional<WrittenFile>> files(world);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto pause = std::chrono::microseconds(200);
+  for (int64_t pending = world; pending > 0;) {
+    pending = 0;
+    for (int64_t r = 0; r < world; ++r) {
+      if (files[r]) continue;
+      const std::string file = detail::join_path(staging, status_file(r, world));
+      std::ifstream in(file);
+      if (!in) {
+        ++pending;
+        continue;
+      }
+      json status;
+      try {
+        status = json::parse(in);
+      } catch (const json::exception& e) {
+        TORCH_CHECK(false, kWho, ": cannot save checkpoint '", path, "': rank ", r,
+                    "'s status file '", file, "' is malformed: ", e.what());
+      }
+      TORCH_CHECK(status.value("ok", false), kWho, ": cannot save checkpoint '", path, "': rank ",
+                  r, " could not write its shard: ", status.value("error", std::string("?")));
+      files[r] = WrittenFile{status.at("size").get<int64_t>(), status.at("crc").get<uint32_t>()};
+    }
+    if (pending == 0) break;
+    if (std::chrono::steady_clock::now() > deadline) {
+      for (int64_t r = 0; r < world; ++r) {
+        TORCH_CHECK(files[r].has_value(), kWho, ": cannot save checkpoint '", path, "': rank ", r,
+                    " did not report its shard written within ", timeout.count(), " ms");
+      }
+    }
+    std::this_thread::sleep_for(pause);
+    pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(20));
+  }
+  std::vector<WrittenFile> out;
+  for (auto& f : files) out.push_back(*f);
+  return out;
+}
+
+}  // namespace
+
+namespace {
+
+std::string checked_optimizer_kind(const torch::optim::Optimizer& opt) {
+  const std::string kind = optimizer_kind(opt);
+  TORCH_CHECK(!kind.empty() || opt.state().empty(), kWho,
+              ": cannot checkpoint this optimizer's state by shards (SGD, Adam, AdamW, FusedAdam, "
+              "RMSprop and Adagrad can be)");
+  return kind;
+}
+
+}  // namespace
+
+void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::string& path) {
+  auto& impl = *impl_;
+  const int64_t rank = impl.rank(), world = impl.world();
+  const std::string kind = checked_optimizer_kind(*impl.optimizer);
+  const std::string staging = make_staging(impl, path);
+
+  // 1. Every rank writes its file; every rank learns every rank's outcome.
+  std::string error;
+  ShardContents contents;
+  WrittenFile written;
+  try {
+    contents = collect_shard(impl, [](const torch::Tensor& t) { return t; });
+    written = write_shard(contents, staging, rank, world);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
   // Row r: rank r's file size, CRC-32, and 1 when it failed.
   auto table = torch::zeros({world, 3}, torch::dtype(torch::kInt64).device(impl.pg->device()));
-  {
-    auto row = torch::zeros({3}, torch::kInt64);
-    row[0] = static_cast<int64_t>(bytes.size());
-    row[1] = static_cast<int64_t>(std::stoul(crc32_hex(bytes.data(), bytes.size()), nullptr, 16));
-    row[2] = error.empty() ? 0 : 1;
-    table[rank].copy_(row);
-  }
+  table[rank].copy_(torch::tensor(
+      {written.size, static_cast<int64_t>(written.crc), int64_t{error.empty() ? 0 : 1}}));
   impl.pg->allreduce_sum({table});
   table = table.cpu();
   for (int64_t r = 0; r < world; ++r) {
@@ -400,58 +577,101 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
   }
 
   // 2. Rank 0 adds the files and the manifest, and saves atomically.
-  auto outcome = torch::zeros({1}, torch::dtype(torch::kInt64).device(impl.pg->device()));
+  bool failed = false;
   if (rank == 0) {
     try {
-      json params = json::array();
-      for (const auto& p : impl.params) {
-        json parts = json::array();
-        const auto& unit = impl.units[p.unit];
-        for (int64_t r = 0; r < world; ++r) {
-          const int64_t lo = r * unit.shard_numel, hi = lo + unit.shard_numel;
-          const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
-          if (b > a) parts.push_back({r, a - p.offset, b - a});
-        }
-        params.push_back(
-            {{"name", p.name}, {"shape", p.shape}, {"numel", p.numel}, {"parts", parts}});
-      }
-      std::vector<std::string> buffers;
-      for (const auto& [name, t] : unsharded_state(*impl.module)) buffers.push_back(name);
-      const json manifest = {{"version", kManifestVersion},
-                             {"world_size", world},
-                             {"strategy", to_string(impl.options.strategy())},
-                             {"optimizer", has_state.value_or(false) ? kind : ""},
-                             {"elementwise", elementwise},
-                             {"scalars", scalars},
-                             {"params", params},
-                             {"buffers", buffers}};
-      checkpoint.set_meta(kManifestKey, manifest.dump());
-      checkpoint.put(kGroupsSection, [&](torch::serialize::OutputArchive& archive) {
-        archive.write("count", c10::IValue(static_cast<int64_t>(opt.param_groups().size())));
-        for (size_t g = 0; g < opt.param_groups().size(); ++g) {
-          torch::serialize::OutputArchive group;
-          opt.param_groups()[g].options().serialize(group);
-          archive.write("group" + std::to_string(g), group);
-        }
-      });
+      put_manifest(impl, kind, contents, checkpoint);
+      std::vector<WrittenFile> files;
       for (int64_t r = 0; r < world; ++r) {
-        checkpoint.put_file(
-            shard_file(r, world), detail::join_path(staging, shard_file(r, world)),
-            static_cast<uint64_t>(table[r][0].item<int64_t>()),
-            fmt::format("{:08x}", static_cast<unsigned long long>(table[r][1].item<int64_t>())));
+        files.push_back(
+            {table[r][0].item<int64_t>(), static_cast<uint32_t>(table[r][1].item<int64_t>())});
       }
-      checkpoint.save(path);
+      commit(checkpoint, staging, path, files);
     } catch (const std::exception& e) {
       error = e.what();
-      outcome.fill_(1);
+      failed = true;
     }
     detail::remove_tree(staging);
   }
+  auto outcome =
+      torch::full({1}, failed ? 1 : 0, torch::dtype(torch::kInt64).device(impl.pg->device()));
   impl.pg->broadcast({outcome}, 0);
   if (outcome.cpu().item<int64_t>() != 0) {
     TORCH_CHECK(rank != 0, error);
     TORCH_CHECK(false, kWho, ": rank 0 could not save checkpoint '", path,
                 "' (its log says why); nothing was changed at '", path, "'");
+  }
+}
+
+void ShardedDataParallel::wait_checkpoint(AsyncCheckpointWriter& writer) {
+  auto& impl = *impl_;
+  std::string error;
+  try {
+    writer.wait();
+  } catch (const std::exception& e) {
+    error = detail::message_of(e);
+  }
+  const auto failed = flags_of_all(*impl.pg, !error.empty());
+  TORCH_CHECK(error.empty(), error);  // this rank's own failure says the most
+  std::string ranks;
+  for (int64_t r = 0; r < impl.world(); ++r) {
+    if (failed[r] != 0) ranks += (ranks.empty() ? "rank " : ", rank ") + std::to_string(r);
+  }
+  TORCH_CHECK(ranks.empty(), kWho, ": a background checkpoint save failed on ", ranks,
+              " (the logs there say why)");
+}
+
+void ShardedDataParallel::save_checkpoint_async(AsyncCheckpointWriter& writer,
+                                                const std::string& path,
+                                                const AsyncCheckpointWriter::Build& build,
+                                                AsyncCheckpointWriter::AfterWrite after_write) {
+  TORCH_CHECK(!path.empty(), kWho, ": save_checkpoint_async needs a path, got an empty string");
+  TORCH_CHECK(build, kWho, ": save_checkpoint_async('", path, "') needs a build function");
+  auto& impl = *impl_;
+  const int64_t rank = impl.rank(), world = impl.world();
+  const std::string kind = checked_optimizer_kind(*impl.optimizer);
+  wait_checkpoint(writer);  // the previous save: done, or raised on every rank
+  const std::string staging = make_staging(impl, path);
+  // A rank's write may outlast a collective's timeout (a big shard, a slow
+  // disk): rank 0 waits for the others' files at least 30 minutes.
+  const auto timeout =
+      std::max<std::chrono::milliseconds>(impl.pg->timeout(), std::chrono::minutes(30));
+  try {
+    writer.submit(
+        path,
+        [&](Checkpoint& checkpoint, detail::HostStaging& host) -> AsyncCheckpointWriter::Job {
+          auto contents = std::make_shared<ShardContents>(
+              collect_shard(impl, [&](const torch::Tensor& t) { return host.copy_compact(t); }));
+          if (rank == 0) {
+            build(checkpoint);
+            put_manifest(impl, kind, *contents, checkpoint);
+          }
+          return [contents, staging, path, rank, world, timeout](Checkpoint& ckpt) {
+            std::string error;
+            WrittenFile written;
+            try {
+              written = write_shard(*contents, staging, rank, world);
+            } catch (const std::exception& e) {
+              error = detail::message_of(e);
+            }
+            write_status(staging, rank, world, written, error);
+            if (!error.empty() && rank == 0) detail::remove_tree(staging);
+            TORCH_CHECK(error.empty(), kWho, ": cannot save checkpoint '", path, "': rank ", rank,
+                        " could not write its shard: ", error);
+            if (rank != 0) return;
+            try {
+              commit(ckpt, staging, path, wait_statuses(staging, world, timeout, path));
+            } catch (...) {
+              detail::remove_tree(staging);
+              throw;
+            }
+            detail::remove_tree(staging);
+          };
+        },
+        std::move(after_write));
+  } catch (...) {
+    if (rank == 0) detail::remove_tree(staging);
+    throw;
   }
 }
 

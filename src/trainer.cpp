@@ -225,6 +225,13 @@ void Trainer::save_checkpoint(const std::string& path,
     }
     for (const auto& [k, v] : meta) ckpt.set_meta(k, v);
   };
+  if (sdp_ && options_.async_checkpoint()) {
+    // Collective: every rank is here, snapshots its shards and writes them in
+    // the background; rank 0 commits them.
+    if (!checkpoint_writer_) checkpoint_writer_ = std::make_unique<AsyncCheckpointWriter>();
+    sdp_->save_checkpoint_async(*checkpoint_writer_, path, build, after_write);
+    return;
+  }
   if (sdp_) {
     // Collective: every rank is here, and writes its shards itself.
     Checkpoint ckpt;
@@ -378,10 +385,6 @@ FitResult Trainer::run_fit(Task& task, torch::optim::Optimizer& optimizer, Batch
   }
 
   if (options_.sharding().has_value()) {
-    TORCH_CHECK(!options_.async_checkpoint(),
-                "Trainer: async_checkpoint with sharding is not supported yet: a sharded save is "
-                "collective (every rank writes its shards, rank 0 commits them); checkpoint "
-                "synchronously, or train with DDP");
     // Before a resume: a sharded checkpoint restores into the shards. Also
     // in a world of one, which can resume what more ranks wrote.
     auto pg =
@@ -438,8 +441,15 @@ FitResult Trainer::run_fit(Task& task, torch::optim::Optimizer& optimizer, Batch
   }
   if (stop_reason_.empty()) stop_reason_ = "max_epochs";
   each_callback([&](Callback& cb) { cb.on_fit_end(*this); });
-  // fit returns once the last checkpoint is on disk, or raises why it is not.
-  if (checkpoint_writer_) checkpoint_writer_->wait();
+  // fit returns once the last checkpoint is on disk, or raises why it is not
+  // (sharded: on every rank, whichever rank's write failed).
+  if (checkpoint_writer_) {
+    if (sdp_) {
+      sdp_->wait_checkpoint(*checkpoint_writer_);
+    } else {
+      checkpoint_writer_->wait();
+    }
+  }
 
   FitResult result;
   result.state = state_;
@@ -543,8 +553,9 @@ void Trainer::run_epoch(BatchSource& train, BatchSource* val) {
 }
 
 void Trainer::optimizer_step() {
-  // A background checkpoint write that failed stops training here.
-  if (checkpoint_writer_) checkpoint_writer_->check();
+  // A background checkpoint write that failed stops training here. Sharded:
+  // at the next save or fit's end, where every rank raises it together.
+  if (checkpoint_writer_ && !sdp_) checkpoint_writer_->check();
   if (scaler_ && options_.grad_clip_norm() > 0.0) scaler_->unscale_(*optimizer_);
   if (options_.grad_clip_norm() > 0.0) {
     last_grad_norm_ = sdp_ ? sdp_->clip_grad_norm_(options_.grad_clip_norm())

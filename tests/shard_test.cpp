@@ -13,17 +13,23 @@
 #include "multiprocess.h"
 #include "support.h"
 
+#include <sys/resource.h>
+
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -694,7 +700,7 @@ TEST(TrainerShardingTest, EveryStrategyMatchesDdp) {
 // it ends with to `out`.
 void sharded_fit(ShardingStrategy strategy, const std::string& ckpt_dir, int64_t max_steps,
                  const std::string& resume, const std::string& out, int64_t batch = 0,
-                 int64_t expected_steps = 16) {
+                 int64_t expected_steps = 16, bool async_checkpoint = false) {
   auto pg = child_group();
   const int64_t world = pg->world_size();
   torch::manual_seed(7);
@@ -717,6 +723,7 @@ void sharded_fit(ShardingStrategy strategy, const std::string& ckpt_dir, int64_t
                             .process_group(pg)
                             .checkpoint_dir(ckpt_dir)
                             .checkpoint_every_n_steps(4)
+                            .async_checkpoint(async_checkpoint)
                             .resume(resume)
                             .sharding(sharding(strategy, model)));
   wick::FitResult result;
@@ -745,12 +752,13 @@ struct Phase {
   std::string resume, out;
   int64_t batch = 0;  // per rank; 0: 12 / world
   int64_t expected_steps = 16;
+  bool async_checkpoint = false;  // TrainerOptions::async_checkpoint
 };
 
 ::testing::AssertionResult run_phase(const std::string& dir, const Phase& p) {
   ::setenv("WICK_SHARD_PHASE",
            c10::str(wick::to_string(p.strategy), ";", p.max_steps, ";", p.resume, ";", p.out, ";",
-                    p.batch, ";", p.expected_steps)
+                    p.batch, ";", p.expected_steps, ";", p.async_checkpoint ? 1 : 0)
                .c_str(),
            1);
   return run_ranks(p.world, dir, /*timeout_s=*/240);
@@ -761,26 +769,32 @@ void run_child_phase(const std::string& dir) {
   std::vector<std::string> f;
   std::stringstream in(spec);
   for (std::string item; std::getline(in, item, ';');) f.push_back(item);
-  f.resize(6);
+  f.resize(7);
   sharded_fit(wick::parse_sharding_strategy(f[0]), dir + "/ckpt", std::stoll(f[1]), f[2],
-              dir + "/" + f[3], std::stoll(f[4]), std::stoll(f[5]));
+              dir + "/" + f[3], std::stoll(f[4]), std::stoll(f[5]), f[6] == "1");
 }
 
 // Stopped at step 6 and resumed from the step-4 checkpoint's successor
 // (step 8 is written after the resume): the same world size gives the
-// uninterrupted run's parameters bit for bit.
+// uninterrupted run's parameters bit for bit, with synchronous checkpoints
+// and (ZeRO-2, full sharding) with asynchronous ones.
 TEST(TrainerShardingTest, ResumeIsBitIdentical) {
   if (is_rank_child()) return run_child_phase(child_dir());
   for (auto s : {ShardingStrategy::kZero1, ShardingStrategy::kZero2, ShardingStrategy::kFull}) {
-    TempDir straight, split;
+    TempDir straight;
     ASSERT_TRUE(run_phase(straight.str(), {2, s, -1, "", "params.pt"}));
-    ASSERT_TRUE(run_phase(split.str(), {2, s, 6, "", "first.pt"}));
-    ASSERT_TRUE(run_phase(split.str(), {2, s, -1, "latest", "params.pt"}));
     const auto a = load_params(straight.str() + "/params.pt");
-    const auto b = load_params(split.str() + "/params.pt");
-    ASSERT_EQ(a.size(), b.size());
-    for (size_t i = 0; i < a.size(); ++i) {
-      EXPECT_TRUE(torch::equal(a[i], b[i])) << wick::to_string(s) << ": parameter " << i;
+    for (bool async : {false, true}) {
+      if (async && s == ShardingStrategy::kZero1) continue;  // zero2's save path
+      TempDir split;
+      ASSERT_TRUE(run_phase(split.str(), {2, s, 6, "", "first.pt", 0, 16, async}));
+      ASSERT_TRUE(run_phase(split.str(), {2, s, -1, "latest", "params.pt", 0, 16, async}));
+      const auto b = load_params(split.str() + "/params.pt");
+      ASSERT_EQ(a.size(), b.size());
+      for (size_t i = 0; i < a.size(); ++i) {
+        EXPECT_TRUE(torch::equal(a[i], b[i]))
+            << wick::to_string(s) << (async ? " async" : "") << ": parameter " << i;
+      }
     }
   }
 }
@@ -796,18 +810,21 @@ TEST(TrainerShardingTest, ResumesOnAnotherWorldSizeAndStrategy) {
   struct Change {
     int from, to;
     ShardingStrategy before, after;
+    bool async_checkpoint;  // the first run's checkpoints
   };
-  for (const auto& c : {Change{2, 3, ShardingStrategy::kFull, ShardingStrategy::kFull},
-                        Change{3, 1, ShardingStrategy::kZero2, ShardingStrategy::kZero2},
-                        Change{1, 2, ShardingStrategy::kZero1, ShardingStrategy::kFull}}) {
+  for (const auto& c : {Change{2, 3, ShardingStrategy::kFull, ShardingStrategy::kFull, true},
+                        Change{3, 1, ShardingStrategy::kZero2, ShardingStrategy::kZero2, false},
+                        Change{1, 2, ShardingStrategy::kZero1, ShardingStrategy::kFull, false}}) {
     TempDir dir;
     // Step 6 of 8 in the first epoch: the resume continues mid-epoch.
-    ASSERT_TRUE(run_phase(dir.str(), {c.from, c.before, 6, "", "first.pt"}));
+    ASSERT_TRUE(
+        run_phase(dir.str(), {c.from, c.before, 6, "", "first.pt", 0, 16, c.async_checkpoint}));
     ASSERT_TRUE(run_phase(dir.str(), {c.to, c.after, -1, "latest", "params.pt"}));
     const double diff = max_relative_difference(load_params(dir.str() + "/params.pt"), expected);
     EXPECT_LE(diff, 1e-5) << c.from << " -> " << c.to << " ranks";
     std::cout << "resumed on " << c.to << " ranks (" << wick::to_string(c.after) << ") from "
               << c.from << " (" << wick::to_string(c.before)
+              << (c.async_checkpoint ? ", async checkpoints" : "")
               << "): max relative difference to the 2-rank run " << diff << "\n";
   }
 }
@@ -850,10 +867,177 @@ TEST(TrainerShardingTest, ConsolidatesToOneSafetensorsFile) {
   const auto trained = load_params(dir.str() + "/params.pt");
   EXPECT_LE(max_relative_difference(wick::testing::clone_parameters(*model), trained), 0.0);
 }
+// One training step of `model` under `sdp` on the global batch of `step`.
+void sdp_step(wick::ShardedDataParallel& sdp, Model& model, torch::optim::Optimizer& opt,
+              int64_t step) {
+  const auto& pg = sdp.process_group();
+  auto b = batch_of(step, pg->rank(), pg->world_size());
+  sdp.prepare_forward();
+  torch::mse_loss(model->forward(b.x), b.y).backward();
+  sdp.finalize_backward();
+  opt.step();
+  opt.zero_grad();
+}
+
+std::string file_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// An asynchronous sharded save on 3 ranks writes the files a synchronous save
+// of the same moment writes, byte for byte, though training changes every
+// shard while the background write runs; each strategy. A rank's host copy
+// is its own shards and optimizer state only.
+TEST(ShardingTest, AsyncSaveWritesTheFilesOfItsMoment) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    ASSERT_TRUE(run_ranks(3, dir.str(), /*timeout_s=*/240));
+    return;
+  }
+  auto pg = child_group();
+  const std::string dir = child_dir();
+  for (auto s : {ShardingStrategy::kZero1, ShardingStrategy::kZero2, ShardingStrategy::kFull}) {
+    const std::string name = wick::to_string(s);
+    auto model = make_model(0, 4);
+    auto opt = adam(model->parameters());
+    wick::ShardedDataParallel sdp(model.ptr(), pg, *opt, sharding(s, model));
+    for (int64_t i = 0; i < 3; ++i) sdp_step(sdp, model, *opt, i);
+    wick::Checkpoint sync_ckpt;
+    sync_ckpt.set_train_state({3, 0, 0, 0});
+    sdp.save_checkpoint(sync_ckpt, dir + "/sync-" + name);
+    wick::AsyncCheckpointWriter writer;
+    bool built = false;
+    sdp.save_checkpoint_async(writer, dir + "/async-" + name, [&](wick::Checkpoint& c) {
+      built = true;
+      c.set_train_state({3, 0, 0, 0});
+    });
+    EXPECT_EQ(built, pg->rank() == 0) << "build runs on rank 0 only";
+    for (int64_t i = 3; i < 6; ++i) sdp_step(sdp, model, *opt, i);  // meanwhile
+    sdp.wait_checkpoint(writer);
+    const auto stats = writer.stats();
+    EXPECT_EQ(stats.saves_completed, 1) << name;
+    // Parameters, exp_avg and exp_avg_sq of this rank's shard (fp32), a step
+    // per part: a third of the model's state, not all of it.
+    int64_t shard_numel = 0;
+    for (const auto& t : sdp.sharded_parameters()) shard_numel += t.numel();
+    int64_t total = 0;  // (full sharding holds none of the module's parameters at rest)
+    for (const auto& p : make_model(0, 4)->parameters()) total += p.numel();
+    EXPECT_LE(stats.last_snapshot_bytes, 12 * shard_numel + 8 * 64) << name;
+    EXPECT_LE(stats.last_snapshot_bytes, 12 * total / 3 + 12 * 3 + 8 * 64) << name;
+    EXPECT_GE(stats.last_snapshot_bytes, 12 * (total / 3 - 3)) << name;
+    if (pg->rank() == 0) {
+      const auto a = wick::Checkpoint::load(dir + "/sync-" + name);
+      const auto b = wick::Checkpoint::load(dir + "/async-" + name);
+      EXPECT_EQ(a.meta("sharding"), b.meta("sharding")) << name;
+      for (int r = 0; r < 3; ++r) {
+        const std::string file = "shard-0000" + std::to_string(r) + "-of-00003";
+        ASSERT_TRUE(b.has_file(file)) << name;
+        EXPECT_EQ(file_bytes(a.file_path(file)), file_bytes(b.file_path(file)))
+            << name << ": " << file;
+      }
+      for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+        EXPECT_EQ(entry.path().filename().string().find(".tmp-"), std::string::npos)
+            << "left behind: " << entry.path();
+      }
+    }
+    pg->barrier();  // rank 0 has read them
+  }
+}
+
+// A rank whose background write fails (its file size limit, RLIMIT_FSIZE,
+// below its shard's size) fails the save on every rank, naming the rank:
+// raised by the next save_checkpoint_async (which then starts nothing) and by
+// wait_checkpoint; training goes on meanwhile; the previous checkpoint stays
+// the newest, no staging directory is left, and the writer works again.
+TEST(ShardingFaultTest, FailedBackgroundWriteIsRaisedOnEveryRank) {
+  if (!is_rank_child()) {
+    TempDir dir;
+    EXPECT_TRUE(run_ranks(2, dir.str(), /*timeout_s=*/240));
+    std::cout << wick::testing::read_text(dir.str() + "/errors.txt");
+    return;
+  }
+  auto pg = child_group();
+  const int64_t rank = pg->rank();
+  const std::string ckpt = child_dir() + "/ckpt";
+  auto model = make_model(0, 12);  // 3 200 parameters: 19 KB of state per rank
+  auto opt = adam(model->parameters());
+  wick::ShardedDataParallel sdp(model.ptr(), pg, *opt, sharding(ShardingStrategy::kZero2, model));
+  wick::AsyncCheckpointWriter writer;
+  int64_t step = 0;
+  auto save = [&] {
+    sdp.save_checkpoint_async(writer, ckpt + "/" + wick::checkpoint_name(step),
+                              [&](wick::Checkpoint& c) { c.set_train_state({step, 0, 0, 0}); });
+  };
+  // Rank 1 cannot write a file past 8 KiB while its background write runs.
+  struct rlimit unlimited {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &unlimited), 0);
+  auto save_failing_on_rank_1 = [&] {
+    if (rank == 1) {
+      ::signal(SIGXFSZ, SIG_IGN);  // write() fails with EFBIG instead
+      struct rlimit small = unlimited;
+      small.rlim_cur = 8192;
+      ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+    }
+    save();
+    if (rank == 1) {
+      while (writer.in_flight()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &unlimited), 0);
+    }
+  };
+  sdp_step(sdp, model, *opt, step++);
+  save();  // step 1: fine
+  sdp.wait_checkpoint(writer);
+  std::ostringstream errors;
+  // Raised by the next save.
+  sdp_step(sdp, model, *opt, step++);
+  save_failing_on_rank_1();  // step 2
+  sdp_step(sdp, model, *opt, step++);
+  try {
+    save();  // step 3: raises step 2's failure, starts nothing
+    ADD_FAILURE() << "the next save did not raise the failed background write";
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    EXPECT_THAT(msg, ::testing::HasSubstr("rank 1"));
+    if (rank == 1) EXPECT_THAT(msg, ::testing::HasSubstr("File too large"));
+    errors << "rank " << rank << ", raised by the next save: " << msg << "\n";
+  }
+  EXPECT_FALSE(writer.in_flight());
+  // Raised by wait_checkpoint.
+  sdp_step(sdp, model, *opt, step++);
+  save_failing_on_rank_1();  // step 4
+  try {
+    sdp.wait_checkpoint(writer);
+    ADD_FAILURE() << "wait_checkpoint did not raise the failed background write";
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    EXPECT_THAT(msg, ::testing::HasSubstr("rank 1"));
+    errors << "rank " << rank << ", raised by wait_checkpoint: " << msg << "\n";
+  }
+  // The writer works again.
+  sdp_step(sdp, model, *opt, step++);
+  save();  // step 5
+  sdp.wait_checkpoint(writer);
+  if (rank == 0) {
+    const auto latest = wick::latest_checkpoint(ckpt);
+    ASSERT_TRUE(latest.has_value());
+    EXPECT_EQ(wick::Checkpoint::load(*latest).train_state().step, 5);
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator(ckpt)) {
+      names.push_back(entry.path().filename().string());
+    }
+    std::sort(names.begin(), names.end());
+    EXPECT_THAT(names, ::testing::ElementsAre(wick::checkpoint_name(1), wick::checkpoint_name(5)));
+  }
+  std::cout << errors.str();
+  std::ofstream(child_dir() + "/errors.txt", std::ios::app) << errors.str();
+}
+
 // Both ranks of a sharded run that checkpoints every step (12 MiB of shards
 // per rank and save) are SIGKILLed 20 times at random moments once it
 // trains (uniform over its next few steps), many inside a save; each time
-// the run resumes from the newest checkpoint. After every
+// the run resumes from the newest checkpoint. Every other run saves
+// asynchronously (TrainerOptions::async_checkpoint: the ranks' background
+// writes and rank 0's commit run while training goes on). After every
 // kill the newest complete checkpoint loads and every rank's file in it
 // passes its size and CRC-32 check; in the end the run completes and no
 // staging or temporary directory is left behind.
@@ -892,6 +1076,7 @@ TEST(ShardingFaultTest, SigkillDuringShardedSavesKeepsTheLastCheckpoint) {
             .checkpoint_dir(dir)
             .checkpoint_every_n_steps(1)
             .keep_last_k(2)
+            .async_checkpoint(std::string(std::getenv("WICK_SHARD_ASYNC")) == "1")
             .resume(wick::latest_checkpoint(dir) ? "latest" : "")
             .sharding(wick::ShardingOptions().strategy(ShardingStrategy::kFull).units(units)));
     // Rank 0 says when it trains: the kills aim at the steps, not the start.
@@ -912,10 +1097,12 @@ TEST(ShardingFaultTest, SigkillDuringShardedSavesKeepsTheLastCheckpoint) {
   const std::string ckpt = dir.str() + "/ckpt";
   std::mt19937 gen(12345);
   std::uniform_int_distribution<int> delay_ms(0, 400);
-  int kills = 0, resumed_from_new = 0, in_save = 0;
+  int kills = 0, resumed_from_new = 0, in_save = 0, in_async_save = 0;
   int64_t last_step = -1;
   bool completed = false;
   while (!completed) {
+    const bool async = kills % 2 == 1;
+    ::setenv("WICK_SHARD_ASYNC", async ? "1" : "0", 1);
     const std::string started = dir.str() + "/started";
     std::filesystem::remove(started);
     const auto delay = std::chrono::milliseconds(delay_ms(gen));
@@ -937,6 +1124,7 @@ TEST(ShardingFaultTest, SigkillDuringShardedSavesKeepsTheLastCheckpoint) {
         for (const auto& entry : std::filesystem::directory_iterator(ckpt)) {
           if (entry.path().filename().string().find(".tmp-") != std::string::npos) {
             ++in_save;
+            if (async) ++in_async_save;
             break;
           }
         }
@@ -963,8 +1151,11 @@ TEST(ShardingFaultTest, SigkillDuringShardedSavesKeepsTheLastCheckpoint) {
     EXPECT_EQ(name.find(".tmp-"), std::string::npos) << "left behind: " << name;
   }
   EXPECT_GE(in_save, 5) << "too few kills landed inside a save";
-  std::cout << kills << " kills, " << in_save << " inside a save; the newest checkpoint advanced "
-            << resumed_from_new << " times; the run completed at step " << last_step << "\n";
+  EXPECT_GE(in_async_save, 2) << "too few kills landed inside an asynchronous save";
+  std::cout << kills << " kills (10 of runs saving asynchronously), " << in_save
+            << " inside a save (" << in_async_save
+            << " asynchronous); the newest checkpoint advanced " << resumed_from_new
+            << " times; the run completed at step " << last_step << "\n";
 }
 
 }  // namespace

@@ -115,6 +115,17 @@ class AsyncCheckpointWriter {
   AsyncCheckpointStats stats() const;
 
  private:
+  friend class ShardedDataParallel;  // ShardedDataParallel::save_checkpoint_async
+  /// The background part of a save, given the snapshot's checkpoint.
+  using Job = std::function<void(Checkpoint&)>;
+  /// Runs on the caller's thread with an empty host-snapshot checkpoint and
+  /// the writer's host staging (for host copies of other tensors); returns
+  /// the background job.
+  using Snapshot = std::function<Job(Checkpoint&, detail::HostStaging&)>;
+  /// save()'s general form: as save(), with `snapshot` for build and its
+  /// job for Checkpoint::save(path). `path` names the save in stats and errors.
+  void submit(const std::string& path, const Snapshot& snapshot, AfterWrite after_write);
+
   struct State;
   std::unique_ptr<State> state_;
 };

@@ -38,6 +38,8 @@
 // Without a ShardedDataParallel over the model, unit_call just calls, so the
 // same model code trains unsharded too.
 
+#include <wick/async_checkpoint.h>
+
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -183,6 +185,33 @@ class ShardedDataParallel {
   /// every rank, naming the rank. The optimizer must be SGD, Adam, AdamW,
   /// FusedAdam, RMSprop or Adagrad (their state is elementwise).
   void save_checkpoint(Checkpoint& checkpoint, const std::string& path);
+  /// save_checkpoint in the background (every rank calls it, with the same
+  /// `path` and each rank's own writer): the caller blocks for the host
+  /// copies of its shards (device -> host for GPU state) and, on rank 0,
+  /// for build(checkpoint) on a Checkpoint::host_snapshot() (the sections
+  /// and train state of save_checkpoint's `checkpoint`; build runs on rank 0
+  /// only). Then on each rank's writer thread: the rank writes its file and
+  /// a status file beside it, and rank 0 waits for every rank's status (up
+  /// to the process group's timeout), adds the files and the manifest and
+  /// saves atomically, as save_checkpoint does; `after_write` runs on each
+  /// rank once its part is done (on rank 0: once the checkpoint is in
+  /// place). No collective runs in the background: the process group stays
+  /// the training loop's.
+  ///
+  /// At most one save is in flight per writer. A failed background save is
+  /// raised on every rank, naming the failing rank, by the next
+  /// save_checkpoint_async or wait_checkpoint, which agree on it
+  /// collectively (a rank alone raising at another step would leave the
+  /// others waiting in their next collective). Memory: a host copy of this
+  /// rank's shards and optimizer state while a save is in flight (kept for
+  /// the next save with the writer's reuse_host_buffers).
+  void save_checkpoint_async(AsyncCheckpointWriter& writer, const std::string& path,
+                             const AsyncCheckpointWriter::Build& build,
+                             AsyncCheckpointWriter::AfterWrite after_write = {});
+  /// Waits for `writer`'s save in flight on every rank and raises a failed
+  /// one on every rank (see save_checkpoint_async). Every rank must call it,
+  /// e.g. at the end of training: then the last checkpoint is in place.
+  void wait_checkpoint(AsyncCheckpointWriter& writer);
   /// Restores the shards, the optimizer's state and group options, the
   /// buffers and frozen parameters from a checkpoint written by
   /// save_checkpoint with any world size and strategy: each rank reads only

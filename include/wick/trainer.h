@@ -188,7 +188,12 @@ struct TrainerOptions {
   /// A failed background write is raised at the next optimizer step or at the
   /// end of fit, and fit returns only once the last checkpoint is on disk.
   /// Costs one host copy of the model and optimizer state during fit. Under a
-  /// process group only rank 0 writes, as with synchronous checkpoints.
+  /// process group only rank 0 writes, as with synchronous checkpoints. With
+  /// sharding(), every rank copies and writes its own shards in the background
+  /// and rank 0 commits them (ShardedDataParallel::save_checkpoint_async); a
+  /// failed write is then raised on every rank at the next checkpoint or at
+  /// the end of fit (not at the next step: the ranks must raise it together),
+  /// and each rank holds a host copy of its shards only.
   /// Default false.
   TORCH_ARG(bool, async_checkpoint) = false;
   /// "" starts fresh; "latest" resumes from the newest checkpoint in
