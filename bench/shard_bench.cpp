@@ -389,8 +389,8 @@ void run_rank_child(const ShardBenchOptions& o) {
 }
 
 // The child of the sharded checkpoint case: full sharding of `layers`
-// Linear(side, side) units (5 x 2048 x 2048 = 21M parameters: 252 MB of
-// parameters and Adam state in all, 126 MB per rank; --quick: 2 x 256 x 256),
+// Linear(side, side) units (5 x 2048 x 2048 = 21M parameters: 240 MiB of
+// parameters and Adam state in all, 120 MiB per rank; --quick: 2 x 256 x 256),
 // one step taken so the optimizer has state. Each round saves once with
 // ShardedDataParallel::save_checkpoint and once with save_checkpoint_async
 // (a training step runs while the background write does, then
@@ -991,7 +991,7 @@ void add_shard_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
                 "ranks take after their run, every round");
   sub->add_flag("--no-sharded-checkpoint", o->no_sharded_checkpoint,
                 "skip the sharded checkpoint case (save_checkpoint_async against "
-                "save_checkpoint, 2 ranks, 252 MB of state)");
+                "save_checkpoint, 2 ranks, 240 MiB of state)");
   sub->add_option("--timeout", o->timeout_s,
                   "seconds a run's processes may take before they are killed")
       ->capture_default_str();
