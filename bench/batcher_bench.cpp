@@ -415,6 +415,7 @@ struct OverloadRun {
   int64_t answered_twice = 0, answered_but_refused = 0, accepted_unanswered = 0;
   double p50_ms = 0, p99_ms = 0, max_ms = 0;
   double rss_start_mb = 0, rss_quarter_mb = 0, rss_peak_mb = 0, rss_end_mb = 0;
+  double cpu_cores = 0;  // the process's CPU time over the level's wall time
   double mean_batch = 0;
 };
 
@@ -513,6 +514,7 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
   wick::BatcherStats st;
   {
     wick::TensorBatcher batcher(session.batch_fn(), overload_options(o));
+    const Stopwatch watch;
     const auto start = Clock::now() + std::chrono::milliseconds(20);
     ctx.start = start;
     const auto end =
@@ -574,6 +576,7 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
     }
     for (auto& t : load) t.join();
     elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    r.cpu_cores = watch.cpu_s() / watch.wall_s();
     batcher.shutdown();  // drains: every accepted request is answered before this returns
     st = batcher.stats();
     for (int t = 0; t < threads; ++t) {
@@ -641,6 +644,7 @@ Json overload_line(const std::string& model, const OverloadRun& r, double capaci
   j["served_max_ms"] = r.max_ms;
   j["p99_bound_ms"] = bound_ms;
   j["mean_batch"] = r.mean_batch;
+  j["process_cpu_cores"] = r.cpu_cores;
   j["rss_start_mb"] = r.rss_start_mb;
   j["rss_quarter_mb"] = r.rss_quarter_mb;
   j["rss_peak_mb"] = r.rss_peak_mb;
