@@ -6,12 +6,16 @@
 // warmed up): the Fashion-MNIST CNN of examples/fmnist (conv32-conv64-fc128-
 // fc10) and the MLP 784-512-256-10, with seeded random weights, on random
 // 1x28x28 images. For each model, these cases:
-//   batched    `clients` threads, each sending `requests` images one at a time
-//              (try_submit, wait for the answer its callback posts, send the
-//              next) through a TensorBatcher(max_batch_size, max_delay); the
-//              batcher's breakdown says where a request's time went;
-//   batched_future  the same with submit() and std::future::get();
-//   unbatched  the same clients (futures) with max_batch_size 1;
+//   batched    `clients` clients, each sending `requests` images one at a time
+//              (try_submit, wait for the answer, send the next), driven by
+//              --client-threads threads (4) as an RPC server's I/O threads
+//              would: a thread sleeps until the after_batch hook posts it once
+//              per batch (a batch-level promise), through a
+//              TensorBatcher(max_batch_size, preferred_batch_size, max_delay);
+//              the batcher's breakdown says where a request's time went;
+//   batched_thread_per_client  the same with a thread per client;
+//   batched_future  a thread per client with submit() and std::future::get();
+//   unbatched  a thread per client (futures) with max_batch_size 1;
 //   ceiling    the same session on pre-formed batches of max_batch_size (what
 //              the model can do when batching costs nothing);
 //   ceiling_1  the same on batches of one: ceiling / ceiling_1 is what batching
@@ -42,17 +46,13 @@
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
-#include <linux/futex.h>
 #include <semaphore.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include <wick/meters.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <future>
@@ -75,7 +75,8 @@ struct BatcherBenchOptions {
   int64_t requests = 100;  // per client
   int64_t max_batch = 64;
   int64_t max_delay_us = 2000;
-  int64_t preferred_batch = -1;  // -1: max_batch / 2
+  int64_t preferred_batch = 0;  // -1: max_batch / 2
+  int client_threads = 4;       // the threads the batched case's clients run on
   int64_t workers = 1;
   bool wait_when_busy = false;
   int repeats = 3;
@@ -126,45 +127,39 @@ struct ServeRun {
   wick::BatcherBreakdown breakdown;
 };
 
-// How a client waits for its answer:
-//   kBatchWake  try_submit; the callback marks the client's slot, and the
-//               batcher's after_batch hook wakes every sleeping client with one
-//               futex call per batch (a batch-level promise);
-//   kCallback   try_submit; the callback posts the client's own semaphore (a
-//               wake-up call per request);
+// How a client sends and waits:
+//   kTrySubmit  try_submit; the answer's callback posts the semaphore of the
+//               client's thread (no future, no allocation);
 //   kFuture     submit() and std::future::get().
-enum class ClientApi { kBatchWake, kCallback, kFuture };
+enum class ClientApi { kTrySubmit, kFuture };
 
-// The futex word the kBatchWake clients sleep on.
-struct BatchWake {
-  std::atomic<int32_t> epoch{0};
-  void wake_all() {
-    epoch.fetch_add(1, std::memory_order_release);
-    syscall(SYS_futex, &epoch, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
-  }
-  void wait_for(const std::atomic<bool>& ready) {
-    while (!ready.load(std::memory_order_acquire)) {
-      const int32_t e = epoch.load(std::memory_order_acquire);
-      if (ready.load(std::memory_order_acquire)) break;
-      syscall(SYS_futex, &epoch, FUTEX_WAIT_PRIVATE, e, nullptr, nullptr, 0);
-    }
-  }
-};
-
-// What a client thread of the callback case waits on: the answer's callback
-// stores the result and posts the semaphore (no future, no allocation).
-struct Slot {
-  sem_t ready{};
-  std::atomic<bool> done{false};  // kBatchWake
-  torch::Tensor y;
-  bool ok = false;
-  Slot() { sem_init(&ready, 0, 0); }
-  ~Slot() { sem_destroy(&ready); }
-  Slot(const Slot&) = delete;
-  Slot& operator=(const Slot&) = delete;
+// A client thread of the kTrySubmit case: it drives one or more clients
+// (--client-threads), each with one request in flight. An answer's callback
+// stores it in the client's slot and marks the thread; the batcher's
+// after_batch hook then posts each marked thread's semaphore once: a thread
+// is woken once per batch, after the batch's answers are all in (a
+// batch-level promise), not once per answer in the middle of them.
+struct ClientThread {
+  struct Slot {
+    std::atomic<bool> done{false};
+    torch::Tensor y;
+    bool ok = false;
+    int64_t request = -1;
+    Clock::time_point sent;
+  };
+  sem_t answered{};
+  std::atomic<bool> marked{false};
+  std::vector<Slot> slots;
+  explicit ClientThread(size_t clients) : slots(clients) { sem_init(&answered, 0, 0); }
+  ~ClientThread() { sem_destroy(&answered); }
+  ClientThread(const ClientThread&) = delete;
+  ClientThread& operator=(const ClientThread&) = delete;
   void wait() {
-    while (sem_wait(&ready) != 0 && errno == EINTR) {
+    while (sem_wait(&answered) != 0 && errno == EINTR) {
     }
+  }
+  void wake_if_marked() {
+    if (marked.exchange(false, std::memory_order_acq_rel)) sem_post(&answered);
   }
 };
 
@@ -174,8 +169,13 @@ struct Slot {
 // the clock starts, so the clients' own tensor work is not counted.
 ServeRun run_serving(const wick::InferenceSession& session, const torch::Tensor& images,
                      const torch::Tensor& expected, const BatcherBenchOptions& o, int64_t max_batch,
-                     ClientApi api) {
-  BatchWake wake;
+                     ClientApi api, int threads) {
+  threads = std::max(1, std::min(threads, o.clients));
+  std::vector<std::unique_ptr<ClientThread>> client_threads;
+  for (int t = 0; api == ClientApi::kTrySubmit && t < threads; ++t) {
+    client_threads.push_back(std::make_unique<ClientThread>(
+        static_cast<size_t>((o.clients - t + threads - 1) / threads)));
+  }
   auto options = wick::BatcherOptions()
                      .max_batch_size(max_batch)
                      .preferred_batch_size(std::min(max_batch, preferred_batch(o)))
@@ -183,66 +183,93 @@ ServeRun run_serving(const wick::InferenceSession& session, const torch::Tensor&
                      .run_waiting_when_busy(!o.wait_when_busy)
                      .num_workers(o.workers)
                      .max_queue_size(std::max<int64_t>(1024, o.clients));
-  if (api == ClientApi::kBatchWake) options.after_batch([&wake](int64_t) { wake.wake_all(); });
+  if (api == ClientApi::kTrySubmit) {
+    options.after_batch([&client_threads](int64_t) {
+      for (auto& t : client_threads) t->wake_if_marked();
+    });
+  }
   wick::TensorBatcher batcher(session.batch_fn(), options);
   const int64_t n = images.size(0);
   const std::vector<torch::Tensor> requests = images.unbind(0);
   std::vector<torch::Tensor> answers(static_cast<size_t>(n));
-  std::vector<std::vector<double>> lat(static_cast<size_t>(o.clients));
-  std::vector<std::unique_ptr<Slot>> slots;
-  for (int c = 0; c < o.clients; ++c) slots.push_back(std::make_unique<Slot>());
+  // Client c sends requests c, c + clients, ..., one at a time; client thread
+  // t drives clients t, t + threads, ...
+  std::vector<std::vector<double>> lat(static_cast<size_t>(threads));
   std::atomic<int64_t> wrong{0};
   const auto t0 = Clock::now();
-  std::vector<std::thread> clients;
-  for (int c = 0; c < o.clients; ++c) {
-    clients.emplace_back([&, c] {
-      auto& l = lat[static_cast<size_t>(c)];
-      Slot* slot = slots[static_cast<size_t>(c)].get();
-      l.reserve(static_cast<size_t>(o.requests));
-      for (int64_t i = c; i < n; i += o.clients) {
-        const auto sent = Clock::now();
-        if (api == ClientApi::kFuture) {
-          try {
-            answers[static_cast<size_t>(i)] =
-                batcher.submit(requests[static_cast<size_t>(i)]).get();
-          } catch (...) {
-            ++wrong;
-            continue;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      auto& l = lat[static_cast<size_t>(t)];
+      std::vector<int> mine;
+      for (int c = t; c < o.clients; c += threads) mine.push_back(c);
+      if (api == ClientApi::kFuture) {  // one client per thread here
+        for (int c : mine) {
+          for (int64_t i = c; i < n; i += o.clients) {
+            const auto sent = Clock::now();
+            try {
+              answers[static_cast<size_t>(i)] =
+                  batcher.submit(requests[static_cast<size_t>(i)]).get();
+            } catch (...) {
+              ++wrong;
+              continue;
+            }
+            l.push_back(std::chrono::duration<double, std::milli>(Clock::now() - sent).count());
           }
-        } else {
-          torch::Tensor x = requests[static_cast<size_t>(i)];
-          const bool batch_wake = api == ClientApi::kBatchWake;
-          slot->done.store(false, std::memory_order_relaxed);
-          const auto a = batcher.try_submit(
-              std::move(x), [slot, batch_wake](wick::BatcherAnswer<torch::Tensor> r) {
-                slot->ok = r.ok();
-                if (slot->ok) slot->y = std::move(r).value();
-                if (batch_wake) {
-                  slot->done.store(true, std::memory_order_release);  // after_batch wakes
-                } else {
-                  sem_post(&slot->ready);
-                }
-              });
-          if (a != wick::Admission::kAccepted) {
-            ++wrong;
-            continue;
-          }
-          if (batch_wake) {
-            wake.wait_for(slot->done);
-          } else {
-            slot->wait();
-          }
-          if (!slot->ok) {
-            ++wrong;
-            continue;
-          }
-          answers[static_cast<size_t>(i)] = std::move(slot->y);
         }
-        l.push_back(std::chrono::duration<double, std::milli>(Clock::now() - sent).count());
+        return;
+      }
+      ClientThread& me = *client_threads[static_cast<size_t>(t)];
+      auto send = [&](size_t k, int64_t i) {
+        auto& slot = me.slots[k];
+        slot.done.store(false, std::memory_order_relaxed);
+        slot.request = i;
+        slot.sent = Clock::now();
+        torch::Tensor x = requests[static_cast<size_t>(i)];
+        auto* s = &slot;
+        auto* thread = &me;
+        const auto a =
+            batcher.try_submit(std::move(x), [s, thread](wick::BatcherAnswer<torch::Tensor> r) {
+              s->ok = r.ok();
+              if (s->ok) s->y = std::move(r).value();
+              s->done.store(true, std::memory_order_release);
+              thread->marked.store(true, std::memory_order_release);  // after_batch wakes it
+            });
+        if (a != wick::Admission::kAccepted) {
+          ++wrong;
+          slot.request = -1;
+        }
+      };
+      size_t in_flight = 0;
+      for (size_t k = 0; k < mine.size(); ++k) {
+        if (mine[k] < n) {
+          send(k, mine[k]);
+          in_flight += me.slots[k].request >= 0;
+        }
+      }
+      while (in_flight > 0) {
+        me.wait();
+        for (size_t k = 0; k < mine.size(); ++k) {
+          auto& slot = me.slots[k];
+          if (slot.request < 0 || !slot.done.load(std::memory_order_acquire)) continue;
+          const int64_t i = slot.request;
+          l.push_back(std::chrono::duration<double, std::milli>(Clock::now() - slot.sent).count());
+          if (slot.ok) {
+            answers[static_cast<size_t>(i)] = std::move(slot.y);
+          } else {
+            ++wrong;
+          }
+          slot.request = -1;
+          --in_flight;
+          if (i + o.clients < n) {
+            send(k, i + o.clients);
+            in_flight += slot.request >= 0;
+          }
+        }
       }
     });
   }
-  for (auto& t : clients) t.join();
+  for (auto& t : pool) t.join();
   const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
   batcher.shutdown();
   for (int64_t i = 0; i < n; ++i) {
@@ -309,9 +336,9 @@ CeilingRun run_ceiling(const wick::InferenceSession& session, const torch::Tenso
 }
 
 struct ModelFigures {
-  std::vector<double> batched_rps, future_rps, sem_rps, unbatched_rps, ceiling_rps, ceiling1_rps,
-      batched_p50, batched_p99, future_p99, sem_p99, unbatched_p99, batched_mean_batch, batch_ms;
-  std::vector<ServeRun> batched_runs, sem_runs;
+  std::vector<double> batched_rps, future_rps, tpc_rps, unbatched_rps, ceiling_rps, ceiling1_rps,
+      batched_p50, batched_p99, future_p99, tpc_p99, unbatched_p99, batched_mean_batch, batch_ms;
+  std::vector<ServeRun> batched_runs, tpc_runs;
   int64_t wrong = 0;
 };
 
@@ -341,7 +368,7 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
   j["model"] = model;
   j["batched_requests_per_s"] = median(f.batched_rps);
   j["batched_future_requests_per_s"] = median(f.future_rps);
-  j["batched_per_request_wake_requests_per_s"] = median(f.sem_rps);
+  j["batched_thread_per_client_requests_per_s"] = median(f.tpc_rps);
   j["unbatched_requests_per_s"] = median(f.unbatched_rps);
   j["ceiling_requests_per_s"] = median(f.ceiling_rps);
   j["ceiling_1_requests_per_s"] = median(f.ceiling1_rps);
@@ -349,13 +376,14 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
   j["batched_vs_unbatched"] = median(f.batched_rps) / median(f.unbatched_rps);
   j["batched_vs_ceiling"] = median(f.batched_rps) / median(f.ceiling_rps);
   j["batched_future_vs_ceiling"] = median(f.future_rps) / median(f.ceiling_rps);
-  j["batched_per_request_wake_vs_ceiling"] = median(f.sem_rps) / median(f.ceiling_rps);
+  j["batched_thread_per_client_vs_ceiling"] = median(f.tpc_rps) / median(f.ceiling_rps);
   j["batched_p50_ms"] = median(f.batched_p50);
   j["batched_p99_ms"] = median(f.batched_p99);
   j["batched_future_p99_ms"] = median(f.future_p99);
-  j["batched_per_request_wake_p99_ms"] = median(f.sem_p99);
+  j["batched_thread_per_client_p99_ms"] = median(f.tpc_p99);
   j["unbatched_p99_ms"] = median(f.unbatched_p99);
   j["batched_mean_batch"] = median(f.batched_mean_batch);
+  j["client_threads"] = std::max(1, std::min(o.client_threads, o.clients));
   j["batch_compute_ms"] = median(f.batch_ms);
   j["p99_bound_ms"] = static_cast<double>(o.max_delay_us) / 1000.0 + 2.0 * median(f.batch_ms);
   // The breakdown of the round whose throughput is the median.
@@ -364,13 +392,13 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
     if (f.batched_runs[i].requests_per_s == median(f.batched_rps)) mid = i;
   }
   if (!f.batched_runs.empty()) j["batched_breakdown_us"] = breakdown_json(f.batched_runs[mid]);
-  for (size_t i = 0; i < f.sem_runs.size(); ++i) {
-    if (f.sem_runs[i].requests_per_s == median(f.sem_rps))
-      j["batched_per_request_wake_breakdown_us"] = breakdown_json(f.sem_runs[i]);
+  for (size_t i = 0; i < f.tpc_runs.size(); ++i) {
+    if (f.tpc_runs[i].requests_per_s == median(f.tpc_rps))
+      j["batched_thread_per_client_breakdown_us"] = breakdown_json(f.tpc_runs[i]);
   }
   j["runs_batched_requests_per_s"] = f.batched_rps;
   j["runs_batched_future_requests_per_s"] = f.future_rps;
-  j["runs_batched_per_request_wake_requests_per_s"] = f.sem_rps;
+  j["runs_batched_thread_per_client_requests_per_s"] = f.tpc_rps;
   j["runs_unbatched_requests_per_s"] = f.unbatched_rps;
   j["runs_ceiling_requests_per_s"] = f.ceiling_rps;
   j["runs_batched_p99_ms"] = f.batched_p99;
@@ -387,6 +415,7 @@ struct OverloadRun {
   int64_t answered_twice = 0, answered_but_refused = 0, accepted_unanswered = 0;
   double p50_ms = 0, p99_ms = 0, max_ms = 0;
   double rss_start_mb = 0, rss_quarter_mb = 0, rss_peak_mb = 0, rss_end_mb = 0;
+  double cpu_cores = 0;  // the process's CPU time over the level's wall time
   double mean_batch = 0;
 };
 
@@ -454,8 +483,10 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
   std::unique_ptr<std::atomic<uint8_t>[]> answers(new std::atomic<uint8_t>[max_ids]);
   for (size_t i = 0; i < max_ids; ++i) answers[i].store(0, std::memory_order_relaxed);
   std::mutex lat_mutex;
-  std::vector<float> latencies;
-  latencies.reserve(static_cast<size_t>(1.5 * capacity * seconds) + 1024);
+  // Served latencies, written in place: the buffer is touched before the
+  // load starts, so RSS sampled during it shows the batcher, not this record.
+  std::vector<float> latencies(static_cast<size_t>(1.5 * capacity * seconds) + 1024, 0.0f);
+  size_t latency_count = 0;
   std::atomic<int64_t> failed{0};
 
   // RSS every 100 ms from before the load starts to after the last answer.
@@ -474,14 +505,16 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
     std::atomic<uint8_t>* answers;
     std::mutex* lat_mutex;
     std::vector<float>* latencies;
+    size_t* latency_count;
     std::atomic<int64_t>* failed;
     Clock::time_point start;
-  } ctx{answers.get(), &lat_mutex, &latencies, &failed, Clock::time_point()};
+  } ctx{answers.get(), &lat_mutex, &latencies, &latency_count, &failed, Clock::time_point()};
   constexpr int kTimeBits = 26;  // microseconds since the start: 67 s
   double elapsed = 0;
   wick::BatcherStats st;
   {
     wick::TensorBatcher batcher(session.batch_fn(), overload_options(o));
+    const Stopwatch watch;
     const auto start = Clock::now() + std::chrono::milliseconds(20);
     ctx.start = start;
     const auto end =
@@ -523,7 +556,10 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
                     return;
                   }
                   std::lock_guard<std::mutex> g(*c->lat_mutex);
-                  c->latencies->push_back(static_cast<float>(now_us - sent) * 1e-3f);
+                  if (*c->latency_count < c->latencies->size()) {
+                    (*c->latencies)[(*c->latency_count)++] =
+                        static_cast<float>(now_us - sent) * 1e-3f;
+                  }
                 });
             admitted[id] = a == wick::Admission::kAccepted    ? 1
                            : a == wick::Admission::kQueueFull ? 2
@@ -540,6 +576,7 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
     }
     for (auto& t : load) t.join();
     elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    r.cpu_cores = watch.cpu_s() / watch.wall_s();
     batcher.shutdown();  // drains: every accepted request is answered before this returns
     st = batcher.stats();
     for (int t = 0; t < threads; ++t) {
@@ -566,7 +603,8 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
   r.served_rps = static_cast<double>(r.served) / std::max(seconds, elapsed);
   r.goodput = r.served_rps / capacity;
   r.mean_batch = st.mean_batch_size;
-  std::vector<double> lat(latencies.begin(), latencies.end());
+  std::vector<double> lat(latencies.begin(),
+                          latencies.begin() + static_cast<std::ptrdiff_t>(latency_count));
   r.p50_ms = percentile(lat, 0.50);
   r.p99_ms = percentile(lat, 0.99);
   r.max_ms = lat.empty() ? 0 : *std::max_element(lat.begin(), lat.end());
@@ -606,6 +644,7 @@ Json overload_line(const std::string& model, const OverloadRun& r, double capaci
   j["served_max_ms"] = r.max_ms;
   j["p99_bound_ms"] = bound_ms;
   j["mean_batch"] = r.mean_batch;
+  j["process_cpu_cores"] = r.cpu_cores;
   j["rss_start_mb"] = r.rss_start_mb;
   j["rss_quarter_mb"] = r.rss_quarter_mb;
   j["rss_peak_mb"] = r.rss_peak_mb;
@@ -755,7 +794,8 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
         f.ceiling1_rps.push_back(run_ceiling(session, images, 1).requests_per_s);
       };
       auto batched = [&] {
-        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kBatchWake);
+        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kTrySubmit,
+                             o.client_threads);
         f.batched_rps.push_back(b.requests_per_s);
         f.batched_p50.push_back(b.p50_ms);
         f.batched_p99.push_back(b.p99_ms);
@@ -763,21 +803,23 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
         f.batched_runs.push_back(b);
         f.wrong += b.wrong;
       };
-      auto batched_sem = [&] {
-        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kCallback);
-        f.sem_rps.push_back(b.requests_per_s);
-        f.sem_p99.push_back(b.p99_ms);
-        f.sem_runs.push_back(b);
+      auto batched_thread_per_client = [&] {
+        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kTrySubmit,
+                             o.clients);
+        f.tpc_rps.push_back(b.requests_per_s);
+        f.tpc_p99.push_back(b.p99_ms);
+        f.tpc_runs.push_back(b);
         f.wrong += b.wrong;
       };
       auto batched_future = [&] {
-        auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kFuture);
+        auto b =
+            run_serving(session, images, expected, o, o.max_batch, ClientApi::kFuture, o.clients);
         f.future_rps.push_back(b.requests_per_s);
         f.future_p99.push_back(b.p99_ms);
         f.wrong += b.wrong;
       };
       auto unbatched = [&] {
-        auto u = run_serving(session, images, expected, o, 1, ClientApi::kFuture);
+        auto u = run_serving(session, images, expected, o, 1, ClientApi::kFuture, o.clients);
         f.unbatched_rps.push_back(u.requests_per_s);
         f.unbatched_p99.push_back(u.p99_ms);
         f.wrong += u.wrong;
@@ -785,13 +827,13 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
       if (r % 2 == 0) {
         ceiling();
         batched();
-        batched_sem();
+        batched_thread_per_client();
         batched_future();
         unbatched();
       } else {
         unbatched();
         batched_future();
-        batched_sem();
+        batched_thread_per_client();
         batched();
         ceiling();
       }
@@ -803,8 +845,8 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
                   " model differ from its offline outputs");
       // The summary's headline figures are the first model's (the CNN by default).
       const std::string suffix = first ? "" : "_" + name;
-      for (const char* k :
-           {"batched_vs_unbatched", "batched_vs_ceiling", "batched_future_vs_ceiling"})
+      for (const char* k : {"batched_vs_unbatched", "batched_vs_ceiling",
+                            "batched_thread_per_client_vs_ceiling", "batched_future_vs_ceiling"})
         s[k + suffix] = line[k];
       s["p99_ms" + suffix] = line["batched_p99_ms"];
       s["p99_bound_ms" + suffix] = line["p99_bound_ms"];
@@ -875,6 +917,7 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
   s["max_batch"] = o.max_batch;
   s["max_delay_us"] = o.max_delay_us;
   s["preferred_batch"] = preferred_batch(o);
+  s["client_threads"] = o.client_threads;
   s["workers"] = o.workers;
   s["run_waiting_when_busy"] = !o.wait_when_busy;
   s["threads"] = threads;
@@ -901,9 +944,13 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--max-delay-us", o->max_delay_us, "the batcher's max_delay, microseconds")
       ->capture_default_str();
   sub->add_option("--workers", o->workers, "the batcher's num_workers")->capture_default_str();
+  sub->add_option("--client-threads", o->client_threads,
+                  "threads the batched case drives its --clients clients from (each client one "
+                  "request in flight); batched_thread_per_client gives each client its own")
+      ->capture_default_str();
   sub->add_option("--preferred-batch", o->preferred_batch,
-                  "the batcher's preferred_batch_size in the serving cases (-1: --max-batch / 2, "
-                  "0: none)")
+                  "the batcher's preferred_batch_size in the serving cases (0: none, -1: "
+                  "--max-batch / 2)")
       ->capture_default_str();
   sub->add_flag("--wait-when-busy", o->wait_when_busy,
                 "run_waiting_when_busy(false): a worker back from a batch waits for a full batch "

@@ -1,5 +1,6 @@
 #include "wick/batcher.h"
 
+#include <ATen/Parallel.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -221,6 +222,10 @@ size_t BatcherCore::fill_target() const {
 }
 
 void BatcherCore::worker_loop() {
+  // Torch's intra-op thread count, as ATen's own threads take it: OpenMP's
+  // team size is per thread, so MKL and oneDNN called from this thread would
+  // otherwise use every core, whatever torch::set_num_threads said.
+  at::init_num_threads();
   auto& s = *state_;
   const auto max_batch = static_cast<size_t>(options_.max_batch_size());
   const size_t target = fill_target();
@@ -233,6 +238,7 @@ void BatcherCore::worker_loop() {
     Clock::time_point taken;
     {
       std::unique_lock<std::mutex> lock(s.mutex);
+      size_t take = max_batch;
       for (;;) {
         if (s.queue.empty()) {
           if (s.stopping) return;
@@ -243,16 +249,21 @@ void BatcherCore::worker_loop() {
         // Back from a batch with requests waiting: they run now (run_waiting_when_busy).
         if (busy && options_.run_waiting_when_busy()) break;
         const auto due = s.queue.front()->enqueued + options_.max_delay();
-        if (!s.stopping && s.queue.size() < target && Clock::now() < due) {
-          s.work_cv.wait_until(lock, due);
-          continue;
+        if (!s.stopping && Clock::now() < due) {
+          if (s.queue.size() < target) {
+            s.work_cv.wait_until(lock, due);
+            continue;
+          }
+          // The preferred batch is there before the delay ran out: run just it,
+          // and leave whoever came meanwhile to the next batch.
+          take = target;
         }
         break;
       }
       taken = Clock::now();
       // Requests past their deadline leave the queue without taking a place
       // in the batch.
-      while (!s.queue.empty() && batch.size() < max_batch) {
+      while (!s.queue.empty() && batch.size() < take) {
         auto job = std::move(s.queue.front());
         s.queue.pop_front();
         if (job->deadline && *job->deadline <= taken) {

@@ -2,6 +2,7 @@
 
 #include <wick/checkpoint.h>
 
+#include <ATen/Parallel.h>
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
@@ -315,6 +316,12 @@ InferenceSession InferenceSession::load(const std::string& path, InferenceSessio
 
 torch::Tensor InferenceSession::run_on(const State& state, const torch::Tensor& input) {
   TORCH_CHECK(input.defined(), "InferenceSession: run() needs a defined input tensor");
+  // A thread's first run takes torch's intra-op thread count (num_threads):
+  // OpenMP's team size is per thread, and MKL / oneDNN calls made from a
+  // thread that never ran an ATen parallel loop use every core, whatever
+  // torch::set_num_threads said (on 2 cores shared with 64 client threads,
+  // their spinning made batches 20-50x slower).
+  at::internal::lazy_init_num_threads();
   c10::InferenceMode guard;
   return state.forward(input.device() == state.device ? input : input.to(state.device));
 }

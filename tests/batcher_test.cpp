@@ -965,11 +965,14 @@ TEST(DynamicBatcherTest, PreferredBatchSizeRunsWithoutWaitingForAFullBatch) {
   TensorBatcher batcher(recording(model),
                         BatcherOptions().max_batch_size(8).preferred_batch_size(3).max_delay(10s));
   std::vector<std::future<torch::Tensor>> fs;
-  for (int64_t i = 0; i < 3; ++i) fs.push_back(batcher.submit(request(i)));
-  for (int64_t i = 0; i < 3; ++i) {
+  for (int64_t i = 0; i < 5; ++i) fs.push_back(batcher.submit(request(i)));
+  for (int64_t i = 0; i < 5; ++i) {
     ASSERT_EQ(fs[static_cast<size_t>(i)].wait_for(5s), std::future_status::ready);
     EXPECT_TRUE(wick::testing::tensors_equal(fs[static_cast<size_t>(i)].get(), expected(i)));
   }
+  // Five queued at once: a batch of the preferred 3, the rest after it.
+  EXPECT_EQ(model.sizes[0], 3);
+  for (int64_t size : model.sizes) EXPECT_LE(size, 3);
   auto lone = batcher.submit(request(9));
   EXPECT_EQ(lone.wait_for(200ms), std::future_status::timeout);  // 1 < 3: waits for company
   for (int64_t i = 10; i < 12; ++i) fs.push_back(batcher.submit(request(i)));

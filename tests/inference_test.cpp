@@ -2,10 +2,12 @@
 #include <wick/checkpoint.h>
 #include <wick/data.h>
 #include <wick/inference.h>
+#include <wick/quantizer.h>
 #include <wick/trainer.h>
 
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <thread>
 
 #include "support.h"
@@ -189,6 +191,56 @@ TEST_F(InferenceSessionTest, RunFromManyThreadsAtOnceMatchesOneThread) {
   EXPECT_EQ(wick::testing::concurrent_mismatches(
                 [&](const torch::Tensor& x) { return session.run(x); }, inputs, expected, kCalls),
             0);
+}
+
+// Issue 20: an int8 model served through a batcher answers a request with the
+// same bits whatever its batch mates and batch size (per-row activations): a
+// probe served again and again among other clients' requests equals the probe
+// run alone and the probe within one offline batch of 301.
+TEST_F(InferenceSessionTest, ServedInt8AnswersDoNotDependOnBatchMates) {
+  torch::manual_seed(3);
+  auto net = torch::nn::Sequential(torch::nn::Linear(64, 128), torch::nn::ReLU(),
+                                   torch::nn::Linear(128, 10));
+  InferenceSession session(net, InferenceSessionOptions().transform(
+                                    [](torch::nn::Module& m) { wick::quantize_dynamic(m); }));
+  const auto probe = torch::randn({64});
+  const auto mates = torch::randn({300, 64}) * 10;  // ten times the probe's range
+  const auto alone = session.run(probe.unsqueeze(0))[0];
+  EXPECT_TRUE(
+      wick::testing::tensors_equal(session.run(torch::cat({probe.unsqueeze(0), mates}))[0], alone));
+
+  wick::TensorBatcher batcher(
+      session.batch_fn(), wick::BatcherOptions().max_batch_size(16).max_delay(2ms).num_workers(2));
+  constexpr int kClients = 6, kRounds = 30;
+  std::vector<std::vector<torch::Tensor>> probes(kClients);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < kClients; ++c) {
+    clients.emplace_back([&, c] {
+      std::vector<std::future<torch::Tensor>> pending;
+      for (int r = 0; r < kRounds; ++r) {
+        for (int k = 0; k < 1 + (r + c) % 4; ++k)
+          pending.push_back(batcher.submit(mates[(c * 50 + r + k) % 300]));
+        auto p = batcher.submit(probe);
+        for (auto& f : pending) f.get();
+        pending.clear();
+        probes[static_cast<size_t>(c)].push_back(p.get());
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  batcher.shutdown();
+  int64_t differ = 0, served = 0;
+  for (const auto& per_client : probes) {
+    for (const auto& y : per_client) {
+      ++served;
+      differ += !torch::equal(y, alone);
+    }
+  }
+  EXPECT_EQ(served, kClients * kRounds);
+  EXPECT_EQ(differ, 0);
+  int64_t sizes = 0;  // the probes did meet batches of several sizes
+  for (int64_t n : batcher.stats().batch_size_histogram) sizes += n > 0;
+  EXPECT_GE(sizes, 3);
 }
 
 TEST_F(InferenceSessionTest, WarmsUpAndSetsTheThreadCount) {

@@ -55,12 +55,14 @@ enum class ShutdownPolicy {
 struct BatcherOptions {
   /// Most requests in one batch, >= 1. Default 32.
   TORCH_ARG(int64_t, max_batch_size) = 32;
-  /// An idle worker runs a batch as soon as this many requests are queued,
-  /// without waiting for max_batch_size or max_delay (Triton's preferred batch
-  /// size); it still takes up to max_batch_size. 0: max_batch_size. With as
-  /// many one-at-a-time clients as max_batch_size, half of it splits them into
-  /// two groups: one is computed while the other is answered and resubmits.
-  /// >= 0 and <= max_batch_size. Default 0.
+  /// An idle worker runs a batch of this many requests as soon as that many
+  /// are queued, without waiting for max_batch_size or max_delay (Triton's
+  /// preferred batch size); requests that came meanwhile wait for the next
+  /// batch. A worker back from a batch (run_waiting_when_busy) or one whose
+  /// max_delay ran out still takes up to max_batch_size. 0: max_batch_size.
+  /// With as many one-at-a-time clients as max_batch_size, half of it splits
+  /// them into two groups: one is computed while the other is answered and
+  /// resubmits. >= 0 and <= max_batch_size. Default 0.
   TORCH_ARG(int64_t, preferred_batch_size) = 0;
   /// How long the oldest queued request may wait for company before its batch
   /// runs anyway, >= 0 (0: run whatever is queued at once). Default 1 ms.
