@@ -1,11 +1,15 @@
 #include "int8_rows.h"
 
+#include "parallel.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <memory>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define WICK_INT8_ROWS_X86 1
@@ -176,7 +180,7 @@ __attribute__((target("avx2"))) void dequantize_row_avx2(const int32_t* acc, int
 void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ld, int32_t qmax,
                    int32_t offset, uint8_t* q, float* scale, int32_t* zp_out) {
   TORCH_INTERNAL_ASSERT(cols >= 1 && qmax >= 1 && qmax <= 255);
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* row = x + i * ld;
       float lo = 0, hi = 0;
@@ -206,7 +210,7 @@ void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ld, int32
 void dequantize_rows(const int32_t* acc, int64_t rows, int64_t cols, const float* scale,
                      const int32_t* zp, const int32_t* colsum, const float* wscale,
                      const float* bias, float* y) {
-  at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+  parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
 #ifdef WICK_INT8_ROWS_X86
       if (has_avx2()) {
@@ -225,11 +229,24 @@ void dequantize_rows(const int32_t* acc, int64_t rows, int64_t cols, const float
 
 #ifdef WICK_HAVE_FBGEMM
 
+// The weight is packed in column blocks of at most kColBlock outputs, each a
+// PackBMatrix of its own: a small batch (where FBGEMM's own threading splits
+// only the rows, so one row keeps one thread) spreads the blocks over the
+// threads, and a large batch runs each of its row blocks over all of them.
+constexpr int64_t kColBlock = 512;
+
 struct FbgemmInt8Weight::Impl {
-  fbgemm::PackBMatrix<int8_t> packed;
-  Impl(const int8_t* w, int64_t n, int64_t k)
-      : packed(fbgemm::matrix_op_t::Transpose, static_cast<int32_t>(k), static_cast<int32_t>(n), w,
-               static_cast<int32_t>(k), nullptr, 1) {}
+  std::vector<std::unique_ptr<fbgemm::PackBMatrix<int8_t>>> parts;  // outputs [j0, j0 + width)
+  std::vector<int64_t> starts;
+  Impl(const int8_t* w, int64_t n, int64_t k) {
+    for (int64_t j0 = 0; j0 < n; j0 += kColBlock) {
+      const int64_t width = std::min(kColBlock, n - j0);
+      starts.push_back(j0);
+      parts.push_back(std::make_unique<fbgemm::PackBMatrix<int8_t>>(
+          fbgemm::matrix_op_t::Transpose, static_cast<int32_t>(k), static_cast<int32_t>(width),
+          w + j0 * k, static_cast<int32_t>(k), nullptr, 1));
+    }
+  }
 };
 
 bool fbgemm_int32_gemm_available() {
@@ -249,33 +266,47 @@ constexpr int64_t kRowBlock = 64;
 void FbgemmInt8Weight::matmul(const uint8_t* q, int64_t rows, int32_t* acc,
                               const std::function<void(int64_t, int64_t)>& then) const {
   const int tasks = at::get_num_threads();
-  auto gemm = [&](int64_t r0, int64_t r1, int task, int of) {
+  const auto parts = static_cast<int64_t>(impl_->parts.size());
+  // Rows [r0, r1) times column block `part`, as FBGEMM's task `task` of `of`.
+  auto gemm = [&](int64_t r0, int64_t r1, int64_t part, int task, int of) {
     fbgemm::PackAMatrix<uint8_t> packed_a(fbgemm::matrix_op_t::NoTranspose,
                                           static_cast<int32_t>(r1 - r0), static_cast<int32_t>(k_),
                                           q + r0 * k_, static_cast<int32_t>(k_), nullptr, 1);
     fbgemm::DoNothing<int32_t, int32_t> nothing;
     fbgemm::memCopy<> copy(nothing);
-    int32_t* out = acc + r0 * n_;
-    fbgemm::fbgemmPacked(packed_a, impl_->packed, out, out, static_cast<uint32_t>(n_), copy, task,
-                         of);
+    int32_t* out = acc + r0 * n_ + impl_->starts[static_cast<size_t>(part)];
+    fbgemm::fbgemmPacked(packed_a, *impl_->parts[static_cast<size_t>(part)], out, out,
+                         static_cast<uint32_t>(n_), copy, task, of);
   };
   // Blocks of at most kRowBlock rows, evened out, and at least one per thread
   // once each can have 16 rows.
   int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   blocks = std::max<int64_t>(blocks, std::min<int64_t>(tasks, rows / 16));
   if (blocks <= 1) {
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) gemm(0, rows, static_cast<int>(task), tasks);
-    });
+    if (parts >= tasks || tasks == 1) {
+      // Few rows: the column blocks spread over the threads.
+      parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t part = begin; part < end; ++part) gemm(0, rows, part, 0, 1);
+      });
+    } else {
+      // Fewer column blocks than threads: FBGEMM splits each one's rows.
+      parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          for (int64_t part = 0; part < parts; ++part) {
+            gemm(0, rows, part, static_cast<int>(task), tasks);
+          }
+        }
+      });
+    }
     then(0, rows);
     return;
   }
   const int64_t per = (rows + blocks - 1) / blocks;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t r0 = b * per, r1 = std::min(rows, r0 + per);
       if (r0 >= r1) continue;
-      gemm(r0, r1, 0, 1);
+      for (int64_t part = 0; part < parts; ++part) gemm(r0, r1, part, 0, 1);
       then(r0, r1);
     }
   });

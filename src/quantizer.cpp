@@ -11,9 +11,11 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
+#include <map>
 #include <mutex>
 
 namespace wick {
@@ -207,6 +209,8 @@ struct QuantizedLinearImpl::Packed {
   int64_t versions[3] = {-1, -1, -1};
   PackedPtr by_engine[3];                        // per batch: fbgemm, onednn, qnnpack
   std::shared_ptr<const RowWeights> by_rows[2];  // per row: fbgemm, onednn
+  // Autotune's choices: (rows rounded up to a power of two, intra-op threads) -> engine.
+  std::map<std::pair<int64_t, int>, QuantEngine> tuned;
 };
 
 namespace {
@@ -400,7 +404,33 @@ torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {
   return weight.is_cuda() ? forward_cuda(input) : forward_cpu(input);
 }
 
+namespace {
+
+// The class of a batch of `rows` rows for autotune: rows rounded up to a power of two.
+int64_t row_class(int64_t rows) {
+  int64_t c = 1;
+  while (c < rows) c *= 2;
+  return c;
+}
+
+}  // namespace
+
+bool QuantizedLinearImpl::autotunes() const {
+  return options_.autotune() && options_.engine() == QuantEngine::kAuto &&
+         options_.per_row_activations() && dtype_ == torch::kInt8 && device_.is_cpu() &&
+         detail::fbgemm_int32_gemm_available() && engine_available(QuantEngine::kOnednn);
+}
+
 QuantEngine QuantizedLinearImpl::engine_for(int64_t rows) const {
+  if (autotunes()) {
+    std::lock_guard<std::mutex> lock(packed_->mutex);
+    auto it = packed_->tuned.find({row_class(rows), at::get_num_threads()});
+    if (it != packed_->tuned.end()) return it->second;
+  }
+  return fixed_engine_for(rows);
+}
+
+QuantEngine QuantizedLinearImpl::fixed_engine_for(int64_t rows) const {
   if (dtype_ == torch::kFloat16)
     return QuantEngine::kFbgemm;  // LibTorch's fp16 dynamic linear is FBGEMM's
   if (options_.engine() != QuantEngine::kAuto) return options_.engine();
@@ -424,8 +454,12 @@ int64_t QuantizedLinearImpl::activation_qmax(int64_t rows) const {
   if (!options_.per_row_activations()) return int8_activation_qmax(engine_for(rows));
   // One range for every batch size: the least of the engines the layer can run.
   if (options_.engine() != QuantEngine::kAuto) return int8_activation_qmax(options_.engine());
-  const QuantEngine small = engine_for(1);
-  const QuantEngine big = engine_for(std::numeric_limits<int32_t>::max());
+  if (autotunes()) {
+    return std::min(int8_activation_qmax(QuantEngine::kFbgemm),
+                    int8_activation_qmax(QuantEngine::kOnednn));
+  }
+  const QuantEngine small = fixed_engine_for(1);
+  const QuantEngine big = fixed_engine_for(std::numeric_limits<int32_t>::max());
   return std::min(int8_activation_qmax(small), int8_activation_qmax(big));
 }
 
@@ -440,9 +474,12 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
 
   const bool fp16 = dtype_ == torch::kFloat16;
   const bool per_row = !fp16 && options_.per_row_activations();
-  const QuantEngine engine = engine_for(rows);
+  const bool tune = per_row && autotunes();
+  const std::pair<int64_t, int> tune_key{row_class(rows), at::get_num_threads()};
+  QuantEngine engine = fixed_engine_for(rows);
   PackedPtr packed;
   std::shared_ptr<const RowWeights> row_weights;
+  std::shared_ptr<const RowWeights> candidates[2];  // fbgemm, onednn: when this batch tunes
   {
     std::lock_guard<std::mutex> lock(packed_->mutex);
     Packed& p = *packed_;
@@ -453,12 +490,27 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
         !std::equal(versions, versions + 3, p.versions)) {
       for (auto& slot : p.by_engine) slot.reset();
       for (auto& slot : p.by_rows) slot.reset();
+      p.tuned.clear();
       p.weight_ptr = ptrs[0];
       p.scale_ptr = ptrs[1];
       p.bias_ptr = ptrs[2];
       std::copy(versions, versions + 3, p.versions);
     }
-    if (per_row) {
+    if (tune) {
+      auto it = p.tuned.find(tune_key);
+      if (it != p.tuned.end()) {
+        engine = it->second;
+      } else {
+        for (int e = 0; e < 2; ++e) {
+          if (!p.by_rows[e])
+            p.by_rows[e] = pack_rows(e == 0 ? QuantEngine::kFbgemm : QuantEngine::kOnednn);
+          candidates[e] = p.by_rows[e];
+        }
+      }
+    }
+    if (candidates[0]) {
+      // This batch tunes its class (below, outside the lock).
+    } else if (per_row) {
       auto& slot = p.by_rows[engine == QuantEngine::kFbgemm ? 0 : 1];
       if (!slot) slot = pack_rows(engine);
       row_weights = slot;
@@ -483,6 +535,25 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
       }
       packed = slot;
     }
+  }
+  if (candidates[0]) {
+    // Autotune: both engines on this batch, alternately, 4 times each; the
+    // class keeps the one with the better best time. Both give the same bits.
+    using Clock = std::chrono::steady_clock;
+    const QuantEngine engines[2] = {QuantEngine::kFbgemm, QuantEngine::kOnednn};
+    double best[2] = {std::numeric_limits<double>::infinity(),
+                      std::numeric_limits<double>::infinity()};
+    torch::Tensor y;
+    for (int round = 0; round < 4; ++round) {
+      for (int e = 0; e < 2; ++e) {
+        const auto t0 = Clock::now();
+        y = forward_rows(input, rows, engines[e], *candidates[e], out_shape);
+        best[e] = std::min(best[e], std::chrono::duration<double>(Clock::now() - t0).count());
+      }
+    }
+    std::lock_guard<std::mutex> lock(packed_->mutex);
+    packed_->tuned.emplace(tune_key, best[1] < best[0] ? engines[1] : engines[0]);
+    return y;
   }
   if (per_row) return forward_rows(input, rows, engine, *row_weights, out_shape);
   // Without VNNI, FBGEMM and oneDNN multiply u8 x s8 pairs into int16 and

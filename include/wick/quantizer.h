@@ -54,11 +54,16 @@ namespace wick {
 
 /// Which int8 GEMM library runs a CPU QuantizedLinear.
 enum class QuantEngine {
-  /// FBGEMM, except on CPUs with AMX (Intel Sapphire Rapids and newer), where
-  /// batches of at least QuantizeOptions::onednn_min_rows rows on layers of at
-  /// least 64 Ki weights run on oneDNN (each packed on first use); engines that
-  /// are not built in are skipped, QNNPACK is the last resort. With per-row
-  /// activations every engine computes the same bits, so the choice is speed only.
+  /// With per-row activations (the default) and both FBGEMM and oneDNN built
+  /// in: each class of batch sizes (rows rounded up to a power of two) and
+  /// intra-op thread count runs on the engine that was faster on its first
+  /// batch, both timed on it (QuantizeOptions::autotune); every engine
+  /// computes the same bits there, so the choice is speed only. Otherwise
+  /// (and before a class's first batch, in engine_for): FBGEMM, except on CPUs
+  /// with AMX (Intel Sapphire Rapids and newer), where batches of at least
+  /// QuantizeOptions::onednn_min_rows rows on layers of at least 64 Ki
+  /// weights run on oneDNN (each packed on first use); engines that are not
+  /// built in are skipped, QNNPACK is the last resort.
   kAuto,
   kFbgemm,   ///< x86 (AVX2, AVX-512, VNNI)
   kOnednn,   ///< x86; uses AMX on CPUs that have it
@@ -94,6 +99,15 @@ struct QuantizeOptions {
   /// input row: a served request gets the same bits whatever its batch mates
   /// and batch size, and whichever engine runs it.
   TORCH_ARG(bool, per_row_activations) = true;
+  /// kAuto with per-row activations: the first batch of each class of batch
+  /// sizes (1, 2, 3-4, 5-8, ... rows) and intra-op thread count runs on
+  /// FBGEMM and on oneDNN, alternately, 4 times each, and the class keeps the
+  /// faster engine (its best time); the answers are the same bits either way.
+  /// Costs those runs once per class (e.g. 8 x 0.5 ms for a batch of 16 on a
+  /// 1024 x 4096 layer) and both packed weights. false: the fixed rule of
+  /// QuantEngine::kAuto (oneDNN from onednn_min_rows rows on CPUs with AMX).
+  /// Default true.
+  TORCH_ARG(bool, autotune) = true;
 };
 
 /// Whether this CPU has AMX tiles for int8 (what QuantEngine::kAuto's rule reads).
@@ -122,7 +136,8 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   torch::Tensor forward(const torch::Tensor& input);
 
   /// The engine a CPU batch of `rows` rows (the product of the input's leading
-  /// dimensions) runs on.
+  /// dimensions) runs on with the current intra-op thread count: under
+  /// autotune, what its class chose once it has run, the fixed rule before.
   QuantEngine engine_for(int64_t rows) const;
   /// The largest code of the uint8 inputs (255, or 127 where an engine this
   /// layer may run on could saturate; see int8_activation_qmax). Per-row
@@ -153,6 +168,8 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   std::shared_ptr<const RowWeights> pack_rows(QuantEngine engine) const;
   torch::Tensor forward_rows(const torch::Tensor& input, int64_t rows, QuantEngine engine,
                              const RowWeights& r, const std::vector<int64_t>& out_shape) const;
+  QuantEngine fixed_engine_for(int64_t rows) const;
+  bool autotunes() const;
   torch::Tensor forward_cuda(const torch::Tensor& input);
 
   int64_t in_features_;
