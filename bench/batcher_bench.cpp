@@ -27,16 +27,18 @@
 // max_delay + 2 x one full batch's compute: a request may arrive just after a
 // batch left, wait for it to finish, then for its own.
 //
-// overload (the --overload-models, MLP by default): the batcher's capacity is
-// measured first (callbacks resubmit each answered request, so the queue never
-// runs dry); then paced open-loop load (load threads offering requests at
-// fixed times, whatever the answers) at 2x, 5x and 10x that capacity for
-// --overload-seconds each, through try_submit with a queue of one batch
-// (--overload-queue), --load-threads (2) each waking at most every --pace-us
-// (200) to send the arrivals due. Goodput is the served rate over the capacity; every
-// request is answered exactly once (its callback), or refused at admission;
-// served latency (try_submit to the callback) against the same p99 bound; RSS
-// sampled every 100 ms.
+// overload (the --overload-models, MLP by default): for each level the
+// batcher's capacity is measured right before it (callbacks resubmit each
+// answered request, so the queue never runs dry); then paced open-loop load
+// (load threads offering requests at fixed times, whatever the answers) at
+// 2x, 5x and 10x that capacity for --overload-seconds, through try_submit
+// with a queue of two batches (--overload-queue), --load-threads (2) each
+// waking at most every --pace-us (200) to send the arrivals due; then the
+// capacity again. Goodput is the served rate over the mean of the two
+// capacities; every request is answered exactly once (its callback), or
+// refused at admission; served latency (try_submit to the callback) against
+// what the configuration promises under overload: max_delay + (queue /
+// max_batch + 1) batch times at the level's capacity; RSS sampled every 100 ms.
 
 #include "bench_common.h"
 
@@ -86,7 +88,7 @@ struct BatcherBenchOptions {
   std::string overload_models = "mlp";
   std::vector<double> overload_levels{2, 5, 10};
   double overload_seconds = 30;
-  int64_t overload_queue = 0;  // 0: max_batch
+  int64_t overload_queue = 0;  // 0: 2 x max_batch
   int load_threads = 2;
   int64_t pace_us = 200;
   double capacity_seconds = 3;
@@ -419,13 +421,30 @@ struct OverloadRun {
   double mean_batch = 0;
 };
 
+// The overload case's queue: --overload-queue, else two batches (one waiting
+// while one runs, so the worker never waits for the load's next wake-up).
+int64_t overload_queue(const BatcherBenchOptions& o) {
+  return o.overload_queue > 0 ? o.overload_queue : 2 * o.max_batch;
+}
+
+// What the configuration promises a served request under overload: the queue
+// is full, so it waits for the queue ahead of it (max_queue_size /
+// max_batch_size batches) and its own batch, plus max_delay, at the batch
+// time of the level (max_batch_size over the capacity measured around it).
+double overload_p99_bound_ms(const BatcherBenchOptions& o, double capacity) {
+  const double batch_ms = 1000.0 * static_cast<double>(o.max_batch) / capacity;
+  const double batches_ahead =
+      static_cast<double>(overload_queue(o)) / static_cast<double>(o.max_batch);
+  return static_cast<double>(o.max_delay_us) / 1000.0 + (batches_ahead + 1.0) * batch_ms;
+}
+
 wick::BatcherOptions overload_options(const BatcherBenchOptions& o) {
   return wick::BatcherOptions()
       .max_batch_size(o.max_batch)
       .max_delay(std::chrono::microseconds(o.max_delay_us))
       .run_waiting_when_busy(!o.wait_when_busy)
       .num_workers(o.workers)
-      .max_queue_size(o.overload_queue > 0 ? o.overload_queue : o.max_batch)
+      .max_queue_size(overload_queue(o))
       .queue_full_policy(wick::QueueFullPolicy::kReject);
 }
 
@@ -652,7 +671,7 @@ Json overload_line(const std::string& model, const OverloadRun& r, double capaci
   j["seconds"] = o.overload_seconds;
   j["load_threads"] = o.load_threads;
   j["pace_us"] = o.pace_us;
-  j["max_queue_size"] = o.overload_queue > 0 ? o.overload_queue : o.max_batch;
+  j["max_queue_size"] = overload_queue(o);
   return j;
 }
 
@@ -864,20 +883,30 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
 
     if (has_case("overload") &&
         std::find(overload_models.begin(), overload_models.end(), name) != overload_models.end()) {
-      // The p99 bound: max_delay + 2 full batches, from this model's ceiling
-      // (measured here when the serving case did not run).
-      double batch_ms = f.batch_ms.empty() ? run_ceiling(session, images, o.max_batch).batch_ms
-                                           : median(f.batch_ms);
-      const double bound = static_cast<double>(o.max_delay_us) / 1000.0 + 2.0 * batch_ms;
       const std::vector<torch::Tensor> pool = images.unbind(0);
-      const double capacity = measure_capacity(session, pool, o);
+      // The capacity is measured right before and right after each level, and
+      // the level's goodput is over their mean: on a shared machine the
+      // batcher's capacity drifts by tens of percent over minutes, which a
+      // single measurement at the start would put into every ratio.
+      double capacity = 0;
       for (double factor : o.overload_levels) {
-        auto r = run_overload_level(session, pool, o, capacity, factor);
-        out.emit(overload_line(name, r, capacity, bound, o));
+        const double before = measure_capacity(session, pool, o);
+        auto r = run_overload_level(session, pool, o, before, factor);
+        const double after = measure_capacity(session, pool, o);
+        const double level_capacity = 0.5 * (before + after);
+        r.goodput = r.served_rps / level_capacity;
+        capacity = std::max(capacity, level_capacity);
+        const double bound = overload_p99_bound_ms(o, level_capacity);
+        Json line = overload_line(name, r, level_capacity, bound, o);
+        line["capacity_before_requests_per_s"] = before;
+        line["capacity_after_requests_per_s"] = after;
+        out.emit(line);
         const std::string key =
             "_" + factor_key(factor) + (name == overload_models[0] ? "" : "_" + name);
         s["goodput_ratio" + key] = r.goodput;
+        s["overload_capacity_requests_per_s" + key] = level_capacity;
         s["overload_p99_ms" + key] = r.p99_ms;
+        s["overload_p99_bound_ms" + key] = bound;
         s["overload_rss_growth_mb" + key] = r.rss_end_mb - r.rss_quarter_mb;
         const bool once = r.answered_twice == 0 && r.answered_but_refused == 0 &&
                           r.accepted_unanswered == 0 && r.failed == 0;
@@ -886,8 +915,6 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
       }
       s["overload_capacity_requests_per_s" +
         std::string(name == overload_models[0] ? "" : "_" + name)] = capacity;
-      s["overload_p99_bound_ms" + std::string(name == overload_models[0] ? "" : "_" + name)] =
-          bound;
     }
   }
   if (has_case("rejection")) {
@@ -908,7 +935,7 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
   if (has_case("overload")) {
     s["overload_goal_met"] = overload_ok;
     s["overload_seconds"] = o.overload_seconds;
-    s["overload_queue"] = o.overload_queue > 0 ? o.overload_queue : o.max_batch;
+    s["overload_queue"] = overload_queue(o);
     s["load_threads"] = o.load_threads;
     s["pace_us"] = o.pace_us;
   }
@@ -972,7 +999,7 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--overload-seconds", o->overload_seconds, "seconds of load per level")
       ->capture_default_str();
   sub->add_option("--overload-queue", o->overload_queue,
-                  "max_queue_size under overload (0: --max-batch, one batch)")
+                  "max_queue_size under overload (0: 2 x --max-batch, two batches)")
       ->capture_default_str();
   sub->add_option("--load-threads", o->load_threads, "threads pacing the overload's arrivals")
       ->capture_default_str();

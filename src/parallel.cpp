@@ -9,6 +9,25 @@
 
 #include <dlfcn.h>
 
+// ThreadSanitizer cannot see libgomp's hand-offs (futexes in uninstrumented
+// code): the job's release before the team starts, each thread's acquire and
+// release around its chunk, and the acquire after the team ends tell it.
+#if defined(__SANITIZE_THREAD__)
+#define WICK_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define WICK_TSAN 1
+#endif
+#endif
+#ifdef WICK_TSAN
+#include <sanitizer/tsan_interface.h>
+#define WICK_TSAN_RELEASE(p) __tsan_release(p)
+#define WICK_TSAN_ACQUIRE(p) __tsan_acquire(p)
+#else
+#define WICK_TSAN_RELEASE(p) (void)(p)
+#define WICK_TSAN_ACQUIRE(p) (void)(p)
+#endif
+
 namespace wick::detail {
 namespace {
 
@@ -49,8 +68,7 @@ struct Job {
 };
 
 // Each thread of the team: its chunk, as ATen's invoke_parallel splits.
-void run_chunk(void* data) {
-  auto& job = *static_cast<Job*>(data);
+void run_chunk_of(Job& job) {
   const Gomp& g = gomp();
   int64_t threads = g.num_threads();
   if (job.grain > 0) {
@@ -66,6 +84,12 @@ void run_chunk(void* data) {
   } catch (...) {
     if (!job.failed.test_and_set()) job.error = std::current_exception();
   }
+}
+
+void run_chunk(void* data) {
+  WICK_TSAN_ACQUIRE(data);
+  run_chunk_of(*static_cast<Job*>(data));
+  WICK_TSAN_RELEASE(data);
 }
 
 }  // namespace
@@ -87,7 +111,9 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain,
   // The team of torch's size, as ATen's own loops take it (a num_threads that
   // varies from call to call makes libgomp rebuild its pool, pytorch#32008);
   // threads beyond the chunks return at once.
+  WICK_TSAN_RELEASE(&job);
   gomp().parallel(&run_chunk, &job, 0, 0);
+  WICK_TSAN_ACQUIRE(&job);
   if (job.error) std::rethrow_exception(job.error);
 }
 
