@@ -8,7 +8,8 @@
 // 1x28x28 images. For each model, these cases:
 //   batched    `clients` clients, each sending `requests` images one at a time
 //              (try_submit, wait for the answer, send the next), driven by
-//              --client-threads threads (4) as an RPC server's I/O threads
+//              --client-threads threads (the cores the workers leave, at
+//              least 1) as an RPC server's I/O threads
 //              would: a thread sleeps until the after_batch hook posts it once
 //              per batch (a batch-level promise), through a
 //              TensorBatcher(max_batch_size, preferred_batch_size, max_delay);
@@ -32,7 +33,8 @@
 // answered request, so the queue never runs dry); then paced open-loop load
 // (load threads offering requests at fixed times, whatever the answers) at
 // 2x, 5x and 10x that capacity for --overload-seconds, through try_submit
-// with a queue of two batches (--overload-queue), --load-threads (2) each
+// with a queue of two batches (--overload-queue), --load-threads (the cores
+// the workers leave, at least 1) each
 // waking at most every --pace-us (200) to send the arrivals due; then the
 // capacity again. Goodput is the served rate over the mean of the two
 // capacities; every request is answered exactly once (its callback), or
@@ -78,7 +80,7 @@ struct BatcherBenchOptions {
   int64_t max_batch = 64;
   int64_t max_delay_us = 2000;
   int64_t preferred_batch = 0;  // -1: max_batch / 2
-  int client_threads = 4;       // the threads the batched case's clients run on
+  int client_threads = 0;       // the threads the batched case's clients run on; 0: cores - workers
   int64_t workers = 1;
   bool wait_when_busy = false;
   int repeats = 3;
@@ -89,7 +91,7 @@ struct BatcherBenchOptions {
   std::vector<double> overload_levels{2, 5, 10};
   double overload_seconds = 30;
   int64_t overload_queue = 0;  // 0: 2 x max_batch
-  int load_threads = 2;
+  int load_threads = 0;        // 0: the cores left beside the workers (at least 1)
   int64_t pace_us = 200;
   double capacity_seconds = 3;
 };
@@ -760,7 +762,7 @@ std::string factor_key(double f) {
   return k.str() + "x";
 }
 
-void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global) {
+void run_batcher_bench(BatcherBenchOptions o, const GlobalOptions& global) {
   TORCH_CHECK(o.clients >= 1, "wick-bench batcher: --clients must be >= 1, got ", o.clients);
   TORCH_CHECK(o.requests >= 1, "wick-bench batcher: --requests must be >= 1, got ", o.requests);
   TORCH_CHECK(o.max_batch >= 1, "wick-bench batcher: --max-batch must be >= 1, got ", o.max_batch);
@@ -769,8 +771,20 @@ void run_batcher_bench(const BatcherBenchOptions& o, const GlobalOptions& global
   TORCH_CHECK(o.repeats >= 1, "wick-bench batcher: --repeats must be >= 1, got ", o.repeats);
   TORCH_CHECK(o.overload_seconds > 0, "wick-bench batcher: --overload-seconds must be > 0, got ",
               o.overload_seconds);
-  TORCH_CHECK(o.load_threads >= 1, "wick-bench batcher: --load-threads must be >= 1, got ",
+  TORCH_CHECK(o.load_threads >= 0, "wick-bench batcher: --load-threads must be >= 0, got ",
               o.load_threads);
+  TORCH_CHECK(o.client_threads >= 0, "wick-bench batcher: --client-threads must be >= 0, got ",
+              o.client_threads);
+  // By default one core per worker and the rest for the clients or the load:
+  // a thread that shares the worker's core preempts it, and can hold the
+  // queue's lock while it is preempted itself. More client threads than
+  // cores also split 64 closed-loop clients into two halves that alternate
+  // (the worker, back from a batch, finds half of them resubmitted), which
+  // halves the MLP's batches (measured: 4 threads on 2 cores, mean batch 32).
+  const int spare_cores = std::max(
+      1, static_cast<int>(std::thread::hardware_concurrency()) - static_cast<int>(o.workers));
+  if (o.load_threads == 0) o.load_threads = spare_cores;
+  if (o.client_threads == 0) o.client_threads = spare_cores;
   const int threads = set_torch_threads(o.threads);
   JsonOut out(global.jsonl);
   const double load_start = load_average_1m();
@@ -973,7 +987,8 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--workers", o->workers, "the batcher's num_workers")->capture_default_str();
   sub->add_option("--client-threads", o->client_threads,
                   "threads the batched case drives its --clients clients from (each client one "
-                  "request in flight); batched_thread_per_client gives each client its own")
+                  "request in flight; 0: the cores beside --workers, >= 1); "
+                  "batched_thread_per_client gives each client its own")
       ->capture_default_str();
   sub->add_option("--preferred-batch", o->preferred_batch,
                   "the batcher's preferred_batch_size in the serving cases (0: none, -1: "
@@ -1001,7 +1016,8 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--overload-queue", o->overload_queue,
                   "max_queue_size under overload (0: 2 x --max-batch, two batches)")
       ->capture_default_str();
-  sub->add_option("--load-threads", o->load_threads, "threads pacing the overload's arrivals")
+  sub->add_option("--load-threads", o->load_threads,
+                  "threads pacing the overload's arrivals (0: the cores beside --workers, >= 1)")
       ->capture_default_str();
   sub->add_option("--pace-us", o->pace_us,
                   "a load thread's shortest sleep: each wake-up sends the arrivals due by then")
