@@ -537,7 +537,12 @@ void ShardedDataParallel::Impl::launch_in_order() {
 void ShardedDataParallel::Impl::copy_grads(size_t u) {
   auto& unit = units[u];
   torch::NoGradGuard no_grad;
-  unit.grad_flat = torch::empty({unit.padded}, unit.full.options());
+  if (unit.spare_grad_flat.defined() && unit.spare_grad_flat.storage().use_count() == 1) {
+    unit.grad_flat = std::move(unit.spare_grad_flat);
+  } else {
+    unit.grad_flat = torch::empty({unit.padded}, unit.full.options());
+  }
+  unit.spare_grad_flat = torch::Tensor();
   if (unit.padded > unit.numel)
     unit.grad_flat.narrow(0, unit.numel, unit.padded - unit.numel).zero_();
   for (size_t i : unit.params) {
@@ -621,6 +626,9 @@ void ShardedDataParallel::Impl::reset_round() {
     unit.pre_backward_done = false;
     unit.grad_work.reset();
     unit.grad_done = false;
+    if (options.strategy() == ShardingStrategy::kZero1 && unit.grad_flat.defined()) {
+      unit.spare_grad_flat = std::move(unit.grad_flat);
+    }
     unit.grad_flat = torch::Tensor();
     unit.grad_out = torch::Tensor();
   }

@@ -56,6 +56,10 @@ struct ShardedDataParallel::Impl : std::enable_shared_from_this<ShardedDataParal
     bool pre_backward_done = false;
     torch::Tensor grad_flat;  // [padded]: the collective's input
     torch::Tensor grad_out;   // [shard_numel]: the reduce-scatter's output
+    // kZero1: the last round's grad_flat, taken again by the next round once
+    // nothing else holds it (the gradients handed out in finalize dropped by
+    // zero_grad): no fresh pages, and no page faults, per step.
+    torch::Tensor spare_grad_flat;
     std::shared_ptr<ProcessGroup::Work> grad_work;
     bool grad_done = false;  // grad_work waited for (and, but for kZero1, grad_flat freed)
   };
