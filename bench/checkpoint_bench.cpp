@@ -57,48 +57,28 @@ int64_t tree_bytes(const std::string& dir) {
 
 }  // namespace
 
-Json measure_async_checkpoint(const std::function<void(wick::Checkpoint&)>& build,
-                              const AsyncCheckpointMeasureOptions& options) {
-  TORCH_CHECK(options.rounds >= 1, "measure_async_checkpoint: rounds must be >= 1, got ",
-              options.rounds);
-  const std::string root = options.dir + "/wick-bench-checkpoint-" + std::to_string(::getpid());
-  wick::AsyncCheckpointWriter writer;
-  std::vector<double> sync_ms, blocked_ms, snapshot_ms, write_ms;
-  double first_blocked_ms = 0;
-  int64_t checkpoint_bytes = 0, state_bytes = 0;
-  int step = 0;
-  auto sync_round = [&](bool timed) {
-    const std::string path = root + "/sync/" + wick::checkpoint_name(++step);
-    Stopwatch sw;
-    wick::Checkpoint ckpt;
-    build(ckpt);
-    ckpt.save(path);
-    const double ms = sw.wall_s() * 1e3;
-    if (timed) sync_ms.push_back(ms);
-    checkpoint_bytes = tree_bytes(path);
-    remove_tree(path);
-  };
-  auto async_round = [&](bool timed) {
-    const std::string path = root + "/async/" + wick::checkpoint_name(++step);
-    Stopwatch sw;
-    writer.save(path, build);
-    const double ms = sw.wall_s() * 1e3;
-    if (options.between) options.between();
-    writer.wait();
-    const auto stats = writer.stats();
-    state_bytes = stats.last_snapshot_bytes;
+void AsyncCheckpointRounds::run(int rounds, const std::function<double()>& sync_save,
+                                const std::function<double()>& async_save,
+                                const wick::AsyncCheckpointWriter& writer) {
+  const auto async_round = [&](bool timed) {
+    const double ms = async_save();
+    const auto st = writer.stats();
+    snapshot_bytes = st.last_snapshot_bytes;
     if (timed) {
       blocked_ms.push_back(ms);
-      snapshot_ms.push_back(stats.last_snapshot_s * 1e3);
-      write_ms.push_back(stats.last_write_s * 1e3);
+      snapshot_ms.push_back(st.last_snapshot_s * 1e3);
+      write_ms.push_back(st.last_write_s * 1e3);
     } else {
       first_blocked_ms = ms;
     }
-    remove_tree(path);
+  };
+  const auto sync_round = [&](bool timed) {
+    const double ms = sync_save();
+    if (timed) sync_ms.push_back(ms);
   };
   async_round(false);  // untimed: allocates the host buffers
   sync_round(false);
-  for (int r = 0; r < options.rounds; ++r) {
+  for (int r = 0; r < rounds; ++r) {
     if (r % 2 == 0) {
       sync_round(true);
       async_round(true);
@@ -107,21 +87,56 @@ Json measure_async_checkpoint(const std::function<void(wick::Checkpoint&)>& buil
       sync_round(true);
     }
   }
+}
+
+Json measure_async_checkpoint(const std::function<void(wick::Checkpoint&)>& build,
+                              const AsyncCheckpointMeasureOptions& options) {
+  TORCH_CHECK(options.rounds >= 1, "measure_async_checkpoint: rounds must be >= 1, got ",
+              options.rounds);
+  const std::string root = options.dir + "/wick-bench-checkpoint-" + std::to_string(::getpid());
+  wick::AsyncCheckpointWriter writer;
+  AsyncCheckpointRounds r;
+  int64_t checkpoint_bytes = 0;
+  int step = 0;
+  r.run(
+      options.rounds,
+      [&] {
+        const std::string path = root + "/sync/" + wick::checkpoint_name(++step);
+        Stopwatch sw;
+        wick::Checkpoint ckpt;
+        build(ckpt);
+        ckpt.save(path);
+        const double ms = sw.wall_s() * 1e3;
+        checkpoint_bytes = tree_bytes(path);
+        remove_tree(path);
+        return ms;
+      },
+      [&] {
+        const std::string path = root + "/async/" + wick::checkpoint_name(++step);
+        Stopwatch sw;
+        writer.save(path, build);
+        const double ms = sw.wall_s() * 1e3;
+        if (options.between) options.between();
+        writer.wait();
+        remove_tree(path);
+        return ms;
+      },
+      writer);
   remove_tree(root);
 
   Json j;
-  j["state_mb"] = static_cast<double>(state_bytes) / (1 << 20);
+  j["state_mb"] = static_cast<double>(r.snapshot_bytes) / (1 << 20);
   j["checkpoint_mb"] = static_cast<double>(checkpoint_bytes) / (1 << 20);
-  j["sync_save_ms"] = median(sync_ms);
-  j["async_blocked_ms"] = median(blocked_ms);
-  j["async_snapshot_ms"] = median(snapshot_ms);
-  j["async_write_ms"] = median(write_ms);
-  j["async_blocked_ratio"] = median(blocked_ms) / median(sync_ms);
-  j["async_first_blocked_ms"] = first_blocked_ms;
+  j["sync_save_ms"] = median(r.sync_ms);
+  j["async_blocked_ms"] = median(r.blocked_ms);
+  j["async_snapshot_ms"] = median(r.snapshot_ms);
+  j["async_write_ms"] = median(r.write_ms);
+  j["async_blocked_ratio"] = median(r.blocked_ms) / median(r.sync_ms);
+  j["async_first_blocked_ms"] = r.first_blocked_ms;
   j["rounds"] = options.rounds;
-  j["runs_sync_save_ms"] = sync_ms;
-  j["runs_async_blocked_ms"] = blocked_ms;
-  j["runs_async_write_ms"] = write_ms;
+  j["runs_sync_save_ms"] = r.sync_ms;
+  j["runs_async_blocked_ms"] = r.blocked_ms;
+  j["runs_async_write_ms"] = r.write_ms;
   return j;
 }
 

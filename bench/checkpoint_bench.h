@@ -7,12 +7,15 @@
 
 #include "bench_common.h"
 
+#include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 namespace wick {
+class AsyncCheckpointWriter;
 class Checkpoint;
-}
+}  // namespace wick
 
 namespace wick_bench {
 
@@ -41,6 +44,19 @@ struct AsyncCheckpointMeasureOptions {
 /// async_first_blocked_ms (the untimed first round: host buffers allocated).
 /// rm -rf through libc (the torch wheel's std::filesystem is not safe to call).
 void remove_tree(const std::string& path);
+
+/// The figures of synchronous and asynchronous saves, round by round.
+struct AsyncCheckpointRounds {
+  std::vector<double> sync_ms, blocked_ms, snapshot_ms, write_ms;
+  double first_blocked_ms = 0;  // the untimed first asynchronous save's
+  int64_t snapshot_bytes = 0;
+  /// Runs an untimed asynchronous save, an untimed synchronous one, then
+  /// `rounds` timed pairs whose order alternates. `sync_save` returns its ms;
+  /// `async_save` returns the ms it blocked, after which the save's write is
+  /// waited for (untimed) and `writer`'s stats are read.
+  void run(int rounds, const std::function<double()>& sync_save,
+           const std::function<double()>& async_save, const wick::AsyncCheckpointWriter& writer);
+};
 
 Json measure_async_checkpoint(const std::function<void(wick::Checkpoint&)>& build,
                               const AsyncCheckpointMeasureOptions& options);

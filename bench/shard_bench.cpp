@@ -402,7 +402,7 @@ void run_checkpoint_child(const ShardBenchOptions& o) {
   auto pg = wick::init_process_group();
   const int64_t rank = pg->rank();
   const int64_t side = o.quick ? 256 : 2048, layers = o.quick ? 2 : 5;
-  const int rounds = o.quick ? 2 : 5;
+  const int rounds = o.quick ? 2 : 5;  // timed pairs
   torch::manual_seed(o.seed);
   auto model = std::make_shared<torch::nn::Module>();
   std::vector<torch::nn::Linear> linears;
@@ -432,65 +432,49 @@ void run_checkpoint_child(const ShardBenchOptions& o) {
 
   const std::string root = o.out_dir + "/ckpt";
   wick::AsyncCheckpointWriter writer;
-  std::vector<double> sync_ms, blocked_ms, snapshot_ms, write_ms;
-  double first_blocked_ms = 0;
-  int64_t snapshot_bytes = 0;
+  AsyncCheckpointRounds r;
   int64_t k = 0;
   const auto done_with = [&](const std::string& path) {
     pg->barrier();
     if (rank == 0) remove_tree(path);
   };
-  const auto sync_round = [&](bool timed) {
-    const std::string path = root + "/" + wick::checkpoint_name(++k);
-    pg->barrier();
-    Stopwatch sw;
-    wick::Checkpoint ckpt;
-    ckpt.set_train_state({k, 0, 0, 0});
-    sdp.save_checkpoint(ckpt, path);
-    if (timed) sync_ms.push_back(sw.wall_s() * 1e3);
-    done_with(path);
-  };
-  const auto async_round = [&](bool timed) {
-    const std::string path = root + "/" + wick::checkpoint_name(++k);
-    pg->barrier();
-    Stopwatch sw;
-    sdp.save_checkpoint_async(writer, path,
-                              [&](wick::Checkpoint& c) { c.set_train_state({k, 0, 0, 0}); });
-    const double ms = sw.wall_s() * 1e3;
-    step();  // training goes on meanwhile
-    sdp.wait_checkpoint(writer);
-    const auto st = writer.stats();
-    snapshot_bytes = st.last_snapshot_bytes;
-    if (timed) {
-      blocked_ms.push_back(ms);
-      snapshot_ms.push_back(st.last_snapshot_s * 1e3);
-      write_ms.push_back(st.last_write_s * 1e3);
-    } else {
-      first_blocked_ms = ms;
-    }
-    done_with(path);
-  };
-  async_round(false);  // untimed: allocates the host buffers
-  sync_round(false);
-  for (int r = 0; r < rounds; ++r) {
-    if (r % 2 == 0) {
-      sync_round(true);
-      async_round(true);
-    } else {
-      async_round(true);
-      sync_round(true);
-    }
-  }
+  r.run(
+      rounds,
+      [&] {
+        const std::string path = root + "/" + wick::checkpoint_name(++k);
+        pg->barrier();
+        Stopwatch sw;
+        wick::Checkpoint ckpt;
+        ckpt.set_train_state({k, 0, 0, 0});
+        sdp.save_checkpoint(ckpt, path);
+        const double ms = sw.wall_s() * 1e3;
+        done_with(path);
+        return ms;
+      },
+      [&] {
+        const std::string path = root + "/" + wick::checkpoint_name(++k);
+        pg->barrier();
+        Stopwatch sw;
+        sdp.save_checkpoint_async(writer, path, [&](wick::Checkpoint& c) {
+          c.set_train_state({k, 0, 0, 0});
+        });
+        const double ms = sw.wall_s() * 1e3;
+        step();  // training goes on meanwhile
+        sdp.wait_checkpoint(writer);
+        done_with(path);
+        return ms;
+      },
+      writer);
   Json j;
   j["rank"] = rank;
   j["parameters"] = numel;
   j["total_state_mb"] = 12.0 * static_cast<double>(numel) / (1 << 20);  // fp32 + Adam's 2
-  j["rank_state_mb"] = static_cast<double>(snapshot_bytes) / (1 << 20);
-  j["sync_save_ms"] = sync_ms;
-  j["async_blocked_ms"] = blocked_ms;
-  j["async_snapshot_ms"] = snapshot_ms;
-  j["async_write_ms"] = write_ms;
-  j["async_first_blocked_ms"] = first_blocked_ms;
+  j["rank_state_mb"] = static_cast<double>(r.snapshot_bytes) / (1 << 20);
+  j["sync_save_ms"] = r.sync_ms;
+  j["async_blocked_ms"] = r.blocked_ms;
+  j["async_snapshot_ms"] = r.snapshot_ms;
+  j["async_write_ms"] = r.write_ms;
+  j["async_first_blocked_ms"] = r.first_blocked_ms;
   const std::string path = o.out_dir + "/rank" + std::to_string(rank) + ".json";
   std::ofstream out(path);
   TORCH_CHECK(out, "wick-bench shard: cannot write ", path);
@@ -511,7 +495,8 @@ Json sharded_checkpoint_figures(const std::vector<Json>& ranks) {
   };
   const auto sync = per_round_max("sync_save_ms"), blocked = per_round_max("async_blocked_ms");
   std::vector<double> ratios;
-  for (size_t i = 0; i < sync.size() && i < blocked.size(); ++i) ratios.push_back(blocked[i] / sync[i]);
+  for (size_t i = 0; i < sync.size() && i < blocked.size(); ++i)
+    ratios.push_back(blocked[i] / sync[i]);
   Json j;
   j["strategy"] = "full";
   j["ranks"] = ranks.size();
@@ -881,9 +866,9 @@ void run_shard_bench(ShardBenchOptions o, const GlobalOptions& global, const CLI
   // save_checkpoint, full sharding, >= 200 MB of state in all).
   if (!o.no_sharded_checkpoint) {
     ScratchFolder dir("shard-ckpt");
-    std::vector<std::string> argv = {"/proc/self/exe", "shard",      "--rank-child",
-                                     "--strategy",     "checkpoint", "--seed",
-                                     std::to_string(o.seed), "--out-dir", dir.path};
+    std::vector<std::string> argv = {"/proc/self/exe",       "shard",      "--rank-child",
+                                     "--strategy",           "checkpoint", "--seed",
+                                     std::to_string(o.seed), "--out-dir",  dir.path};
     if (o.quick) argv.emplace_back("--quick");
     const Json c = sharded_checkpoint_figures(
         run_rank_processes(argv, 2, dir.path, o.timeout_s, "sharded checkpoint"));
