@@ -77,7 +77,7 @@ struct AsyncCheckpointWriter::State {
       failure = std::current_exception();
     }
     job = nullptr;  // and the host copies it holds
-    ckpt.reset();  // its host copies are free for recycle() from here
+    ckpt.reset();   // its host copies are free for recycle() from here
     {
       std::lock_guard<std::mutex> lock(mutex);
       stats.last_write_s = elapsed_s(t0);

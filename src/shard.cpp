@@ -24,7 +24,7 @@
 namespace wick {
 namespace {
 
-constexpr const char* kName = "ShardedDataParallel";
+constexpr const char* kSdpName = "ShardedDataParallel";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -45,7 +45,7 @@ void allocate_storage(const torch::Tensor& t) {
   auto* impl = t.storage().unsafeGetStorageImpl();
   const auto nbytes = static_cast<size_t>(t.numel()) * t.element_size();
   if (impl->nbytes() == nbytes) return;
-  TORCH_INTERNAL_ASSERT(impl->allocator() != nullptr, kName, ": a flat unit has no allocator");
+  TORCH_INTERNAL_ASSERT(impl->allocator() != nullptr, kSdpName, ": a flat unit has no allocator");
   impl->set_data_ptr_noswap(impl->allocator()->allocate(nbytes));
   impl->set_nbytes(nbytes);
 }
@@ -161,12 +161,12 @@ std::vector<std::vector<size_t>> ShardedDataParallel::Impl::plan_units(
   }
   std::unordered_map<const c10::TensorImpl*, size_t> unit_of;
   for (const auto& m : options.units()) {
-    TORCH_CHECK(m != nullptr, kName, ": a unit is null");
+    TORCH_CHECK(m != nullptr, kSdpName, ": a unit is null");
     auto found = module_names.find(m.get());
-    TORCH_CHECK(found != module_names.end(), kName,
+    TORCH_CHECK(found != module_names.end(), kSdpName,
                 ": a unit is not a submodule of the module (units must be modules inside it)");
     for (const auto& u : units) {
-      TORCH_CHECK(u.module != m.get(), kName, ": unit '", found->second, "' is listed twice");
+      TORCH_CHECK(u.module != m.get(), kSdpName, ": unit '", found->second, "' is listed twice");
     }
     Unit unit;
     unit.name = found->second;
@@ -175,7 +175,7 @@ std::vector<std::vector<size_t>> ShardedDataParallel::Impl::plan_units(
     for (const auto& item : m->named_parameters(/*recurse=*/true)) {
       const auto* impl = item.value().unsafeGetTensorImpl();
       auto [it, inserted] = unit_of.emplace(impl, index);
-      TORCH_CHECK(inserted, kName, ": units '", units[it->second].name, "' and '", unit.name,
+      TORCH_CHECK(inserted, kSdpName, ": units '", units[it->second].name, "' and '", unit.name,
                   "' share parameters (units may not nest or overlap)");
     }
     units.push_back(std::move(unit));
@@ -197,13 +197,14 @@ std::vector<std::vector<size_t>> ShardedDataParallel::Impl::plan_units(
     plan.push_back(std::move(rest));
   }
   for (size_t u = 0; u < plan.size(); ++u) {
-    TORCH_CHECK(!plan[u].empty(), kName, ": unit '", units[u].name, "' has no trainable parameter");
+    TORCH_CHECK(!plan[u].empty(), kSdpName, ": unit '", units[u].name,
+                "' has no trainable parameter");
     const auto& first = trainable[plan[u].front()];
     for (size_t k : plan[u]) {
       const auto& [name, t] = trainable[k];
       TORCH_CHECK(
           t.scalar_type() == first.second.scalar_type() && t.device() == first.second.device(),
-          kName, ": unit '", units[u].name, "' mixes parameters of different dtypes or ",
+          kSdpName, ": unit '", units[u].name, "' mixes parameters of different dtypes or ",
           "devices ('", first.first, "' is ", first.second.scalar_type(), " on ",
           first.second.device(), ", '", name, "' is ", t.scalar_type(), " on ", t.device(),
           "); a unit is one flat tensor");
@@ -267,16 +268,16 @@ void ShardedDataParallel::Impl::make_unit(Unit& unit) {
 
 void ShardedDataParallel::Impl::build(
     const std::vector<std::pair<std::string, torch::Tensor>>& named, torch::optim::Optimizer& opt) {
-  TORCH_CHECK(dynamic_cast<torch::optim::LBFGS*>(&opt) == nullptr, kName,
+  TORCH_CHECK(dynamic_cast<torch::optim::LBFGS*>(&opt) == nullptr, kSdpName,
               ": LBFGS is not elementwise (its steps use dot products over all parameters), so "
               "it cannot step shards; use SGD, Adam, AdamW, FusedAdam, RMSprop or Adagrad");
-  TORCH_CHECK(opt.state().empty(), kName,
+  TORCH_CHECK(opt.state().empty(), kSdpName,
               ": the optimizer already has state (it has stepped or loaded a checkpoint); "
               "construct ShardedDataParallel before the first step, and load checkpoints after");
   std::unordered_map<const c10::TensorImpl*, size_t> group_of;
   for (size_t g = 0; g < opt.param_groups().size(); ++g) {
     for (const auto& t : opt.param_groups()[g].params()) {
-      TORCH_CHECK(group_of.emplace(t.unsafeGetTensorImpl(), g).second, kName,
+      TORCH_CHECK(group_of.emplace(t.unsafeGetTensorImpl(), g).second, kSdpName,
                   ": a tensor of shape ", t.sizes(), " is in the optimizer twice");
     }
   }
@@ -285,7 +286,7 @@ void ShardedDataParallel::Impl::build(
   for (const auto& [name, t] : named) {
     if (!t.requires_grad()) continue;
     auto it = group_of.find(t.unsafeGetTensorImpl());
-    TORCH_CHECK(it != group_of.end(), kName, ": parameter '", name,
+    TORCH_CHECK(it != group_of.end(), kSdpName, ": parameter '", name,
                 "' is trainable but not in the optimizer; give it to the optimizer, or freeze it "
                 "(requires_grad false) to keep it whole on every rank");
     trainable.emplace_back(name, t);
@@ -296,15 +297,15 @@ void ShardedDataParallel::Impl::build(
     for (const auto& [name, t] : trainable) mine.insert(t.unsafeGetTensorImpl());
     for (size_t g = 0; g < opt.param_groups().size(); ++g) {
       for (const auto& t : opt.param_groups()[g].params()) {
-        TORCH_CHECK(mine.count(t.unsafeGetTensorImpl()) != 0, kName,
+        TORCH_CHECK(mine.count(t.unsafeGetTensorImpl()) != 0, kSdpName,
                     ": the optimizer's parameter group ", g, " holds a tensor of shape ", t.sizes(),
                     " that is not a trainable parameter of the module");
       }
     }
   }
-  TORCH_CHECK(!trainable.empty(), kName, ": the module has no trainable parameter");
+  TORCH_CHECK(!trainable.empty(), kSdpName, ": the module has no trainable parameter");
   for (const auto& [name, t] : trainable) {
-    TORCH_CHECK(t.is_floating_point(), kName, ": parameter '", name, "' is ", t.scalar_type(),
+    TORCH_CHECK(t.is_floating_point(), kSdpName, ": parameter '", name, "' is ", t.scalar_type(),
                 "; only floating-point parameters are sharded");
   }
 
@@ -332,7 +333,7 @@ void ShardedDataParallel::Impl::build(
     for (size_t k : units[u].params) {
       auto& p = params[k];
       p.accumulator = torch::autograd::impl::grad_accumulator(p.tensor);
-      TORCH_CHECK(p.accumulator != nullptr, kName, ": parameter '", p.name,
+      TORCH_CHECK(p.accumulator != nullptr, kSdpName, ": parameter '", p.name,
                   "' has no gradient accumulator (is it a leaf tensor?)");
     }
     if (full()) release(u);
@@ -506,7 +507,7 @@ void ShardedDataParallel::Impl::on_grad_ready(size_t index) {
     return;
   }
   TORCH_CHECK(
-      !grad_ready[index], kName, ": parameter '", params[index].name,
+      !grad_ready[index], kSdpName, ": parameter '", params[index].name,
       "' received a gradient twice before finalize_backward(); call finalize_backward() after "
       "each backward, and run accumulation micro-batches with synchronization off");
   grad_ready[index] = 1;
@@ -658,7 +659,7 @@ void ShardedDataParallel::Impl::finalize() {
     if (!options.find_unused_parameters()) {
       wait_all();
       reset_round();
-      TORCH_CHECK(false, kName, ": parameter '", params[i].name,
+      TORCH_CHECK(false, kSdpName, ": parameter '", params[i].name,
                   "' got no gradient in this backward, so its unit's gradients cannot be reduced; "
                   "if parts of the model are unused on purpose, set "
                   "ShardingOptions().find_unused_parameters(true) (and call finalize_backward() "
@@ -671,7 +672,8 @@ void ShardedDataParallel::Impl::finalize() {
   launch_in_order();
   finish_regathers();
   for (size_t u = 0; u < units.size(); ++u) {
-    TORCH_INTERNAL_ASSERT(units[u].launched, kName, ": unit ", units[u].name, " was not launched");
+    TORCH_INTERNAL_ASSERT(units[u].launched, kSdpName, ": unit ", units[u].name,
+                          " was not launched");
   }
 
   const double world_size = static_cast<double>(world());
@@ -727,11 +729,11 @@ ShardedDataParallel::ShardedDataParallel(std::shared_ptr<torch::nn::Module> modu
                                          torch::optim::Optimizer& optimizer,
                                          ShardingOptions options)
     : impl_(std::make_shared<Impl>()) {
-  TORCH_CHECK(module != nullptr, kName, ": module must not be null");
-  TORCH_CHECK(pg != nullptr, kName, ": process group must not be null");
-  TORCH_CHECK(options.bucket_cap_mb() > 0, kName, ": bucket_cap_mb must be > 0, got ",
+  TORCH_CHECK(module != nullptr, kSdpName, ": module must not be null");
+  TORCH_CHECK(pg != nullptr, kSdpName, ": process group must not be null");
+  TORCH_CHECK(options.bucket_cap_mb() > 0, kSdpName, ": bucket_cap_mb must be > 0, got ",
               options.bucket_cap_mb());
-  TORCH_CHECK(options.strategy() == ShardingStrategy::kFull || options.units().empty(), kName,
+  TORCH_CHECK(options.strategy() == ShardingStrategy::kFull || options.units().empty(), kSdpName,
               ": units are for full sharding; ", to_string(options.strategy()),
               " shards by buckets (bucket_cap_mb)");
   impl_->module = std::move(module);
@@ -742,7 +744,7 @@ ShardedDataParallel::ShardedDataParallel(std::shared_ptr<torch::nn::Module> modu
     named.emplace_back(item.key(), item.value());
   }
   if (impl_->world() > 1) {
-    detail::check_same_parameters(*impl_->pg, named, kName);
+    detail::check_same_parameters(*impl_->pg, named, kSdpName);
     // Frozen parameters and buffers are not in any unit: rank 0's, whole.
     std::vector<torch::Tensor> rest;
     for (const auto& [name, t] : named) {
@@ -767,7 +769,7 @@ ShardedDataParallel::ShardedDataParallel(std::shared_ptr<torch::nn::Module> modu
     if (!inserted) {
       if (!it->second.first.expired()) {
         for (size_t v = 0; v < u; ++v) reg.units.erase(impl_->units[v].module);
-        TORCH_CHECK(false, kName, ": unit '", impl_->units[u].name,
+        TORCH_CHECK(false, kSdpName, ": unit '", impl_->units[u].name,
                     "' is already a unit of another live ShardedDataParallel");
       }
       it->second = std::make_pair(impl_, u);
@@ -794,7 +796,7 @@ ShardedDataParallel::~ShardedDataParallel() {
   try {
     gather_full_params();
   } catch (const std::exception& e) {
-    TORCH_WARN(kName, ": could not gather the module whole on destruction: ", e.what());
+    TORCH_WARN(kSdpName, ": could not gather the module whole on destruction: ", e.what());
   }
 }
 
@@ -848,7 +850,7 @@ bool ShardedDataParallel::sync_enabled() const {
 }
 
 double ShardedDataParallel::clip_grad_norm_(double max_norm) {
-  TORCH_CHECK(max_norm > 0, kName, ": clip_grad_norm_ needs max_norm > 0, got ", max_norm);
+  TORCH_CHECK(max_norm > 0, kSdpName, ": clip_grad_norm_ needs max_norm > 0, got ", max_norm);
   auto& impl = *impl_;
   torch::NoGradGuard no_grad;
   // As torch::nn::utils::clip_grad_norm_ on a replica: the norm of the

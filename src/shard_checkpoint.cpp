@@ -35,7 +35,7 @@ namespace wick {
 namespace {
 
 using json = nlohmann::json;
-constexpr const char* kWho = "ShardedDataParallel";
+constexpr const char* kSdpCheckpointName = "ShardedDataParallel";
 constexpr const char* kManifestKey = "sharding";
 constexpr const char* kGroupsSection = "optimizer_groups";
 constexpr int64_t kManifestVersion = 1;
@@ -97,7 +97,7 @@ Fields to_fields(const torch::optim::OptimizerParamState& state) {
     f.scalars["step"] = step_tensor(g->step());
     put("sum", g->sum());
   } else {
-    TORCH_CHECK(false, kWho, ": cannot checkpoint this optimizer's state by shards");
+    TORCH_CHECK(false, kSdpCheckpointName, ": cannot checkpoint this optimizer's state by shards");
   }
   return f;
 }
@@ -111,7 +111,8 @@ std::unique_ptr<torch::optim::OptimizerParamState> from_fields(const std::string
   };
   auto step = [&] {
     auto it = f.scalars.find("step");
-    TORCH_CHECK(it != f.scalars.end(), kWho, ": the checkpoint's optimizer state has no step");
+    TORCH_CHECK(it != f.scalars.end(), kSdpCheckpointName,
+                ": the checkpoint's optimizer state has no step");
     return it->second;
   };
   if (kind == "fused_adam") {
@@ -152,7 +153,7 @@ std::unique_ptr<torch::optim::OptimizerParamState> from_fields(const std::string
     s->sum(get("sum"));
     return s;
   }
-  TORCH_CHECK(false, kWho, ": unknown optimizer kind '", kind, "' in the checkpoint");
+  TORCH_CHECK(false, kSdpCheckpointName, ": unknown optimizer kind '", kind, "' in the checkpoint");
 }
 
 std::string part_key(const char* kind, const std::string& field, const std::string& name,
@@ -181,15 +182,15 @@ struct SavedLayout {
 
 SavedLayout parse_manifest(const Checkpoint& ckpt) {
   auto text = ckpt.meta(kManifestKey);
-  TORCH_CHECK(text.has_value(), kWho, ": checkpoint ", ckpt.path(),
+  TORCH_CHECK(text.has_value(), kSdpCheckpointName, ": checkpoint ", ckpt.path(),
               " is not sharded (its meta.json has no \"", kManifestKey,
               "\"); load it with Checkpoint::restore_module and restore_optimizer");
   SavedLayout layout;
   try {
     const json m = json::parse(*text);
-    TORCH_CHECK(m.at("version").get<int64_t>() == kManifestVersion, kWho, ": checkpoint ",
-                ckpt.path(), " has sharding manifest version ", m.at("version").dump(),
-                "; this build reads version ", kManifestVersion);
+    TORCH_CHECK(m.at("version").get<int64_t>() == kManifestVersion, kSdpCheckpointName,
+                ": checkpoint ", ckpt.path(), " has sharding manifest version ",
+                m.at("version").dump(), "; this build reads version ", kManifestVersion);
     layout.world_size = m.at("world_size").get<int64_t>();
     layout.optimizer = m.at("optimizer").get<std::string>();
     layout.elementwise = m.at("elementwise").get<std::vector<std::string>>();
@@ -208,7 +209,7 @@ SavedLayout parse_manifest(const Checkpoint& ckpt) {
       layout.params.emplace(name, std::move(sp));
     }
   } catch (const json::exception& e) {
-    TORCH_CHECK(false, kWho, ": checkpoint ", ckpt.path(),
+    TORCH_CHECK(false, kSdpCheckpointName, ": checkpoint ", ckpt.path(),
                 " has a malformed sharding manifest: ", e.what());
   }
   return layout;
@@ -230,13 +231,13 @@ class PartReader {
       const int64_t lo = std::max(a, part.start), hi = std::min(b, part.start + part.numel);
       if (hi <= lo) continue;
       const auto& t = tensor(part.rank, part_key(kind, field, name, part.start));
-      TORCH_CHECK(t.numel() == part.numel, kWho, ": checkpoint ", ckpt_.path(), ": '",
+      TORCH_CHECK(t.numel() == part.numel, kSdpCheckpointName, ": checkpoint ", ckpt_.path(), ": '",
                   part_key(kind, field, name, part.start), "' has ", t.numel(),
                   " elements, the manifest says ", part.numel);
       out.narrow(0, lo - a, hi - lo).copy_(t.narrow(0, lo - part.start, hi - lo));
       covered += hi - lo;
     }
-    TORCH_CHECK(covered == b - a, kWho, ": checkpoint ", ckpt_.path(),
+    TORCH_CHECK(covered == b - a, kSdpCheckpointName, ": checkpoint ", ckpt_.path(),
                 ": the manifest's parts of '", name, "' do not cover elements [", a, ", ", b, ")");
   }
 
@@ -247,7 +248,7 @@ class PartReader {
         return tensor(part.rank, part_key("c", field, name, part.start));
       }
     }
-    TORCH_CHECK(false, kWho, ": checkpoint ", ckpt_.path(), " has no part of '", name,
+    TORCH_CHECK(false, kSdpCheckpointName, ": checkpoint ", ckpt_.path(), " has no part of '", name,
                 "' holding element ", a);
   }
 
@@ -258,7 +259,7 @@ class PartReader {
           load_safetensors(ckpt_.file_path(shard_file(rank, layout_.world_size))).to_map());
     }
     auto it = file->find(key);
-    TORCH_CHECK(it != file->end(), kWho, ": checkpoint ", ckpt_.path(), ": ",
+    TORCH_CHECK(it != file->end(), kSdpCheckpointName, ": checkpoint ", ckpt_.path(), ": ",
                 shard_file(rank, layout_.world_size), " has no tensor '", key, "'");
     return it->second;
   }
@@ -321,7 +322,8 @@ ShardContents collect_shard(ShardedDataParallel::Impl& impl,
       auto it = opt.state().find(piece.tensor.unsafeGetTensorImpl());
       std::optional<Fields> fields;
       if (it != opt.state().end()) fields = to_fields(*it->second);
-      TORCH_CHECK(!c.has_state.has_value() || *c.has_state == fields.has_value(), kWho,
+      TORCH_CHECK(!c.has_state.has_value() || *c.has_state == fields.has_value(),
+                  kSdpCheckpointName,
                   ": the optimizer has state for some shards and not for others; save after "
                   "a step, or before the first");
       c.has_state = fields.has_value();
@@ -368,7 +370,7 @@ WrittenFile write_shard(const ShardContents& c, const std::string& staging, int6
       save_safetensors_to_bytes(c.tensors, {{"wick", "sharded checkpoint"},
                                             {"rank", std::to_string(rank)},
                                             {"world_size", std::to_string(world)}});
-  detail::AtomicFile out(detail::join_path(staging, shard_file(rank, world)), kWho);
+  detail::AtomicFile out(detail::join_path(staging, shard_file(rank, world)), kSdpCheckpointName);
   out.write(bytes.data(), bytes.size());
   out.commit();
   return {static_cast<int64_t>(bytes.size()),
@@ -436,12 +438,12 @@ std::string make_staging(ShardedDataParallel::Impl& impl, const std::string& pat
   const auto slash = target.rfind('/');
   const std::string parent = slash == std::string::npos ? "." : target.substr(0, slash);
   const std::string name = slash == std::string::npos ? target : target.substr(slash + 1);
-  const std::string staging = detail::join_path(
+  std::string staging = detail::join_path(
       parent, broadcast_string(*impl.pg, rank == 0 ? detail::checkpoint_temp_name(name) : ""));
   std::string error;
   if (rank == 0) {
     try {
-      detail::make_directories(staging, kWho);
+      detail::make_directories(staging, kSdpCheckpointName);
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -450,9 +452,9 @@ std::string make_staging(ShardedDataParallel::Impl& impl, const std::string& pat
                             torch::dtype(torch::kInt64).device(impl.pg->device()));
   impl.pg->broadcast({failed}, 0);
   if (failed.cpu().item<int64_t>() != 0) {
-    TORCH_CHECK(rank != 0, kWho, ": cannot save checkpoint '", path, "': ", error,
+    TORCH_CHECK(rank != 0, kSdpCheckpointName, ": cannot save checkpoint '", path, "': ", error,
                 "; nothing was changed at '", path, "'");
-    TORCH_CHECK(false, kWho, ": cannot save checkpoint '", path,
+    TORCH_CHECK(false, kSdpCheckpointName, ": cannot save checkpoint '", path,
                 "': rank 0 could not create its staging directory (its log says why); nothing "
                 "was changed at '",
                 path, "'");
@@ -482,7 +484,7 @@ void write_status(const std::string& staging, int64_t rank, int64_t world, const
           : json{{"ok", false},
                  {"error", error.size() <= kMaxError ? error : error.substr(0, kMaxError) + "..."}};
   const std::string text = status.dump(-1, ' ', false, json::error_handler_t::replace);
-  detail::AtomicFile out(detail::join_path(staging, status_file(rank, world)), kWho);
+  detail::AtomicFile out(detail::join_path(staging, status_file(rank, world)), kSdpCheckpointName);
   out.write(text.data(), text.size());
   out.commit();
 }
@@ -508,24 +510,27 @@ std::vector<WrittenFile> wait_statuses(const std::string& staging, int64_t world
       try {
         status = json::parse(in);
       } catch (const json::exception& e) {
-        TORCH_CHECK(false, kWho, ": cannot save checkpoint '", path, "': rank ", r,
+        TORCH_CHECK(false, kSdpCheckpointName, ": cannot save checkpoint '", path, "': rank ", r,
                     "'s status file '", file, "' is malformed: ", e.what());
       }
-      TORCH_CHECK(status.value("ok", false), kWho, ": cannot save checkpoint '", path, "': rank ",
-                  r, " could not write its shard: ", status.value("error", std::string("?")));
+      TORCH_CHECK(status.value("ok", false), kSdpCheckpointName, ": cannot save checkpoint '", path,
+                  "': rank ", r,
+                  " could not write its shard: ", status.value("error", std::string("?")));
       files[r] = WrittenFile{status.at("size").get<int64_t>(), status.at("crc").get<uint32_t>()};
     }
     if (pending == 0) break;
     if (std::chrono::steady_clock::now() > deadline) {
       for (int64_t r = 0; r < world; ++r) {
-        TORCH_CHECK(files[r].has_value(), kWho, ": cannot save checkpoint '", path, "': rank ", r,
-                    " did not report its shard written within ", timeout.count(), " ms");
+        TORCH_CHECK(files[r].has_value(), kSdpCheckpointName, ": cannot save checkpoint '", path,
+                    "': rank ", r, " did not report its shard written within ", timeout.count(),
+                    " ms");
       }
     }
     std::this_thread::sleep_for(pause);
     pause = std::min<std::chrono::microseconds>(pause * 2, std::chrono::milliseconds(20));
   }
   std::vector<WrittenFile> out;
+  out.reserve(files.size());
   for (auto& f : files) out.push_back(*f);
   return out;
 }
@@ -535,8 +540,8 @@ std::vector<WrittenFile> wait_statuses(const std::string& staging, int64_t world
 namespace {
 
 std::string checked_optimizer_kind(const torch::optim::Optimizer& opt) {
-  const std::string kind = optimizer_kind(opt);
-  TORCH_CHECK(!kind.empty() || opt.state().empty(), kWho,
+  std::string kind = optimizer_kind(opt);
+  TORCH_CHECK(!kind.empty() || opt.state().empty(), kSdpCheckpointName,
               ": cannot checkpoint this optimizer's state by shards (SGD, Adam, AdamW, FusedAdam, "
               "RMSprop and Adagrad can be)");
   return kind;
@@ -569,9 +574,9 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
   for (int64_t r = 0; r < world; ++r) {
     if (table[r][2].item<int64_t>() == 0) continue;
     if (rank == 0) detail::remove_tree(staging);
-    TORCH_CHECK(r != rank, kWho, ": cannot save checkpoint '", path, "': rank ", rank,
+    TORCH_CHECK(r != rank, kSdpCheckpointName, ": cannot save checkpoint '", path, "': rank ", rank,
                 " could not write its shard: ", error, "; nothing was changed at '", path, "'");
-    TORCH_CHECK(false, kWho, ": cannot save checkpoint '", path, "': rank ", r,
+    TORCH_CHECK(false, kSdpCheckpointName, ": cannot save checkpoint '", path, "': rank ", r,
                 " could not write its shard (its log says why); nothing was changed at '", path,
                 "'");
   }
@@ -598,7 +603,7 @@ void ShardedDataParallel::save_checkpoint(Checkpoint& checkpoint, const std::str
   impl.pg->broadcast({outcome}, 0);
   if (outcome.cpu().item<int64_t>() != 0) {
     TORCH_CHECK(rank != 0, error);
-    TORCH_CHECK(false, kWho, ": rank 0 could not save checkpoint '", path,
+    TORCH_CHECK(false, kSdpCheckpointName, ": rank 0 could not save checkpoint '", path,
                 "' (its log says why); nothing was changed at '", path, "'");
   }
 }
@@ -617,7 +622,7 @@ void ShardedDataParallel::wait_checkpoint(AsyncCheckpointWriter& writer) {
   for (int64_t r = 0; r < impl.world(); ++r) {
     if (failed[r] != 0) ranks += (ranks.empty() ? "rank " : ", rank ") + std::to_string(r);
   }
-  TORCH_CHECK(ranks.empty(), kWho, ": a background checkpoint save failed on ", ranks,
+  TORCH_CHECK(ranks.empty(), kSdpCheckpointName, ": a background checkpoint save failed on ", ranks,
               " (the logs there say why)");
 }
 
@@ -625,8 +630,10 @@ void ShardedDataParallel::save_checkpoint_async(AsyncCheckpointWriter& writer,
                                                 const std::string& path,
                                                 const AsyncCheckpointWriter::Build& build,
                                                 AsyncCheckpointWriter::AfterWrite after_write) {
-  TORCH_CHECK(!path.empty(), kWho, ": save_checkpoint_async needs a path, got an empty string");
-  TORCH_CHECK(build, kWho, ": save_checkpoint_async('", path, "') needs a build function");
+  TORCH_CHECK(!path.empty(), kSdpCheckpointName,
+              ": save_checkpoint_async needs a path, got an empty string");
+  TORCH_CHECK(build, kSdpCheckpointName, ": save_checkpoint_async('", path,
+              "') needs a build function");
   auto& impl = *impl_;
   const int64_t rank = impl.rank(), world = impl.world();
   const std::string kind = checked_optimizer_kind(*impl.optimizer);
@@ -656,8 +663,8 @@ void ShardedDataParallel::save_checkpoint_async(AsyncCheckpointWriter& writer,
             }
             write_status(staging, rank, world, written, error);
             if (!error.empty() && rank == 0) detail::remove_tree(staging);
-            TORCH_CHECK(error.empty(), kWho, ": cannot save checkpoint '", path, "': rank ", rank,
-                        " could not write its shard: ", error);
+            TORCH_CHECK(error.empty(), kSdpCheckpointName, ": cannot save checkpoint '", path,
+                        "': rank ", rank, " could not write its shard: ", error);
             if (rank != 0) return;
             try {
               commit(ckpt, staging, path, wait_statuses(staging, world, timeout, path));
@@ -682,18 +689,18 @@ void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
   // The same trainable parameters, by name and shape.
   for (const auto& p : impl.params) {
     auto it = layout.params.find(p.name);
-    TORCH_CHECK(it != layout.params.end(), kWho, ": checkpoint ", checkpoint.path(),
+    TORCH_CHECK(it != layout.params.end(), kSdpCheckpointName, ": checkpoint ", checkpoint.path(),
                 " has no parameter '", p.name, "'");
-    TORCH_CHECK(it->second.shape == p.shape, kWho, ": checkpoint ", checkpoint.path(),
+    TORCH_CHECK(it->second.shape == p.shape, kSdpCheckpointName, ": checkpoint ", checkpoint.path(),
                 ": parameter '", p.name, "' has shape ", c10::IntArrayRef(it->second.shape),
                 " there but ", c10::IntArrayRef(p.shape), " in the module");
   }
-  TORCH_CHECK(layout.params.size() == impl.params.size(), kWho, ": checkpoint ", checkpoint.path(),
-              " has ", layout.params.size(), " trainable parameters, the module ",
-              impl.params.size());
+  TORCH_CHECK(layout.params.size() == impl.params.size(), kSdpCheckpointName, ": checkpoint ",
+              checkpoint.path(), " has ", layout.params.size(),
+              " trainable parameters, the module ", impl.params.size());
   const std::string kind = optimizer_kind(opt);
-  TORCH_CHECK(layout.optimizer.empty() || layout.optimizer == kind, kWho, ": checkpoint ",
-              checkpoint.path(), " holds the state of a ", layout.optimizer,
+  TORCH_CHECK(layout.optimizer.empty() || layout.optimizer == kind, kSdpCheckpointName,
+              ": checkpoint ", checkpoint.path(), " holds the state of a ", layout.optimizer,
               " optimizer, not of this ", kind.empty() ? "unknown kind" : kind);
 
   PartReader reader(checkpoint, layout);
@@ -730,8 +737,8 @@ void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
           if (first) {
             fields.scalars[name] = value.clone();
           } else {
-            TORCH_CHECK(torch::equal(fields.scalars[name], value), kWho, ": checkpoint ",
-                        checkpoint.path(), ": the optimizer's ", name,
+            TORCH_CHECK(torch::equal(fields.scalars[name], value), kSdpCheckpointName,
+                        ": checkpoint ", checkpoint.path(), ": the optimizer's ", name,
                         " differs between parameters that now share a shard ('", p.name,
                         "'); it cannot be resharded");
           }
@@ -745,8 +752,8 @@ void ShardedDataParallel::load_checkpoint(const Checkpoint& checkpoint) {
   checkpoint.get(kGroupsSection, [&](torch::serialize::InputArchive& archive) {
     c10::IValue count;
     archive.read("count", count);
-    TORCH_CHECK(count.toInt() == static_cast<int64_t>(opt.param_groups().size()), kWho,
-                ": checkpoint ", checkpoint.path(), " has ", count.toInt(),
+    TORCH_CHECK(count.toInt() == static_cast<int64_t>(opt.param_groups().size()),
+                kSdpCheckpointName, ": checkpoint ", checkpoint.path(), " has ", count.toInt(),
                 " optimizer parameter groups, the optimizer ", opt.param_groups().size());
     for (size_t g = 0; g < opt.param_groups().size(); ++g) {
       torch::serialize::InputArchive group;

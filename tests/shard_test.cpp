@@ -966,7 +966,9 @@ TEST(ShardingFaultTest, FailedBackgroundWriteIsRaisedOnEveryRank) {
   int64_t step = 0;
   auto save = [&] {
     sdp.save_checkpoint_async(writer, ckpt + "/" + wick::checkpoint_name(step),
-                              [&](wick::Checkpoint& c) { c.set_train_state({step, 0, 0, 0}); });
+                              [&](wick::Checkpoint& c) {
+                                c.set_train_state({step, 0, 0, 0});
+                              });
   };
   // Rank 1 cannot write a file past 8 KiB while its background write runs.
   struct rlimit unlimited {};
