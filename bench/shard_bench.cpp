@@ -550,71 +550,33 @@ struct ShardCase {
   const Json& rank0() const { return runs.front().front(); }
 };
 
+// The run and model options both kinds of children take, as flags.
+std::vector<std::string> run_args(const ShardBenchOptions& o) {
+  return {"--steps",  std::to_string(o.steps),  "--warmup",  std::to_string(o.warmup),
+          "--batch",  std::to_string(o.batch),  "--in-dim",  std::to_string(o.in_dim),
+          "--width",  std::to_string(o.width),  "--hidden",  std::to_string(o.hidden),
+          "--blocks", std::to_string(o.blocks), "--classes", std::to_string(o.classes),
+          "--lr",     Json(o.lr).dump(),        "--seed",    std::to_string(o.seed)};
+}
+
 std::vector<std::string> wick_args(const ShardBenchOptions& o, const std::string& strategy,
                                    const std::string& dir, bool diag) {
-  std::vector<std::string> a = {"/proc/self/exe",
-                                "shard",
-                                "--rank-child",
-                                "--strategy",
-                                strategy,
-                                "--steps",
-                                std::to_string(o.steps),
-                                "--warmup",
-                                std::to_string(o.warmup),
-                                "--batch",
-                                std::to_string(o.batch),
-                                "--in-dim",
-                                std::to_string(o.in_dim),
-                                "--width",
-                                std::to_string(o.width),
-                                "--hidden",
-                                std::to_string(o.hidden),
-                                "--blocks",
-                                std::to_string(o.blocks),
-                                "--classes",
-                                std::to_string(o.classes),
-                                "--lr",
-                                Json(o.lr).dump(),
-                                "--seed",
-                                std::to_string(o.seed),
-                                "--out-dir",
-                                dir};
-  if (diag) a.push_back("--diag");
+  std::vector<std::string> a = {"/proc/self/exe", "shard", "--rank-child", "--strategy", strategy};
+  const auto run = run_args(o);
+  a.insert(a.end(), run.begin(), run.end());
+  a.insert(a.end(), {"--out-dir", dir});
+  if (diag) a.emplace_back("--diag");
   return a;
 }
 
 std::vector<std::string> python_args(const ShardBenchOptions& o, const GlobalOptions& global,
                                      const std::string& kind, const std::string& dir) {
-  return {global.resolved_python(),
-          global.resolved_peers_dir() + "/shard_peer.py",
-          "--case",
-          kind,
-          "--steps",
-          std::to_string(o.steps),
-          "--warmup",
-          std::to_string(o.warmup),
-          "--batch",
-          std::to_string(o.batch),
-          "--in-dim",
-          std::to_string(o.in_dim),
-          "--width",
-          std::to_string(o.width),
-          "--hidden",
-          std::to_string(o.hidden),
-          "--blocks",
-          std::to_string(o.blocks),
-          "--classes",
-          std::to_string(o.classes),
-          "--lr",
-          Json(o.lr).dump(),
-          "--seed",
-          std::to_string(o.seed),
-          "--threads",
-          "1",
-          "--timeout",
-          std::to_string(o.timeout_s),
-          "--out-dir",
-          dir};
+  std::vector<std::string> a = {global.resolved_python(),
+                                global.resolved_peers_dir() + "/shard_peer.py", "--case", kind};
+  const auto run = run_args(o);
+  a.insert(a.end(), run.begin(), run.end());
+  a.insert(a.end(), {"--threads", "1", "--timeout", std::to_string(o.timeout_s), "--out-dir", dir});
+  return a;
 }
 
 Json ratio_or_null(const Json& num, const Json& den) {
