@@ -18,15 +18,17 @@
 //   batched_future  a thread per client with submit() and std::future::get();
 //   unbatched  a thread per client (futures) with max_batch_size 1;
 //   ceiling    the same session on pre-formed batches of max_batch_size (what
-//              the model can do when batching costs nothing);
+//              the model can do when batching costs nothing), run right before
+//              and right after `batched`, whose round's ceiling is their mean;
 //   ceiling_1  the same on batches of one: ceiling / ceiling_1 is what batching
 //              can gain at most over serving requests singly (a model that is
 //              compute-bound at batch 1 gains little however well it batches).
 // Throughput is requests per second of wall time; latency is measured by the
 // clients (submit() to the answer). Every figure is the median over `repeats`
-// rounds (cases alternate within a round). The bound on p99 latency is
-// max_delay + 2 x one full batch's compute: a request may arrive just after a
-// batch left, wait for it to finish, then for its own.
+// rounds (cases alternate within a round), and every ratio the median of the
+// rounds' own ratios (the machine's speed drifts between rounds). The bound on
+// p99 latency is max_delay + 2 x one full batch's compute: a request may arrive
+// just after a batch left, wait for it to finish, then for its own.
 //
 // overload (the --overload-models, MLP by default): for each level the
 // batcher's capacity is measured right before it (callbacks resubmit each
@@ -83,7 +85,7 @@ struct BatcherBenchOptions {
   int client_threads = 0;       // the threads the batched case's clients run on; 0: cores - workers
   int64_t workers = 1;
   bool wait_when_busy = false;
-  int repeats = 3;
+  int repeats = 5;
   uint64_t seed = 0;
   std::string models = "cnn,mlp";
   std::string cases = "serving,rejection,overload";
@@ -365,6 +367,13 @@ Json breakdown_json(const ServeRun& r) {
   return j;
 }
 
+// The median over rounds of a[r] / b[r].
+double median_ratio(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> r;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) r.push_back(a[i] / b[i]);
+  return median(r);
+}
+
 Json model_line(const std::string& model, const ModelFigures& f, const BatcherBenchOptions& o,
                 int threads) {
   Json j;
@@ -376,11 +385,16 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
   j["unbatched_requests_per_s"] = median(f.unbatched_rps);
   j["ceiling_requests_per_s"] = median(f.ceiling_rps);
   j["ceiling_1_requests_per_s"] = median(f.ceiling1_rps);
-  j["batching_gain_bound"] = median(f.ceiling_rps) / median(f.ceiling1_rps);
-  j["batched_vs_unbatched"] = median(f.batched_rps) / median(f.unbatched_rps);
-  j["batched_vs_ceiling"] = median(f.batched_rps) / median(f.ceiling_rps);
-  j["batched_future_vs_ceiling"] = median(f.future_rps) / median(f.ceiling_rps);
-  j["batched_thread_per_client_vs_ceiling"] = median(f.tpc_rps) / median(f.ceiling_rps);
+  // Ratios are the median of each round's own ratio: a round's cases run
+  // back to back (a fraction of a second for the MLP), while this machine's
+  // speed drifts by tens of percent over seconds (measured: the MLP's
+  // pre-formed batches at 75k-100k requests/s from one half second to the
+  // next), which a ratio of medians taken from different rounds would carry.
+  j["batching_gain_bound"] = median_ratio(f.ceiling_rps, f.ceiling1_rps);
+  j["batched_vs_unbatched"] = median_ratio(f.batched_rps, f.unbatched_rps);
+  j["batched_vs_ceiling"] = median_ratio(f.batched_rps, f.ceiling_rps);
+  j["batched_future_vs_ceiling"] = median_ratio(f.future_rps, f.ceiling_rps);
+  j["batched_thread_per_client_vs_ceiling"] = median_ratio(f.tpc_rps, f.ceiling_rps);
   j["batched_p50_ms"] = median(f.batched_p50);
   j["batched_p99_ms"] = median(f.batched_p99);
   j["batched_future_p99_ms"] = median(f.future_p99);
@@ -405,6 +419,10 @@ Json model_line(const std::string& model, const ModelFigures& f, const BatcherBe
   j["runs_batched_thread_per_client_requests_per_s"] = f.tpc_rps;
   j["runs_unbatched_requests_per_s"] = f.unbatched_rps;
   j["runs_ceiling_requests_per_s"] = f.ceiling_rps;
+  std::vector<double> per_round;
+  for (size_t i = 0; i < std::min(f.batched_rps.size(), f.ceiling_rps.size()); ++i)
+    per_round.push_back(f.batched_rps[i] / f.ceiling_rps[i]);
+  j["runs_batched_vs_ceiling"] = per_round;
   j["runs_batched_p99_ms"] = f.batched_p99;
   j["wrong_answers"] = f.wrong;
   j["threads"] = threads;
@@ -421,7 +439,37 @@ struct OverloadRun {
   double rss_start_mb = 0, rss_quarter_mb = 0, rss_peak_mb = 0, rss_end_mb = 0;
   double cpu_cores = 0;  // the process's CPU time over the level's wall time
   double mean_batch = 0;
+  // Where the worker's time went during the load: on a CPU, waiting in a run
+  // queue for one (preempted by another thread of this machine), and the
+  // machine's steal (its hypervisor running other guests).
+  double worker_run_s = 0, worker_wait_s = 0, steal_s = 0;
+  // Served requests: when each was sent (microseconds after the start) and its
+  // latency, for the late ones' timing once the level's bound is known.
+  std::vector<uint32_t> sent_us;
+  std::vector<float> latency_ms;
 };
+
+// The served requests later than `bound_ms`, and in how many distinct 100 ms
+// stretches of the level they were sent: a stall (the worker descheduled, the
+// machine slowed) makes a few stretches late; a batcher that falls behind,
+// many.
+struct Lateness {
+  int64_t late = 0, windows = 0, windows_total = 0;
+};
+
+Lateness lateness(const OverloadRun& r, double bound_ms, double seconds) {
+  Lateness l;
+  std::vector<bool> hit(static_cast<size_t>(std::ceil(seconds * 10)) + 1, false);
+  for (size_t i = 0; i < r.latency_ms.size(); ++i) {
+    if (r.latency_ms[i] <= bound_ms) continue;
+    ++l.late;
+    const size_t w = std::min<size_t>(hit.size() - 1, r.sent_us[i] / 100000);
+    l.windows += hit[w] ? 0 : 1;
+    hit[w] = true;
+  }
+  l.windows_total = static_cast<int64_t>(hit.size()) - 1;
+  return l;
+}
 
 // The overload case's queue: --overload-queue, else two batches (one waiting
 // while one runs, so the worker never waits for the load's next wake-up).
@@ -450,37 +498,57 @@ wick::BatcherOptions overload_options(const BatcherBenchOptions& o) {
       .queue_full_policy(wick::QueueFullPolicy::kReject);
 }
 
-// Requests per second the batcher serves when it never waits for work: the
-// queue is filled once and each answer's callback submits a new request, so
-// no client thread stands between an answer and the next request.
+// Requests per second the batcher serves when it never waits for work:
+// max_queue_size requests are kept in flight by a refill thread, which the
+// after_batch hook wakes once per batch to resubmit as many as were answered.
+// The requests come from another thread, as under overload (the load threads),
+// so the worker does only the batcher's and the model's work; resubmitting
+// from the answer callbacks instead would put every submission on the worker
+// and understate the capacity (measured: 55-72k against 81k/s served under
+// overload on 2 cores).
 double measure_capacity(const wick::InferenceSession& session,
                         const std::vector<torch::Tensor>& pool, const BatcherBenchOptions& o) {
-  struct Loop {
-    wick::TensorBatcher batcher;
-    const std::vector<torch::Tensor>& pool;
-    std::atomic<bool> stop{false}, measuring{false};
-    std::atomic<int64_t> served{0}, next{0};
-    void submit_one() {
-      torch::Tensor x = pool[static_cast<size_t>(next++ % static_cast<int64_t>(pool.size()))];
-      // One pointer captured: the callback lives in std::function's own storage.
-      (void)batcher.try_submit(std::move(x), [this](wick::BatcherAnswer<torch::Tensor> r) {
-        if (measuring.load(std::memory_order_relaxed) && r.ok()) ++served;
-        if (!stop.load(std::memory_order_relaxed)) submit_one();
-      });
-    }
-  } loop{wick::TensorBatcher(session.batch_fn(), overload_options(o)), pool};
-  const int64_t in_flight = loop.batcher.options().max_queue_size();
-  for (int64_t i = 0; i < in_flight; ++i) loop.submit_one();
-  std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  loop.served = 0;
-  loop.measuring = true;
-  const auto t0 = Clock::now();
-  std::this_thread::sleep_for(std::chrono::duration<double>(o.capacity_seconds));
-  const int64_t n = loop.served.load();
-  const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
-  loop.stop = true;
-  loop.batcher.shutdown();
-  return static_cast<double>(n) / elapsed;
+  std::atomic<bool> stop{false}, measuring{false};
+  std::atomic<int64_t> served{0}, answered{0};
+  sem_t batch_done;
+  sem_init(&batch_done, 0, 0);
+  int64_t next = 0;
+  {
+    auto options = overload_options(o).after_batch([&](int64_t) { sem_post(&batch_done); });
+    wick::TensorBatcher batcher(session.batch_fn(), options);
+    auto submit = [&](int64_t n) {
+      for (int64_t i = 0; i < n; ++i) {
+        torch::Tensor x = pool[static_cast<size_t>(next++ % static_cast<int64_t>(pool.size()))];
+        (void)batcher.try_submit(std::move(x), [&](wick::BatcherAnswer<torch::Tensor> r) {
+          if (measuring.load(std::memory_order_relaxed) && r.ok())
+            served.fetch_add(1, std::memory_order_relaxed);
+          answered.fetch_add(1, std::memory_order_release);
+        });
+      }
+    };
+    std::thread refill([&] {
+      submit(batcher.options().max_queue_size());
+      while (!stop.load()) {
+        while (sem_wait(&batch_done) != 0 && errno == EINTR) {
+        }
+        submit(answered.exchange(0, std::memory_order_acquire));
+      }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    served = 0;
+    measuring = true;
+    const auto t0 = Clock::now();
+    std::this_thread::sleep_for(std::chrono::duration<double>(o.capacity_seconds));
+    const int64_t n = served.load();
+    const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    measuring = false;
+    stop = true;
+    sem_post(&batch_done);
+    refill.join();
+    batcher.shutdown();
+    sem_destroy(&batch_done);
+    return static_cast<double>(n) / elapsed;
+  }
 }
 
 // One overload level: `load_threads` threads offer requests at fixed times
@@ -507,6 +575,7 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
   // Served latencies, written in place: the buffer is touched before the
   // load starts, so RSS sampled during it shows the batcher, not this record.
   std::vector<float> latencies(static_cast<size_t>(1.5 * capacity * seconds) + 1024, 0.0f);
+  std::vector<uint32_t> sent_at(latencies.size(), 0);
   size_t latency_count = 0;
   std::atomic<int64_t> failed{0};
 
@@ -526,15 +595,18 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
     std::atomic<uint8_t>* answers;
     std::mutex* lat_mutex;
     std::vector<float>* latencies;
+    std::vector<uint32_t>* sent_at;
     size_t* latency_count;
     std::atomic<int64_t>* failed;
     Clock::time_point start;
-  } ctx{answers.get(), &lat_mutex, &latencies, &latency_count, &failed, Clock::time_point()};
+  } ctx{answers.get(),  &lat_mutex, &latencies,         &sent_at,
+        &latency_count, &failed,    Clock::time_point()};
   constexpr int kTimeBits = 26;  // microseconds since the start: 67 s
   double elapsed = 0;
   wick::BatcherStats st;
   {
     wick::TensorBatcher batcher(session.batch_fn(), overload_options(o));
+    const SchedSample sched0 = sched_sample("wick-batcher");
     const Stopwatch watch;
     const auto start = Clock::now() + std::chrono::milliseconds(20);
     ctx.start = start;
@@ -578,6 +650,7 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
                   }
                   std::lock_guard<std::mutex> g(*c->lat_mutex);
                   if (*c->latency_count < c->latencies->size()) {
+                    (*c->sent_at)[*c->latency_count] = static_cast<uint32_t>(sent);
                     (*c->latencies)[(*c->latency_count)++] =
                         static_cast<float>(now_us - sent) * 1e-3f;
                   }
@@ -598,6 +671,10 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
     for (auto& t : load) t.join();
     elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     r.cpu_cores = watch.cpu_s() / watch.wall_s();
+    const SchedSample sched1 = sched_sample("wick-batcher");
+    r.worker_run_s = sched1.run_s - sched0.run_s;
+    r.worker_wait_s = sched1.wait_s - sched0.wait_s;
+    r.steal_s = sched1.steal_s - sched0.steal_s;
     batcher.shutdown();  // drains: every accepted request is answered before this returns
     st = batcher.stats();
     for (int t = 0; t < threads; ++t) {
@@ -629,6 +706,10 @@ OverloadRun run_overload_level(const wick::InferenceSession& session,
   r.p50_ms = percentile(lat, 0.50);
   r.p99_ms = percentile(lat, 0.99);
   r.max_ms = lat.empty() ? 0 : *std::max_element(lat.begin(), lat.end());
+  latencies.resize(latency_count);
+  sent_at.resize(latency_count);
+  r.latency_ms = std::move(latencies);
+  r.sent_us = std::move(sent_at);
   const double mb = 1.0 / (1 << 20);
   if (!rss.empty()) {
     r.rss_start_mb = static_cast<double>(rss.front().second) * mb;
@@ -664,8 +745,18 @@ Json overload_line(const std::string& model, const OverloadRun& r, double capaci
   j["served_p99_ms"] = r.p99_ms;
   j["served_max_ms"] = r.max_ms;
   j["p99_bound_ms"] = bound_ms;
+  const Lateness late = lateness(r, bound_ms, o.overload_seconds);
+  j["served_late"] = late.late;
+  j["served_late_fraction"] = r.latency_ms.empty() ? 0.0
+                                                   : static_cast<double>(late.late) /
+                                                         static_cast<double>(r.latency_ms.size());
+  j["late_windows_100ms"] = late.windows;
+  j["windows_100ms"] = late.windows_total;
   j["mean_batch"] = r.mean_batch;
   j["process_cpu_cores"] = r.cpu_cores;
+  j["worker_cpu_share"] = r.worker_run_s / o.overload_seconds;
+  j["worker_run_queue_wait_ms"] = 1e3 * r.worker_wait_s;
+  j["steal_ms"] = 1e3 * r.steal_s;
   j["rss_start_mb"] = r.rss_start_mb;
   j["rss_quarter_mb"] = r.rss_quarter_mb;
   j["rss_peak_mb"] = r.rss_peak_mb;
@@ -820,15 +911,18 @@ void run_batcher_bench(BatcherBenchOptions o, const GlobalOptions& global) {
     ModelFigures f;
     const bool serving = has_case("serving");
     for (int r = 0; serving && r < o.repeats; ++r) {
-      auto ceiling = [&] {
-        auto c = run_ceiling(session, images, o.max_batch);
-        f.ceiling_rps.push_back(c.requests_per_s);
-        f.batch_ms.push_back(c.batch_ms);
+      auto ceiling_1 = [&] {
         f.ceiling1_rps.push_back(run_ceiling(session, images, 1).requests_per_s);
       };
-      auto batched = [&] {
+      // The headline case between two ceilings: its round's ceiling is their
+      // mean, as close in time to it as the machine's drift allows.
+      auto batched_between_ceilings = [&] {
+        const auto before = run_ceiling(session, images, o.max_batch);
         auto b = run_serving(session, images, expected, o, o.max_batch, ClientApi::kTrySubmit,
                              o.client_threads);
+        const auto after = run_ceiling(session, images, o.max_batch);
+        f.ceiling_rps.push_back(0.5 * (before.requests_per_s + after.requests_per_s));
+        f.batch_ms.push_back(0.5 * (before.batch_ms + after.batch_ms));
         f.batched_rps.push_back(b.requests_per_s);
         f.batched_p50.push_back(b.p50_ms);
         f.batched_p99.push_back(b.p99_ms);
@@ -858,17 +952,17 @@ void run_batcher_bench(BatcherBenchOptions o, const GlobalOptions& global) {
         f.wrong += u.wrong;
       };
       if (r % 2 == 0) {
-        ceiling();
-        batched();
+        batched_between_ceilings();
         batched_thread_per_client();
         batched_future();
         unbatched();
+        ceiling_1();
       } else {
+        ceiling_1();
         unbatched();
         batched_future();
         batched_thread_per_client();
-        batched();
-        ceiling();
+        batched_between_ceilings();
       }
     }
     if (serving) {

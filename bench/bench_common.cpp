@@ -13,8 +13,10 @@
 #include <stdexcept>
 #include <thread>
 
+#include <dirent.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 namespace wick_bench {
 
@@ -176,6 +178,37 @@ double load_average_1m() {
   double load = -1.0;
   in >> load;
   return load;
+}
+
+SchedSample sched_sample(const std::string& thread_name) {
+  SchedSample s;
+  {
+    std::ifstream in("/proc/stat");
+    std::string cpu;
+    double v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    in >> cpu;
+    for (double& x : v) in >> x;
+    const long hz = sysconf(_SC_CLK_TCK);
+    if (cpu == "cpu" && hz > 0) s.steal_s = v[7] / static_cast<double>(hz);
+  }
+  DIR* dir = opendir("/proc/self/task");
+  if (dir == nullptr) return s;
+  while (const dirent* e = readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    const std::string task = std::string("/proc/self/task/") + e->d_name;
+    std::string comm;
+    std::getline(std::ifstream(task + "/comm"), comm);
+    if (comm != thread_name) continue;
+    std::ifstream in(task + "/schedstat");
+    double run_ns = 0, wait_ns = 0;
+    if (in >> run_ns >> wait_ns) {
+      s.run_s += run_ns * 1e-9;
+      s.wait_s += wait_ns * 1e-9;
+      ++s.threads;
+    }
+  }
+  closedir(dir);
+  return s;
 }
 
 Json performance_env() {

@@ -82,6 +82,16 @@ std::string now_iso();
 std::string cpu_model();
 int logical_cpus();
 double load_average_1m();
+/// Where CPU time went, cumulative since boot: the machine's steal time (what
+/// its hypervisor gave other guests, /proc/stat) and, summed over this
+/// process's threads named `thread_name` (/proc/self/task/*/comm), their time
+/// on a CPU and waiting in a run queue for one (/proc/self/task/*/schedstat).
+/// Subtract two samples for an interval.
+struct SchedSample {
+  double steal_s = 0, run_s = 0, wait_s = 0;
+  int threads = 0;  // threads of that name found
+};
+SchedSample sched_sample(const std::string& thread_name);
 /// The environment variables that change these measurements (allocator,
 /// thread pools, preloaded libraries), those that are set.
 Json performance_env();

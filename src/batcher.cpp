@@ -1,6 +1,7 @@
 #include "wick/batcher.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/TensorImpl.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -9,6 +10,10 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+
+#ifdef __linux__
+#include <pthread.h>
+#endif
 
 namespace wick {
 
@@ -222,6 +227,11 @@ size_t BatcherCore::fill_target() const {
 }
 
 void BatcherCore::worker_loop() {
+#ifdef __linux__
+  // Named for top -H, perf, gdb and /proc/<pid>/task/*/comm (wick-bench reads
+  // the workers' scheduler statistics through it).
+  pthread_setname_np(pthread_self(), "wick-batcher");
+#endif
   // Torch's intra-op thread count, as ATen's own threads take it: OpenMP's
   // team size is per thread, so MKL and oneDNN called from this thread would
   // otherwise use every core, whatever torch::set_num_threads said.
@@ -496,6 +506,33 @@ torch::Tensor collate(const std::vector<torch::Tensor>& xs, const std::vector<si
   return torch::stack(rows);
 }
 
+// The rows of `out`, one tensor per request. Under InferenceMode each row is
+// made directly, a plain TensorImpl over out's storage at the row's offset:
+// unbind dispatches a select per row (measured: 22 us for 64 rows against
+// 6 us, a fifth of the MLP's per-batch batcher cost). An inference tensor's
+// views carry no autograd or version-counter state, so the rows are the same
+// tensors unbind would give. Anything else (autograd on, a tensor subclass,
+// quantized, sparse, conjugate or negative views) goes through unbind.
+std::vector<torch::Tensor> split_rows(const torch::Tensor& out) {
+  const c10::TensorImpl* impl = out.unsafeGetTensorImpl();
+  const bool plain = c10::InferenceMode::is_enabled() && out.is_inference() &&
+                     typeid(*impl) == typeid(c10::TensorImpl) && out.layout() == torch::kStrided &&
+                     !out.is_quantized() && !out.is_conj() && !out.is_neg() && out.has_storage();
+  if (!plain) return out.unbind(0);
+  const auto sizes = out.sizes().slice(1);
+  const auto strides = out.strides().slice(1);
+  const int64_t rows = out.size(0), step = out.stride(0), offset = out.storage_offset();
+  std::vector<torch::Tensor> result;
+  result.reserve(static_cast<size_t>(rows));
+  for (int64_t k = 0; k < rows; ++k) {
+    auto row = c10::make_intrusive<c10::TensorImpl>(c10::Storage(out.storage()), out.key_set(),
+                                                    out.dtype());
+    row->set_sizes_and_strides(sizes, strides, offset + k * step);
+    result.emplace_back(std::move(row));
+  }
+  return result;
+}
+
 }  // namespace
 
 TensorBatcher::BatchFn stack_batches(std::function<torch::Tensor(const torch::Tensor&)> model) {
@@ -523,7 +560,7 @@ TensorBatcher::BatchFn stack_batches(std::function<torch::Tensor(const torch::Te
       torch::Tensor out = model(batch);
       const auto t2 = Clock::now();
       check_rows(out, b, "stack_batches");
-      std::vector<torch::Tensor> rows = out.unbind(0);
+      std::vector<torch::Tensor> rows = split_rows(out);
       for (size_t k = 0; k < b; ++k) results[alike ? k : (*members)[k]] = std::move(rows[k]);
       if (stages != nullptr) {
         const auto t3 = Clock::now();

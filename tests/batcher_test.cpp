@@ -995,9 +995,51 @@ TEST(DynamicBatcherTest, PreferredBatchSizeRunsWithoutWaitingForAFullBatch) {
   EXPECT_TRUE(wick::testing::tensors_equal(lone.get(), expected(9)));
   idle.shutdown();
   EXPECT_EQ(idle_model.sizes, std::vector<int64_t>({3}));
-  EXPECT_THROWS_WITH(
-      TensorBatcher(recording(idle_model), BatcherOptions().max_batch_size(4).preferred_batch_size(5)),
-      "preferred_batch_size must be in [0, max_batch_size = 4], got 5");
+  EXPECT_THROWS_WITH(TensorBatcher(recording(idle_model),
+                                   BatcherOptions().max_batch_size(4).preferred_batch_size(5)),
+                     "preferred_batch_size must be in [0, max_batch_size = 4], got 5");
+}
+
+// stack_batches splits the model's output into one row per request: under
+// InferenceMode straight over the output's storage, otherwise through unbind.
+// Either way each answer is the row unbind would give (values, shape, strides,
+// storage), for outputs of 1, 2 and 3 dims, non-contiguous ones included.
+TEST(DynamicBatcherTest, AnswersAreTheRowsOfTheModelsOutput) {
+  std::vector<std::function<torch::Tensor(const torch::Tensor&)>> models = {
+      [](const torch::Tensor& x) { return x.sum(1); },                      // [B]
+      [](const torch::Tensor& x) { return x * 2 + 1; },                     // [B, 2]
+      [](const torch::Tensor& x) { return (x * 3).t().contiguous().t(); },  // strided
+      [](const torch::Tensor& x) {
+        return x.unsqueeze(2).expand({-1, -1, 3});
+      },  // stride 0
+  };
+  for (bool inference : {true, false}) {
+    for (size_t m = 0; m < models.size(); ++m) {
+      auto fn = wick::stack_batches(models[m]);
+      std::vector<torch::Tensor> xs;
+      for (int64_t i = 0; i < 5; ++i) xs.push_back(request(i));
+      torch::Tensor whole = models[m](torch::stack(xs));
+      std::vector<torch::Tensor> rows;
+      if (inference) {
+        c10::InferenceMode guard;
+        rows = fn(std::vector<torch::Tensor>(xs));
+      } else {
+        rows = fn(std::vector<torch::Tensor>(xs));
+      }
+      ASSERT_EQ(rows.size(), 5u);
+      for (int64_t i = 0; i < 5; ++i) {
+        const auto& r = rows[static_cast<size_t>(i)];
+        SCOPED_TRACE("model " + std::to_string(m) + " row " + std::to_string(i) +
+                     (inference ? " inference" : ""));
+        EXPECT_EQ(r.sizes(), whole[i].sizes());
+        EXPECT_EQ(r.strides(), whole[i].strides());
+        EXPECT_EQ(r.is_inference(), inference);
+        EXPECT_TRUE(r.is_alias_of(rows[0]));  // one output, shared
+        EXPECT_TRUE(wick::testing::tensors_equal(r, whole[i]));
+        EXPECT_TRUE(wick::testing::tensors_equal(r.clone() + 0, whole[i] + 0));
+      }
+    }
+  }
 }
 
 // after_batch runs once per batch, on the worker, after every request of the

@@ -86,7 +86,8 @@ struct BatcherOptions {
   /// answered with BatcherError(kDeadlineExceeded) and never run. Default 0.
   TORCH_ARG(std::chrono::microseconds, request_timeout) = std::chrono::microseconds(0);
   /// Worker threads, each running one batch at a time, >= 1 (batches run in
-  /// parallel: model replicas, CUDA streams). Default 1.
+  /// parallel: model replicas, CUDA streams). On Linux each is named
+  /// "wick-batcher" (top -H, perf, gdb). Default 1.
   TORCH_ARG(int64_t, num_workers) = 1;
   /// See ShutdownPolicy. Default kDrain.
   TORCH_ARG(ShutdownPolicy, shutdown_policy) = ShutdownPolicy::kDrain;
