@@ -367,13 +367,6 @@ Json breakdown_json(const ServeRun& r) {
   return j;
 }
 
-// The median over rounds of a[r] / b[r].
-double median_ratio(const std::vector<double>& a, const std::vector<double>& b) {
-  std::vector<double> r;
-  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) r.push_back(a[i] / b[i]);
-  return median(r);
-}
-
 Json model_line(const std::string& model, const ModelFigures& f, const BatcherBenchOptions& o,
                 int threads) {
   Json j;

@@ -4,6 +4,7 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
@@ -89,6 +90,12 @@ double median(std::vector<double> values) {
   return n % 2 == 1 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
+double median_ratio(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> r;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) r.push_back(a[i] / b[i]);
+  return median(r);
+}
+
 int set_torch_threads(int threads) {
   TORCH_CHECK(threads >= 1, "wick-bench: --threads must be >= 1, got ", threads);
   torch::set_num_threads(threads);
@@ -139,6 +146,66 @@ PeerResult run_peer(const GlobalOptions& global, const std::string& script,
     result.error = "no JSON output from: " + cmd;
   }
   return result;
+}
+
+PeerProcess::PeerProcess(const GlobalOptions& global, const std::string& script,
+                         const std::vector<std::string>& args) {
+  std::vector<std::string> argv{global.resolved_python(),
+                                global.resolved_peers_dir() + "/" + script};
+  argv.insert(argv.end(), args.begin(), args.end());
+  for (const auto& a : argv) command_ += (command_.empty() ? "" : " ") + shell_quote(a);
+  std::signal(SIGPIPE, SIG_IGN);  // a dead peer is an error from ask(), not a killed bench
+  int in[2], out[2];
+  TORCH_CHECK(pipe(in) == 0 && pipe(out) == 0, "wick-bench: cannot make pipes for ", command_);
+  std::fflush(stdout);
+  const pid_t pid = fork();
+  TORCH_CHECK(pid >= 0, "wick-bench: cannot fork for ", command_);
+  if (pid == 0) {
+    dup2(in[0], 0);
+    dup2(out[1], 1);
+    for (int fd : {in[0], in[1], out[0], out[1]}) close(fd);
+    std::vector<char*> cargv;
+    for (auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+    cargv.push_back(nullptr);
+    execvp(cargv[0], cargv.data());
+    std::fprintf(stderr, "wick-bench: cannot start %s\n", cargv[0]);
+    _exit(127);
+  }
+  close(in[0]);
+  close(out[1]);
+  pid_ = pid;
+  to_ = fdopen(in[1], "w");
+  from_ = fdopen(out[0], "r");
+}
+
+PeerProcess::~PeerProcess() {
+  if (to_ != nullptr) std::fclose(to_);  // EOF on its stdin: the peer exits
+  if (from_ != nullptr) std::fclose(from_);
+  if (pid_ > 0) {
+    int status = 0;
+    waitpid(pid_, &status, 0);
+  }
+}
+
+Json PeerProcess::ask(const Json& request) {
+  const std::string text = request.dump() + "\n";
+  TORCH_CHECK(std::fwrite(text.data(), 1, text.size(), to_) == text.size() && std::fflush(to_) == 0,
+              "wick-bench: the peer stopped reading: ", command_);
+  std::string line;
+  for (;;) {
+    line.clear();
+    int c;
+    while ((c = std::fgetc(from_)) != EOF && c != '\n') line.push_back(static_cast<char>(c));
+    TORCH_CHECK(c != EOF || !line.empty(), "wick-bench: the peer exited without answering ",
+                request.dump(), ": ", command_);
+    if (!line.empty() && line.front() == '{') break;  // anything else is the peer talking
+  }
+  try {
+    return Json::parse(line);
+  } catch (const nlohmann::json::exception& e) {
+    TORCH_CHECK(false, "wick-bench: the peer answered ", request.dump(), " with '", line,
+                "', not JSON (", e.what(), "): ", command_);
+  }
 }
 
 std::string today() {

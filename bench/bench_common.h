@@ -57,6 +57,10 @@ class Stopwatch {
 };
 
 double median(std::vector<double> values);
+/// The median over rounds of a[r] / b[r] (rounds both have): with cases
+/// measured back to back within a round, the machine's drift between rounds
+/// stays out of the ratio, as it would not in median(a) / median(b).
+double median_ratio(const std::vector<double>& a, const std::vector<double>& b);
 
 /// Intra-op threads for torch (and OpenMP/MKL); inter-op threads too, once per
 /// process, as far as the runtime still allows it. Returns torch's intra-op count.
@@ -74,6 +78,30 @@ struct PeerResult {
 /// Runs `python <peers_dir>/<script> args...`, its stderr passing through.
 PeerResult run_peer(const GlobalOptions& global, const std::string& script,
                     const std::vector<std::string>& args);
+
+/// A peer kept running to answer one request at a time: `python
+/// <peers_dir>/<script> args...` reads JSON lines on its stdin and answers
+/// each with one JSON line on its stdout (its stderr passes through). A bench
+/// that asks it right after measuring the same case itself puts the two
+/// measurements within a second of each other, where separate peer runs
+/// would leave the machine's drift between them.
+class PeerProcess {
+ public:
+  PeerProcess(const GlobalOptions& global, const std::string& script,
+              const std::vector<std::string>& args);
+  ~PeerProcess();
+  PeerProcess(const PeerProcess&) = delete;
+  PeerProcess& operator=(const PeerProcess&) = delete;
+  /// Sends `request`, returns the peer's answer; throws naming the peer if it
+  /// died or answered something other than a JSON line.
+  Json ask(const Json& request);
+
+ private:
+  std::string command_;
+  int pid_ = -1;
+  FILE* to_ = nullptr;
+  FILE* from_ = nullptr;
+};
 
 /// Today's date (YYYY-MM-DD) and the time (ISO 8601, local).
 std::string today();

@@ -9,8 +9,13 @@
 //
 // A figure is milliseconds per forward call: calls repeated until --min-time
 // seconds have passed, after --warmup calls, under c10::InferenceMode; the
-// median over --repeats rounds. Each round runs the C++ cases, then the peer
-// (one process per thread count), so slow phases of the machine hit both.
+// median over --repeats rounds. The peer stays running (quant_peer.py
+// --serve) and measures each case right before or right after wick does
+// (alternating), and vs_python is the median of the rounds' own ratios: this
+// machine's speed drifts by tens of percent over seconds, so cases measured
+// a phase apart (as when the peer ran after all of wick's cases) could differ
+// by more than the engines do. fp32_vs_python, the same fp32 kernels timed on
+// both sides, shows how close the two measurements of a round stayed.
 
 #include "bench_common.h"
 
@@ -135,7 +140,20 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
 
   std::map<Key, Case> cases;
   std::string peer_error;
+  std::unique_ptr<PeerProcess> peer;
+  if (!o.no_python) {
+    try {
+      peer = std::make_unique<PeerProcess>(
+          global, "quant_peer.py",
+          std::vector<std::string>{"--serve", "--seed", std::to_string(o.seed), "--warmup",
+                                   std::to_string(o.warmup), "--min-time",
+                                   std::to_string(o.min_time)});
+    } catch (const std::exception& e) {
+      peer_error = e.what();
+    }
+  }
   for (int r = 0; r < o.repeats; ++r) {
+    int64_t index = 0;
     for (int threads : o.threads) {
       set_torch_threads(threads);
       c10::InferenceMode guard;
@@ -147,40 +165,48 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
           Case& c = cases[Key{name, batch, threads}];
           c.check = fp32->forward(x).to(torch::kDouble).sum().item<double>();
           // Alternate the order so neither always runs on a warmer cache.
-          auto f = [&, &fp32 = fp32] { return fp32->forward(x); };
-          auto q = [&, &int8 = int8] { return int8->forward(x); };
-          if (r % 2 == 0) {
-            c.fp32.push_back(per_call_ms(f, o.warmup, o.min_time));
-            c.int8.push_back(per_call_ms(q, o.warmup, o.min_time));
+          const bool fp32_first = r % 2 == 0;
+          auto wick_case = [&, &fp32 = fp32, &int8 = int8] {
+            auto f = [&] { return fp32->forward(x); };
+            auto q = [&] { return int8->forward(x); };
+            if (fp32_first) {
+              c.fp32.push_back(per_call_ms(f, o.warmup, o.min_time));
+              c.int8.push_back(per_call_ms(q, o.warmup, o.min_time));
+            } else {
+              c.int8.push_back(per_call_ms(q, o.warmup, o.min_time));
+              c.fp32.push_back(per_call_ms(f, o.warmup, o.min_time));
+            }
+          };
+          // The peer measures the same case right before or after wick does.
+          auto python_case = [&] {
+            if (!peer || !peer_error.empty()) return;
+            try {
+              Json ask;
+              ask["model"] = name;
+              ask["batch"] = batch;
+              ask["threads"] = threads;
+              ask["order"] = fp32_first ? "fp32_first" : "int8_first";
+              const Json line = peer->ask(ask);
+              c.py_fp32.push_back(line.at("fp32_ms").get<double>());
+              c.py_int8.push_back(line.at("int8_ms").get<double>());
+              c.py_check = line.at("check_fp32").get<double>();
+              c.py_engine = line.at("engine").get<std::string>();
+            } catch (const std::exception& e) {
+              peer_error = e.what();
+            }
+          };
+          if ((r + index++) % 2 == 0) {
+            wick_case();
+            python_case();
           } else {
-            c.int8.push_back(per_call_ms(q, o.warmup, o.min_time));
-            c.fp32.push_back(per_call_ms(f, o.warmup, o.min_time));
+            python_case();
+            wick_case();
           }
         }
       }
-      if (o.no_python || !peer_error.empty()) continue;
-      std::ostringstream models_arg, batches_arg;
-      for (size_t i = 0; i < o.models.size(); ++i) models_arg << (i ? "," : "") << o.models[i];
-      for (size_t i = 0; i < o.batches.size(); ++i) batches_arg << (i ? "," : "") << o.batches[i];
-      auto peer =
-          run_peer(global, "quant_peer.py",
-                   {"--threads", std::to_string(threads), "--seed", std::to_string(o.seed),
-                    "--models", models_arg.str(), "--batches", batches_arg.str(), "--warmup",
-                    std::to_string(o.warmup), "--min-time", std::to_string(o.min_time)});
-      if (!peer.ok()) {
-        peer_error = peer.error.empty() ? "the peer printed nothing" : peer.error;
-        continue;
-      }
-      for (const auto& line : peer.lines) {
-        Case& c = cases[Key{line.at("model").get<std::string>(), line.at("batch").get<int64_t>(),
-                            threads}];
-        c.py_fp32.push_back(line.at("fp32_ms").get<double>());
-        c.py_int8.push_back(line.at("int8_ms").get<double>());
-        c.py_check = line.at("check_fp32").get<double>();
-        c.py_engine = line.at("engine").get<std::string>();
-      }
     }
   }
+  peer.reset();
 
   // A table for a person on stderr; the JSON lines on stdout stay machine-readable.
   std::fprintf(stderr, "%-18s %7s %5s %10s %10s %8s %12s %10s\n", "model", "threads", "batch",
@@ -214,11 +240,17 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
       line["python_fp32_ms"] = pf;
       line["python_int8_ms"] = pq;
       line["python_speedup"] = pf / pq;
-      line["vs_python"] = pq / q;
+      // Each round's own ratio (the two measured back to back), then the
+      // median: the machine's drift between rounds stays out of it.
+      const double vs = median_ratio(c.py_int8, c.int8);
+      line["vs_python"] = vs;
+      // The same fp32 LibTorch kernels on both sides: how far apart the two
+      // measurements of one round still were.
+      line["fp32_vs_python"] = median_ratio(c.py_fp32, c.fp32);
       line["python_engine"] = c.py_engine;
       py_engine = c.py_engine;
-      if (pq / q < min_python) {
-        min_python = pq / q;
+      if (vs < min_python) {
+        min_python = vs;
         worst_python = label.str();
       }
       const bool same = std::abs(c.py_check - c.check) <= 1e-3 * std::max(1.0, std::abs(c.check));
@@ -228,10 +260,14 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
     std::fprintf(stderr, "%-18s %7d %5lld %10.3f %10.3f %7.2fx %12s %10s\n", name.c_str(), threads,
                  static_cast<long long>(batch), f, q, f / q,
                  c.py_int8.empty() ? "-" : c10::str(median(c.py_int8)).c_str(),
-                 c.py_int8.empty() ? "-" : c10::str(median(c.py_int8) / q, "x").c_str());
+                 c.py_int8.empty() ? "-" : c10::str(median_ratio(c.py_int8, c.int8), "x").c_str());
     line["check_fp32"] = c.check;
     line["fp32_runs_ms"] = list(c.fp32);
     line["int8_runs_ms"] = list(c.int8);
+    if (!c.py_int8.empty()) {
+      line["python_fp32_runs_ms"] = list(c.py_fp32);
+      line["python_int8_runs_ms"] = list(c.py_int8);
+    }
     out.emit(line);
   }
 

@@ -14,6 +14,11 @@ under torch.inference_mode(); the figure is milliseconds per call.
 
 Prints one JSON line per (model, batch): fp32_ms, int8_ms and check_fp32 (the
 sum of the fp32 output, which equals the C++ side's when the weights agree).
+
+--serve: stays running and measures one case per request, a JSON line
+{"model", "batch", "threads", "order"} on stdin ("order": "fp32_first" or
+"int8_first"), answering with that line; `wick-bench quant` asks it right
+after measuring the same case itself. Ends at EOF.
 """
 import argparse
 import json
@@ -52,9 +57,34 @@ def per_call_ms(fn, warmup, min_time):
             return 1e3 * elapsed / calls
 
 
+def measure(torch, model, qmodel, name, batch, threads, a, int8_first=False):
+    g = torch.Generator().manual_seed(a.seed + 1)
+    x = torch.randn(batch, 1024, generator=g)
+    with torch.inference_mode():
+        check = float(model(x).double().sum())
+        if int8_first:
+            int8 = per_call_ms(lambda: qmodel(x), a.warmup, a.min_time)
+            fp32 = per_call_ms(lambda: model(x), a.warmup, a.min_time)
+        else:
+            fp32 = per_call_ms(lambda: model(x), a.warmup, a.min_time)
+            int8 = per_call_ms(lambda: qmodel(x), a.warmup, a.min_time)
+    return {"model": name, "batch": batch, "threads": threads, "fp32_ms": fp32, "int8_ms": int8,
+            "engine": torch.backends.quantized.engine, "check_fp32": check, "torch": torch.__version__}
+
+
+def models_of(torch, name, seed, cache):
+    if name not in cache:
+        model = build(torch, name, seed).eval()
+        qmodel = torch.ao.quantization.quantize_dynamic(build(torch, name, seed).eval(), {torch.nn.Linear},
+                                                        dtype=torch.qint8)
+        cache[name] = (model, qmodel)
+    return cache[name]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--serve", action="store_true", help="measure the cases asked on stdin")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", default="mlp,linear_1024x1024,linear_1024x4096")
     p.add_argument("--batches", default="1,16,64,256")
@@ -64,22 +94,24 @@ def main():
 
     import torch
 
-    torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")  # torch.ao's deprecation notice
+    cache = {}
+    if a.serve:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            torch.set_num_threads(int(r["threads"]))
+            model, qmodel = models_of(torch, r["model"], a.seed, cache)
+            print(json.dumps(measure(torch, model, qmodel, r["model"], int(r["batch"]), int(r["threads"]), a,
+                                     r.get("order") == "int8_first")), flush=True)
+        return 0
+    torch.set_num_threads(a.threads)
     for name in a.models.split(","):
-        model = build(torch, name, a.seed).eval()
-        qmodel = torch.ao.quantization.quantize_dynamic(build(torch, name, a.seed).eval(), {torch.nn.Linear},
-                                                        dtype=torch.qint8)
+        model, qmodel = models_of(torch, name, a.seed, cache)
         for batch in [int(b) for b in a.batches.split(",")]:
-            g = torch.Generator().manual_seed(a.seed + 1)
-            x = torch.randn(batch, 1024, generator=g)
-            with torch.inference_mode():
-                check = float(model(x).double().sum())
-                fp32 = per_call_ms(lambda: model(x), a.warmup, a.min_time)
-                int8 = per_call_ms(lambda: qmodel(x), a.warmup, a.min_time)
-            print(json.dumps({"model": name, "batch": batch, "threads": a.threads, "fp32_ms": fp32,
-                              "int8_ms": int8, "engine": torch.backends.quantized.engine,
-                              "check_fp32": check, "torch": torch.__version__}), flush=True)
+            print(json.dumps(measure(torch, model, qmodel, name, batch, a.threads, a)), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
