@@ -10,12 +10,12 @@
 // A figure is milliseconds per forward call: calls repeated until --min-time
 // seconds have passed, after --warmup calls, under c10::InferenceMode; the
 // median over --repeats rounds. The peer stays running (quant_peer.py
-// --serve) and measures each case right before or right after wick does
-// (alternating), and vs_python is the median of the rounds' own ratios: this
-// machine's speed drifts by tens of percent over seconds, so cases measured
-// a phase apart (as when the peer ran after all of wick's cases) could differ
-// by more than the engines do. fp32_vs_python, the same fp32 kernels timed on
-// both sides, shows how close the two measurements of a round stayed.
+// --serve), and each case's --min-time is cut into --slices that alternate
+// between wick and the peer (ABAB...); vs_python is the median of the rounds'
+// own ratios. This machine's speed drifts by tens of percent over seconds and
+// within one, so cases measured a phase apart (as when the peer ran after all
+// of wick's cases) differed by more than the engines do. fp32_vs_python, the
+// same fp32 kernels timed on both sides, shows how close the two stayed.
 
 #include "bench_common.h"
 
@@ -47,6 +47,7 @@ struct QuantBenchOptions {
   int repeats = 3;
   int warmup = 5;
   double min_time = 0.2;
+  int slices = 5;
   uint64_t seed = 0;
   bool no_python = false;
   std::string engine = "auto";
@@ -114,6 +115,7 @@ Json list(const std::vector<double>& v) { return Json(v); }
 void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   TORCH_CHECK(o.repeats >= 1, "wick-bench quant: --repeats must be >= 1, got ", o.repeats);
   TORCH_CHECK(o.min_time > 0, "wick-bench quant: --min-time must be > 0, got ", o.min_time);
+  TORCH_CHECK(o.slices >= 1, "wick-bench quant: --slices must be >= 1, got ", o.slices);
   for (int t : o.threads) TORCH_CHECK(t >= 1, "wick-bench quant: --threads must be >= 1, got ", t);
   for (auto b : o.batches) TORCH_CHECK(b >= 1, "wick-bench quant: --batches must be >= 1, got ", b);
   const auto engine = parse_engine(o.engine);
@@ -166,41 +168,60 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
           c.check = fp32->forward(x).to(torch::kDouble).sum().item<double>();
           // Alternate the order so neither always runs on a warmer cache.
           const bool fp32_first = r % 2 == 0;
-          auto wick_case = [&, &fp32 = fp32, &int8 = int8] {
-            auto f = [&] { return fp32->forward(x); };
-            auto q = [&] { return int8->forward(x); };
-            if (fp32_first) {
-              c.fp32.push_back(per_call_ms(f, o.warmup, o.min_time));
-              c.int8.push_back(per_call_ms(q, o.warmup, o.min_time));
+          // A case's min_time is cut into --slices, wick's and the peer's
+          // slices alternating (ABAB...): the machine's speed changes within
+          // a second as well, so two back-to-back timings of 0.2 s each still
+          // differed by up to 20% on the same fp32 kernels.
+          const double slice = o.min_time / o.slices;
+          double wf = 0, wq = 0, pf = 0, pq = 0;
+          bool python_ok = peer != nullptr && peer_error.empty();
+          for (int k = 0; k < o.slices; ++k) {
+            const int warmup = k == 0 ? o.warmup : 0;
+            auto wick_slice = [&, &fp32 = fp32, &int8 = int8] {
+              auto f = [&] { return fp32->forward(x); };
+              auto q = [&] { return int8->forward(x); };
+              if (fp32_first) {
+                wf += per_call_ms(f, warmup, slice);
+                wq += per_call_ms(q, warmup, slice);
+              } else {
+                wq += per_call_ms(q, warmup, slice);
+                wf += per_call_ms(f, warmup, slice);
+              }
+            };
+            auto python_slice = [&] {
+              if (!python_ok) return;
+              try {
+                Json ask;
+                ask["model"] = name;
+                ask["batch"] = batch;
+                ask["threads"] = threads;
+                ask["order"] = fp32_first ? "fp32_first" : "int8_first";
+                ask["warmup"] = warmup;
+                ask["min_time"] = slice;
+                const Json line = peer->ask(ask);
+                pf += line.at("fp32_ms").get<double>();
+                pq += line.at("int8_ms").get<double>();
+                c.py_check = line.at("check_fp32").get<double>();
+                c.py_engine = line.at("engine").get<std::string>();
+              } catch (const std::exception& e) {
+                peer_error = e.what();
+                python_ok = false;
+              }
+            };
+            if ((r + index + k) % 2 == 0) {
+              wick_slice();
+              python_slice();
             } else {
-              c.int8.push_back(per_call_ms(q, o.warmup, o.min_time));
-              c.fp32.push_back(per_call_ms(f, o.warmup, o.min_time));
+              python_slice();
+              wick_slice();
             }
-          };
-          // The peer measures the same case right before or after wick does.
-          auto python_case = [&] {
-            if (!peer || !peer_error.empty()) return;
-            try {
-              Json ask;
-              ask["model"] = name;
-              ask["batch"] = batch;
-              ask["threads"] = threads;
-              ask["order"] = fp32_first ? "fp32_first" : "int8_first";
-              const Json line = peer->ask(ask);
-              c.py_fp32.push_back(line.at("fp32_ms").get<double>());
-              c.py_int8.push_back(line.at("int8_ms").get<double>());
-              c.py_check = line.at("check_fp32").get<double>();
-              c.py_engine = line.at("engine").get<std::string>();
-            } catch (const std::exception& e) {
-              peer_error = e.what();
-            }
-          };
-          if ((r + index++) % 2 == 0) {
-            wick_case();
-            python_case();
-          } else {
-            python_case();
-            wick_case();
+          }
+          ++index;
+          c.fp32.push_back(wf / o.slices);
+          c.int8.push_back(wq / o.slices);
+          if (python_ok) {
+            c.py_fp32.push_back(pf / o.slices);
+            c.py_int8.push_back(pq / o.slices);
           }
         }
       }
@@ -291,6 +312,7 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   s["python_engine"] = py_engine;
   s["repeats"] = o.repeats;
   s["min_time_s"] = o.min_time;
+  s["slices"] = o.slices;
   add_run_environment(s, load_start);
   out.emit(s);
 }
@@ -381,6 +403,9 @@ void add_quant_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_option("--repeats", o->repeats, "rounds; figures are medians")->capture_default_str();
   sub->add_option("--warmup", o->warmup, "untimed calls before each timing")->capture_default_str();
   sub->add_option("--min-time", o->min_time, "seconds each timing lasts at least")
+      ->capture_default_str();
+  sub->add_option("--slices", o->slices,
+                  "each case's --min-time in this many slices, wick's and Python's alternating")
       ->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the weights and inputs")->capture_default_str();
   sub->add_option("--engine", o->engine, "wick's engine: auto, fbgemm, onednn, qnnpack")

@@ -16,9 +16,10 @@ Prints one JSON line per (model, batch): fp32_ms, int8_ms and check_fp32 (the
 sum of the fp32 output, which equals the C++ side's when the weights agree).
 
 --serve: stays running and measures one case per request, a JSON line
-{"model", "batch", "threads", "order"} on stdin ("order": "fp32_first" or
-"int8_first"), answering with that line; `wick-bench quant` asks it right
-after measuring the same case itself. Ends at EOF.
+{"model", "batch", "threads", "order", "warmup", "min_time"} on stdin
+("order": "fp32_first" or "int8_first"; warmup and min_time override the
+flags), answering with that line; `wick-bench quant` alternates slices of a
+case between itself and the peer. Ends at EOF.
 """
 import argparse
 import json
@@ -57,17 +58,19 @@ def per_call_ms(fn, warmup, min_time):
             return 1e3 * elapsed / calls
 
 
-def measure(torch, model, qmodel, name, batch, threads, a, int8_first=False):
+def measure(torch, model, qmodel, name, batch, threads, a, int8_first=False, warmup=None, min_time=None):
+    warmup = a.warmup if warmup is None else warmup
+    min_time = a.min_time if min_time is None else min_time
     g = torch.Generator().manual_seed(a.seed + 1)
     x = torch.randn(batch, 1024, generator=g)
     with torch.inference_mode():
         check = float(model(x).double().sum())
         if int8_first:
-            int8 = per_call_ms(lambda: qmodel(x), a.warmup, a.min_time)
-            fp32 = per_call_ms(lambda: model(x), a.warmup, a.min_time)
+            int8 = per_call_ms(lambda: qmodel(x), warmup, min_time)
+            fp32 = per_call_ms(lambda: model(x), warmup, min_time)
         else:
-            fp32 = per_call_ms(lambda: model(x), a.warmup, a.min_time)
-            int8 = per_call_ms(lambda: qmodel(x), a.warmup, a.min_time)
+            fp32 = per_call_ms(lambda: model(x), warmup, min_time)
+            int8 = per_call_ms(lambda: qmodel(x), warmup, min_time)
     return {"model": name, "batch": batch, "threads": threads, "fp32_ms": fp32, "int8_ms": int8,
             "engine": torch.backends.quantized.engine, "check_fp32": check, "torch": torch.__version__}
 
@@ -104,7 +107,8 @@ def main():
             torch.set_num_threads(int(r["threads"]))
             model, qmodel = models_of(torch, r["model"], a.seed, cache)
             print(json.dumps(measure(torch, model, qmodel, r["model"], int(r["batch"]), int(r["threads"]), a,
-                                     r.get("order") == "int8_first")), flush=True)
+                                     r.get("order") == "int8_first", r.get("warmup"), r.get("min_time"))),
+                  flush=True)
         return 0
     torch.set_num_threads(a.threads)
     for name in a.models.split(","):
