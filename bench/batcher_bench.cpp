@@ -31,8 +31,9 @@
 // just after a batch left, wait for it to finish, then for its own.
 //
 // overload (the --overload-models, MLP by default): for each level the
-// batcher's capacity is measured right before it (callbacks resubmit each
-// answered request, so the queue never runs dry); then paced open-loop load
+// batcher's capacity is measured right before it (a refill thread keeps
+// max_queue_size requests in flight, so the queue never runs dry); then paced
+// open-loop load
 // (load threads offering requests at fixed times, whatever the answers) at
 // 2x, 5x and 10x that capacity for --overload-seconds, through try_submit
 // with a queue of two batches (--overload-queue), --load-threads (the cores
@@ -85,7 +86,8 @@ struct BatcherBenchOptions {
   int client_threads = 0;       // the threads the batched case's clients run on; 0: cores - workers
   int64_t workers = 1;
   bool wait_when_busy = false;
-  int repeats = 5;
+  int64_t idle_spin_us = -1;  // -1: the batcher's default
+  int repeats = 0;            // 0: 5 for the CNN, 15 for the MLP (rounds_for)
   uint64_t seed = 0;
   std::string models = "cnn,mlp";
   std::string cases = "serving,rejection,overload";
@@ -121,6 +123,19 @@ double percentile(std::vector<double> v, double q) {
   std::sort(v.begin(), v.end());
   size_t rank = static_cast<size_t>(std::ceil(q * static_cast<double>(v.size())));
   return v[std::min(v.size() - 1, rank == 0 ? 0 : rank - 1)];
+}
+
+// Serving rounds for a model: --repeats, else 5 for the CNN (about 15 s a
+// round) and 15 for the MLP (about 2 s a round, each case a tenth of a second:
+// more of them keep one slow stretch of the machine out of the median).
+int rounds_for(const std::string& model, const BatcherBenchOptions& o) {
+  if (o.repeats > 0) return o.repeats;
+  return model == "mlp" ? 15 : 5;
+}
+
+std::chrono::microseconds idle_spin(const BatcherBenchOptions& o) {
+  return o.idle_spin_us >= 0 ? std::chrono::microseconds(o.idle_spin_us)
+                             : wick::BatcherOptions().idle_spin();
 }
 
 int64_t preferred_batch(const BatcherBenchOptions& o) {
@@ -187,6 +202,7 @@ ServeRun run_serving(const wick::InferenceSession& session, const torch::Tensor&
                      .preferred_batch_size(std::min(max_batch, preferred_batch(o)))
                      .max_delay(std::chrono::microseconds(max_batch == 1 ? 0 : o.max_delay_us))
                      .run_waiting_when_busy(!o.wait_when_busy)
+                     .idle_spin(idle_spin(o))
                      .num_workers(o.workers)
                      .max_queue_size(std::max<int64_t>(1024, o.clients));
   if (api == ClientApi::kTrySubmit) {
@@ -486,6 +502,7 @@ wick::BatcherOptions overload_options(const BatcherBenchOptions& o) {
       .max_batch_size(o.max_batch)
       .max_delay(std::chrono::microseconds(o.max_delay_us))
       .run_waiting_when_busy(!o.wait_when_busy)
+      .idle_spin(idle_spin(o))
       .num_workers(o.workers)
       .max_queue_size(overload_queue(o))
       .queue_full_policy(wick::QueueFullPolicy::kReject);
@@ -852,7 +869,7 @@ void run_batcher_bench(BatcherBenchOptions o, const GlobalOptions& global) {
   TORCH_CHECK(o.max_batch >= 1, "wick-bench batcher: --max-batch must be >= 1, got ", o.max_batch);
   TORCH_CHECK(o.max_delay_us >= 0, "wick-bench batcher: --max-delay-us must be >= 0, got ",
               o.max_delay_us);
-  TORCH_CHECK(o.repeats >= 1, "wick-bench batcher: --repeats must be >= 1, got ", o.repeats);
+  TORCH_CHECK(o.repeats >= 0, "wick-bench batcher: --repeats must be >= 0, got ", o.repeats);
   TORCH_CHECK(o.overload_seconds > 0, "wick-bench batcher: --overload-seconds must be > 0, got ",
               o.overload_seconds);
   TORCH_CHECK(o.load_threads >= 0, "wick-bench batcher: --load-threads must be >= 0, got ",
@@ -903,7 +920,8 @@ void run_batcher_bench(BatcherBenchOptions o, const GlobalOptions& global) {
     session.run(images.narrow(0, 0, 1));  // warms the batch-of-one shapes too
     ModelFigures f;
     const bool serving = has_case("serving");
-    for (int r = 0; serving && r < o.repeats; ++r) {
+    const int rounds = rounds_for(name, o);
+    for (int r = 0; serving && r < rounds; ++r) {
       auto ceiling_1 = [&] {
         f.ceiling1_rps.push_back(run_ceiling(session, images, 1).requests_per_s);
       };
@@ -1048,8 +1066,10 @@ void run_batcher_bench(BatcherBenchOptions o, const GlobalOptions& global) {
   s["client_threads"] = o.client_threads;
   s["workers"] = o.workers;
   s["run_waiting_when_busy"] = !o.wait_when_busy;
+  s["idle_spin_us"] = idle_spin(o).count();
   s["threads"] = threads;
   s["repeats"] = o.repeats;
+  for (const auto& name : models) s["rounds_" + name] = rounds_for(name, o);
   add_run_environment(s, load_start);
   out.emit(s);
 }
@@ -1084,7 +1104,14 @@ void add_batcher_command(CLI::App& app, std::shared_ptr<GlobalOptions> global) {
   sub->add_flag("--wait-when-busy", o->wait_when_busy,
                 "run_waiting_when_busy(false): a worker back from a batch waits for a full batch "
                 "or max_delay as an idle one does");
-  sub->add_option("--repeats", o->repeats, "rounds; figures are medians")->capture_default_str();
+  sub->add_option("--idle-spin-us", o->idle_spin_us,
+                  "the batcher's idle_spin, microseconds (-1: its default, 200; 0: a worker "
+                  "sleeps at once)")
+      ->capture_default_str();
+  sub->add_option("--repeats", o->repeats,
+                  "serving rounds; figures are medians (0: 5 for the CNN, 15 for the MLP, whose "
+                  "rounds take a second)")
+      ->capture_default_str();
   sub->add_option("--seed", o->seed, "seed of the weights and the images")->capture_default_str();
   sub->add_option("--models", o->models,
                   "comma-separated: cnn, mlp (the first gives the summary's headline)")

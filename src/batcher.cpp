@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <thread>
 
 #ifdef __linux__
 #include <pthread.h>
@@ -119,6 +120,8 @@ BatcherCore::BatcherCore(BatcherOptions options, std::function<void(BatcherJobs&
               options_.max_delay().count());
   TORCH_CHECK(options_.max_queue_size() >= 1, "DynamicBatcher: max_queue_size must be >= 1, got ",
               options_.max_queue_size());
+  TORCH_CHECK(options_.idle_spin().count() >= 0, "DynamicBatcher: idle_spin must be >= 0 us, got ",
+              options_.idle_spin().count());
   TORCH_CHECK(options_.block_timeout().count() >= 0,
               "DynamicBatcher: block_timeout must be >= 0 us, got ",
               options_.block_timeout().count());
@@ -242,7 +245,17 @@ void BatcherCore::worker_loop() {
   BatcherJobs batch, expired;
   batch.reserve(max_batch);
   bool busy = false;  // this worker has just run a batch, and no idle wait came since
+  // Polls the queue's size, without its lock, until `enough` of it, shutdown,
+  // or `until`; yields the core on each look (idle_spin).
+  auto poll = [&s](size_t enough, Clock::time_point until) {
+    while (static_cast<size_t>(s.queued.load(std::memory_order_relaxed)) < enough &&
+           !s.stopping_hint.load(std::memory_order_relaxed) && Clock::now() < until) {
+      std::this_thread::yield();
+    }
+  };
+  const auto spin = options_.idle_spin();
   for (;;) {
+    bool polled_empty = false;  // once per idle spell; then the worker sleeps
     batch.clear();
     expired.clear();
     Clock::time_point taken;
@@ -253,6 +266,13 @@ void BatcherCore::worker_loop() {
         if (s.queue.empty()) {
           if (s.stopping) return;
           busy = false;
+          if (spin.count() > 0 && !polled_empty) {
+            polled_empty = true;
+            lock.unlock();
+            poll(1, Clock::now() + spin);
+            lock.lock();
+            continue;
+          }
           s.work_cv.wait(lock);
           continue;
         }
@@ -261,6 +281,12 @@ void BatcherCore::worker_loop() {
         const auto due = s.queue.front()->enqueued + options_.max_delay();
         if (!s.stopping && Clock::now() < due) {
           if (s.queue.size() < target) {
+            if (spin.count() > 0) {
+              lock.unlock();
+              poll(target, std::min(due, Clock::now() + spin));
+              lock.lock();
+              if (s.stopping || s.queue.size() >= target || Clock::now() >= due) continue;
+            }
             s.work_cv.wait_until(lock, due);
             continue;
           }

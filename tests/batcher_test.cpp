@@ -85,6 +85,8 @@ TEST(DynamicBatcherTest, RejectsBadOptions) {
                      "block_timeout must be >= 0 us");
   EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().request_timeout(-5us)),
                      "request_timeout must be >= 0 us");
+  EXPECT_THROWS_WITH(TensorBatcher(fn, BatcherOptions().idle_spin(-1us)),
+                     "DynamicBatcher: idle_spin must be >= 0 us, got -1");
 }
 
 TEST(DynamicBatcherTest, EachFutureGetsItsOwnResult) {
@@ -148,6 +150,41 @@ TEST(DynamicBatcherTest, LoneRequestWaitsMaxDelayThenRuns) {
   auto st = batcher.stats();
   EXPECT_EQ(st.end_to_end.count, 1);
   EXPECT_GE(st.queue_wait.p50_us, 19000.0);
+}
+
+// A worker polls the queue for at most idle_spin before it sleeps, and never
+// past a request's max_delay: with a poll far longer than the delay, a lone
+// request still runs at its max_delay, a full batch at once, the same after a
+// batch (the worker polling an empty queue), and shutdown ends a poll at once.
+TEST(DynamicBatcherTest, IdleSpinNeverDelaysABatchOrShutdown) {
+  for (auto spin : {0us, 200us, std::chrono::microseconds(10s)}) {
+    SCOPED_TRACE("idle_spin " + std::to_string(spin.count()) + " us");
+    RecordingModel model;
+    // run_waiting_when_busy(false): a request sent as the worker comes back
+    // from a batch waits for company as one sent to an idle worker does.
+    TensorBatcher batcher(
+        recording(model),
+        BatcherOptions().max_batch_size(4).max_delay(300ms).run_waiting_when_busy(false).idle_spin(
+            spin));
+    for (int round = 0; round < 2; ++round) {  // the second after the worker polled an empty queue
+      auto t0 = Clock::now();
+      auto lone = batcher.submit(request(round));
+      ASSERT_EQ(lone.wait_for(5s), std::future_status::ready);
+      const auto lone_took = Clock::now() - t0;
+      EXPECT_GE(lone_took, 299ms);
+      EXPECT_LT(lone_took, 300ms + 250ms);
+      EXPECT_TRUE(wick::testing::tensors_equal(lone.get(), expected(round)));
+      std::vector<std::future<torch::Tensor>> full;
+      t0 = Clock::now();
+      for (int64_t i = 0; i < 4; ++i) full.push_back(batcher.submit(request(10 + i)));
+      for (auto& f : full) ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+      EXPECT_LT(Clock::now() - t0, 200ms);  // did not wait for max_delay
+    }
+    const auto t0 = Clock::now();
+    batcher.shutdown();
+    EXPECT_LT(Clock::now() - t0, 1s);
+    EXPECT_EQ(model.sizes, std::vector<int64_t>({1, 4, 1, 4}));
+  }
 }
 
 TEST(DynamicBatcherTest, FullBatchRunsWithoutWaitingForDelay) {
