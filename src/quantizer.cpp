@@ -354,6 +354,24 @@ QuantizedLinearImpl::QuantizedLinearImpl(const QuantizedLinearImpl& other)
       device_(other.device_),
       packed_(std::make_shared<Packed>()) {}
 
+// As the copy constructor; torch::nn::Cloneable::clone_ assigns a fresh clone
+// to the module it clones into.
+QuantizedLinearImpl& QuantizedLinearImpl::operator=(const QuantizedLinearImpl& other) {
+  if (this == &other) return *this;
+  torch::nn::Cloneable<QuantizedLinearImpl>::operator=(other);
+  weight = other.weight;
+  scale = other.scale;
+  bias = other.bias;
+  in_features_ = other.in_features_;
+  out_features_ = other.out_features_;
+  with_bias_ = other.with_bias_;
+  dtype_ = other.dtype_;
+  options_ = other.options_;
+  device_ = other.device_;
+  packed_ = std::make_shared<Packed>();
+  return *this;
+}
+
 void QuantizedLinearImpl::reset() {
   packed_ = std::make_shared<Packed>();
   auto on = torch::TensorOptions().device(device_);

@@ -193,6 +193,7 @@ class SemiStructuredLinearImpl : public torch::nn::Cloneable<SemiStructuredLinea
   /// (Pruner::semi_structured_24 does that).
   explicit SemiStructuredLinearImpl(const torch::nn::LinearImpl& linear);
   SemiStructuredLinearImpl(const SemiStructuredLinearImpl& other) = default;
+  SemiStructuredLinearImpl& operator=(const SemiStructuredLinearImpl& other) = default;
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;

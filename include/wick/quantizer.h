@@ -124,7 +124,10 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   QuantizedLinearImpl(int64_t in_features, int64_t out_features, bool with_bias,
                       torch::Dtype dtype = torch::kInt8, QuantizeOptions options = {},
                       torch::Device device = torch::kCPU);
+  /// Copies share the int8 weights, not the packed caches: each copy packs its
+  /// own on first use (a copy may be moved to another device or reloaded).
   QuantizedLinearImpl(const QuantizedLinearImpl& other);
+  QuantizedLinearImpl& operator=(const QuantizedLinearImpl& other);
 
   /// (Re)creates the buffers at their shapes, zero; the packed copies are rebuilt on use.
   void reset() override;
