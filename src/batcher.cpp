@@ -11,6 +11,7 @@
 #include <cstring>
 #include <deque>
 #include <thread>
+#include <typeinfo>
 
 #ifdef __linux__
 #include <pthread.h>
@@ -538,12 +539,13 @@ torch::Tensor collate(const std::vector<torch::Tensor>& xs, const std::vector<si
 // 6 us, a fifth of the MLP's per-batch batcher cost). An inference tensor's
 // views carry no autograd or version-counter state, so the rows are the same
 // tensors unbind would give. Anything else (autograd on, a tensor subclass,
-// quantized, sparse, conjugate or negative views) goes through unbind.
+// quantized, sparse, conjugate, negative or zero tensors) goes through unbind.
 std::vector<torch::Tensor> split_rows(const torch::Tensor& out) {
   const c10::TensorImpl* impl = out.unsafeGetTensorImpl();
   const bool plain = c10::InferenceMode::is_enabled() && out.is_inference() &&
                      typeid(*impl) == typeid(c10::TensorImpl) && out.layout() == torch::kStrided &&
-                     !out.is_quantized() && !out.is_conj() && !out.is_neg() && out.has_storage();
+                     !out.is_quantized() && !out.is_conj() && !out.is_neg() &&
+                     !out._is_zerotensor() && out.has_storage();
   if (!plain) return out.unbind(0);
   const auto sizes = out.sizes().slice(1);
   const auto strides = out.strides().slice(1);
