@@ -154,6 +154,12 @@ struct ServeRun {
 //   kFuture     submit() and std::future::get().
 enum class ClientApi { kTrySubmit, kFuture };
 
+// sem_wait, again when a signal interrupts it.
+void wait_on(sem_t& sem) {
+  while (sem_wait(&sem) != 0 && errno == EINTR) {
+  }
+}
+
 // A client thread of the kTrySubmit case: it drives one or more clients
 // (--client-threads), each with one request in flight. An answer's callback
 // stores it in the client's slot and marks the thread; the batcher's
@@ -175,10 +181,7 @@ struct ClientThread {
   ~ClientThread() { sem_destroy(&answered); }
   ClientThread(const ClientThread&) = delete;
   ClientThread& operator=(const ClientThread&) = delete;
-  void wait() {
-    while (sem_wait(&answered) != 0 && errno == EINTR) {
-    }
-  }
+  void wait() { wait_on(answered); }
   void wake_if_marked() {
     if (marked.exchange(false, std::memory_order_acq_rel)) sem_post(&answered);
   }
@@ -539,8 +542,7 @@ double measure_capacity(const wick::InferenceSession& session,
     std::thread refill([&] {
       submit(batcher.options().max_queue_size());
       while (!stop.load()) {
-        while (sem_wait(&batch_done) != 0 && errno == EINTR) {
-        }
+        wait_on(batch_done);
         submit(answered.exchange(0, std::memory_order_acquire));
       }
     });
