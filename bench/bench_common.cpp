@@ -280,10 +280,11 @@ SchedSample sched_sample(const std::string& thread_name) {
 
 Json performance_env() {
   Json env = Json::object();
-  for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX",
-                           "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY",
-                           "OMP_PROC_BIND", "THP_MEM_ALLOC_ENABLE", "ONEDNN_MAX_CPU_ISA",
-                           "DNNL_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"}) {
+  for (const char* name :
+       {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD",
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY", "OMP_PROC_BIND",
+        "THP_MEM_ALLOC_ENABLE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+        "FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"}) {
     if (const char* v = std::getenv(name)) env[name] = v;
   }
   return env;
