@@ -2,6 +2,7 @@
 
 #include "fs.h"
 #include "module_state.h"
+#include "safetensors_internal.h"
 
 #include <c10/util/Exception.h>
 #include <fcntl.h>
@@ -440,11 +441,18 @@ std::map<std::string, torch::Tensor> SafetensorsFile::to_map() const {
   return {tensors.begin(), tensors.end()};
 }
 
+void detail::write_safetensors(const NamedTensors& tensors,
+                               const std::map<std::string, std::string>& metadata, const char* who,
+                               const std::function<void(const void*, size_t)>& sink) {
+  write_all_tensors(plan(tensors, who), metadata, sink);
+}
+
 std::string save_safetensors_to_bytes(const NamedTensors& tensors,
                                       const std::map<std::string, std::string>& metadata) {
   std::string out;
-  write_all_tensors(plan(tensors, "save_safetensors_to_bytes"), metadata,
-                    [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); });
+  detail::write_safetensors(
+      tensors, metadata, "save_safetensors_to_bytes",
+      [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); });
   return out;
 }
 

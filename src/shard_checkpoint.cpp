@@ -16,8 +16,10 @@
 #include "fs.h"
 #include "host_snapshot.h"
 #include "module_state.h"
+#include "safetensors_internal.h"
 #include "shard_impl.h"
 
+#include <zlib.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -366,15 +368,22 @@ struct WrittenFile {
 
 WrittenFile write_shard(const ShardContents& c, const std::string& staging, int64_t rank,
                         int64_t world) {
-  const std::string bytes =
-      save_safetensors_to_bytes(c.tensors, {{"wick", "sharded checkpoint"},
-                                            {"rank", std::to_string(rank)},
-                                            {"world_size", std::to_string(world)}});
+  // Streamed: the tensors are already the caller's host copies, so the file
+  // goes out one tensor at a time, without a second copy of the shard in memory.
+  const std::map<std::string, std::string> metadata = {{"wick", "sharded checkpoint"},
+                                                       {"rank", std::to_string(rank)},
+                                                       {"world_size", std::to_string(world)}};
   detail::AtomicFile out(detail::join_path(staging, shard_file(rank, world)), kSdpCheckpointName);
-  out.write(bytes.data(), bytes.size());
+  WrittenFile written;
+  uLong crc = ::crc32_z(0L, Z_NULL, 0);
+  detail::write_safetensors(c.tensors, metadata, kSdpCheckpointName, [&](const void* p, size_t n) {
+    out.write(p, n);
+    crc = ::crc32_z(crc, static_cast<const Bytef*>(p), n);
+    written.size += static_cast<int64_t>(n);
+  });
   out.commit();
-  return {static_cast<int64_t>(bytes.size()),
-          static_cast<uint32_t>(std::stoul(crc32_hex(bytes.data(), bytes.size()), nullptr, 16))};
+  written.crc = static_cast<uint32_t>(crc);
+  return written;
 }
 
 // Rank 0's part of a save besides its file: the manifest of the global
