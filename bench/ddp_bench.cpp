@@ -19,6 +19,7 @@
 // a different stream per rank).
 
 #include "bench_common.h"
+#include "rank_processes.h"
 
 #include <wick/ddp.h>
 #include <wick/distributed.h>
@@ -26,15 +27,6 @@
 
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
-
-#include <arpa/inet.h>
-#include <dirent.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -224,61 +216,12 @@ void run_rank_child(const DdpBenchOptions& o) {
 // ---------------------------------------------------------------------------
 // The parent: starts the children and reads what they wrote.
 
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  TORCH_CHECK(fd >= 0, "wick-bench ddp: cannot open a socket to find a free port");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  const int port = ntohs(addr.sin_port);
-  ::close(fd);
-  return port;
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-// A scratch folder, removed with its files. (No std::filesystem here: libtorch.so
-// exports its own copy of some of its functions, which crash when called.)
-struct TempFolder {
-  TempFolder() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string templ =
-        std::string(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp") + "/wick-bench-ddp-XXXXXX";
-    TORCH_CHECK(::mkdtemp(templ.data()) != nullptr,
-                "wick-bench ddp: cannot create a scratch folder in ", templ);
-    path = templ;
-  }
-  ~TempFolder() {
-    if (DIR* d = ::opendir(path.c_str())) {
-      while (dirent* e = ::readdir(d)) {
-        const std::string name = e->d_name;
-        if (name != "." && name != "..") ::unlink((path + "/" + name).c_str());
-      }
-      ::closedir(d);
-    }
-    ::rmdir(path.c_str());
-  }
-  TempFolder(const TempFolder&) = delete;
-  TempFolder& operator=(const TempFolder&) = delete;
-  std::string path;
-};
-
 // One run: `world` children (world 1: no torchrun variables, a world of one).
 // Returns each rank's JSON; throws with the logs when a child fails.
 std::vector<Json> run_children(const DdpBenchOptions& o, const std::string& model, int world,
                                double bucket_mb, int64_t steps) {
-  TempFolder dir;
-  const std::string port = std::to_string(free_port());
-  const std::vector<std::string> args = {"wick-bench",
+  ScratchFolder dir("ddp");
+  const std::vector<std::string> args = {"/proc/self/exe",
                                          "ddp",
                                          "--rank-child",
                                          "--model",
@@ -297,76 +240,8 @@ std::vector<Json> run_children(const DdpBenchOptions& o, const std::string& mode
                                          std::to_string(o.seed),
                                          "--out-dir",
                                          dir.path};
-  std::vector<pid_t> pids;
-  for (int rank = 0; rank < world; ++rank) {
-    const std::string log = dir.path + "/rank" + std::to_string(rank) + ".log";
-    const pid_t pid = ::fork();
-    TORCH_CHECK(pid >= 0, "wick-bench ddp: fork failed");
-    if (pid == 0) {
-      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd >= 0) {
-        ::dup2(fd, 1);
-        ::dup2(fd, 2);
-        ::close(fd);
-      }
-      if (world > 1) {
-        ::setenv("RANK", std::to_string(rank).c_str(), 1);
-        ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
-        ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
-        ::setenv("LOCAL_WORLD_SIZE", std::to_string(world).c_str(), 1);
-        ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-        ::setenv("MASTER_PORT", port.c_str(), 1);
-      } else {
-        for (const char* v : {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                              "MASTER_PORT"}) {
-          ::unsetenv(v);
-        }
-      }
-      ::setenv("OMP_NUM_THREADS", "1", 1);
-      std::vector<char*> argv;
-      for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      ::execv("/proc/self/exe", argv.data());
-      ::_exit(127);
-    }
-    pids.push_back(pid);
-  }
-  std::vector<int> status(pids.size(), -1);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(o.timeout_s);
-  size_t done = 0;
-  while (done < pids.size() && std::chrono::steady_clock::now() < deadline) {
-    for (size_t i = 0; i < pids.size(); ++i) {
-      if (pids[i] == 0) continue;
-      int st = 0;
-      if (::waitpid(pids[i], &st, WNOHANG) == pids[i]) {
-        status[i] = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        pids[i] = 0;
-        ++done;
-      }
-    }
-    ::usleep(5000);
-  }
-  for (auto& pid : pids) {
-    if (pid != 0) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-    }
-  }
-  std::vector<Json> results;
-  std::string failure;
-  for (int rank = 0; rank < world; ++rank) {
-    const std::string json_path = dir.path + "/rank" + std::to_string(rank) + ".json";
-    if (status[rank] != 0 || ::access(json_path.c_str(), R_OK) != 0) {
-      failure += "rank " + std::to_string(rank) + " exit status " + std::to_string(status[rank]) +
-                 (status[rank] == -1 ? " (killed after --timeout)" : "") + "; log:\n" +
-                 read_text(dir.path + "/rank" + std::to_string(rank) + ".log") + "\n";
-      continue;
-    }
-    results.push_back(Json::parse(read_text(json_path)));
-  }
-  TORCH_CHECK(failure.empty(), "wick-bench ddp: a ", world, "-rank run of the ", model,
-              " failed:\n", failure);
-  return results;
+  return run_rank_processes(args, world, dir.path, o.timeout_s, "the " + model,
+                            /*group_of_one=*/false);
 }
 
 // One case (model, ranks, bucket size): its runs, one entry per round.

@@ -62,8 +62,8 @@ std::string read_text_file(const std::string& path) {
 }
 
 std::vector<Json> run_rank_processes(const std::vector<std::string>& argv, int world,
-                                     const std::string& dir, int timeout_s,
-                                     const std::string& what) {
+                                     const std::string& dir, int timeout_s, const std::string& what,
+                                     bool group_of_one) {
   TORCH_CHECK(!argv.empty(), "wick-bench: run_rank_processes needs a program");
   TORCH_CHECK(world >= 1, "wick-bench: run_rank_processes needs world >= 1, got ", world);
   const std::string port = std::to_string(free_loopback_port());
@@ -81,12 +81,19 @@ std::vector<Json> run_rank_processes(const std::vector<std::string>& argv, int w
         ::dup2(fd, 2);
         ::close(fd);
       }
-      ::setenv("RANK", std::to_string(rank).c_str(), 1);
-      ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
-      ::setenv("LOCAL_WORLD_SIZE", std::to_string(world).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", port.c_str(), 1);
+      if (world > 1 || group_of_one) {
+        ::setenv("RANK", std::to_string(rank).c_str(), 1);
+        ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
+        ::setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
+        ::setenv("LOCAL_WORLD_SIZE", std::to_string(world).c_str(), 1);
+        ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+        ::setenv("MASTER_PORT", port.c_str(), 1);
+      } else {
+        for (const char* v : {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                              "MASTER_PORT"}) {
+          ::unsetenv(v);
+        }
+      }
       ::setenv("OMP_NUM_THREADS", "1", 1);
       std::vector<char*> args;
       for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));

@@ -42,9 +42,11 @@ std::string read_text_file(const std::string& path);
 /// OMP_NUM_THREADS=1, its stdout and stderr in <dir>/rank<r>.log. Waits up to
 /// `timeout_s` seconds (then kills them), and returns what each rank wrote to
 /// <dir>/rank<r>.json, by rank. Throws naming `what` with the logs of the
-/// ranks that failed or wrote nothing.
+/// ranks that failed or wrote nothing. `group_of_one` false: a world of 1
+/// runs without the torchrun variables (unset, so wick::init_process_group
+/// makes no group), as a plain program would.
 std::vector<Json> run_rank_processes(const std::vector<std::string>& argv, int world,
-                                     const std::string& dir, int timeout_s,
-                                     const std::string& what);
+                                     const std::string& dir, int timeout_s, const std::string& what,
+                                     bool group_of_one = true);
 
 }  // namespace wick_bench
