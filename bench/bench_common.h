@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -55,6 +56,22 @@ class Stopwatch {
   double wall0_, cpu0_;
   int64_t faults0_;
 };
+
+/// Milliseconds per call of `fn`: `warmup` calls untimed, then calls until
+/// `min_time` seconds have passed (at least one).
+template <class F>
+double per_call_ms(F&& fn, int warmup, double min_time) {
+  for (int i = 0; i < warmup; ++i) fn();
+  int64_t calls = 0;
+  const auto start = std::chrono::steady_clock::now();
+  while (true) {
+    fn();
+    ++calls;
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (elapsed >= min_time) return 1e3 * elapsed / static_cast<double>(calls);
+  }
+}
 
 double median(std::vector<double> values);
 /// The median over rounds of a[r] / b[r] (rounds both have): with cases

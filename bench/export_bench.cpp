@@ -77,20 +77,6 @@ void copy_weights(const std::string& path, torch::nn::Module& module) {
   TORCH_CHECK(saved.empty(), "wick-bench export: '", path, "' has parameters the C++ model lacks");
 }
 
-template <class F>
-double per_call_ms(F&& fn, int warmup, double min_time) {
-  for (int i = 0; i < warmup; ++i) fn();
-  int64_t calls = 0;
-  const auto start = std::chrono::steady_clock::now();
-  while (true) {
-    fn();
-    ++calls;
-    const double elapsed =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (elapsed >= min_time) return 1e3 * elapsed / static_cast<double>(calls);
-  }
-}
-
 std::string join(const std::vector<std::string>& v) {
   std::ostringstream s;
   for (size_t i = 0; i < v.size(); ++i) s << (i ? "," : "") << v[i];

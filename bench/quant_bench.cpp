@@ -79,20 +79,6 @@ torch::nn::Sequential build(const std::string& name, uint64_t seed) {
   return model;
 }
 
-template <class F>
-double per_call_ms(F&& fn, int warmup, double min_time) {
-  for (int i = 0; i < warmup; ++i) fn();
-  int64_t calls = 0;
-  const auto start = std::chrono::steady_clock::now();
-  while (true) {
-    fn();
-    ++calls;
-    const double elapsed =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (elapsed >= min_time) return 1e3 * elapsed / static_cast<double>(calls);
-  }
-}
-
 wick::QuantEngine parse_engine(const std::string& s) {
   for (auto e : {wick::QuantEngine::kAuto, wick::QuantEngine::kFbgemm, wick::QuantEngine::kOnednn,
                  wick::QuantEngine::kQnnpack}) {
