@@ -264,7 +264,8 @@ void dequantize_rows(const int32_t* acc, int64_t rows, int64_t cols, const float
 // block by block, each block of rows on one thread over all the columns.
 // (Until 2026-12-06 the weight was packed in column blocks of 512, one FBGEMM
 // call each: that packed the activations once per column block, 8 times on a
-// 1024 x 4096 layer, and cost 2-7% of the product on one thread.)
+// 1024 x 4096 layer. The product alone is 0-7% faster in one piece on one
+// thread; the whole forward, within the noise of docs/quantization.md.)
 struct FbgemmInt8Weight::Impl {
   fbgemm::PackBMatrix<int8_t> packed;
   Impl(const int8_t* w, int64_t n, int64_t k)
