@@ -341,39 +341,18 @@ QuantizedLinearImpl::QuantizedLinearImpl(const torch::nn::LinearImpl& linear, to
   if (with_bias_) bias.copy_(linear.bias.detach().to(torch::kFloat));
 }
 
-QuantizedLinearImpl::QuantizedLinearImpl(const QuantizedLinearImpl& other)
-    : torch::nn::Cloneable<QuantizedLinearImpl>(other),
-      weight(other.weight),
-      scale(other.scale),
-      bias(other.bias),
-      in_features_(other.in_features_),
-      out_features_(other.out_features_),
-      with_bias_(other.with_bias_),
-      dtype_(other.dtype_),
-      options_(other.options_),
-      device_(other.device_),
-      packed_(std::make_shared<Packed>()) {}
+QuantizedLinearImpl::PackedCache::PackedCache() : packed_(std::make_shared<Packed>()) {}
 
-// As the copy constructor; torch::nn::Cloneable::clone_ assigns a fresh clone
-// to the module it clones into.
-QuantizedLinearImpl& QuantizedLinearImpl::operator=(const QuantizedLinearImpl& other) {
-  if (this == &other) return *this;
-  torch::nn::Cloneable<QuantizedLinearImpl>::operator=(other);
-  weight = other.weight;
-  scale = other.scale;
-  bias = other.bias;
-  in_features_ = other.in_features_;
-  out_features_ = other.out_features_;
-  with_bias_ = other.with_bias_;
-  dtype_ = other.dtype_;
-  options_ = other.options_;
-  device_ = other.device_;
-  packed_ = std::make_shared<Packed>();
+QuantizedLinearImpl::PackedCache::PackedCache(const PackedCache& /*other*/) : PackedCache() {}
+
+QuantizedLinearImpl::PackedCache& QuantizedLinearImpl::PackedCache::operator=(
+    const PackedCache& other) {
+  if (this != &other) packed_ = std::make_shared<Packed>();
   return *this;
 }
 
 void QuantizedLinearImpl::reset() {
-  packed_ = std::make_shared<Packed>();
+  packed_ = PackedCache();
   auto on = torch::TensorOptions().device(device_);
   weight = register_buffer(
       "weight", torch::zeros({out_features_, in_features_}, on.dtype(torch::kFloat)).to(dtype_));

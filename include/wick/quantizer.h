@@ -126,8 +126,8 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
                       torch::Device device = torch::kCPU);
   /// Copies share the int8 weights, not the packed caches: each copy packs its
   /// own on first use (a copy may be moved to another device or reloaded).
-  QuantizedLinearImpl(const QuantizedLinearImpl& other);
-  QuantizedLinearImpl& operator=(const QuantizedLinearImpl& other);
+  QuantizedLinearImpl(const QuantizedLinearImpl& other) = default;
+  QuantizedLinearImpl& operator=(const QuantizedLinearImpl& other) = default;
 
   /// (Re)creates the buffers at their shapes, zero; the packed copies are rebuilt on use.
   void reset() override;
@@ -166,6 +166,19 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
 
  private:
   struct Packed;
+  /// The packed caches of one layer: a copy (constructed or assigned) starts
+  /// with empty caches of its own, never sharing the original's.
+  class PackedCache {
+   public:
+    PackedCache();
+    PackedCache(const PackedCache& other);
+    PackedCache& operator=(const PackedCache& other);
+    Packed* operator->() const { return packed_.get(); }
+    Packed& operator*() const { return *packed_; }
+
+   private:
+    std::shared_ptr<Packed> packed_;
+  };
   struct RowWeights;
   torch::Tensor forward_cpu(const torch::Tensor& input);
   std::shared_ptr<const RowWeights> pack_rows(QuantEngine engine) const;
@@ -181,7 +194,7 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   torch::Dtype dtype_;
   QuantizeOptions options_;
   torch::Device device_;
-  std::shared_ptr<Packed> packed_;  // caches of the packed weights, per engine
+  PackedCache packed_;  // caches of the packed weights, per engine
 };
 TORCH_MODULE(QuantizedLinear);
 
