@@ -33,7 +33,9 @@ void quantize_rows(const float* x, int64_t rows, int64_t cols, int64_t ld, int32
 
 /// y_ij = float(acc_ij - zp_i * colsum_j) * (scale_i * wscale_j) + bias_j, as
 /// three rounded float32 operations (the product of the scales first).
-/// colsum_j: the sum of row j of the int8 weight. bias may be null.
+/// colsum_j: the sum of row j of the int8 weight. bias may be null. acc and y
+/// may be the same memory (dequantized in place): each element is read before
+/// it is written, and no other element is read after it.
 void dequantize_rows(const int32_t* acc, int64_t rows, int64_t cols, const float* scale,
                      const int32_t* zp, const int32_t* colsum, const float* wscale,
                      const float* bias, float* y);
