@@ -94,7 +94,20 @@ struct Case {
   std::vector<double> fp32, int8, py_fp32, py_int8;
   double check = 0, py_check = NAN;
   std::string py_engine;
+  std::string engines;  // wick's engine per layer, after the timing (autotune's choice)
 };
+
+// The engine each QuantizedLinear of `model` runs a batch of `rows` on now.
+std::string engines_of(const torch::nn::Sequential& model, int64_t rows) {
+  std::string s;
+  for (const auto& m : model->modules(/*include_self=*/false)) {
+    if (const auto* q = m->as<wick::QuantizedLinearImpl>()) {
+      if (!s.empty()) s += ",";
+      s += wick::to_string(q->engine_for(rows));
+    }
+  }
+  return s;
+}
 
 Json list(const std::vector<double>& v) { return Json(v); }
 
@@ -203,6 +216,7 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
             }
           }
           ++index;
+          c.engines = engines_of(int8, batch);
           c.fp32.push_back(wf / o.slices);
           c.int8.push_back(wq / o.slices);
           if (python_ok) {
@@ -268,6 +282,7 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
                  static_cast<long long>(batch), f, q, f / q,
                  c.py_int8.empty() ? "-" : c10::str(median(c.py_int8)).c_str(),
                  c.py_int8.empty() ? "-" : c10::str(median_ratio(c.py_int8, c.int8), "x").c_str());
+    line["wick_engines"] = c.engines;
     line["check_fp32"] = c.check;
     line["fp32_runs_ms"] = list(c.fp32);
     line["int8_runs_ms"] = list(c.int8);

@@ -57,10 +57,10 @@ class FbgemmInt8Weight {
 
   /// acc [rows, n] = q [rows, k] (uint8, row-major) x weight^T, on torch's
   /// intra-op threads. `then(r0, r1)` is called once per finished block of
-  /// rows [r0, r1), on the thread that computed it, while the block's int32
-  /// results are still in its cache (batches of more than one block run
-  /// block by block, a block per task; smaller ones as one FBGEMM call split
-  /// across the threads, then one `then`).
+  /// rows [r0, r1), on the thread that computed it, right after the block
+  /// (batches of more than one block run block by block, a block per task;
+  /// smaller ones as one FBGEMM call split across the threads, then one
+  /// `then`).
   void matmul(const uint8_t* q, int64_t rows, int32_t* acc,
               const std::function<void(int64_t, int64_t)>& then) const;
 

@@ -614,7 +614,7 @@ torch::Tensor QuantizedLinearImpl::forward_rows(const torch::Tensor& input, int6
                             r.wscale.data(), r.bias.empty() ? nullptr : r.bias.data(), yp + r0 * n);
   };
   if (u8) {
-    r.fbgemm->matmul(codes, rows, acc, dequantize);  // block by block, while in cache
+    r.fbgemm->matmul(codes, rows, acc, dequantize);  // block by block
   } else {
     at::Tensor a = at::from_blob(codes, {rows, in_features_}, at::TensorOptions(at::kChar));
     at::Tensor out = at::from_blob(acc, {rows, n}, at::TensorOptions(at::kInt));
