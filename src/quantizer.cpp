@@ -211,6 +211,13 @@ struct QuantizedLinearImpl::Packed {
   std::shared_ptr<const RowWeights> by_rows[2];  // per row: fbgemm, onednn
   // Autotune's choices: (rows rounded up to a power of two, intra-op threads) -> engine.
   std::map<std::pair<int64_t, int>, QuantEngine> tuned;
+  // Classes still being timed: each engine's runs so far and best time.
+  struct Trial {
+    int runs[2] = {0, 0};  // fbgemm, onednn
+    double best[2] = {std::numeric_limits<double>::infinity(),
+                      std::numeric_limits<double>::infinity()};
+  };
+  std::map<std::pair<int64_t, int>, Trial> trials;
 };
 
 namespace {
@@ -402,6 +409,14 @@ torch::Tensor QuantizedLinearImpl::forward(const torch::Tensor& input) {
 
 namespace {
 
+// Autotune times a class's first kTuneRuns batches, the engines alternating;
+// spread over real batches, a burst of noise on the machine cannot decide
+// alone (timing 4 runs of each engine back to back on the first batch picked
+// the slower engine in some runs of `wick-bench quant` on a busy machine).
+constexpr int kTuneRuns = 16;
+// The other engine must beat the fixed rule's by this much to replace it.
+constexpr double kTuneMargin = 0.03;
+
 // The class of a batch of `rows` rows for autotune: rows rounded up to a power of two.
 int64_t row_class(int64_t rows) {
   int64_t c = 1;
@@ -475,7 +490,7 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
   QuantEngine engine = fixed_engine_for(rows);
   PackedPtr packed;
   std::shared_ptr<const RowWeights> row_weights;
-  std::shared_ptr<const RowWeights> candidates[2];  // fbgemm, onednn: when this batch tunes
+  bool timed = false;  // this batch is one of autotune's timed runs
   {
     std::lock_guard<std::mutex> lock(packed_->mutex);
     Packed& p = *packed_;
@@ -487,6 +502,7 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
       for (auto& slot : p.by_engine) slot.reset();
       for (auto& slot : p.by_rows) slot.reset();
       p.tuned.clear();
+      p.trials.clear();
       p.weight_ptr = ptrs[0];
       p.scale_ptr = ptrs[1];
       p.bias_ptr = ptrs[2];
@@ -497,16 +513,13 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
       if (it != p.tuned.end()) {
         engine = it->second;
       } else {
-        for (int e = 0; e < 2; ++e) {
-          if (!p.by_rows[e])
-            p.by_rows[e] = pack_rows(e == 0 ? QuantEngine::kFbgemm : QuantEngine::kOnednn);
-          candidates[e] = p.by_rows[e];
-        }
+        // This batch is one of its class's timed runs: the engine with fewer runs so far.
+        const Packed::Trial& t = p.trials[tune_key];
+        engine = t.runs[1] < t.runs[0] ? QuantEngine::kOnednn : QuantEngine::kFbgemm;
+        timed = true;
       }
     }
-    if (candidates[0]) {
-      // This batch tunes its class (below, outside the lock).
-    } else if (per_row) {
+    if (per_row) {
       auto& slot = p.by_rows[engine == QuantEngine::kFbgemm ? 0 : 1];
       if (!slot) slot = pack_rows(engine);
       row_weights = slot;
@@ -532,23 +545,27 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
       packed = slot;
     }
   }
-  if (candidates[0]) {
-    // Autotune: both engines on this batch, alternately, 4 times each; the
-    // class keeps the one with the better best time. Both give the same bits.
-    using Clock = std::chrono::steady_clock;
-    const QuantEngine engines[2] = {QuantEngine::kFbgemm, QuantEngine::kOnednn};
-    double best[2] = {std::numeric_limits<double>::infinity(),
-                      std::numeric_limits<double>::infinity()};
-    torch::Tensor y;
-    for (int round = 0; round < 4; ++round) {
-      for (int e = 0; e < 2; ++e) {
-        const auto t0 = Clock::now();
-        y = forward_rows(input, rows, engines[e], *candidates[e], out_shape);
-        best[e] = std::min(best[e], std::chrono::duration<double>(Clock::now() - t0).count());
-      }
-    }
+  if (timed) {
+    // Autotune: the first kTuneRuns batches of a class alternate between the
+    // engines (both give the same bits), each timed; then the class keeps the
+    // fixed rule's engine unless the other's best time beat it by kTuneMargin.
+    const auto t0 = std::chrono::steady_clock::now();
+    torch::Tensor y = forward_rows(input, rows, engine, *row_weights, out_shape);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::lock_guard<std::mutex> lock(packed_->mutex);
-    packed_->tuned.emplace(tune_key, best[1] < best[0] ? engines[1] : engines[0]);
+    Packed& p = *packed_;
+    if (p.tuned.count(tune_key) != 0) return y;  // decided meanwhile, by another thread
+    Packed::Trial& t = p.trials[tune_key];
+    const int e = engine == QuantEngine::kFbgemm ? 0 : 1;
+    ++t.runs[e];
+    t.best[e] = std::min(t.best[e], seconds);
+    if (t.runs[0] + t.runs[1] >= kTuneRuns) {
+      const int rule = fixed_engine_for(rows) == QuantEngine::kFbgemm ? 0 : 1;
+      const int other = 1 - rule;
+      const int pick = t.best[other] < t.best[rule] * (1 - kTuneMargin) ? other : rule;
+      p.tuned.emplace(tune_key, pick == 0 ? QuantEngine::kFbgemm : QuantEngine::kOnednn);
+      p.trials.erase(tune_key);
+    }
     return y;
   }
   if (per_row) return forward_rows(input, rows, engine, *row_weights, out_shape);

@@ -202,6 +202,46 @@ TEST_F(QuantizerTest, CloseToFp32WithinTheQuantizationError) {
   EXPECT_GT(rel.item<double>(), 0.0);  // it did quantize
 }
 
+// Autotune (kAuto, per row): a class's first 16 batches alternate between
+// FBGEMM and oneDNN (8 each, the same bits), then the class keeps one engine;
+// another thread count is another class.
+TEST_F(QuantizerTest, AutotuneAlternatesTheFirstBatchesThenKeepsOneEngine) {
+  auto lin = make_linear(256, 256);
+  wick::QuantizedLinear q(*lin);
+  if (!q->autotunes()) GTEST_SKIP() << "autotune needs both FBGEMM and oneDNN";
+  auto x = torch::randn({8, 256});
+  c10::InferenceMode guard;
+  // at::_int_mm runs oneDNN's batches; FBGEMM's go through no ATen op.
+  const auto int_mm_calls = [&](int calls, torch::Tensor* first) {
+    wick::Profiler profiler;
+    {
+      auto scope = profiler.scope();
+      for (int i = 0; i < calls; ++i) {
+        auto y = q(x);
+        if (!first->defined()) *first = y;
+        EXPECT_TRUE(torch::equal(y, *first)) << "batch " << i;
+      }
+    }
+    int64_t n = 0;
+    const auto table = profiler.key_averages();
+    for (const auto& r : table.rows()) {
+      if (r.name.rfind("aten::_int_mm", 0) == 0) n = std::max(n, r.count);
+    }
+    return n;
+  };
+  torch::Tensor first;
+  const wick::QuantEngine rule = q->engine_for(8);
+  EXPECT_EQ(int_mm_calls(15, &first), 7);  // fbgemm, onednn, fbgemm, ...
+  EXPECT_EQ(q->engine_for(8), rule);       // not decided before the 16th
+  EXPECT_EQ(int_mm_calls(1, &first), 1);
+  const wick::QuantEngine kept = q->engine_for(8);
+  EXPECT_EQ(int_mm_calls(6, &first), kept == wick::QuantEngine::kOnednn ? 6 : 0);
+  EXPECT_EQ(q->engine_for(5), kept);  // 5-8 rows: one class
+  torch::set_num_threads(2);
+  EXPECT_EQ(int_mm_calls(2, &first), 1);  // two threads: a class of its own, timed afresh
+  torch::set_num_threads(1);
+}
+
 TEST_F(QuantizerTest, AutoEngineSwitchesByRowsAndAgrees) {
   auto lin = make_linear(256, 256);  // 64 Ki weights: large enough for oneDNN
   const auto engines = wick::available_quant_engines();
@@ -512,7 +552,9 @@ TEST_F(QuantizerTest, ReplacesMembersOfCustomModules) {
 // answers t() and matmul() on the old weight; aten::linear is never called.
 TEST_F(QuantizerTest, RedirectedMemberForwardGoesThroughTAndMatmul) {
   auto block = std::make_shared<Block>();
-  wick::quantize_dynamic(*block);
+  // One engine throughout: autotune's first runs alternate engines, whose ops differ.
+  wick::quantize_dynamic(*block, {typeid(torch::nn::LinearImpl)}, torch::kInt8,
+                         wick::QuantizeOptions().autotune(false));
   auto q1 = std::dynamic_pointer_cast<wick::QuantizedLinearImpl>(block->named_children()["fc1"]);
   ASSERT_NE(q1, nullptr);
   EXPECT_FALSE(block->fc1->bias.defined());
@@ -531,7 +573,7 @@ TEST_F(QuantizerTest, RedirectedMemberForwardGoesThroughTAndMatmul) {
     return std::make_pair(counts, y);
   };
   // Reference: the replacement called directly (after a first call, which
-  // packs the weights and, under autotune, times the engines).
+  // packs the weights).
   (void)q1->forward(x);
   auto [direct, y_direct] = ops([&] { return q1->forward(x); });
   auto [member, y_member] = ops([&] { return block->fc1->forward(x); });

@@ -99,14 +99,14 @@ struct QuantizeOptions {
   /// input row: a served request gets the same bits whatever its batch mates
   /// and batch size, and whichever engine runs it.
   TORCH_ARG(bool, per_row_activations) = true;
-  /// kAuto with per-row activations: the first batch of each class of batch
-  /// sizes (1, 2, 3-4, 5-8, ... rows) and intra-op thread count runs on
-  /// FBGEMM and on oneDNN, alternately, 4 times each, and the class keeps the
-  /// faster engine (its best time); the answers are the same bits either way.
-  /// Costs those runs once per class (e.g. 8 x 0.5 ms for a batch of 16 on a
-  /// 1024 x 4096 layer) and both packed weights. false: the fixed rule of
-  /// QuantEngine::kAuto (oneDNN from onednn_min_rows rows on CPUs with AMX).
-  /// Default true.
+  /// kAuto with per-row activations: the first 16 batches of each class of
+  /// batch sizes (1, 2, 3-4, 5-8, ... rows) and intra-op thread count run on
+  /// FBGEMM and on oneDNN alternately, each timed, and the class then keeps
+  /// the fixed rule's engine unless the other's best time was at least 3%
+  /// better; the answers are the same bits either way. Costs no extra runs,
+  /// 8 batches per class on the slower engine, and both packed weights.
+  /// false: the fixed rule of QuantEngine::kAuto (oneDNN from
+  /// onednn_min_rows rows on CPUs with AMX). Default true.
   TORCH_ARG(bool, autotune) = true;
 };
 
@@ -140,8 +140,12 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
 
   /// The engine a CPU batch of `rows` rows (the product of the input's leading
   /// dimensions) runs on with the current intra-op thread count: under
-  /// autotune, what its class chose once it has run, the fixed rule before.
+  /// autotune, what its class chose once its 16 timed batches have run, the
+  /// fixed rule before (while they run, they alternate between the engines).
   QuantEngine engine_for(int64_t rows) const;
+  /// Whether this layer times its engines (QuantizeOptions::autotune under
+  /// kAuto, per-row int8 on CPU, with both FBGEMM and oneDNN built in).
+  bool autotunes() const;
   /// The largest code of the uint8 inputs (255, or 127 where an engine this
   /// layer may run on could saturate; see int8_activation_qmax). Per-row
   /// layers use one value for every batch, so that the engine a batch size
@@ -185,7 +189,6 @@ class QuantizedLinearImpl : public torch::nn::Cloneable<QuantizedLinearImpl> {
   torch::Tensor forward_rows(const torch::Tensor& input, int64_t rows, QuantEngine engine,
                              const RowWeights& r, const std::vector<int64_t>& out_shape) const;
   QuantEngine fixed_engine_for(int64_t rows) const;
-  bool autotunes() const;
   torch::Tensor forward_cuda(const torch::Tensor& input);
 
   int64_t in_features_;
