@@ -16,6 +16,14 @@
 // within one, so cases measured a phase apart (as when the peer ran after all
 // of wick's cases) differed by more than the engines do. fp32_vs_python, the
 // same fp32 kernels timed on both sides, shows how close the two stayed.
+//
+// Even so, on a shared 2-core VM a round's ratio moved between 0.84x and
+// 1.45x from round to round (the fp32 control between 0.75x and 1.37x). So
+// each slice of wick's also times its int8 model against the kernel Python's
+// quantize_dynamic runs (quantized::linear_dynamic, FBGEMM, one scale per
+// batch: wick's per-batch mode on FBGEMM makes that same call), in this
+// process, call by call: vs_python_kernel, the interpreter left out. Python
+// adds its own time on top of that kernel's, never less.
 
 #include "bench_common.h"
 
@@ -90,8 +98,37 @@ wick::QuantEngine parse_engine(const std::string& s) {
 
 using Key = std::tuple<std::string, int64_t, int>;  // model, batch, threads
 
+// a and b called alternately (a, b, a, b, ...), each call timed alone, until
+// min_time seconds have passed: milliseconds per call of each. Neighbouring
+// calls see the same machine, so the ratio holds where the machine's speed
+// moves by tens of percent between slices of 40 ms.
+template <class A, class B>
+std::pair<double, double> interleaved_ms(A&& a, B&& b, int warmup, double min_time) {
+  for (int i = 0; i < warmup; ++i) {
+    a();
+    b();
+  }
+  using Clock = std::chrono::steady_clock;
+  double ta = 0, tb = 0;
+  int64_t calls = 0;
+  const auto start = Clock::now();
+  while (true) {
+    const auto t0 = Clock::now();
+    a();
+    const auto t1 = Clock::now();
+    b();
+    const auto t2 = Clock::now();
+    ta += std::chrono::duration<double, std::milli>(t1 - t0).count();
+    tb += std::chrono::duration<double, std::milli>(t2 - t1).count();
+    ++calls;
+    if (std::chrono::duration<double>(t2 - start).count() >= min_time) break;
+  }
+  return {ta / static_cast<double>(calls), tb / static_cast<double>(calls)};
+}
+
 struct Case {
   std::vector<double> fp32, int8, py_fp32, py_int8;
+  std::vector<double> paired_int8, paired_kernel;  // interleaved call by call
   double check = 0, py_check = NAN;
   std::string py_engine;
   std::string engines;  // wick's engine per layer, after the timing (autotune's choice)
@@ -127,6 +164,15 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
 
   // Models quantized once; their packed weights are reused by every round.
   std::map<std::string, std::pair<torch::nn::Sequential, torch::nn::Sequential>> models;
+  // The kernel Python's quantize_dynamic runs (torch.ao's dynamic Linear calls
+  // quantized::linear_dynamic on an FBGEMM-packed weight, one scale per tensor
+  // and per batch), here without the interpreter: wick's per-batch mode on
+  // FBGEMM, which makes that same call. Timed against wick's int8 call by call.
+  const bool with_kernel = wick::available_quant_engines().end() !=
+                           std::find(wick::available_quant_engines().begin(),
+                                     wick::available_quant_engines().end(),
+                                     wick::QuantEngine::kFbgemm);
+  std::map<std::string, torch::nn::Sequential> kernels;
   int64_t linear_before = 0, linear_after = 0;
   for (const auto& name : o.models) {
     auto fp32 = build(name, o.seed);
@@ -137,6 +183,15 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
     linear_before += report.linear_bytes_before;
     linear_after += report.linear_bytes_after;
     models.emplace(name, std::make_pair(fp32, int8));
+    if (with_kernel) {
+      auto kernel = build(name, o.seed);
+      wick::quantize_dynamic(*kernel, {typeid(torch::nn::Linear)}, torch::kInt8,
+                             wick::QuantizeOptions()
+                                 .engine(wick::QuantEngine::kFbgemm)
+                                 .per_row_activations(false)
+                                 .per_channel(false));
+      kernels.emplace(name, kernel);
+    }
   }
 
   std::map<Key, Case> cases;
@@ -172,7 +227,7 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
           // a second as well, so two back-to-back timings of 0.2 s each still
           // differed by up to 20% on the same fp32 kernels.
           const double slice = o.min_time / o.slices;
-          double wf = 0, wq = 0, pf = 0, pq = 0;
+          double wf = 0, wq = 0, pf = 0, pq = 0, aq = 0, ak = 0;
           bool python_ok = peer != nullptr && peer_error.empty();
           for (int k = 0; k < o.slices; ++k) {
             const int warmup = k == 0 ? o.warmup : 0;
@@ -185,6 +240,18 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
               } else {
                 wq += per_call_ms(q, warmup, slice);
                 wf += per_call_ms(f, warmup, slice);
+              }
+              if (with_kernel) {
+                auto& kernel = kernels.at(name);
+                auto k = [&] { return kernel->forward(x); };
+                double tq = 0, tk = 0;  // which of the two goes first alternates too
+                if (fp32_first) {
+                  std::tie(tq, tk) = interleaved_ms(q, k, warmup, slice);
+                } else {
+                  std::tie(tk, tq) = interleaved_ms(k, q, warmup, slice);
+                }
+                aq += tq;
+                ak += tk;
               }
             };
             auto python_slice = [&] {
@@ -219,6 +286,10 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
           c.engines = engines_of(int8, batch);
           c.fp32.push_back(wf / o.slices);
           c.int8.push_back(wq / o.slices);
+          if (with_kernel) {
+            c.paired_int8.push_back(aq / o.slices);
+            c.paired_kernel.push_back(ak / o.slices);
+          }
           if (python_ok) {
             c.py_fp32.push_back(pf / o.slices);
             c.py_int8.push_back(pq / o.slices);
@@ -230,10 +301,10 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   peer.reset();
 
   // A table for a person on stderr; the JSON lines on stdout stay machine-readable.
-  std::fprintf(stderr, "%-18s %7s %5s %10s %10s %8s %12s %10s\n", "model", "threads", "batch",
-               "fp32 ms", "int8 ms", "speedup", "python ms", "vs python");
-  double min_small = INFINITY, min_large = INFINITY, min_python = INFINITY;
-  std::string worst_small, worst_large, worst_python, py_engine;
+  std::fprintf(stderr, "%-18s %7s %5s %10s %10s %8s %12s %10s %10s\n", "model", "threads", "batch",
+               "fp32 ms", "int8 ms", "speedup", "python ms", "vs python", "vs kernel");
+  double min_small = INFINITY, min_large = INFINITY, min_python = INFINITY, min_kernel = INFINITY;
+  std::string worst_small, worst_large, worst_python, worst_kernel, py_engine;
   bool same_weights = true;
   for (const auto& [key, c] : cases) {
     const auto& [name, batch, threads] = key;
@@ -278,11 +349,26 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
       line["same_weights"] = same;
       same_weights = same_weights && same;
     }
-    std::fprintf(stderr, "%-18s %7d %5lld %10.3f %10.3f %7.2fx %12s %10s\n", name.c_str(), threads,
-                 static_cast<long long>(batch), f, q, f / q,
-                 c.py_int8.empty() ? "-" : c10::str(median(c.py_int8)).c_str(),
-                 c.py_int8.empty() ? "-" : c10::str(median_ratio(c.py_int8, c.int8), "x").c_str());
+    std::fprintf(
+        stderr, "%-18s %7d %5lld %10.3f %10.3f %7.2fx %12s %10s %10s\n", name.c_str(), threads,
+        static_cast<long long>(batch), f, q, f / q,
+        c.py_int8.empty() ? "-" : c10::str(median(c.py_int8)).c_str(),
+        c.py_int8.empty() ? "-" : c10::str(median_ratio(c.py_int8, c.int8), "x").c_str(),
+        c.paired_int8.empty() ? "-"
+                              : c10::str(median_ratio(c.paired_kernel, c.paired_int8), "x").c_str());
     line["wick_engines"] = c.engines;
+    if (!c.paired_int8.empty()) {
+      // Interleaved in this process: wick's int8 against Python's kernel.
+      const double vs = median_ratio(c.paired_kernel, c.paired_int8);
+      line["kernel_int8_ms"] = median(c.paired_kernel);
+      line["vs_python_kernel"] = vs;
+      line["paired_int8_runs_ms"] = list(c.paired_int8);
+      line["paired_kernel_runs_ms"] = list(c.paired_kernel);
+      if (vs < min_kernel) {
+        min_kernel = vs;
+        worst_kernel = label.str();
+      }
+    }
     line["check_fp32"] = c.check;
     line["fp32_runs_ms"] = list(c.fp32);
     line["int8_runs_ms"] = list(c.int8);
@@ -305,6 +391,10 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   s["small_batch_goal_met"] = min_small >= kSmallBatchGoal;
   s["large_batch_goal_met"] = min_large >= kLargeBatchGoal;
   if (std::isfinite(min_python)) s["python_goal_met"] = min_python >= kPythonGoal;
+  if (std::isfinite(min_kernel)) {
+    s["min_vs_python_kernel"] = min_kernel;
+    s["worst_vs_python_kernel"] = worst_kernel;
+  }
   if (!o.no_python) s["same_weights_as_python"] = same_weights;
   if (!peer_error.empty()) s["python_error"] = peer_error;
   s["int8_size_ratio"] = static_cast<double>(linear_after) / static_cast<double>(linear_before);
