@@ -16,7 +16,7 @@
 # WICK_GPU_TESTS=<ctest -R regex> runs only those tests (a rerun after fixes);
 # WICK_GPU_STAGES picks stages, default "build ctest fmnist ddp"; two more:
 # gpt (wick-bench gpt --device cuda --compile, then wick-gpt train / sample /
-# serve on the GPU; issue 17) and bench (wick-bench trainer and quant --cuda).
+# serve on the GPU; issue 17) and bench (wick-bench trainer, quant --cuda, and quant on the host CPU).
 # Results in $OUT (at most 8 files): summary.txt, ctest.log, ctest.xml (JUnit),
 # fmnist.jsonl, ddp.log, nvidia-smi.txt, gpt.jsonl or bench.jsonl (those
 # stages), build.log (only when the build fails).
@@ -153,5 +153,9 @@ if stage bench; then
   say "bench: $(tail -1 "$OUT/bench.jsonl" 2>/dev/null | cut -c1-300)"
   run_for 60 $B/wick-bench --jsonl "$OUT/bench.jsonl" quant --cuda --batches 1,16,64,256,2048 --min-time 0.1 > /dev/null 2>&1
   say "quant --cuda: $(tail -1 "$OUT/bench.jsonl" 2>/dev/null | cut -c1-300)"
+  # The host's CPU (often an AMD EPYC beside NVIDIA GPUs): issue 20's int8
+  # goals against Python on a CPU without AMX, which our build machines lack.
+  run_for 100 $B/wick-bench --jsonl "$OUT/bench.jsonl" quant --batches 1,16,64,256 --repeats 2 > /dev/null 2>&1
+  say "quant (host CPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)): $(tail -1 "$OUT/bench.jsonl" 2>/dev/null | cut -c1-400)"
 fi
 say "done"
