@@ -56,10 +56,10 @@ namespace wick {
 enum class QuantEngine {
   /// With per-row activations (the default) and both FBGEMM and oneDNN built
   /// in: each class of batch sizes (rows rounded up to a power of two) and
-  /// intra-op thread count runs on the engine that was faster on its first
-  /// batch, both timed on it (QuantizeOptions::autotune); every engine
-  /// computes the same bits there, so the choice is speed only. Otherwise
-  /// (and before a class's first batch, in engine_for): FBGEMM, except on CPUs
+  /// intra-op thread count runs on the engine that was faster over its first
+  /// 16 batches, which alternate between them (QuantizeOptions::autotune);
+  /// every engine computes the same bits there, so the choice is speed only.
+  /// Otherwise (and until a class has been timed, in engine_for): FBGEMM, except on CPUs
   /// with AMX (Intel Sapphire Rapids and newer), where batches of at least
   /// QuantizeOptions::onednn_min_rows rows on layers of at least 64 Ki
   /// weights run on oneDNN (each packed on first use); engines that are not
