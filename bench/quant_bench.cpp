@@ -168,10 +168,10 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   // quantized::linear_dynamic on an FBGEMM-packed weight, one scale per tensor
   // and per batch), here without the interpreter: wick's per-batch mode on
   // FBGEMM, which makes that same call. Timed against wick's int8 call by call.
-  const bool with_kernel = wick::available_quant_engines().end() !=
-                           std::find(wick::available_quant_engines().begin(),
-                                     wick::available_quant_engines().end(),
-                                     wick::QuantEngine::kFbgemm);
+  const bool with_kernel =
+      wick::available_quant_engines().end() != std::find(wick::available_quant_engines().begin(),
+                                                         wick::available_quant_engines().end(),
+                                                         wick::QuantEngine::kFbgemm);
   std::map<std::string, torch::nn::Sequential> kernels;
   int64_t linear_before = 0, linear_after = 0;
   for (const auto& name : o.models) {
@@ -349,13 +349,13 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
       line["same_weights"] = same;
       same_weights = same_weights && same;
     }
-    std::fprintf(
-        stderr, "%-18s %7d %5lld %10.3f %10.3f %7.2fx %12s %10s %10s\n", name.c_str(), threads,
-        static_cast<long long>(batch), f, q, f / q,
-        c.py_int8.empty() ? "-" : c10::str(median(c.py_int8)).c_str(),
-        c.py_int8.empty() ? "-" : c10::str(median_ratio(c.py_int8, c.int8), "x").c_str(),
-        c.paired_int8.empty() ? "-"
-                              : c10::str(median_ratio(c.paired_kernel, c.paired_int8), "x").c_str());
+    std::fprintf(stderr, "%-18s %7d %5lld %10.3f %10.3f %7.2fx %12s %10s %10s\n", name.c_str(),
+                 threads, static_cast<long long>(batch), f, q, f / q,
+                 c.py_int8.empty() ? "-" : c10::str(median(c.py_int8)).c_str(),
+                 c.py_int8.empty() ? "-" : c10::str(median_ratio(c.py_int8, c.int8), "x").c_str(),
+                 c.paired_int8.empty()
+                     ? "-"
+                     : c10::str(median_ratio(c.paired_kernel, c.paired_int8), "x").c_str());
     line["wick_engines"] = c.engines;
     if (!c.paired_int8.empty()) {
       // Interleaved in this process: wick's int8 against Python's kernel.

@@ -285,8 +285,8 @@ FbgemmInt8Weight::FbgemmInt8Weight(const int8_t* weight, int64_t n, int64_t k)
 // streams the whole packed weight at least once (FBGEMM's own row blocks are
 // 384 rows with AVX-512 VNNI, 120 with AVX2, 56 with AVX-512 alone), so a
 // block must be large for a wide layer: at 1024 -> 4096 and 256 rows on one
-// thread, blocks of 256 rows ran 2-4% faster than blocks of 64 and 7% faster
-// than 32 (min of 290 calls each, interleaved, Xeon with AVX-512 VNNI), though
+// thread, blocks of 256 rows ran 2-4% faster than blocks of 64 and 8-11%
+// faster than 32 (min of 290 calls each, interleaved, Xeon with AVX-512 VNNI), though
 // a block's results (4 MiB) no longer stay in L2 until their dequantization.
 // At 1024 outputs the block size made no difference.
 constexpr int64_t kRowBlock = 256;
