@@ -168,10 +168,9 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
   // quantized::linear_dynamic on an FBGEMM-packed weight, one scale per tensor
   // and per batch), here without the interpreter: wick's per-batch mode on
   // FBGEMM, which makes that same call. Timed against wick's int8 call by call.
+  const auto built_in = wick::available_quant_engines();
   const bool with_kernel =
-      wick::available_quant_engines().end() != std::find(wick::available_quant_engines().begin(),
-                                                         wick::available_quant_engines().end(),
-                                                         wick::QuantEngine::kFbgemm);
+      std::find(built_in.begin(), built_in.end(), wick::QuantEngine::kFbgemm) != built_in.end();
   std::map<std::string, torch::nn::Sequential> kernels;
   int64_t linear_before = 0, linear_after = 0;
   for (const auto& name : o.models) {
@@ -243,12 +242,12 @@ void run_quant_bench(const QuantBenchOptions& o, const GlobalOptions& global) {
               }
               if (with_kernel) {
                 auto& kernel = kernels.at(name);
-                auto k = [&] { return kernel->forward(x); };
+                auto kq = [&] { return kernel->forward(x); };
                 double tq = 0, tk = 0;  // which of the two goes first alternates too
                 if (fp32_first) {
-                  std::tie(tq, tk) = interleaved_ms(q, k, warmup, slice);
+                  std::tie(tq, tk) = interleaved_ms(q, kq, warmup, slice);
                 } else {
-                  std::tie(tk, tq) = interleaved_ms(k, q, warmup, slice);
+                  std::tie(tk, tq) = interleaved_ms(kq, q, warmup, slice);
                 }
                 aq += tq;
                 ak += tk;
