@@ -238,6 +238,9 @@ int engine_slot(QuantEngine e) {
   TORCH_INTERNAL_ASSERT(false);
 }
 
+// The engines a per-row layer runs on, by engine_slot (Packed::by_rows, Packed::Trial).
+constexpr QuantEngine kRowEngines[2] = {QuantEngine::kFbgemm, QuantEngine::kOnednn};
+
 int64_t version_of(const at::Tensor& t) {
   // Inference tensors keep no version counter; they cannot be changed in place
   // outside InferenceMode either, so their identity is enough.
@@ -515,12 +518,12 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
       } else {
         // This batch is one of its class's timed runs: the engine with fewer runs so far.
         const Packed::Trial& t = p.trials[tune_key];
-        engine = t.runs[1] < t.runs[0] ? QuantEngine::kOnednn : QuantEngine::kFbgemm;
+        engine = kRowEngines[t.runs[1] < t.runs[0] ? 1 : 0];
         timed = true;
       }
     }
     if (per_row) {
-      auto& slot = p.by_rows[engine == QuantEngine::kFbgemm ? 0 : 1];
+      auto& slot = p.by_rows[engine_slot(engine)];
       if (!slot) slot = pack_rows(engine);
       row_weights = slot;
     } else {
@@ -557,14 +560,14 @@ torch::Tensor QuantizedLinearImpl::forward_cpu(const torch::Tensor& input) {
     Packed& p = *packed_;
     if (p.tuned.count(tune_key) != 0) return y;  // decided meanwhile, by another thread
     Packed::Trial& t = p.trials[tune_key];
-    const int e = engine == QuantEngine::kFbgemm ? 0 : 1;
+    const int e = engine_slot(engine);
     ++t.runs[e];
     t.best[e] = std::min(t.best[e], seconds);
     if (t.runs[0] + t.runs[1] >= kTuneRuns) {
-      const int rule = fixed_engine_for(rows) == QuantEngine::kFbgemm ? 0 : 1;
+      const int rule = engine_slot(fixed_engine_for(rows));
       const int other = 1 - rule;
       const int pick = t.best[other] < t.best[rule] * (1 - kTuneMargin) ? other : rule;
-      p.tuned.emplace(tune_key, pick == 0 ? QuantEngine::kFbgemm : QuantEngine::kOnednn);
+      p.tuned.emplace(tune_key, kRowEngines[pick]);
       p.trials.erase(tune_key);
     }
     return y;
